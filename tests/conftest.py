@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random SD3 pipelines saved with save_pretrained and loaded back with
+from_pretrained (the path a user's checkpoint takes), built once per test session."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# The real CLIP BPE merges of SD3, present in the development workspace only (not in a user's clone).
+CLIP_BPE = ROOT.parent / "shared" / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_libraries():
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - only silences output
+        pass
+
+
+def _saved_pipeline(tmp_path_factory, name, config):
+    from attention_map_diffusers.tiny import save_tiny_sd3_pipeline
+
+    _quiet_libraries()
+    path = tmp_path_factory.mktemp(name)
+    save_tiny_sd3_pipeline(path, config)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    """A tiny SD3-medium-like checkpoint folder (plain MMDiT blocks, no qk-norm)."""
+    from attention_map_diffusers.tiny import TinySD3Config
+
+    return _saved_pipeline(tmp_path_factory, "tiny-sd3", TinySD3Config(num_layers=2))
+
+
+@pytest.fixture(scope="session")
+def sd35m_dir(tmp_path_factory):
+    """A tiny SD3.5-medium-like checkpoint folder: MMDiT-X dual-attention blocks and RMS qk-norm."""
+    from attention_map_diffusers.tiny import TinySD3Config
+
+    cfg = TinySD3Config(num_layers=3, num_attention_heads=3, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+    return _saved_pipeline(tmp_path_factory, "tiny-sd35m", cfg)
+
+
+def load_pipeline(path, dtype=None):
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    _quiet_libraries()
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe(sd3_dir):
+    return load_pipeline(sd3_dir)
+
+
+@pytest.fixture(scope="session")
+def sd35m_pipe(sd35m_dir):
+    return load_pipeline(sd35m_dir)
