@@ -1,0 +1,54 @@
+"""Writing files so that a reader never sees a half-written one: temp name in the same folder, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it.
+
+    The temporary name keeps ``path``'s suffix (some writers, e.g. ``np.savez`` and Pillow, choose
+    the format from it) and starts with ``.`` so that it is hidden.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    stem, suffix = os.path.splitext(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder or ".")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def write_npz(path: str | os.PathLike, arrays: dict, compressed: bool = False) -> None:
+    """``np.savez`` (or ``savez_compressed``) to ``path`` atomically."""
+    import numpy as np
+
+    save = np.savez_compressed if compressed else np.savez
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            save(fh, **arrays)

@@ -1,0 +1,204 @@
+"""``StepAverageRecorder``: exact, streaming capture of SD3 image->text attention, as a context manager.
+
+    with StepAverageRecorder(pipe) as rec:
+        image = pipe(prompt, num_inference_steps=28).images[0]
+    res = rec.result()            # CaptureResult: numpy arrays + the facts for metadata
+    res.sum_token_map / res.N     # (B, Hc, Wc, T) average image->text map over steps and blocks
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from .aggregate import CaptureResult, StepAverageAccumulator
+from .blocks import install_capture, joint_attention_blocks, restore_processors
+from .calls import TransformerCalls
+from .exact import image_text_probs, image_text_probs_from_keys
+from .processor import JointAttention
+
+logger = logging.getLogger(__name__)
+
+_METHODS = ("auto", "chunked")
+
+
+def conditional_probs(att: JointAttention, cfg: bool, *, mean_heads: bool, budget_bytes: int) -> torch.Tensor:
+    """Image->text probabilities of one joint-attention call (float32).
+
+    Args:
+        att: the call's joint q, k (and lse when the kernel gave it).
+        cfg: drop the first (unconditional) half of the batch.
+    Returns:
+        (B, N, T) head-averaged, or (B, H, N, T) with ``mean_heads=False``.
+    """
+    n = att.num_image_tokens
+    q, k, lse = att.query, att.key, att.lse
+    if cfg:
+        half = q.shape[0] // 2
+        q, k = q[half:], k[half:]
+        lse = None if lse is None else lse[half:]
+    if lse is None:
+        return image_text_probs_from_keys(q[:, :, :n], k, att.scale, mean_heads=mean_heads, budget_bytes=budget_bytes)
+    return image_text_probs(
+        q[:, :, :n], k[:, :, n:], lse[:, :, :n], att.scale, mean_heads=mean_heads, budget_bytes=budget_bytes
+    )
+
+
+def resolve_transformer(pipe):
+    """The SD3 transformer of a pipeline (or the transformer itself)."""
+    transformer = getattr(pipe, "transformer", pipe)
+    if not hasattr(transformer, "attn_processors") or not hasattr(transformer, "config"):
+        raise TypeError(
+            f"expected a StableDiffusion3Pipeline or an SD3Transformer2DModel, got {type(pipe).__name__}"
+        )
+    return transformer
+
+
+def cfg_source(pipe, cfg):
+    """A callable telling whether the current transformer batch has an unconditional half."""
+    if cfg != "auto":
+        value = bool(cfg)
+        return lambda: value
+    if not hasattr(type(pipe), "do_classifier_free_guidance"):
+        raise ValueError(
+            "cannot tell whether classifier-free guidance is on: pass the pipeline, or cfg=True/False "
+            "when recording a bare transformer"
+        )
+    return lambda: pipe.do_classifier_free_guidance
+
+
+class StepAverageRecorder:
+    """Records image->text attention of every ``transformer_blocks.{i}.attn`` over a denoising loop.
+
+    Installs a :class:`~attention_map_diffusers.processor.CaptureProcessor` on each joint-attention
+    module (never on ``attn2``) through ``set_attn_processor`` and restores the original processors
+    on exit, also when the pipeline raises. Captures the conditional branch of classifier-free
+    guidance only; ignores the extra transformer call of skip-layer guidance.
+
+    Args:
+        pipe: a ``StableDiffusion3Pipeline`` (or its ``SD3Transformer2DModel`` with ``cfg`` given).
+        canonical_size: (Hc, Wc) grid of ``sum_token_map``; default: the latent patch grid.
+        keep_block_maps: also keep ``per_block_token_map`` (B, Bk, Hc, Wc, T).
+        keep_step_maps: also keep ``per_step_token_map`` (B, S, Hc, Wc, T).
+        stats_dtype: storage dtype of the per-(block, step) mean / max (float32 or float16; computed
+            in float32 either way).
+        method: "auto" takes the row log-sum-exp from the fused SDPA kernel when it returns one;
+            "chunked" always computes it exactly on the side (the fallback path).
+        scratch_bytes: bound on the temporary float32 logits of one chunk of heads / rows.
+        cfg: "auto" (ask the pipeline), or True / False.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        canonical_size: Optional[tuple[int, int]] = None,
+        keep_block_maps: bool = False,
+        keep_step_maps: bool = False,
+        stats_dtype: torch.dtype = torch.float32,
+        method: str = "auto",
+        scratch_bytes: int = 64 << 20,
+        cfg="auto",
+    ):
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        if stats_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"stats_dtype must be torch.float32, float16 or bfloat16, got {stats_dtype}")
+        self.pipe = pipe
+        self.transformer = resolve_transformer(pipe)
+        self.blocks = joint_attention_blocks(self.transformer)
+        self.method = method
+        self.scratch_bytes = int(scratch_bytes)
+        self._acc = StepAverageAccumulator(
+            len(self.blocks),
+            canonical_size=canonical_size,
+            keep_block_maps=keep_block_maps,
+            keep_step_maps=keep_step_maps,
+            stats_dtype=stats_dtype,
+        )
+        self._position = {i: pos for pos, (i, _) in enumerate(self.blocks)}
+        self._calls = TransformerCalls(self.transformer, cfg_source(pipe, cfg), self._begin_step, self._end_step)
+        self._saved: Optional[dict] = None
+        self._entered = False
+        self._grid: tuple[int, int] = (0, 0)
+        self._cfg_seen: Optional[bool] = None
+
+    # -- context manager ---------------------------------------------------------------------------
+    def __enter__(self) -> "StepAverageRecorder":
+        if self._entered:
+            raise RuntimeError(
+                "this StepAverageRecorder was already entered; create a new one for each recording"
+            )
+        self._entered = True
+        self._saved = install_capture(self.transformer, lambda i: self)
+        try:
+            self._calls.attach()
+        except BaseException:
+            restore_processors(self.transformer, self._saved)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._calls.detach()
+        finally:
+            if self._saved is not None:
+                restore_processors(self.transformer, self._saved)
+                self._saved = None
+
+    # -- sink protocol (called by CaptureProcessor / TransformerCalls) -------------------------------
+    def wants_capture(self) -> bool:
+        return self._calls.recording
+
+    def use_kernel_lse(self) -> bool:
+        return self.method == "auto"
+
+    def _begin_step(self, timestep: torch.Tensor, grid: tuple[int, int], cfg: bool) -> None:
+        if self._cfg_seen is not None and cfg != self._cfg_seen:
+            raise RuntimeError("classifier-free guidance changed within one recording; use one recorder per call")
+        self._cfg_seen = cfg
+        self._grid = grid
+        self._acc.begin_step(timestep, grid)
+
+    def _end_step(self) -> None:
+        pass
+
+    def on_attention(self, block_index: int, att: JointAttention) -> None:
+        h, w = self._grid
+        if att.num_image_tokens != h * w:
+            raise RuntimeError(
+                f"transformer_blocks.{block_index}.attn saw {att.num_image_tokens} image tokens, but the "
+                f"latent patch grid is {h}x{w}"
+            )
+        probs = conditional_probs(att, self._calls.cfg, mean_heads=True, budget_bytes=self.scratch_bytes)
+        B, _, T = probs.shape
+        self._acc.add(self._position[block_index], probs.view(B, h, w, T))
+
+    # -- results ---------------------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of the persistent capture state on the device right now."""
+        return self._acc.state_bytes()
+
+    def result(self) -> CaptureResult:
+        """The recording, on the host (numpy). Call after the pipeline returned."""
+        arrays = self._acc.to_numpy()
+        acc = self._acc
+        sizes = [list(s) if s is not None else list(self._grid) for s in acc.block_sizes]
+        return CaptureResult(
+            sum_token_map=arrays["sum_token_map"],
+            N=arrays["N"],
+            per_block_step_token_mean=arrays["per_block_step_token_mean"],
+            per_block_step_token_max=arrays["per_block_step_token_max"],
+            timesteps=arrays["timesteps"],
+            per_block_token_map=arrays["per_block_token_map"],
+            per_step_token_map=arrays["per_step_token_map"],
+            blocks=[name for _, name in self.blocks],
+            block_latent_sizes=sizes,
+            canonical_size=tuple(acc.canonical_size),
+            num_tokens=int(acc.num_tokens),
+            batch_size=int(acc.batch_size),
+            cfg=bool(self._cfg_seen),
+            state_bytes=acc.state_bytes(),
+        )
