@@ -200,6 +200,19 @@ class TinySD3Config:
     seed: int = 0
 
 
+def demo_config() -> TinySD3Config:
+    """``--model tiny-random``: shaped like SD3.5 medium (MMDiT-X dual attention, qk-norm, an 8x VAE
+    and 2x2 patches, so image sizes and grids match the real model's), but tiny and random."""
+    return TinySD3Config(
+        num_layers=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        dual_attention_layers=(0, 1),
+        qk_norm="rms_norm",
+        vae_block_out_channels=(8, 8, 16, 16),
+    )
+
+
 def build_tiny_sd3_pipeline(config: TinySD3Config = TinySD3Config()):
     """A ``StableDiffusion3Pipeline`` with random weights, built in memory (float32, CPU)."""
     import torch
