@@ -1,0 +1,182 @@
+"""Loading an SD3-family pipeline for the dump command: model ids, devices, dtypes, clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+           "fp32": "float32", "float32": "float32"}
+
+
+class UserError(ValueError):
+    """Bad input from the user: reported as one line on stderr with exit code 2."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cuda", "cuda:1", "mps", "cpu"
+    dtype: str  # "bfloat16", "float16", "float32"
+
+
+def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
+    """``auto`` device: cuda, then mps, then cpu. ``auto`` dtype: bf16 on CUDA, fp16 on MPS, fp32 on CPU."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise UserError(f"--device {device}: MPS is not available on this machine (use --device cpu or auto)")
+    if kind not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device must be auto, cuda, cuda:N, mps or cpu, got {device!r}")
+    if dtype == "auto":
+        dtype = {"cuda": "bfloat16", "mps": "float16", "cpu": "float32"}[kind]
+    elif dtype in _DTYPES:
+        dtype = _DTYPES[dtype]
+    else:
+        raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    return Placement(device, dtype)
+
+
+def check_model_reference(model: str) -> None:
+    """Cheap checks before any loading: a folder must exist and be a diffusers pipeline folder."""
+    if model == TINY_RANDOM:
+        return
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise UserError(
+                f"--model {model!r} is a folder but not a diffusers pipeline (no model_index.json); "
+                "give the folder saved by pipe.save_pretrained() or a hub id"
+            )
+        return
+    if os.path.exists(path):
+        raise UserError(f"--model {model!r} is a file; give a diffusers pipeline folder or a hub id")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model:
+        raise UserError(f"--model {model!r}: no such folder")
+
+
+def required_multiple(model: str) -> Optional[int]:
+    """What image sizes must be a multiple of (VAE scale factor x patch size), when it can be read
+    without loading weights: for ``tiny-random`` and local folders; None for hub ids."""
+    if model == TINY_RANDOM:
+        from .tiny import demo_config
+
+        cfg = demo_config()
+        return 2 ** (len(cfg.vae_block_out_channels) - 1) * cfg.patch_size
+    path = os.path.expanduser(model)
+    try:
+        with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as fh:
+            vae = json.load(fh)
+        with open(os.path.join(path, "transformer", "config.json"), encoding="utf-8") as fh:
+            transformer = json.load(fh)
+        return 2 ** (len(vae["block_out_channels"]) - 1) * int(transformer.get("patch_size", 2))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_pipeline(model: str, placement: Placement, *, cpu_offload: bool = False, tiny_config=None):
+    """Load ``model`` (hub id, local folder or ``tiny-random``) as a ``StableDiffusion3Pipeline``.
+
+    Raises:
+        UserError: unknown id or folder, gated model without a token, not an SD3 pipeline.
+    """
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    dtype = getattr(torch, placement.dtype)
+    check_model_reference(model)
+    if model == TINY_RANDOM:
+        from .tiny import build_tiny_sd3_pipeline, demo_config
+
+        pipe = build_tiny_sd3_pipeline(tiny_config or demo_config())  # float32
+        if dtype != torch.float32:
+            from diffusers.utils import logging as dlog
+
+            level = dlog.get_verbosity()
+            dlog.set_verbosity_error()  # the "keep in float32" notice does not apply to random weights
+            try:
+                pipe = pipe.to(dtype=dtype)
+            finally:
+                dlog.set_verbosity(level)
+    else:
+        pipe = _from_pretrained(StableDiffusion3Pipeline, model, dtype)
+    if cpu_offload:
+        if placement.device == "cpu":
+            raise UserError("--cpu-offload needs an accelerator device (cuda or mps), not the CPU")
+        pipe.enable_model_cpu_offload(device=placement.device)
+    else:
+        pipe = pipe.to(placement.device)
+    return pipe
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Hold library loggers at ERROR (their retry notices would bury our one-line error)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _gated_message(model: str) -> str:
+    return (
+        f"--model {model!r} is a gated model: accept its license on https://huggingface.co/{model}, "
+        "then log in with `huggingface-cli login` (or set HF_TOKEN) and run again"
+    )
+
+
+def _from_pretrained(cls, model: str, dtype):
+    try:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError  # type: ignore
+
+    try:
+        with warnings.catch_warnings(), _quiet_loggers("diffusers", "huggingface_hub"):
+            # diffusers >= 0.36 prefers `dtype=`; `torch_dtype=` works on every supported version
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = cls.from_pretrained(os.path.expanduser(model), torch_dtype=dtype)
+    except GatedRepoError:
+        raise UserError(_gated_message(model)) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"--model {model!r}: no such model on the Hugging Face hub (check the id)") from None
+    except (OSError, ValueError, TypeError) as exc:
+        text = str(exc)
+        # diffusers re-raises some hub errors as EnvironmentError with the reason in the text
+        if "gated" in text.lower() or "401" in text:
+            raise UserError(_gated_message(model)) from None
+        if "cached" in text or "outgoing traffic" in text or "connect" in text.lower():
+            raise UserError(
+                f"--model {model!r} is not a local folder, not in the local cache, and the Hugging Face hub "
+                "could not be reached: check the id and your network (or HF_HUB_OFFLINE), or give a local folder"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        if len(first) > 300:
+            first = first[:300] + "..."
+        raise UserError(f"--model {model!r} could not be loaded: {first}") from None
+    if not hasattr(pipe, "transformer") or not hasattr(pipe.transformer, "transformer_blocks"):
+        raise UserError(f"--model {model!r} is a {type(pipe).__name__}, not an SD3 / SD3.5 pipeline")
+    return pipe

@@ -1,0 +1,171 @@
+"""Writing one run folder of a dump (format 2, see docs/FORMAT.md): npz, metadata.json, images."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_path, write_json, write_npz
+from .runs import METADATA_NAME, NPZ_NAME
+from .tokens import PromptTokens
+
+FORMAT_VERSION = 2
+IMAGES_DIR = "images"
+
+
+def image_name(seed: int, width: int, height: int, index: int, fmt: str) -> str:
+    """The original tool's pattern: ``seed{seed}-{w}x{h}-idx{i}.png``."""
+    ext = {"png": "png", "jpg": "jpg", "jpeg": "jpg"}[fmt]
+    return f"seed{seed}-{width}x{height}-idx{index}.{ext}"
+
+
+def build_metadata(
+    *,
+    result,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    base_seed: int,
+    clip: Sequence[PromptTokens],
+    t5: Sequence[PromptTokens],
+    clip_length: int,
+    settings: dict,
+    images: Sequence[Optional[str]],
+    elapsed_s: float,
+    versions: dict,
+) -> dict:
+    """metadata.json for one run. Per-item lists follow the batch order of ``result``.
+
+    Args:
+        result: the recorder's :class:`~attention_map_diffusers.aggregate.CaptureResult`.
+        prompts / seeds / clip / t5 / images: one entry per batch item.
+        clip_length: number of CLIP text positions (the tokenizer's model_max_length, 77 for SD3).
+        settings: the run's parameters: negative_prompt, steps, guidance_scale, model_id, scheduler,
+            image_size, max_sequence_length, skip_guidance_layers, device, dtype, store_dtype,
+            num_images_per_prompt, random_weights.
+    """
+    T = int(result.num_tokens)
+    n_items = int(result.batch_size)
+    for name, seq in (("prompts", prompts), ("seeds", seeds), ("clip", clip), ("t5", t5), ("images", images)):
+        if len(seq) != n_items:
+            raise ValueError(f"{name}: {len(seq)} entries for {n_items} batch items")
+    meta = {
+        # keys of the original tool
+        "prompt": list(prompts),
+        "negative_prompt": settings["negative_prompt"],
+        "seed": int(base_seed),
+        "steps": int(settings["steps"]),
+        "guidance_scale": float(settings["guidance_scale"]),
+        "model_id": settings["model_id"],
+        "scheduler": settings["scheduler"],
+        "image_size": [int(v) for v in settings["image_size"]],
+        "canonical_size": [int(v) for v in result.canonical_size],
+        "batch_size": n_items,
+        "num_steps": int(result.num_steps),
+        "num_blocks": len(result.blocks),
+        "blocks": list(result.blocks),
+        "block_latent_sizes": [list(map(int, s)) for s in result.block_latent_sizes],
+        "tokens": [c.tokens for c in clip],
+        "T_from_model": T,
+        "special_mask": [c.special for c in clip],
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # format 2
+        "format_version": FORMAT_VERSION,
+        "step_order": "denoising",
+        "timesteps": [float(t) for t in result.timesteps],
+        "text_spans": {"clip": [0, int(clip_length)], "t5": [int(clip_length), T]},
+        "tokens_t5": [t.tokens for t in t5],
+        "special_mask_t5": [t.special for t in t5],
+        "token_offsets_clip": _offsets(clip),
+        "token_offsets_t5": _offsets(t5),
+        "truncated": [{"clip": c.truncated, "t5": t.truncated} for c, t in zip(clip, t5)],
+        "max_sequence_length": int(settings["max_sequence_length"]),
+        "skip_guidance_layers": settings["skip_guidance_layers"],
+        "cfg": bool(result.cfg),
+        "device": settings["device"],
+        "dtype": settings["dtype"],
+        "versions": dict(versions, attention_map_diffusers=__version__),
+        "elapsed_s": round(float(elapsed_s), 3),
+        "seeds": [int(s) for s in seeds],
+        "num_images_per_prompt": int(settings["num_images_per_prompt"]),
+        "images": list(images),
+        "store_dtype": settings["store_dtype"],
+        "random_weights": bool(settings["random_weights"]),
+        "num_tokens_clip": int(clip_length),
+        "num_tokens_t5": T - int(clip_length),
+    }
+    if meta["random_weights"]:
+        meta["note"] = "RANDOM WEIGHTS (--model tiny-random): these maps demonstrate the tool, not SD3.5"
+    return meta
+
+
+def _offsets(items: Sequence[PromptTokens]):
+    if any(it.offsets is None for it in items):
+        return None
+    return [it.offsets for it in items]
+
+
+def png_text(metadata: dict) -> dict[str, str]:
+    """Text chunks embedded in each PNG: a few readable keys plus the whole metadata as JSON."""
+    text = {
+        "prompt": " | ".join(metadata["prompt"]),
+        "negative_prompt": metadata["negative_prompt"] or "",
+        "seed": str(metadata["seed"]),
+        "model_id": metadata["model_id"],
+        "steps": str(metadata["steps"]),
+        "guidance_scale": str(metadata["guidance_scale"]),
+        "sd35_attention_metadata": json.dumps(metadata, ensure_ascii=False),
+    }
+    if metadata.get("random_weights"):
+        text["comment"] = metadata["note"]
+    return text
+
+
+def save_image(image, path: str, fmt: str, metadata: Optional[dict], item: int) -> None:
+    """Save a PIL image atomically, with the run's metadata embedded unless ``metadata`` is None."""
+    from PIL.PngImagePlugin import PngInfo
+
+    with atomic_path(path) as tmp:
+        if fmt == "png":
+            info = None
+            if metadata is not None:
+                info = PngInfo()
+                for k, v in png_text(metadata).items():
+                    info.add_itxt(k, v)
+                info.add_itxt("item", str(item))
+            image.save(tmp, format="PNG", pnginfo=info)
+        else:
+            kwargs = {"quality": 95}
+            if metadata is not None:
+                kwargs["comment"] = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+            image.convert("RGB").save(tmp, format="JPEG", **kwargs)
+
+
+def write_run(folder: str, arrays: dict, metadata: dict, images: Sequence, image_format: str, embed: bool,
+              store_dtype: str) -> None:
+    """Write a run folder. metadata.json goes last: a folder with it and the npz is complete.
+
+    Args:
+        arrays: ``CaptureResult.arrays()``; maps are cast to ``store_dtype``.
+        images: PIL images per batch item (empty with --no-image); names are ``metadata["images"]``.
+    """
+    os.makedirs(os.path.join(folder, IMAGES_DIR) if images else folder, exist_ok=True)
+    meta_path = os.path.join(folder, METADATA_NAME)
+    if os.path.exists(meta_path):
+        os.unlink(meta_path)  # overwriting: the folder is incomplete until the new metadata lands
+    for i, (img, rel) in enumerate(zip(images, metadata["images"])):
+        save_image(img, os.path.join(folder, rel), image_format, metadata if embed else None, i)
+    stored = {}
+    for key, value in arrays.items():
+        if key in ("N",):
+            stored[key] = np.asarray(value, dtype=np.int64)
+        elif key == "timesteps":
+            stored[key] = np.asarray(value, dtype=np.float32)
+        else:
+            stored[key] = np.asarray(value).astype(store_dtype, copy=False)
+    write_npz(os.path.join(folder, NPZ_NAME), stored)
+    write_json(meta_path, metadata)

@@ -1,0 +1,359 @@
+#!/usr/bin/env python
+"""Generate images with Stable Diffusion 3 / 3.5 and dump step-averaged image->text attention.
+
+Each run (one pipeline call) writes a folder with ``stepavg_token_maps_v1.npz``, ``metadata.json``
+and ``images/`` (format: docs/FORMAT.md); ``analyse_stepavg.py`` reads it without the model.
+
+    python sd_35_stepavg_dump.py --prompt "A furry cat beneath a table" --steps 28
+    python sd_35_stepavg_dump.py --model tiny-random --steps 8 --height 512 --width 512   # no GPU
+    accelerate launch sd_35_stepavg_dump.py --prompts-file prompts.txt --seed 1 2 3      # many GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_PROMPT = "A furry cat beneath a table"
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+T5_MAX_LENGTH = 512  # the longest T5 sequence SD3 pipelines accept
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad input reported as one line on stderr (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="sd_35_stepavg_dump.py",
+        description="Generate images with an SD3 / SD3.5 pipeline and record where each text token is "
+        "attended to, per denoising step and per transformer block (exact, streaming capture).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("generation (flags of the original tool)")
+    g.add_argument("--prompt", action="append", default=None,
+                   help=f"prompt; repeat the flag for several prompts (default: {DEFAULT_PROMPT!r})")
+    g.add_argument("--neg", "--negative-prompt", dest="neg", default="", help="negative prompt")
+    g.add_argument("--steps", type=int, default=50, help="number of denoising steps")
+    g.add_argument("--guidance_scale", "--guidance-scale", dest="guidance_scale", type=float, default=7.5,
+                   help="classifier-free guidance scale; <= 1 disables CFG (e.g. SD3.5 large turbo)")
+    g.add_argument("--seed", type=int, nargs="+", default=[42],
+                   help="seed(s); each seed is one run per prompt batch; image j of a prompt uses seed + j")
+    g.add_argument("--height", type=int, default=1024, help="image height in pixels (multiple of 16)")
+    g.add_argument("--width", type=int, default=1024, help="image width in pixels (multiple of 16)")
+    g.add_argument("--out", default="out_sd35_stepavg",
+                   help="output folder: the run folder itself for one run, else one sub-folder per run")
+
+    m = p.add_argument_group("model and device")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id or local diffusers folder; 'tiny-random' builds a tiny random-weight SD3 "
+                   "pipeline offline (demonstrates the flow in seconds, no GPU, no download)")
+    m.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    m.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on MPS, fp32 on CPU), bf16, fp16, fp32")
+    m.add_argument("--cpu-offload", action="store_true",
+                   help="enable_model_cpu_offload(): keep only the active model on the GPU (less memory)")
+    m.add_argument("--max-sequence-length", type=int, default=256,
+                   help=f"T5 tokens (at most {T5_MAX_LENGTH}); the text length T is 77 + this")
+    m.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="I",
+                   help="skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium); "
+                   "its extra transformer call is not recorded")
+
+    c = p.add_argument_group("capture and files")
+    c.add_argument("--canonical-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="grid of the aggregated maps (default: the latent patch grid, e.g. 64 64 at 1024px)")
+    c.add_argument("--store-dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the stored maps (accumulation is always float32)")
+    c.add_argument("--save-block-maps", action="store_true",
+                   help="also store per_block_token_map (B, blocks, Hc, Wc, T)")
+    c.add_argument("--save-step-maps", action="store_true",
+                   help="also store per_step_token_map (B, steps, Hc, Wc, T)")
+    c.add_argument("--no-image", action="store_true", help="do not decode or save images")
+    c.add_argument("--image-format", choices=("png", "jpg"), default="png", help="image file format")
+    c.add_argument("--no-embed-metadata", action="store_true",
+                   help="do not embed the run's metadata in the images (PNG text chunks / JPEG comment)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="redo runs whose folder is already complete (default: skip them, i.e. resume)")
+
+    r = p.add_argument_group("several runs")
+    r.add_argument("--prompts-file", default=None,
+                   help="text file, one prompt per line (blank lines and lines starting with # ignored)")
+    r.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (one run)")
+    r.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt in each run")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"sd_35_stepavg_dump.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_out(out: str) -> None:
+    from attention_map_diffusers.loading import UserError
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out!r} is an existing file; give a folder")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"--out {out!r} cannot be created: {probe!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out!r} is not writable (no write permission on {probe!r})")
+
+
+def _validate(args) -> list[str]:
+    """Checks that need no model. Returns the prompt list. Raises UserError."""
+    from attention_map_diffusers.loading import UserError, check_model_reference, required_multiple
+    from attention_map_diffusers.runs import read_prompts_file
+
+    check_model_reference(args.model)
+
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--num-images-per-prompt", args.num_images_per_prompt)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    multiple = required_multiple(args.model) or 16
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value < 1 or value % multiple:
+            raise UserError(f"{flag} must be a positive multiple of {multiple}, got {value}")
+    if not 1 <= args.max_sequence_length <= T5_MAX_LENGTH:
+        raise UserError(f"--max-sequence-length must be between 1 and {T5_MAX_LENGTH}, got {args.max_sequence_length}")
+    if args.canonical_size is not None and min(args.canonical_size) < 1:
+        raise UserError(f"--canonical-size must be two positive integers H W, got {args.canonical_size}")
+    if args.skip_guidance_layers is not None and min(args.skip_guidance_layers) < 0:
+        raise UserError(f"--skip-guidance-layers must be block indices >= 0, got {args.skip_guidance_layers}")
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            prompts += read_prompts_file(args.prompts_file)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if not prompts:
+            raise UserError(f"--prompts-file {args.prompts_file!r} holds no prompt (only blank or # lines)")
+    elif not prompts:
+        prompts = [DEFAULT_PROMPT]
+    if any(not p.strip() for p in prompts):
+        raise UserError("empty prompt: every --prompt must have some text")
+    _check_out(args.out)
+    return prompts
+
+
+def _check_model_limits(pipe, args) -> None:
+    from attention_map_diffusers.loading import UserError
+
+    multiple = int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value % multiple:
+            raise UserError(f"{flag} must be a positive multiple of {multiple} for this model, got {value}")
+    n_blocks = len(pipe.transformer.transformer_blocks)
+    if args.skip_guidance_layers and max(args.skip_guidance_layers) >= n_blocks:
+        raise UserError(f"--skip-guidance-layers: this model has blocks 0..{n_blocks - 1}, got {args.skip_guidance_layers}")
+
+
+def _versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def _run_one(pipe, run, args, placement, out_dir: str) -> None:
+    """One pipeline call under the recorder, then its folder."""
+    import torch
+
+    from attention_map_diffusers import StepAverageRecorder
+    from attention_map_diffusers.tokens import PromptTokens, prompt_tokens
+    from attention_map_diffusers.writer import IMAGES_DIR, build_metadata, image_name, write_run
+
+    n_img = args.num_images_per_prompt
+    item_prompts = [p for p in run.prompts for _ in range(n_img)]
+    seeds = [run.seed + j for _ in run.prompts for j in range(n_img)]
+    device = pipe._execution_device
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    clip_len = int(pipe.tokenizer_max_length)
+    clip = [prompt_tokens(pipe.tokenizer, p, clip_len) for p in run.prompts]
+    if pipe.tokenizer_3 is not None:
+        t5 = [prompt_tokens(pipe.tokenizer_3, p, args.max_sequence_length) for p in run.prompts]
+    else:
+        t5 = [PromptTokens([], [], [], False) for _ in run.prompts]
+    for p, c, t in zip(run.prompts, clip, t5):
+        for name, tok, limit in (("CLIP", c, clip_len), ("T5", t, args.max_sequence_length)):
+            if tok.truncated:
+                print(f"warning: prompt {p[:40]!r}... is longer than {name}'s {limit} tokens; it is truncated "
+                      "as the pipeline does (metadata 'truncated' records it)", file=sys.stderr)
+    clip = [c for c in clip for _ in range(n_img)]
+    t5 = [t for t in t5 for _ in range(n_img)]
+
+    kwargs = dict(
+        prompt=list(run.prompts),
+        negative_prompt=args.neg,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        max_sequence_length=args.max_sequence_length,
+        num_images_per_prompt=n_img,
+        generator=generators,
+        output_type="latent" if args.no_image else "pil",
+    )
+    if args.skip_guidance_layers:
+        kwargs["skip_guidance_layers"] = list(args.skip_guidance_layers)
+    stats_dtype = torch.float16 if args.store_dtype == "float16" else torch.float32
+    t0 = time.perf_counter()
+    with StepAverageRecorder(
+        pipe,
+        canonical_size=tuple(args.canonical_size) if args.canonical_size else None,
+        keep_block_maps=args.save_block_maps,
+        keep_step_maps=args.save_step_maps,
+        stats_dtype=stats_dtype,
+    ) as rec:
+        output = pipe(**kwargs)
+    result = rec.result()
+    elapsed = time.perf_counter() - t0
+
+    images = [] if args.no_image else list(output.images)
+    names = [None] * len(item_prompts) if args.no_image else [
+        f"{IMAGES_DIR}/" + image_name(seeds[i], args.width, args.height, i, args.image_format)
+        for i in range(len(item_prompts))
+    ]
+    settings = dict(
+        negative_prompt=args.neg,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        model_id=args.model,
+        scheduler=type(pipe.scheduler).__name__,
+        image_size=[args.height, args.width],
+        max_sequence_length=args.max_sequence_length,
+        skip_guidance_layers=list(args.skip_guidance_layers) if args.skip_guidance_layers else None,
+        device=str(device),
+        dtype=placement.dtype,
+        store_dtype=args.store_dtype,
+        num_images_per_prompt=n_img,
+        random_weights=args.model == "tiny-random",
+    )
+    metadata = build_metadata(
+        result=result, prompts=item_prompts, seeds=seeds, base_seed=run.seed, clip=clip, t5=t5,
+        clip_length=clip_len, settings=settings, images=names, elapsed_s=elapsed, versions=_versions(),
+    )
+    write_run(out_dir, result.arrays(), metadata, images, args.image_format,
+              embed=not args.no_embed_metadata, store_dtype=args.store_dtype)
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad flag already reported in one line
+        return int(exc.code or 0)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from attention_map_diffusers.loading import UserError, load_pipeline, resolve_placement
+    from attention_map_diffusers.runs import RUNS_NAME, plan_runs, run_is_complete, runs_jsonl
+
+    t_start = time.perf_counter()
+    try:
+        prompts = _validate(args)
+        runs = plan_runs(prompts, args.seed, args.batch_size)
+    except UserError as exc:
+        return _fail(str(exc))
+
+    from accelerate import PartialState
+
+    try:
+        placement = resolve_placement(args.device, args.dtype)
+        state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate launch / torchrun
+            on_cpu = placement.device.startswith("cpu")
+            state = PartialState(cpu=on_cpu)
+            if not on_cpu and ":" not in placement.device:  # one GPU per process
+                placement = resolve_placement(str(state.device), args.dtype)
+    except UserError as exc:
+        return _fail(str(exc))
+
+    def folder_of(run):
+        return os.path.join(args.out, run.folder) if run.folder else args.out
+
+    if state is not None:
+        with state.split_between_processes(runs) as share:
+            my_runs = list(share)
+    else:
+        my_runs = runs
+    todo = [r for r in my_runs if args.overwrite or not run_is_complete(folder_of(r))]
+    process = state.process_index if state is not None else 0
+    records = {r.index: {"run": r.index, "folder": r.folder or ".", "prompt": list(r.prompts), "seed": r.seed,
+                         "status": "skipped", "process": process} for r in my_runs}
+
+    if todo:
+        try:
+            pipe = load_pipeline(args.model, placement, cpu_offload=args.cpu_offload)
+            _check_model_limits(pipe, args)
+        except UserError as exc:
+            return _fail(str(exc))
+        pipe.set_progress_bar_config(leave=False)
+        from tqdm.auto import tqdm
+
+        is_main = state is None or state.is_main_process
+        for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
+            try:
+                _run_one(pipe, run, args, placement, folder_of(run))
+                records[run.index]["status"] = "done"
+            except Exception as exc:  # a failed run is reported and the others go on
+                if len(runs) == 1:
+                    raise
+                records[run.index].update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                print(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    if len(runs) > 1:
+        _write_runs_jsonl(args.out, records, state, RUNS_NAME, runs_jsonl)
+    if state is None or state.is_main_process:
+        counts = {s: sum(1 for r in records.values() if r["status"] == s) for s in ("done", "skipped", "failed")}
+        if state is not None:
+            counts = _read_counts(args.out) or counts
+        print(f"{counts['done']} run(s) written, {counts['skipped']} skipped (already complete), "
+              f"{counts['failed']} failed; output in {args.out} ({time.perf_counter() - t_start:.1f} s)")
+        return 1 if counts["failed"] else 0
+    return 0
+
+
+def _write_runs_jsonl(out: str, records: dict, state, runs_name: str, runs_jsonl) -> None:
+    """runs.jsonl lists every run; with several processes each one hands its records to the main one."""
+    import json
+
+    from attention_map_diffusers.atomic import write_json, write_text
+
+    os.makedirs(out, exist_ok=True)
+    if state is None:
+        write_text(os.path.join(out, runs_name), runs_jsonl(records.values()))
+        return
+    part = os.path.join(out, f".runs-part-{state.process_index}.json")
+    write_json(part, list(records.values()))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merged = []
+        for i in range(state.num_processes):
+            path = os.path.join(out, f".runs-part-{i}.json")
+            with open(path, encoding="utf-8") as fh:
+                merged += json.load(fh)
+            os.unlink(path)
+        write_text(os.path.join(out, runs_name), runs_jsonl(merged))
+    state.wait_for_everyone()
+
+
+def _read_counts(out: str):
+    import json
+
+    path = os.path.join(out, "runs.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return {s: sum(1 for r in rows if r["status"] == s) for s in ("done", "skipped", "failed")}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
