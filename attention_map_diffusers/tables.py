@@ -1,0 +1,59 @@
+"""CSV tables of one encoder's analysis (``tables/*.csv``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .atomic import write_text
+from .stats import EncoderResult, table_values, word_summary
+
+
+def fmt(value: float) -> str:
+    """A float with 7 significant digits (more than float16/float32 dumps carry)."""
+    return format(float(value), ".7g")
+
+
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """CSV text (RFC 4180 quoting, ``\\n`` line ends)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(header))
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def block_table(block_ids: Sequence[int], names: Sequence[str], values: np.ndarray) -> str:
+    """``block,<name>...``: one row per block (its index), one column per name; values (Bk, n)."""
+    rows = [[b] + [fmt(v) for v in values[i]] for i, b in enumerate(block_ids)]
+    return csv_text(["block", *names], rows)
+
+
+def summary_table(result: EncoderResult) -> str:
+    """``word,mass,peak_block,peak_step``, one row per word in prompt order."""
+    rows = [[w, fmt(m), b, s] for w, m, b, s in word_summary(result)]
+    return csv_text(["word", "mass", "peak_block", "peak_step"], rows)
+
+
+def write_tables(folder: str, result: EncoderResult, with_phrases: bool) -> list[str]:
+    """Write ``folder/tables/*.csv``; returns their paths relative to ``folder``.
+
+    Phrase tables are written when phrases were asked for (columns: the phrases found, in --phrases order).
+    """
+    os.makedirs(os.path.join(folder, "tables"), exist_ok=True)
+    written = []
+    kinds = ["words", "phrases"] if with_phrases else ["words"]
+    for kind in kinds:
+        names, auc_values, mean_values = table_values(result, kind)
+        for stat, values in (("auc", auc_values), ("stepavg", mean_values)):
+            rel = f"tables/{kind}_{stat}.csv"
+            write_text(os.path.join(folder, rel), block_table(result.block_ids, names, values))
+            written.append(rel)
+    rel = "tables/words_summary.csv"
+    write_text(os.path.join(folder, rel), summary_table(result))
+    written.append(rel)
+    return written

@@ -1,0 +1,349 @@
+"""Tokens -> words, and phrases, for one encoder's token list (standard library + numpy only).
+
+What a word is
+--------------
+A *word* is a maximal run of letters and digits (Unicode ``[^\\W_]``), where single internal
+apostrophes (``'`` ``’``) or hyphens (``-`` ``‐`` ``‑``) between two such runs keep the run going:
+``capybara's``, ``well-known``, ``rock’n’roll``, ``42nd`` and ``3`` are one word each; ``e.g.`` is the
+two words ``e`` and ``g``; punctuation, whitespace and underscores separate words and belong to none.
+Words are found in the *prompt text* (:func:`find_words`), so every encoder of a prompt sees the same
+word list, spelled as in the prompt; a word is numbered by its position in that list (0-based).
+
+A token belongs to the words its character span overlaps, with weight = the share of its span's
+characters that fall in each word (a token inside one word has weight 1 for it; one spanning
+``e.g`` would be split by characters). A token whose span overlaps no word (punctuation only,
+whitespace), special tokens and padding belong to no word. SentencePiece can emit the word-start
+marker ``▁`` as a token of its own; it belongs to the word it starts (its span is that of the
+character that follows, as the tokenizers' own offsets say). A word no token reaches (cut by the
+encoder's truncation) is absent from that encoder's analysis (:attr:`WordMap.dropped`).
+
+Spans come from the character offsets the dump stores (``token_offsets_*``). Without offsets
+(dumps of the original tool), the tokens are decoded (CLIP's byte-level BPE, SentencePiece's ``▁``,
+GPT-2's ``Ġ``) and aligned to the prompt character by character, ignoring whitespace and case and
+comparing NFKC forms; ``<unk>`` matches any one character. When that fails, the words are read from
+the decoded token text itself, whose word boundaries are the sub-word markers (``</w>`` ends a word,
+a leading ``▁`` / ``Ġ`` starts one): then the spelling is the tokenizer's (lower case for CLIP).
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+# U+FFFD stands for an unknown token in decoded text: it counts as a word character so that an
+# ``<unk>`` inside a word does not split it. Combining accents (a prompt in NFD) stay in their word.
+_WCHAR = r"(?:[^\W_]|[\u0300-\u036f\uFFFD])"  # letters, digits, combining accents, U+FFFD
+WORD_RE = re.compile(rf"{_WCHAR}+(?:['’\-‐‑]{_WCHAR}+)*")
+
+UNKNOWN_TOKENS = frozenset({"<unk>", "[UNK]", "<|unk|>"})
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word of the prompt: its number in the prompt's word list, its spelling and its span."""
+
+    index: int  # position in the prompt's word list (0-based): the same for every encoder
+    text: str  # the word as spelled in ``WordMap.text``
+    start: int  # [start, end) character span in ``WordMap.text``
+    end: int
+
+
+@dataclass(frozen=True)
+class WordMap:
+    """How one encoder's text positions make up the prompt's words.
+
+    ``weights`` has shape (L, n_words), L = the encoder's number of text positions: row j says how
+    much of position j belongs to each word (rows sum to 1, or to 0 for specials, punctuation and
+    padding). A word map is then ``token_maps @ weights``.
+    """
+
+    words: tuple[Word, ...]  # the words some token reaches, in prompt order
+    weights: np.ndarray  # (L, n_words) float64
+    text: str  # the text the word spans refer to (the prompt, or the decoded tokens)
+    source: str  # "offsets" (stored by the dump), "aligned" (decoded + aligned) or "markers"
+    dropped: tuple[Word, ...]  # prompt words that no token reaches (truncation)
+
+    @property
+    def labels(self) -> list[str]:
+        return [w.text for w in self.words]
+
+
+def find_words(text: str) -> list[Word]:
+    """The words of ``text`` (see the module docstring), numbered in order."""
+    return [Word(i, m.group(), m.start(), m.end()) for i, m in enumerate(WORD_RE.finditer(text))]
+
+
+def normalise_word(text: str) -> str:
+    """The form words are compared in: NFKC, case-folded, typographic apostrophes/hyphens unified."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return text.replace("’", "'").replace("‐", "-").replace("‑", "-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding token strings
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level table: byte value -> printable character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def token_scheme(tokens: Sequence[str]) -> str:
+    """Which sub-word convention a token list follows.
+
+    ``"clip"`` (byte-level BPE, ``</w>`` ends a word), ``"gpt2"`` (byte-level, a leading ``Ġ``
+    starts one) or ``"sentencepiece"`` (a leading ``▁`` starts one; T5).
+    """
+    if any(t.endswith("</w>") for t in tokens):
+        return "clip"
+    if any(t.startswith("▁") for t in tokens):
+        return "sentencepiece"
+    if any(t.startswith("Ġ") for t in tokens):
+        return "gpt2"
+    return "sentencepiece"
+
+
+def _token_bytes(token: str) -> bytes:
+    """Bytes of a byte-level token string (characters outside the table are UTF-8 encoded)."""
+    out = bytearray()
+    for ch in token:
+        b = _BYTE_OF_CHAR.get(ch)
+        if b is None:
+            out += ch.encode("utf-8")
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def decode_stream(tokens: Sequence[str], special: Sequence[bool], scheme: str) -> tuple[str, list[list[int]]]:
+    """Decode tokens into one string and say which characters each token produced.
+
+    Word-boundary markers become spaces; ``<unk>`` becomes U+FFFD; special tokens produce nothing.
+    With byte-level schemes a character split over several tokens belongs to all of them.
+
+    Returns:
+        (text, chars): ``chars[j]`` = indices into ``text`` of token j's characters.
+    """
+    text: list[str] = []
+    chars: list[list[int]] = [[] for _ in tokens]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending: list[int] = []  # tokens whose bytes wait for the end of a multi-byte character
+
+    def emit(s: str, owners: list[int]) -> None:
+        for ch in s:
+            for j in owners:
+                chars[j].append(len(text))
+            text.append(ch)
+
+    for j, tok in enumerate(tokens):
+        if special[j]:
+            continue
+        if tok in UNKNOWN_TOKENS:
+            emit("\uFFFD", [j])
+            continue
+        if scheme == "sentencepiece":
+            emit(tok.replace("▁", " "), [j])
+            continue
+        end_marker = scheme == "clip" and tok.endswith("</w>")
+        body = tok[: -len("</w>")] if end_marker else tok
+        decoded = decoder.decode(_token_bytes(body))
+        if decoded:
+            emit(decoded[:1], pending + [j])
+            emit(decoded[1:], [j])
+            pending = []
+        else:
+            pending.append(j)
+        if end_marker:
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                emit(tail, pending + [j])
+            pending = []
+            decoder.reset()
+            emit(" ", [j])
+    tail = decoder.decode(b"", final=True)
+    if tail and pending:
+        emit(tail, pending)
+    return "".join(text), chars
+
+
+def _align(stream: str, prompt: str) -> Optional[list[Optional[int]]]:
+    """Map each non-space character of ``stream`` to a character of ``prompt``, or None if they differ.
+
+    Whitespace on both sides is skipped; a prompt character matches its own, lower-case, NFKC or
+    case-folded form (which may be several stream characters); U+FFFD in the stream matches any one
+    prompt character.
+    """
+    where: list[Optional[int]] = [None] * len(stream)
+    s = 0
+    n = len(stream)
+    for p, ch in enumerate(prompt):
+        if ch.isspace():
+            continue
+        while s < n and stream[s].isspace():
+            s += 1
+        if s == n:
+            break  # the tokens end here (truncation): the rest of the prompt is not covered
+        if stream[s] == "\uFFFD":
+            where[s] = p
+            s += 1
+            continue
+        nf = unicodedata.normalize("NFKC", ch)
+        forms = sorted({ch, ch.lower(), nf, nf.lower(), ch.casefold(), nf.casefold()} - {""}, key=len, reverse=True)
+        for form in forms:
+            if stream.startswith(form, s):
+                for k in range(s, s + len(form)):
+                    where[k] = p
+                s += len(form)
+                break
+        else:
+            if not nf.strip():
+                continue  # the normaliser removed this character (e.g. a zero-width one)
+            return None
+    while s < n and stream[s].isspace():
+        s += 1
+    return where if s == n else None
+
+
+def _spans_from_chars(chars: list[list[int]], where: Sequence[Optional[int]]) -> list[Optional[tuple[int, int]]]:
+    """Token spans from the characters each produced; a token with none takes the next token's start."""
+    spans: list[Optional[tuple[int, int]]] = []
+    for cs in chars:
+        pos = [where[c] for c in cs if where[c] is not None]
+        spans.append((min(pos), max(pos) + 1) if pos else None)
+    nxt: Optional[int] = None
+    for j in range(len(spans) - 1, -1, -1):
+        if spans[j] is None and chars[j] and nxt is not None:
+            spans[j] = (nxt, nxt + 1)  # a lone marker token: the word it starts
+        if spans[j] is not None:
+            nxt = spans[j][0]
+    return spans
+
+
+def recover_spans(
+    tokens: Sequence[str], special: Sequence[bool], prompt: str
+) -> tuple[str, list[Optional[tuple[int, int]]], str]:
+    """Character spans for tokens stored without offsets.
+
+    Returns:
+        (text, spans, source): spans refer to ``text``, which is ``prompt`` when the decoded tokens
+        align with it (source ``"aligned"``), else the decoded token text (source ``"markers"``).
+    """
+    scheme = token_scheme([t for t, s in zip(tokens, special) if not s])
+    stream, chars = decode_stream(tokens, special, scheme)
+    where = _align(stream, prompt)
+    if where is not None:
+        return prompt, _spans_from_chars(chars, where), "aligned"
+    ident = [None if ch.isspace() else i for i, ch in enumerate(stream)]
+    return stream, _spans_from_chars(chars, ident), "markers"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens -> words
+
+
+def map_words(
+    tokens: Sequence[str],
+    special: Sequence[bool],
+    prompt: str,
+    length: int,
+    offsets: Optional[Sequence[Optional[Sequence[int]]]] = None,
+) -> WordMap:
+    """Assign one encoder's tokens to the prompt's words.
+
+    Args:
+        tokens: the encoder's tokens as the model saw them (unpadded); token j is text position j
+            of the encoder's span.
+        special: aligned with ``tokens``; special tokens belong to no word.
+        prompt: the prompt text.
+        length: L, the encoder's number of text positions (>= len(tokens); the rest is padding).
+        offsets: per token its [start, end) span in ``prompt`` (None for specials), or None when the
+            dump has none (then :func:`recover_spans`).
+    """
+    if len(tokens) > length:
+        raise ValueError(f"{len(tokens)} tokens do not fit in {length} text positions")
+    if offsets is not None:
+        text, source = prompt, "offsets"
+        spans = [
+            None if (special[j] or off is None or off[1] <= off[0]) else (int(off[0]), int(off[1]))
+            for j, off in enumerate(offsets)
+        ]
+    else:
+        text, spans, source = recover_spans(tokens, special, prompt)
+    all_words = find_words(text)
+    starts = np.array([w.start for w in all_words], dtype=np.int64)
+    ends = np.array([w.end for w in all_words], dtype=np.int64)
+    weights = np.zeros((length, len(all_words)), dtype=np.float64)
+    for j, span in enumerate(spans):
+        if span is None or special[j] or not all_words:
+            continue
+        a, b = span
+        overlap = np.clip(np.minimum(ends, b) - np.maximum(starts, a), 0, None)
+        total = overlap.sum()
+        if total > 0:
+            weights[j] = overlap / total
+    reached = weights.sum(axis=0) > 0
+    words = tuple(w for w, r in zip(all_words, reached) if r)
+    dropped = tuple(w for w, r in zip(all_words, reached) if not r)
+    return WordMap(words, weights[:, reached], text, source, dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phrases
+
+
+def parse_phrases(spec: Optional[str]) -> list[str]:
+    """``"in front of|on top of"`` -> ``["in front of", "on top of"]`` (blank entries are ignored).
+
+    Raises:
+        ValueError: a phrase without any word.
+    """
+    if not spec:
+        return []
+    phrases = [p.strip() for p in spec.split("|")]
+    phrases = [p for p in phrases if p]
+    for p in phrases:
+        if not WORD_RE.search(p):
+            raise ValueError(
+                f"--phrases: {p!r} contains no word (letters or digits); phrases are '|'-separated "
+                'word sequences, e.g. --phrases "in front of|on top of"'
+            )
+    return phrases
+
+
+def find_phrase(words: Sequence[Word], phrase: str) -> list[list[int]]:
+    """Every occurrence of ``phrase`` as a contiguous word sequence of ``words``.
+
+    The phrase is split into words by the same rule as the prompt and compared case-insensitively
+    (:func:`normalise_word`); words must be consecutive in the prompt (``Word.index``), so a word
+    missing from the encoder (truncation) breaks an occurrence. Overlapping occurrences all count.
+
+    Returns:
+        per occurrence, the positions in ``words`` of its words.
+    """
+    target = [normalise_word(w.text) for w in find_words(phrase)]
+    n = len(target)
+    keys = [normalise_word(w.text) for w in words]
+    found = []
+    for i in range(len(words) - n + 1):
+        if keys[i : i + n] != target:
+            continue
+        if all(words[i + k + 1].index == words[i + k].index + 1 for k in range(n - 1)):
+            found.append(list(range(i, i + n)))
+    return found

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Time ``analyse_stepavg.py`` on a synthetic full-size dump, with and without figures.
+
+The dump: B=1, a 64x64 canonical grid, T=333 (77 CLIP + 256 T5 positions), 24 blocks, 50 steps,
+float16 like the dump command's default, with a 1024x1024 image; both encoders, default top-k.
+Each repeat runs both modes (order alternating between repeats) in-process via ``main([...])``
+into a temporary folder, after one warm-up of each. Prints medians and min-max.
+
+    python benchmarks/bench_analysis.py --repeats 5 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import analyse_stepavg  # noqa: E402
+from synthetic_dump import make_layout, random_arrays, write_dump  # noqa: E402
+
+PROMPT = (
+    "A rusty bicycle in front of a barn, leaning against a weathered wooden fence at golden hour, "
+    "wildflowers in the foreground, soft clouds over distant hills, cinematic lighting, highly detailed photograph"
+)
+
+
+def build_dump(folder: str) -> None:
+    layout = make_layout([PROMPT], clip_len=77, t5_len=256)
+    arrays = random_arrays(layout, num_blocks=24, num_steps=50, grid=(64, 64), seed=0)
+    write_dump(folder, layout, arrays, image_size=(1024, 1024))
+
+
+def run(dump: str, out: str, extra: list[str]) -> float:
+    sink = io.StringIO()
+    t0 = time.perf_counter()
+    with redirect_stdout(sink), redirect_stderr(sink):
+        rc = analyse_stepavg.main(["--root", dump, "--out", out, *extra])
+    elapsed = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"analyse_stepavg.main returned {rc}:\n{sink.getvalue()}")
+    return elapsed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each mode (default: 3)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    modes = {"with_plots": [], "tables_only": ["--tables-only"]}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = os.path.join(tmp, "run")
+        build_dump(dump)
+        for m, extra in modes.items():  # warm-up: imports, font cache, page cache
+            run(dump, os.path.join(tmp, f"warm-{m}"), extra)
+        names = list(modes)
+        for r in range(args.repeats):
+            for m in names if r % 2 == 0 else names[::-1]:
+                times[m].append(run(dump, os.path.join(tmp, f"out-{m}-{r}"), modes[m]))
+    print("B=1, 64x64, T=333, 24 blocks, 50 steps, both encoders, top-k 12")
+    print(f"{'mode':<14}{'median s':>10}{'min s':>9}{'max s':>9}  (n={args.repeats})")
+    for m in names:
+        t = times[m]
+        print(f"{m:<14}{statistics.median(t):>10.2f}{min(t):>9.2f}{max(t):>9.2f}")
+    if args.json:
+        result = {
+            "seconds_with_plots": statistics.median(times["with_plots"]),
+            "seconds_tables_only": statistics.median(times["tables_only"]),
+            "runs": times,
+            "repeats": args.repeats,
+            "cpu_count": os.cpu_count(),
+        }
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
