@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -23,10 +23,11 @@ from contextlib import redirect_stderr, redirect_stdout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
 
 import analyse_stepavg  # noqa: E402
 from synthetic_dump import make_layout, random_arrays, write_dump  # noqa: E402
+from timing import interleaved, median, table  # noqa: E402
 
 PROMPT = (
     "A rusty bicycle in front of a barn, leaning against a weathered wooden fence at golden hour, "
@@ -34,10 +35,19 @@ PROMPT = (
 )
 
 
-def build_dump(folder: str) -> None:
+SIZES = {
+    # the full-size dump: SD3.5 medium at 1024x1024, 50 steps, max_sequence_length 256
+    "full": dict(num_blocks=24, num_steps=50, grid=(64, 64), image_size=(1024, 1024)),
+    # seconds-long, for the smoke test that keeps this script from rotting
+    "small": dict(num_blocks=3, num_steps=4, grid=(16, 16), image_size=(128, 128)),
+}
+
+
+def build_dump(folder: str, size: str = "full") -> None:
+    s = SIZES[size]
     layout = make_layout([PROMPT], clip_len=77, t5_len=256)
-    arrays = random_arrays(layout, num_blocks=24, num_steps=50, grid=(64, 64), seed=0)
-    write_dump(folder, layout, arrays, image_size=(1024, 1024))
+    arrays = random_arrays(layout, num_blocks=s["num_blocks"], num_steps=s["num_steps"], grid=s["grid"], seed=0)
+    write_dump(folder, layout, arrays, image_size=s["image_size"])
 
 
 def run(dump: str, out: str, extra: list[str]) -> float:
@@ -55,31 +65,32 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each mode (default: 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--size", choices=sorted(SIZES), default="full", help="dump size (default: full)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     modes = {"with_plots": [], "tables_only": ["--tables-only"]}
-    times: dict[str, list[float]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         dump = os.path.join(tmp, "run")
-        build_dump(dump)
-        for m, extra in modes.items():  # warm-up: imports, font cache, page cache
-            run(dump, os.path.join(tmp, f"warm-{m}"), extra)
-        names = list(modes)
-        for r in range(args.repeats):
-            for m in names if r % 2 == 0 else names[::-1]:
-                times[m].append(run(dump, os.path.join(tmp, f"out-{m}-{r}"), modes[m]))
-    print("B=1, 64x64, T=333, 24 blocks, 50 steps, both encoders, top-k 12")
-    print(f"{'mode':<14}{'median s':>10}{'min s':>9}{'max s':>9}  (n={args.repeats})")
-    for m in names:
-        t = times[m]
-        print(f"{m:<14}{statistics.median(t):>10.2f}{min(t):>9.2f}{max(t):>9.2f}")
+        build_dump(dump, args.size)
+        counter = itertools.count()
+
+        def method(extra):
+            return lambda: run(dump, os.path.join(tmp, f"out-{next(counter)}"), extra)
+
+        # warm-up: imports, font cache, page cache
+        times = interleaved({m: method(extra) for m, extra in modes.items()}, args.repeats, warmup=1)
+    sz = SIZES[args.size]
+    print(f"B=1, {sz['grid'][0]}x{sz['grid'][1]}, T=333, {sz['num_blocks']} blocks, {sz['num_steps']} steps, "
+          "both encoders, top-k 12")
+    print(table(times))
     if args.json:
         result = {
-            "seconds_with_plots": statistics.median(times["with_plots"]),
-            "seconds_tables_only": statistics.median(times["tables_only"]),
+            "seconds_with_plots": median(times["with_plots"]),
+            "seconds_tables_only": median(times["tables_only"]),
             "runs": times,
             "repeats": args.repeats,
+            "size": args.size,
             "cpu_count": os.cpu_count(),
         }
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -1,0 +1,104 @@
+"""CUDA-only checks (skipped without a GPU; run by benchmarks/gpu_check.sh on a GPU machine).
+
+The kernel path must return exactly SDPA's output for every backend SDPA may pick, with an exact
+log-sum-exp where the backend gives one; and the recorder must leave images unchanged on the GPU,
+with model CPU offload too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from attention_map_diffusers import StepAverageRecorder  # noqa: E402
+from attention_map_diffusers.exact import image_text_probs, image_text_probs_from_keys, sdpa_with_lse  # noqa: E402
+from reference import ReferenceTap, reference_aggregate  # noqa: E402
+
+B, H, N, T, D = 2, 24, 1024, 333, 64
+
+
+def _backends():
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", ["default", "flash", "efficient", "cudnn", "math"])
+def test_kernel_path_is_sdpa_and_probs_are_exact(backend, dtype):
+    from torch.nn.attention import sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = (torch.randn(B, H, N + T, D, device="cuda", generator=g) * 1.8).to(dtype)
+    k = (torch.randn(B, H, N + T, D, device="cuda", generator=g) * 1.8).to(dtype)
+    v = torch.randn(B, H, N + T, D, device="cuda", generator=g).to(dtype)
+    ctx = sdpa_kernel(_backends()[backend]) if backend != "default" else contextlib.nullcontext()
+    try:
+        with ctx:
+            expected = F.scaled_dot_product_attention(q, k, v)
+            out, lse = sdpa_with_lse(q, k, v)
+    except RuntimeError as exc:  # the backend does not support this dtype / GPU
+        pytest.skip(f"{backend} / {dtype}: {exc}".splitlines()[0])
+    assert torch.equal(out, expected), f"{backend}: output differs from SDPA's"
+    rows = 256  # reference on a subset of image rows (float64 on the GPU)
+    s = torch.matmul(q[:, :, :rows].double(), k.double().transpose(-1, -2)) / D**0.5
+    ref = torch.softmax(s, dim=-1)[..., N:]
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    if lse is not None:
+        p = image_text_probs(q[:, :, :rows], k[:, :, N:], lse[..., :rows], D**-0.5, mean_heads=False)
+        assert (p.double() - ref).abs().max() <= tol
+    p = image_text_probs_from_keys(q[:, :, :rows], k, D**-0.5, mean_heads=False)
+    assert (p.double() - ref).abs().max() <= tol
+
+
+@pytest.fixture(scope="module")
+def cuda_pipe():
+    from attention_map_diffusers.tiny import TinySD3Config, build_tiny_sd3_pipeline
+
+    cfg = TinySD3Config(num_layers=3, num_attention_heads=4, attention_head_dim=64, dual_attention_layers=(0,),
+                        qk_norm="rms_norm")
+    pipe = build_tiny_sd3_pipeline(cfg).to("cuda", torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, **kw):
+    return pipe("A rusty bicycle in front of a barn", num_inference_steps=3, height=128, width=128,
+                max_sequence_length=32, guidance_scale=4.0, generator=torch.Generator("cuda").manual_seed(0),
+                output_type="latent", **kw).images
+
+
+@pytest.mark.parametrize("method", ["auto", "chunked"])
+def test_cuda_image_unchanged_and_maps_exact(cuda_pipe, method):
+    plain = _generate(cuda_pipe)
+    with ReferenceTap(cuda_pipe.transformer) as tap:
+        with StepAverageRecorder(cuda_pipe, method=method) as rec:
+            captured = _generate(cuda_pipe)
+    assert torch.equal(plain, captured)
+    res, ref = rec.result(), reference_aggregate(tap, cfg=True)
+    assert abs(res.sum_token_map / res.N - ref["sum_token_map"] / ref["N"]).max() <= 1e-4
+    assert abs(res.per_block_step_token_max - ref["per_block_step_token_max"]).max() <= 1e-4
+
+
+def test_cuda_model_cpu_offload():
+    from attention_map_diffusers.tiny import TinySD3Config, build_tiny_sd3_pipeline
+
+    pipe = build_tiny_sd3_pipeline(TinySD3Config()).to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload()
+    plain = _generate(pipe)
+    with StepAverageRecorder(pipe) as rec:
+        captured = _generate(pipe)
+    assert torch.equal(plain, captured)
+    res = rec.result()
+    assert res.num_steps == 3 and res.N == 3 * 2
