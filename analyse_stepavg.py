@@ -24,7 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from attention_map_diffusers.atomic import write_bytes, write_text
+from attention_map_diffusers.atomic import current_umask, write_bytes, write_text
+from attention_map_diffusers.cli import OneLineParser, fail, parse
 from attention_map_diffusers.dumpfile import (
     META_NAME,
     NPZ_NAME,
@@ -43,6 +44,7 @@ from attention_map_diffusers.stats import WEIGHT_MODES, EncoderResult, analyse_e
 from attention_map_diffusers.tables import write_tables
 from attention_map_diffusers.words import map_words, parse_phrases
 
+PROG = "analyse_stepavg.py"
 ENCODERS = ("clip", "t5")
 FORMATS = ("png", "svg", "pdf")
 ENCODER_TITLES = {"clip": "CLIP", "t5": "T5"}
@@ -52,14 +54,9 @@ class UsageError(ValueError):
     """A bad command-line value; the message is one line for the user."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, like every other error of this command
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="analyse_stepavg.py",
+    p = OneLineParser(
+        prog=PROG,
         description=(
             "Analyse step-averaged SD3.5 attention dumps (no model needed): per word and phrase, heatmaps, "
             "curves over blocks and denoising steps, CSV tables and an HTML report."
@@ -419,7 +416,7 @@ def write_plan(plan: Plan, args) -> int:
     parent = os.path.dirname(plan.out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(plan.out)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output folder should not be
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the output folder should not be
     try:
         from tqdm import tqdm
 
@@ -452,12 +449,6 @@ def write_plan(plan: Plan, args) -> int:
     return n_files
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _replace_folder(tmp: str, out: str) -> None:
     """Move ``tmp`` to ``out``; an earlier analysis there is removed only once the new one is in place."""
     old = None
@@ -476,15 +467,13 @@ def _replace_folder(tmp: str, out: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a malformed command line (already reported)
-        return exc.code if isinstance(exc.code, int) else 2
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
     try:
         plan = make_plan(args)
     except (UsageError, DumpError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(PROG, str(exc))
     for run in plan.runs:
         prefix = f"{run.folder}: " if run.folder else ""
         for note in run.notes:
@@ -493,11 +482,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         n = write_plan(plan, args)
     except DumpError as exc:  # a run changed on disk after it was validated
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(PROG, str(exc))
     except OSError as exc:
-        print(f"error: could not write the analysis to {plan.out}: {exc}", file=sys.stderr)
-        return 1
+        return fail(PROG, f"could not write the analysis to {plan.out}: {exc}", code=1)
     print(f"wrote {n} files to {plan.out} (open {os.path.join(plan.out, 'index.html')})")
     return 0
 

@@ -16,21 +16,17 @@ import os
 import sys
 import time
 
+from attention_map_diffusers.cli import OneLineParser, fail, parse
+
+PROG = "sd_35_stepavg_dump.py"
 DEFAULT_PROMPT = "A furry cat beneath a table"
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 T5_MAX_LENGTH = 512  # the longest T5 sequence SD3 pipelines accept
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with bad input reported as one line on stderr (exit code 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="sd_35_stepavg_dump.py",
+    p = OneLineParser(
+        prog=PROG,
         description="Generate images with an SD3 / SD3.5 pipeline and record where each text token is "
         "attended to, per denoising step and per transformer block (exact, streaming capture).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -85,11 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (one run)")
     r.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt in each run")
     return p
-
-
-def _fail(message: str) -> int:
-    print(f"sd_35_stepavg_dump.py: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _check_out(out: str) -> None:
@@ -247,10 +238,9 @@ def _run_one(pipe, run, args, placement, out_dir: str) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a bad flag already reported in one line
-        return int(exc.code or 0)
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from attention_map_diffusers.loading import UserError, load_pipeline, resolve_placement
     from attention_map_diffusers.runs import RUNS_NAME, plan_runs, run_is_complete, runs_jsonl
@@ -260,7 +250,7 @@ def main(argv=None) -> int:
         prompts = _validate(args)
         runs = plan_runs(prompts, args.seed, args.batch_size)
     except UserError as exc:
-        return _fail(str(exc))
+        return fail(PROG, str(exc))
 
     from accelerate import PartialState
 
@@ -273,7 +263,7 @@ def main(argv=None) -> int:
             if not on_cpu and ":" not in placement.device:  # one GPU per process
                 placement = resolve_placement(str(state.device), args.dtype)
     except UserError as exc:
-        return _fail(str(exc))
+        return fail(PROG, str(exc))
 
     def folder_of(run):
         return os.path.join(args.out, run.folder) if run.folder else args.out
@@ -293,7 +283,7 @@ def main(argv=None) -> int:
             pipe = load_pipeline(args.model, placement, cpu_offload=args.cpu_offload)
             _check_model_limits(pipe, args)
         except UserError as exc:
-            return _fail(str(exc))
+            return fail(PROG, str(exc))
         pipe.set_progress_bar_config(leave=False)
         from tqdm.auto import tqdm
 

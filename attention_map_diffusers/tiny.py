@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from .bytelevel import bytes_to_unicode
+
 logger = logging.getLogger(__name__)
 
 CLIP_BOS = "<|startoftext|>"
@@ -49,27 +51,13 @@ def corpus_words() -> list[str]:
     return list(seen)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level table: byte value -> printable unicode character, in CLIP's order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def _learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
     """Deterministic byte-pair merges that end with every word of ``words`` as one ``</w>`` symbol.
 
     Classic BPE learning (most frequent adjacent pair first, ties broken lexicographically), run
     until no word has more than one symbol left.
     """
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     seqs = []
     for w in words:
         chars = [table[b] for b in w.encode("utf-8")]
@@ -100,7 +88,7 @@ def _learn_merges(words: Sequence[str]) -> list[tuple[str, str]]:
 
 def _clip_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
     """CLIP's vocabulary layout: bytes, bytes + ``</w>``, one entry per merge, then the two specials."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     symbols += [s + "</w>" for s in symbols]
     symbols += ["".join(m) for m in merges]
     symbols += [CLIP_BOS, CLIP_EOS]

@@ -35,6 +35,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .bytelevel import bytes_to_unicode
+
 # U+FFFD stands for an unknown token in decoded text: it counts as a word character so that an
 # ``<unk>`` inside a word does not split it. Combining accents (a prompt in NFD) stay in their word.
 _WCHAR = r"(?:[^\W_]|[\u0300-\u036f\uFFFD])"  # letters, digits, combining accents, U+FFFD
@@ -88,21 +90,7 @@ def normalise_word(text: str) -> str:
 # Decoding token strings
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level table: byte value -> printable character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_scheme(tokens: Sequence[str]) -> str:

@@ -129,7 +129,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
     rc = analyse_stepavg.main(["--root", str(folder), *extra])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert err.startswith("analyse_stepavg.py: error: ") and err.count("\n") == 1, err
     assert message in err
     assert snapshot(tmp_path) == before  # nothing written, no temp folder left
 
