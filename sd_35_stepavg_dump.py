@@ -262,6 +262,8 @@ def main(argv=None) -> int:
             state = PartialState(cpu=on_cpu)
             if not on_cpu and ":" not in placement.device:  # one GPU per process
                 placement = resolve_placement(str(state.device), args.dtype)
+        if args.cpu_offload and placement.device.startswith("cpu"):
+            raise UserError("--cpu-offload needs an accelerator device (cuda or mps), not the CPU")
     except UserError as exc:
         return fail(PROG, str(exc))
 
@@ -274,11 +276,15 @@ def main(argv=None) -> int:
     else:
         my_runs = runs
     todo = [r for r in my_runs if args.overwrite or not run_is_complete(folder_of(r))]
+    # With several processes, all of them load the model when any run is left, so that a load error
+    # stops every process alike instead of leaving some waiting for the others.
+    need_model = bool(todo) or (state is not None and any(
+        args.overwrite or not run_is_complete(folder_of(r)) for r in runs))
     process = state.process_index if state is not None else 0
     records = {r.index: {"run": r.index, "folder": r.folder or ".", "prompt": list(r.prompts), "seed": r.seed,
                          "status": "skipped", "process": process} for r in my_runs}
 
-    if todo:
+    if need_model:
         try:
             pipe = load_pipeline(args.model, placement, cpu_offload=args.cpu_offload)
             _check_model_limits(pipe, args)

@@ -11,15 +11,14 @@ class TransformerCalls:
     """Forward hooks on the transformer that tell denoising steps from other calls.
 
     A call is a denoising step unless it receives ``skip_layers`` (the extra call that skip-layer
-    guidance makes). For each step, ``on_begin(timestep, grid, cfg)`` and ``on_end()`` are called;
-    ``recording`` is True in between. Nothing here synchronises with the device.
+    guidance makes). Before each step ``on_begin(timestep, grid, cfg)`` is called, and ``recording``
+    stays True until the call returns (or raises). Nothing here synchronises with the device.
 
     Args:
         transformer: an ``SD3Transformer2DModel`` (possibly wrapped by accelerate's offload hooks).
         cfg: whether the batch holds an unconditional half first. A callable is asked at every call
             (e.g. ``lambda: pipe.do_classifier_free_guidance``).
         on_begin: ``(timestep (0-d tensor), grid (h, w), cfg) -> None``.
-        on_end: ``() -> None``.
     """
 
     def __init__(
@@ -27,13 +26,11 @@ class TransformerCalls:
         transformer,
         cfg: Callable[[], bool],
         on_begin: Callable[[torch.Tensor, tuple[int, int], bool], None],
-        on_end: Callable[[], None],
     ):
         self.transformer = transformer
         self.patch_size = int(transformer.config.patch_size)
         self._cfg = cfg
         self._on_begin = on_begin
-        self._on_end = on_end
         self._handles: list = []
         self.recording = False
         self.cfg = False
@@ -64,7 +61,5 @@ class TransformerCalls:
         return None
 
     def _post(self, module, args, kwargs, output):
-        if self.recording:
-            self.recording = False
-            self._on_end()
+        self.recording = False
         return None

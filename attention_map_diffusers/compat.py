@@ -39,7 +39,7 @@ class _RawMapSink:
         self.names = dict(joint_attention_blocks(self.transformer))
         self.scratch_bytes = scratch_bytes
         # The whole batch is kept, as upstream did: no CFG split.
-        self.calls = TransformerCalls(self.transformer, lambda: False, self._begin, lambda: None)
+        self.calls = TransformerCalls(self.transformer, lambda: False, self._begin)
         self.saved: dict = {}
         self.key = None
         self.grid = (0, 0)

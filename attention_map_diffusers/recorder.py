@@ -119,7 +119,7 @@ class StepAverageRecorder:
             stats_dtype=stats_dtype,
         )
         self._position = {i: pos for pos, (i, _) in enumerate(self.blocks)}
-        self._calls = TransformerCalls(self.transformer, cfg_source(pipe, cfg), self._begin_step, self._end_step)
+        self._calls = TransformerCalls(self.transformer, cfg_source(pipe, cfg), self._begin_step)
         self._saved: Optional[dict] = None
         self._entered = False
         self._grid: tuple[int, int] = (0, 0)
@@ -161,9 +161,6 @@ class StepAverageRecorder:
         self._cfg_seen = cfg
         self._grid = grid
         self._acc.begin_step(timestep, grid)
-
-    def _end_step(self) -> None:
-        pass
 
     def on_attention(self, block_index: int, att: JointAttention) -> None:
         h, w = self._grid

@@ -252,6 +252,7 @@ BAD = {
     "canonical size": (["--canonical-size", "0", "4"], "--canonical-size must be two positive integers"),
     "canonical size type": (["--canonical-size", "a", "b"], "invalid int value: 'a'"),
     "cuda": (["--device", "cuda"], "CUDA is not available"),
+    "cpu offload on the cpu": (["--cpu-offload", "--device", "cpu"], "--cpu-offload needs an accelerator"),
     "model needs a multiple": (["--model", "tiny-random", "--height", "72"], "multiple of 16, got 72"),
 }
 
