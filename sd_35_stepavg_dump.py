@@ -16,7 +16,17 @@ import os
 import sys
 import time
 
+# torch-free imports only here, so that --help and bad input answer at once
 from attention_map_diffusers.cli import OneLineParser, fail, parse
+from attention_map_diffusers.loading import (
+    TINY_RANDOM,
+    UserError,
+    check_model_reference,
+    load_pipeline,
+    required_multiple,
+    resolve_placement,
+)
+from attention_map_diffusers.runs import RUNS_NAME, plan_runs, read_prompts_file, run_is_complete, runs_jsonl
 
 PROG = "sd_35_stepavg_dump.py"
 DEFAULT_PROMPT = "A furry cat beneath a table"
@@ -84,8 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out(out: str) -> None:
-    from attention_map_diffusers.loading import UserError
-
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is an existing file; give a folder")
     probe = os.path.abspath(out)
@@ -99,9 +107,6 @@ def _check_out(out: str) -> None:
 
 def _validate(args) -> list[str]:
     """Checks that need no model. Returns the prompt list. Raises UserError."""
-    from attention_map_diffusers.loading import UserError, check_model_reference, required_multiple
-    from attention_map_diffusers.runs import read_prompts_file
-
     check_model_reference(args.model)
 
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
@@ -135,8 +140,6 @@ def _validate(args) -> list[str]:
 
 
 def _check_model_limits(pipe, args) -> None:
-    from attention_map_diffusers.loading import UserError
-
     multiple = int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size)
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value % multiple:
@@ -227,7 +230,7 @@ def _run_one(pipe, run, args, placement, out_dir: str) -> None:
         dtype=placement.dtype,
         store_dtype=args.store_dtype,
         num_images_per_prompt=n_img,
-        random_weights=args.model == "tiny-random",
+        random_weights=args.model == TINY_RANDOM,
     )
     metadata = build_metadata(
         result=result, prompts=item_prompts, seeds=seeds, base_seed=run.seed, clip=clip, t5=t5,
@@ -242,9 +245,6 @@ def main(argv=None) -> int:
     if args is None:
         return code
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from attention_map_diffusers.loading import UserError, load_pipeline, resolve_placement
-    from attention_map_diffusers.runs import RUNS_NAME, plan_runs, run_is_complete, runs_jsonl
-
     t_start = time.perf_counter()
     try:
         prompts = _validate(args)
@@ -285,6 +285,9 @@ def main(argv=None) -> int:
                          "status": "skipped", "process": process} for r in my_runs}
 
     if need_model:
+        if args.model == TINY_RANDOM:
+            print("note: --model tiny-random has RANDOM weights: its images are noise and its maps say nothing "
+                  "about SD3.5 (the outputs say so too); it demonstrates the flow", file=sys.stderr)
         try:
             pipe = load_pipeline(args.model, placement, cpu_offload=args.cpu_offload)
             _check_model_limits(pipe, args)
@@ -305,7 +308,7 @@ def main(argv=None) -> int:
                 print(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     if len(runs) > 1:
-        _write_runs_jsonl(args.out, records, state, RUNS_NAME, runs_jsonl)
+        _write_runs_jsonl(args.out, records, state)
     if state is None or state.is_main_process:
         counts = {s: sum(1 for r in records.values() if r["status"] == s) for s in ("done", "skipped", "failed")}
         if state is not None:
@@ -316,7 +319,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _write_runs_jsonl(out: str, records: dict, state, runs_name: str, runs_jsonl) -> None:
+def _write_runs_jsonl(out: str, records: dict, state) -> None:
     """runs.jsonl lists every run; with several processes each one hands its records to the main one."""
     import json
 
@@ -324,7 +327,7 @@ def _write_runs_jsonl(out: str, records: dict, state, runs_name: str, runs_jsonl
 
     os.makedirs(out, exist_ok=True)
     if state is None:
-        write_text(os.path.join(out, runs_name), runs_jsonl(records.values()))
+        write_text(os.path.join(out, RUNS_NAME), runs_jsonl(records.values()))
         return
     part = os.path.join(out, f".runs-part-{state.process_index}.json")
     write_json(part, list(records.values()))
@@ -336,7 +339,7 @@ def _write_runs_jsonl(out: str, records: dict, state, runs_name: str, runs_jsonl
             with open(path, encoding="utf-8") as fh:
                 merged += json.load(fh)
             os.unlink(path)
-        write_text(os.path.join(out, runs_name), runs_jsonl(merged))
+        write_text(os.path.join(out, RUNS_NAME), runs_jsonl(merged))
     state.wait_for_everyone()
 
 

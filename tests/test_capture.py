@@ -230,10 +230,11 @@ def test_state_is_small_and_as_specified(sd3_pipe):
 
 
 @pytest.mark.parametrize("method", ["auto", "chunked"])
-def test_bf16_pipeline_matches_reference(sd35m_dir, method):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipeline_matches_reference(sd35m_dir, method, dtype):
     from conftest import load_pipeline
 
-    pipe = load_pipeline(sd35m_dir, dtype=torch.bfloat16)
+    pipe = load_pipeline(sd35m_dir, dtype=dtype)
     res, tap, _ = record(pipe, "A rusty bicycle in front of a barn", recorder_kw=dict(method=method), guidance_scale=4.5)
     ref = reference_aggregate(tap, cfg=True)
     assert_matches(res, ref, tol=1e-4)
