@@ -7,7 +7,8 @@ same arguments, hence the same output) and keep the ``lse``. Otherwise ``image_t
 computes it exactly in float32, in chunks with bounded scratch memory.
 
 The image->text block then needs only ``q_img . k_txt``: an (N x T) product per head, done in
-float32 (bf16 logits would be off by ~13%).
+float32 (bf16 logits would be off by ~13%). TF32 matmuls, where a user enables them, do not change
+that for bf16 / fp16 pipelines: their q and k values are exact in TF32 and the sums are float32.
 
 Shapes: B batch, H heads, N image tokens, T text tokens, L = N + T, D head dim.
 """
