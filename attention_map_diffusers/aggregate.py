@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -45,7 +45,6 @@ class CaptureResult:
     batch_size: int  # B (conditional items only)
     cfg: bool  # whether an unconditional half was present (and dropped)
     state_bytes: int = 0  # bytes the persistent on-device capture state held
-    extras: dict = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -202,7 +201,7 @@ class StepAverageAccumulator:
             "N": self.n_updates,
             "per_block_step_token_mean": stats(self.means),
             "per_block_step_token_max": stats(self.maxes),
-            "timesteps": torch.stack([t.float().cpu() for t in self.timesteps]).numpy(),
+            "timesteps": torch.stack(self.timesteps).float().cpu().numpy(),
             "per_block_token_map": None if self.block_maps is None else self.block_maps.cpu().numpy(),
             "per_step_token_map": step_maps,
         }
