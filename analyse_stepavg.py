@@ -24,34 +24,26 @@ from typing import Optional
 
 import numpy as np
 
+from attention_map_diffusers.analysis.dumpfile import Dump, format_ranges, load_dump, load_t5_tokenizer, read_runs
+from attention_map_diffusers.analysis.report import GENERATOR, EncoderPage, ItemPage, index_page, run_page
+from attention_map_diffusers.analysis.stats import WEIGHT_MODES, EncoderResult, analyse_encoder, parse_blocks, step_average
+from attention_map_diffusers.analysis.tables import write_tables
+from attention_map_diffusers.analysis.words import map_words, parse_phrases
 from attention_map_diffusers.atomic import current_umask, write_bytes, write_text
 from attention_map_diffusers.cli import OneLineParser, fail, parse
-from attention_map_diffusers.dumpfile import (
-    META_NAME,
+from attention_map_diffusers.contract import (
+    METADATA_NAME,
     NPZ_NAME,
     RUNS_NAME,
-    Dump,
-    DumpError,
-    RunEntry,
-    format_ranges,
-    is_run_folder,
-    load_dump,
-    load_t5_tokenizer,
-    read_runs,
+    RunRecord,
+    UserError,
+    run_is_complete,
 )
-from attention_map_diffusers.report import GENERATOR, EncoderPage, ItemPage, index_page, run_page
-from attention_map_diffusers.stats import WEIGHT_MODES, EncoderResult, analyse_encoder, parse_blocks, step_average
-from attention_map_diffusers.tables import write_tables
-from attention_map_diffusers.words import map_words, parse_phrases
 
 PROG = "analyse_stepavg.py"
 ENCODERS = ("clip", "t5")
 FORMATS = ("png", "svg", "pdf")
 ENCODER_TITLES = {"clip": "CLIP", "t5": "T5"}
-
-
-class UsageError(ValueError):
-    """A bad command-line value; the message is one line for the user."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +129,7 @@ class Plan:
     root: str
     out: str
     runs: list[RunSpec]
-    entries: list[RunEntry]  # runs.jsonl lines (empty for a single run)
+    entries: list[RunRecord]  # runs.jsonl lines (empty for a single run)
     multi: bool
     options: tuple  # (encoders, phrases, block_ids, t5 loader) to plan a run again
 
@@ -154,7 +146,7 @@ def _parse_encoders(spec: str) -> list[str]:
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in ENCODERS]
     if bad or not names:
-        raise UsageError(f"--encoders: {bad[0] if bad else spec!r} is not an encoder; use a comma-separated subset of clip,t5")
+        raise UserError(f"--encoders: {bad[0] if bad else spec!r} is not an encoder; use a comma-separated subset of clip,t5")
     return list(dict.fromkeys(names))
 
 
@@ -169,9 +161,9 @@ def _is_our_output(out: str) -> bool:
 def _check_out(out: str) -> None:
     if os.path.exists(out):
         if not os.path.isdir(out):
-            raise UsageError(f"--out {out} exists and is not a folder; choose another --out")
+            raise UserError(f"--out {out} exists and is not a folder; choose another --out")
         if os.listdir(out) and not _is_our_output(out):
-            raise UsageError(
+            raise UserError(
                 f"--out {out} exists and does not hold an earlier analysis (no index.html written by this tool); "
                 "choose another --out or empty it"
             )
@@ -182,14 +174,14 @@ def _load_image(path: Optional[str], where: str):
         return None
     from PIL import Image, UnidentifiedImageError
 
-    from attention_map_diffusers.plots import display_image
+    from attention_map_diffusers.analysis.plots import display_image
 
     try:
         with Image.open(path) as img:
             img.load()
             return path, display_image(img)
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DumpError(
+        raise UserError(
             f"{where}: the image {path} listed by the dump is missing or unreadable ({type(exc).__name__}); "
             "restore it, or pass --no-overlay to analyse without it"
         ) from None
@@ -207,7 +199,7 @@ def plan_run(folder: Optional[str], run_dir: str, args, encoders, phrases, block
             continue
         try:
             images.append(_load_image(path, run_dir))
-        except DumpError as exc:
+        except UserError as exc:
             if not args.no_overlay:
                 raise
             images.append(None)  # --no-overlay: a lost image only costs the summary its first panel
@@ -255,18 +247,18 @@ def plan_run(folder: Optional[str], run_dir: str, args, encoders, phrases, block
 def make_plan(args) -> Plan:
     """Validate the arguments and every input; nothing is written."""
     if args.topk < 1:
-        raise UsageError(f"--topk must be at least 1, got {args.topk}")
+        raise UserError(f"--topk must be at least 1, got {args.topk}")
     if not 10 <= args.dpi <= 1200:
-        raise UsageError(f"--dpi must be between 10 and 1200, got {args.dpi}")
+        raise UserError(f"--dpi must be between 10 and 1200, got {args.dpi}")
     encoders = _parse_encoders(args.encoders)
     try:
         phrases = parse_phrases(args.phrases)
         block_ids = parse_blocks(args.blocks)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UserError(str(exc)) from None
     root = os.path.abspath(args.root)
     if not os.path.isdir(root):
-        raise UsageError(f"--root {args.root} is not a folder; give a run folder or a folder with {RUNS_NAME}")
+        raise UserError(f"--root {args.root} is not a folder; give a run folder or a folder with {RUNS_NAME}")
     out = os.path.abspath(args.out) if args.out else os.path.join(root, "analysis")
     _check_out(out)
 
@@ -284,11 +276,11 @@ def make_plan(args) -> Plan:
     if multi:
         entries = read_runs(root)
         todo = [(e.folder, os.path.join(root, e.folder)) for e in entries if e.status != "failed"]
-    elif is_run_folder(root) or any(os.path.exists(os.path.join(root, n)) for n in (NPZ_NAME, META_NAME)):
+    elif run_is_complete(root) or any(os.path.exists(os.path.join(root, n)) for n in (NPZ_NAME, METADATA_NAME)):
         entries = []  # a half-present run is reported by load_dump, naming the missing file
         todo = [(None, root)]
     else:
-        raise UsageError(
+        raise UserError(
             f"--root {args.root} holds neither a run (stepavg_token_maps_v1.npz + metadata.json) nor {RUNS_NAME}; "
             "point it at the --out folder of sd_35_stepavg_dump.py"
         )
@@ -322,7 +314,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, image, args, has_ph
     tick()
     if args.tables_only or not res.words:
         return page
-    from attention_map_diffusers import plots
+    from attention_map_diffusers.analysis import plots
 
     fmt, dpi = args.format, args.dpi
     title = ENCODER_TITLES[res.encoder]
@@ -472,7 +464,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return code
     try:
         plan = make_plan(args)
-    except (UsageError, DumpError) as exc:
+    except UserError as exc:
         return fail(PROG, str(exc))
     for run in plan.runs:
         prefix = f"{run.folder}: " if run.folder else ""
@@ -481,7 +473,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{kind}{prefix}{note}", file=sys.stderr)
     try:
         n = write_plan(plan, args)
-    except DumpError as exc:  # a run changed on disk after it was validated
+    except UserError as exc:  # a run changed on disk after it was validated
         return fail(PROG, str(exc))
     except OSError as exc:
         return fail(PROG, f"could not write the analysis to {plan.out}: {exc}", code=1)

@@ -15,18 +15,27 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 
 # torch-free imports only here, so that --help and bad input answer at once
 from attention_map_diffusers.cli import OneLineParser, fail, parse
-from attention_map_diffusers.loading import (
-    TINY_RANDOM,
+from attention_map_diffusers.contract import (
+    RUN_STATUSES,
+    RUNS_NAME,
+    RunRecord,
     UserError,
+    read_runs_jsonl,
+    run_is_complete,
+    runs_jsonl_text,
+)
+from attention_map_diffusers.dump.loading import (
+    TINY_RANDOM,
     check_model_reference,
     load_pipeline,
     required_multiple,
     resolve_placement,
 )
-from attention_map_diffusers.runs import RUNS_NAME, plan_runs, read_prompts_file, run_is_complete, runs_jsonl
+from attention_map_diffusers.dump.runs import plan_runs, read_prompts_file
 
 PROG = "sd_35_stepavg_dump.py"
 DEFAULT_PROMPT = "A furry cat beneath a table"
@@ -125,10 +134,7 @@ def _validate(args) -> list[str]:
         raise UserError(f"--skip-guidance-layers must be block indices >= 0, got {args.skip_guidance_layers}")
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        try:
-            prompts += read_prompts_file(args.prompts_file)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        prompts += read_prompts_file(args.prompts_file)
         if not prompts:
             raise UserError(f"--prompts-file {args.prompts_file!r} holds no prompt (only blank or # lines)")
     elif not prompts:
@@ -162,8 +168,9 @@ def _run_one(pipe, run, args, placement, out_dir: str) -> None:
     import torch
 
     from attention_map_diffusers import StepAverageRecorder
-    from attention_map_diffusers.tokens import PromptTokens, prompt_tokens
-    from attention_map_diffusers.writer import IMAGES_DIR, build_metadata, image_name, write_run
+    from attention_map_diffusers.contract import PromptTokens, prompt_tokens
+    from attention_map_diffusers.contract import IMAGES_DIR
+    from attention_map_diffusers.dump.writer import build_metadata, image_name, write_run
 
     n_img = args.num_images_per_prompt
     item_prompts = [p for p in run.prompts for _ in range(n_img)]
@@ -281,8 +288,8 @@ def main(argv=None) -> int:
     need_model = bool(todo) or (state is not None and any(
         args.overwrite or not run_is_complete(folder_of(r)) for r in runs))
     process = state.process_index if state is not None else 0
-    records = {r.index: {"run": r.index, "folder": r.folder or ".", "prompt": list(r.prompts), "seed": r.seed,
-                         "status": "skipped", "process": process} for r in my_runs}
+    records = {r.index: RunRecord(r.index, r.folder or ".", tuple(r.prompts), r.seed, "skipped", None, process)
+               for r in my_runs}
 
     if need_model:
         if args.model == TINY_RANDOM:
@@ -300,19 +307,20 @@ def main(argv=None) -> int:
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
                 _run_one(pipe, run, args, placement, folder_of(run))
-                records[run.index]["status"] = "done"
+                records[run.index] = replace(records[run.index], status="done")
             except Exception as exc:  # a failed run is reported and the others go on
                 if len(runs) == 1:
                     raise
-                records[run.index].update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                records[run.index] = replace(records[run.index], status="failed", error=f"{type(exc).__name__}: {exc}")
                 print(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     if len(runs) > 1:
         _write_runs_jsonl(args.out, records, state)
     if state is None or state.is_main_process:
-        counts = {s: sum(1 for r in records.values() if r["status"] == s) for s in ("done", "skipped", "failed")}
-        if state is not None:
-            counts = _read_counts(args.out) or counts
+        listed = list(records.values())
+        if state is not None:  # the main process counts every process's runs, from runs.jsonl
+            listed = read_runs_jsonl(os.path.join(args.out, RUNS_NAME))
+        counts = {s: sum(1 for r in listed if r.status == s) for s in RUN_STATUSES}
         print(f"{counts['done']} run(s) written, {counts['skipped']} skipped (already complete), "
               f"{counts['failed']} failed; output in {args.out} ({time.perf_counter() - t_start:.1f} s)")
         return 1 if counts["failed"] else 0
@@ -321,37 +329,23 @@ def main(argv=None) -> int:
 
 def _write_runs_jsonl(out: str, records: dict, state) -> None:
     """runs.jsonl lists every run; with several processes each one hands its records to the main one."""
-    import json
-
-    from attention_map_diffusers.atomic import write_json, write_text
+    from attention_map_diffusers.atomic import write_text
 
     os.makedirs(out, exist_ok=True)
     if state is None:
-        write_text(os.path.join(out, RUNS_NAME), runs_jsonl(records.values()))
+        write_text(os.path.join(out, RUNS_NAME), runs_jsonl_text(records.values()))
         return
-    part = os.path.join(out, f".runs-part-{state.process_index}.json")
-    write_json(part, list(records.values()))
+    part = os.path.join(out, f".runs-part-{state.process_index}.jsonl")
+    write_text(part, runs_jsonl_text(records.values()))
     state.wait_for_everyone()
     if state.is_main_process:
         merged = []
         for i in range(state.num_processes):
-            path = os.path.join(out, f".runs-part-{i}.json")
-            with open(path, encoding="utf-8") as fh:
-                merged += json.load(fh)
+            path = os.path.join(out, f".runs-part-{i}.jsonl")
+            merged += read_runs_jsonl(path)
             os.unlink(path)
-        write_text(os.path.join(out, RUNS_NAME), runs_jsonl(merged))
+        write_text(os.path.join(out, RUNS_NAME), runs_jsonl_text(merged))
     state.wait_for_everyone()
-
-
-def _read_counts(out: str):
-    import json
-
-    path = os.path.join(out, "runs.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return {s: sum(1 for r in rows if r["status"] == s) for s in ("done", "skipped", "failed")}
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ sys.path[:0] = [ROOT, HERE]
 import torch  # noqa: E402
 
 from attention_map_diffusers import StepAverageRecorder  # noqa: E402
-from attention_map_diffusers.blocks import joint_attention_blocks  # noqa: E402
-from attention_map_diffusers.tiny import TinySD3Config, build_tiny_sd3_pipeline  # noqa: E402
+from attention_map_diffusers.capture.blocks import joint_attention_blocks  # noqa: E402
+from attention_map_diffusers.models.tiny import TinySD3Config, build_tiny_sd3_pipeline  # noqa: E402
 from timing import interleaved, median, table  # noqa: E402
 
 PROMPT = "A rusty bicycle in front of a barn, golden hour, detailed photograph"

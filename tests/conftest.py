@@ -39,7 +39,7 @@ def _quiet_libraries():
 
 
 def _saved_pipeline(tmp_path_factory, name, config):
-    from attention_map_diffusers.tiny import save_tiny_sd3_pipeline
+    from attention_map_diffusers.models.tiny import save_tiny_sd3_pipeline
 
     _quiet_libraries()
     path = tmp_path_factory.mktemp(name)
@@ -50,7 +50,7 @@ def _saved_pipeline(tmp_path_factory, name, config):
 @pytest.fixture(scope="session")
 def sd3_dir(tmp_path_factory):
     """A tiny SD3-medium-like checkpoint folder (plain MMDiT blocks, no qk-norm)."""
-    from attention_map_diffusers.tiny import TinySD3Config
+    from attention_map_diffusers.models.tiny import TinySD3Config
 
     return _saved_pipeline(tmp_path_factory, "tiny-sd3", TinySD3Config(num_layers=2))
 
@@ -58,7 +58,7 @@ def sd3_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd35m_dir(tmp_path_factory):
     """A tiny SD3.5-medium-like checkpoint folder: MMDiT-X dual-attention blocks and RMS qk-norm."""
-    from attention_map_diffusers.tiny import TinySD3Config
+    from attention_map_diffusers.models.tiny import TinySD3Config
 
     cfg = TinySD3Config(num_layers=3, num_attention_heads=3, dual_attention_layers=(0, 1), qk_norm="rms_norm")
     return _saved_pipeline(tmp_path_factory, "tiny-sd35m", cfg)

@@ -172,7 +172,7 @@ def test_original_format_dump_flips_steps(tmp_path, capsys):
 
 def test_original_format_with_t5_tokenizer(tmp_path):
     pytest.importorskip("transformers")
-    from attention_map_diffusers.tiny import build_t5_tokenizer
+    from attention_map_diffusers.models.tiny import build_t5_tokenizer
 
     tok_dir = tmp_path / "t5tok"
     build_t5_tokenizer().save_pretrained(str(tok_dir))
@@ -281,7 +281,7 @@ def test_svg_and_no_overlay(bicycle):
 
 @pytest.mark.skipif(not os.path.isfile(CLIP_BPE), reason="../shared/data/clip_bpe_simple_vocab_16e6.txt.gz is absent")
 def test_long_prompt_real_tokens_truncation_noted(tmp_path, capsys):
-    from attention_map_diffusers.tiny import build_clip_tokenizer, build_t5_tokenizer
+    from attention_map_diffusers.models.tiny import build_clip_tokenizer, build_t5_tokenizer
 
     prompt = ", ".join(f"a red cat number {i} near a blue bird" for i in range(12))
     layout = make_layout([prompt], clip_len=77, t5_len=256, clip_tokenizer=build_clip_tokenizer(CLIP_BPE), t5_tokenizer=build_t5_tokenizer())

@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import analyse_stepavg  # noqa: E402
-from attention_map_diffusers.dumpfile import format_ranges, load_dump  # noqa: E402
+from attention_map_diffusers.analysis.dumpfile import format_ranges, load_dump  # noqa: E402
 from synthetic_dump import make_layout, random_arrays, write_dump  # noqa: E402
 
 PROMPT = "A rusty bicycle in front of a barn"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attention_map_diffusers.stats import (
+from attention_map_diffusers.analysis.stats import (
     analyse_encoder,
     auc,
     mass_shares,
@@ -19,7 +19,7 @@ from attention_map_diffusers.stats import (
     word_maps,
     word_summary,
 )
-from attention_map_diffusers.words import map_words
+from attention_map_diffusers.analysis.words import map_words
 
 
 def wordmap(prompt="a cat on a mat", length=8):

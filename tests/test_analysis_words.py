@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from attention_map_diffusers.words import (
+from attention_map_diffusers.analysis.words import (
     decode_stream,
     find_phrase,
     find_words,
@@ -37,14 +37,14 @@ LONG = (
 
 @functools.lru_cache(maxsize=None)
 def clip_tok():
-    from attention_map_diffusers.tiny import build_clip_tokenizer
+    from attention_map_diffusers.models.tiny import build_clip_tokenizer
 
     return build_clip_tokenizer(CLIP_BPE)
 
 
 @functools.lru_cache(maxsize=None)
 def t5_tok():
-    from attention_map_diffusers.tiny import build_t5_tokenizer
+    from attention_map_diffusers.models.tiny import build_t5_tokenizer
 
     return build_t5_tokenizer()
 

@@ -8,7 +8,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from attention_map_diffusers import StepAverageRecorder
-from attention_map_diffusers.processor import CaptureProcessor
+from attention_map_diffusers.capture.processor import CaptureProcessor
 from reference import ReferenceTap, reference_aggregate
 
 TOL32 = 1e-5  # float32 pipeline, absolute, on probabilities (the specified accuracy)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attention_map_diffusers import attn_maps, init_pipeline, restore_pipeline
-from attention_map_diffusers.processor import CaptureProcessor
+from attention_map_diffusers.capture.processor import CaptureProcessor
 from reference import ReferenceTap, reference_probs
 
 

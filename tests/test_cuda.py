@@ -16,7 +16,7 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from attention_map_diffusers import StepAverageRecorder  # noqa: E402
-from attention_map_diffusers.exact import image_text_probs, image_text_probs_from_keys, sdpa_with_lse  # noqa: E402
+from attention_map_diffusers.capture.exact import image_text_probs, image_text_probs_from_keys, sdpa_with_lse  # noqa: E402
 from reference import ReferenceTap, reference_aggregate  # noqa: E402
 
 B, H, N, T, D = 2, 24, 1024, 333, 64
@@ -63,7 +63,7 @@ def test_kernel_path_is_sdpa_and_probs_are_exact(backend, dtype):
 
 @pytest.fixture(scope="module")
 def cuda_pipe():
-    from attention_map_diffusers.tiny import TinySD3Config, build_tiny_sd3_pipeline
+    from attention_map_diffusers.models.tiny import TinySD3Config, build_tiny_sd3_pipeline
 
     cfg = TinySD3Config(num_layers=3, num_attention_heads=4, attention_head_dim=64, dual_attention_layers=(0,),
                         qk_norm="rms_norm")
@@ -91,7 +91,7 @@ def test_cuda_image_unchanged_and_maps_exact(cuda_pipe, method):
 
 
 def test_cuda_model_cpu_offload():
-    from attention_map_diffusers.tiny import TinySD3Config, build_tiny_sd3_pipeline
+    from attention_map_diffusers.models.tiny import TinySD3Config, build_tiny_sd3_pipeline
 
     pipe = build_tiny_sd3_pipeline(TinySD3Config()).to(torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)

@@ -173,7 +173,7 @@ def test_long_prompt_is_truncated_with_a_warning(sd3_dir, tmp_path, capsys):
 
 @pytest.mark.skipif(not CLIP_BPE.exists(), reason="needs ../shared/data/clip_bpe_simple_vocab_16e6.txt.gz")
 def test_real_clip_vocabulary_tokens_and_offsets(tmp_path, capsys):
-    from attention_map_diffusers.tiny import TinySD3Config, save_tiny_sd3_pipeline
+    from attention_map_diffusers.models.tiny import TinySD3Config, save_tiny_sd3_pipeline
 
     model = save_tiny_sd3_pipeline(tmp_path / "model", TinySD3Config(clip_bpe_path=str(CLIP_BPE)))
     out = tmp_path / "real"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention_map_diffusers.exact import image_text_probs, image_text_probs_from_keys, sdpa_with_lse
+from attention_map_diffusers.capture.exact import image_text_probs, image_text_probs_from_keys, sdpa_with_lse
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 B, H, N, T, D = 2, 4, 96, 21, 32

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import write_text
+from ..atomic import write_text
 from .stats import EncoderResult, table_values, word_summary
 
 

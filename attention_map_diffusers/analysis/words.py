@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .bytelevel import bytes_to_unicode
+from ..bytelevel import bytes_to_unicode
 
 # U+FFFD stands for an unknown token in decoded text: it counts as a word character so that an
 # ``<unk>`` inside a word does not split it. Combining accents (a prompt in NFD) stay in their word.

@@ -5,15 +5,10 @@ Standard library only (no torch): unit-testable in isolation.
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
-NPZ_NAME = "stepavg_token_maps_v1.npz"
-METADATA_NAME = "metadata.json"
-RUNS_NAME = "runs.jsonl"
+from ..contract import UserError, slugify
 
 
 @dataclass(frozen=True)
@@ -33,25 +28,18 @@ class Run:
     folder: str
 
 
-def slugify(text: str, max_len: int = 40) -> str:
-    """A short, file-system-safe, lower-case slug of ``text`` (``"run"`` if nothing is left)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    slug = slug[:max_len].rstrip("-")
-    return slug or "run"
-
-
 def read_prompts_file(path: str) -> list[str]:
     """Prompts from a text file: one per line; blank lines and lines starting with ``#`` ignored.
 
     Raises:
-        ValueError: unreadable file (with the reason).
+        UserError: unreadable file (with the reason).
     """
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ValueError(f"cannot read --prompts-file {path!r}: {reason}") from None
+        raise UserError(f"cannot read --prompts-file {path!r}: {reason}") from None
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -62,7 +50,7 @@ def plan_runs(prompts: Sequence[str], seeds: Sequence[int], batch_size: int) -> 
     tool did; otherwise run r goes to ``NNNN-<slug of its first prompt>[-s<seed>]``.
     """
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     batches = [tuple(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
     combos = [(b, s) for b in batches for s in seeds]
     if len(combos) == 1:
@@ -72,14 +60,3 @@ def plan_runs(prompts: Sequence[str], seeds: Sequence[int], batch_size: int) -> 
         suffix = f"-s{seed}" if len(seeds) > 1 else ""
         runs.append(Run(r, batch, int(seed), f"{r:04d}-{slugify(batch[0])}{suffix}"))
     return runs
-
-
-def run_is_complete(folder: str) -> bool:
-    """A run folder is complete when its npz and metadata exist (both are written atomically)."""
-    return os.path.isfile(os.path.join(folder, NPZ_NAME)) and os.path.isfile(os.path.join(folder, METADATA_NAME))
-
-
-def runs_jsonl(records: Iterable[dict]) -> str:
-    """The text of ``runs.jsonl``: one JSON object per run, in run order."""
-    rows = sorted(records, key=lambda r: r["run"])
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -10,16 +10,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from ..contract import UserError
+
 logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
            "fp32": "float32", "float32": "float32"}
-
-
-class UserError(ValueError):
-    """Bad input from the user: reported as one line on stderr with exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def required_multiple(model: str) -> Optional[int]:
     """What image sizes must be a multiple of (VAE scale factor x patch size), when it can be read
     without loading weights: for ``tiny-random`` and local folders; None for hub ids."""
     if model == TINY_RANDOM:
-        from .tiny import demo_config
+        from ..models.tiny import demo_config
 
         cfg = demo_config()
         return 2 ** (len(cfg.vae_block_out_channels) - 1) * cfg.patch_size
@@ -104,7 +102,7 @@ def load_pipeline(model: str, placement: Placement, *, cpu_offload: bool = False
     dtype = getattr(torch, placement.dtype)
     check_model_reference(model)
     if model == TINY_RANDOM:
-        from .tiny import build_tiny_sd3_pipeline, demo_config
+        from ..models.tiny import build_tiny_sd3_pipeline, demo_config
 
         pipe = build_tiny_sd3_pipeline(tiny_config or demo_config())  # float32
         if dtype != torch.float32:

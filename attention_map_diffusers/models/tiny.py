@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from .bytelevel import bytes_to_unicode
+from ..bytelevel import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 

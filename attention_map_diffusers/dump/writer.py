@@ -9,13 +9,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path, write_json, write_npz
-from .runs import METADATA_NAME, NPZ_NAME
-from .tokens import PromptTokens
-
-FORMAT_VERSION = 2
-IMAGES_DIR = "images"
+from .. import __version__
+from ..atomic import atomic_path, write_json, write_npz
+from ..contract import FORMAT_VERSION, IMAGES_DIR, METADATA_NAME, NPZ_NAME, PromptTokens
 
 
 def image_name(seed: int, width: int, height: int, index: int, fmt: str) -> str:
@@ -41,7 +37,7 @@ def build_metadata(
     """metadata.json for one run. Per-item lists follow the batch order of ``result``.
 
     Args:
-        result: the recorder's :class:`~attention_map_diffusers.aggregate.CaptureResult`.
+        result: the recorder's :class:`~attention_map_diffusers.capture.aggregate.CaptureResult`.
         prompts / seeds / clip / t5 / images: one entry per batch item.
         clip_length: number of CLIP text positions (the tokenizer's model_max_length, 77 for SD3).
         settings: the run's parameters: negative_prompt, steps, guidance_scale, model_id, scheduler,

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 HEAT_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6

@@ -2,14 +2,13 @@
 
 Reads format 2 (``sd_35_stepavg_dump.py``) and the original tool's dumps (no ``format_version``:
 CLIP tokens only, steps by ascending timestep, which are flipped here to denoising order). Every
-check happens before anything is returned; a bad dump raises :class:`DumpError` with one line that
+check happens before anything is returned; a bad dump raises :class:`UserError` with one line that
 names the bad value and says what to do.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import zipfile
@@ -19,22 +18,25 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from ..contract import (
+    FORMAT_VERSION,
+    METADATA_NAME,
+    NPZ_NAME,
+    RUNS_NAME,
+    RunRecord,
+    UserError,
+    block_index,
+    prompt_tokens,
+    read_runs_jsonl,
+    run_is_complete,
+)
 
-NPZ_NAME = "stepavg_token_maps_v1.npz"
-META_NAME = "metadata.json"
-RUNS_NAME = "runs.jsonl"
-FORMAT_VERSION = 2
 # The original tool's dumps do not say where the CLIP positions end; SD3 puts its 77 CLIP positions
 # first and T5 after them. Used for those dumps only (format 2 stores ``text_spans``).
 ORIGINAL_CLIP_POSITIONS = 77
 REQUIRED_ARRAYS = ("sum_token_map", "N", "per_block_step_token_mean", "timesteps")
 SPECIAL_STRINGS = frozenset({"<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<s>"})
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-class DumpError(ValueError):
-    """A dump that cannot be analysed; the message is one line meant for the user."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class Dump:
         where = {b: i for i, b in enumerate(self.block_ids)}
         missing = [b for b in block_ids if b not in where]
         if missing:
-            raise DumpError(
+            raise UserError(
                 f"--blocks: block {missing[0]} is not in this dump, which has blocks "
                 f"{format_ranges(self.block_ids)} ({self.folder})"
             )
@@ -114,64 +116,21 @@ def format_ranges(ids: Sequence[int]) -> str:
     return ",".join(out)
 
 
-def is_run_folder(folder: str) -> bool:
-    """Whether ``folder`` holds a complete run (both the npz and the metadata)."""
-    return os.path.isfile(os.path.join(folder, NPZ_NAME)) and os.path.isfile(os.path.join(folder, META_NAME))
-
-
 # ---------------------------------------------------------------------------------------------
 # runs.jsonl
 
 
-@dataclass(frozen=True)
-class RunEntry:
-    """One line of ``runs.jsonl``."""
-
-    run: int
-    folder: str  # relative to the runs.jsonl file
-    prompt: list[str]
-    status: str  # "done", "skipped" or "failed"
-    error: Optional[str]
-
-
-def read_runs(root: str) -> list[RunEntry]:
+def read_runs(root: str) -> list[RunRecord]:
     """The runs listed in ``root/runs.jsonl``, checked (folders of done/skipped runs must be complete)."""
     path = os.path.join(root, RUNS_NAME)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DumpError(f"cannot read {path}: {exc}") from None
-    runs: list[RunEntry] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DumpError(f"{path} line {n} is not JSON ({exc.msg}); fix or delete that line") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("folder"), str) or not obj["folder"]:
-            raise DumpError(f"{path} line {n} has no \"folder\" string; each line needs run, folder, status")
-        folder = obj["folder"]
-        if os.path.isabs(folder) or ".." in folder.replace("\\", "/").split("/"):
-            raise DumpError(f"{path} line {n}: folder {folder!r} must be a sub-folder of {root}")
-        status = obj.get("status", "done")
-        if status not in ("done", "skipped", "failed"):
-            raise DumpError(f"{path} line {n}: status {status!r} is not one of done, skipped, failed")
-        prompt = obj.get("prompt", [])
-        prompt = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt or []]
-        runs.append(RunEntry(int(obj.get("run", len(runs))), folder, prompt, status, obj.get("error")))
+    runs = read_runs_jsonl(path)
     if not runs:
-        raise DumpError(f"{path} lists no runs; run sd_35_stepavg_dump.py first or point --root at a run folder")
-    names = [r.folder for r in runs]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise DumpError(f"{path} lists folder {dup!r} twice; keep one line per run")
+        raise UserError(f"{path} lists no runs; run sd_35_stepavg_dump.py first or point --root at a run folder")
     for r in runs:
-        if r.status != "failed" and not is_run_folder(os.path.join(root, r.folder)):
-            raise DumpError(
+        if r.status != "failed" and not run_is_complete(os.path.join(root, r.folder)):
+            raise UserError(
                 f"run {r.folder!r} is marked {r.status} in {path} but {os.path.join(root, r.folder)} lacks "
-                f"{NPZ_NAME} or {META_NAME}; re-run the dump for it or mark it failed"
+                f"{NPZ_NAME} or {METADATA_NAME}; re-run the dump for it or mark it failed"
             )
     return runs
 
@@ -181,48 +140,48 @@ def read_runs(root: str) -> list[RunEntry]:
 
 
 def _read_metadata(folder: str) -> dict:
-    path = os.path.join(folder, META_NAME)
+    path = os.path.join(folder, METADATA_NAME)
     if not os.path.isfile(path):
-        raise DumpError(f"{path} is missing; point --root at a run folder written by sd_35_stepavg_dump.py")
+        raise UserError(f"{path} is missing; point --root at a run folder written by sd_35_stepavg_dump.py")
     try:
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
     except (OSError, UnicodeDecodeError) as exc:
-        raise DumpError(f"cannot read {path}: {exc}") from None
+        raise UserError(f"cannot read {path}: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise DumpError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-run the dump") from None
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-run the dump") from None
     if not isinstance(meta, dict):
-        raise DumpError(f"{path} must hold a JSON object, got {type(meta).__name__}; re-run the dump")
+        raise UserError(f"{path} must hold a JSON object, got {type(meta).__name__}; re-run the dump")
     return meta
 
 
 def _read_arrays(folder: str, optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     path = os.path.join(folder, NPZ_NAME)
     if not os.path.isfile(path):
-        raise DumpError(f"{path} is missing; point --root at a run folder written by sd_35_stepavg_dump.py")
+        raise UserError(f"{path} is missing; point --root at a run folder written by sd_35_stepavg_dump.py")
     arrays: dict[str, np.ndarray] = {}
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
     except OSError as exc:
-        raise DumpError(f"cannot read {path}: {exc}") from None
+        raise UserError(f"cannot read {path}: {exc}") from None
     if not magic.startswith(b"PK"):
-        raise DumpError(f"{path} is not an .npz (zip) file; the file is damaged, re-run the dump")
+        raise UserError(f"{path} is not an .npz (zip) file; the file is damaged, re-run the dump")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in REQUIRED_ARRAYS if k not in npz.files]
             if missing:
-                raise DumpError(
+                raise UserError(
                     f"{path} lacks the array {missing[0]!r} (has {', '.join(sorted(npz.files)) or 'none'}); "
                     "re-run the dump"
                 )
             for key in list(REQUIRED_ARRAYS) + ["per_block_step_token_max", *optional]:
                 if key in npz.files:
                     arrays[key] = npz[key]
-    except DumpError:
+    except UserError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
-        raise DumpError(f"cannot read {path} ({type(exc).__name__}: {exc}); the file is damaged, re-run the dump") from None
+        raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}); the file is damaged, re-run the dump") from None
     return arrays
 
 
@@ -232,19 +191,19 @@ def _is_int(v: Any) -> bool:
 
 def _check_meta_int(meta: dict, key: str, actual: int, what: str, where: str) -> None:
     if key in meta and meta[key] != actual:
-        raise DumpError(f"{where}: metadata {key}={meta[key]!r} but the arrays have {what}={actual}; re-run the dump")
+        raise UserError(f"{where}: metadata {key}={meta[key]!r} but the arrays have {what}={actual}; re-run the dump")
 
 
 def _per_item(value: Any, B: int, key: str, where: str, prompts_equal: bool) -> list:
     """A per-item list from a per-item list or (original tool) one flat list shared by all items."""
     if not isinstance(value, list):
-        raise DumpError(f"{where}: metadata {key} must be a list, got {type(value).__name__}; re-run the dump")
+        raise UserError(f"{where}: metadata {key} must be a list, got {type(value).__name__}; re-run the dump")
     if all(isinstance(v, list) for v in value) and value:
         if len(value) != B:
-            raise DumpError(f"{where}: metadata {key} has {len(value)} lists but the arrays have B={B} items; re-run the dump")
+            raise UserError(f"{where}: metadata {key} has {len(value)} lists but the arrays have B={B} items; re-run the dump")
         return value
     if B > 1 and not prompts_equal:
-        raise DumpError(
+        raise UserError(
             f"{where}: metadata {key} is one flat list but the dump has B={B} items with different prompts; "
             "it cannot say which tokens belong to which item"
         )
@@ -256,9 +215,9 @@ def _check_tokens(tokens: list, special: Optional[list], B: int, length: int, ke
     for i in range(B):
         toks = tokens[i]
         if not all(isinstance(t, str) for t in toks):
-            raise DumpError(f"{where}: metadata {key}[{i}] must be a list of strings; re-run the dump")
+            raise UserError(f"{where}: metadata {key}[{i}] must be a list of strings; re-run the dump")
         if len(toks) > length:
-            raise DumpError(
+            raise UserError(
                 f"{where}: metadata {key}[{i}] has {len(toks)} tokens but the encoder has {length} text "
                 "positions; re-run the dump"
             )
@@ -267,7 +226,7 @@ def _check_tokens(tokens: list, special: Optional[list], B: int, length: int, ke
         else:
             sp = special[i]
             if len(sp) != len(toks) or not all(v in (0, 1, True, False) for v in sp):
-                raise DumpError(
+                raise UserError(
                     f"{where}: the special mask for {key}[{i}] must be {len(toks)} values 0/1 aligned with the "
                     "tokens; re-run the dump"
                 )
@@ -281,14 +240,14 @@ def _check_offsets(value: Any, tokens: list[list[str]], prompts: list[str], key:
     if value is None:
         return None
     if not isinstance(value, list) or len(value) != len(tokens):
-        raise DumpError(f"{where}: metadata {key} must be null or one list per item ({len(tokens)}); re-run the dump")
+        raise UserError(f"{where}: metadata {key} must be null or one list per item ({len(tokens)}); re-run the dump")
     out = []
     for i, (offs, toks) in enumerate(zip(value, tokens)):
         if offs is None:
             out.append(None)
             continue
         if not isinstance(offs, list) or len(offs) != len(toks):
-            raise DumpError(f"{where}: metadata {key}[{i}] must have one entry per token ({len(toks)}); re-run the dump")
+            raise UserError(f"{where}: metadata {key}[{i}] must have one entry per token ({len(toks)}); re-run the dump")
         row: list[Optional[tuple[int, int]]] = []
         for j, o in enumerate(offs):
             if o is None:
@@ -296,7 +255,7 @@ def _check_offsets(value: Any, tokens: list[list[str]], prompts: list[str], key:
                 continue
             ok = isinstance(o, list) and len(o) == 2 and all(_is_int(x) for x in o)
             if not ok or not 0 <= o[0] <= o[1] <= len(prompts[i]):
-                raise DumpError(
+                raise UserError(
                     f"{where}: metadata {key}[{i}][{j}] = {o!r} is not a [start, end] span within the "
                     f"{len(prompts[i])}-character prompt; re-run the dump"
                 )
@@ -307,7 +266,7 @@ def _check_offsets(value: Any, tokens: list[list[str]], prompts: list[str], key:
 
 def _check_span(value: Any, T: int, name: str, where: str) -> tuple[int, int]:
     if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value) and 0 <= value[0] <= value[1] <= T):
-        raise DumpError(f"{where}: metadata text_spans.{name} = {value!r} is not a [start, end] range within T={T}; re-run the dump")
+        raise UserError(f"{where}: metadata text_spans.{name} = {value!r} is not a [start, end] range within T={T}; re-run the dump")
     return value[0], value[1]
 
 
@@ -322,19 +281,19 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
             sum over these blocks only (and ``N`` scaled to match).
 
     Raises:
-        DumpError: anything missing, unreadable, inconsistent or not finite.
+        UserError: anything missing, unreadable, inconsistent or not finite.
     """
     folder = os.path.abspath(folder)
     where = folder
     if not os.path.isdir(folder):
-        raise DumpError(f"{folder} is not a folder; --root must be a run folder or a folder with {RUNS_NAME}")
+        raise UserError(f"{folder} is not a folder; --root must be a run folder or a folder with {RUNS_NAME}")
     meta = _read_metadata(folder)
     arrays = _read_arrays(folder, optional=("per_block_token_map",) if block_ids is not None else ())
     version = meta.get("format_version")
     if version is None:
         version = 1
     elif version != FORMAT_VERSION:
-        raise DumpError(
+        raise UserError(
             f"{where}: format_version {version!r} is not supported; this analysis reads format "
             f"{FORMAT_VERSION} and the original tool's dumps (update attention_map_diffusers)"
         )
@@ -342,32 +301,32 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     # Shapes.
     smap, mean, ts, N = arrays["sum_token_map"], arrays["per_block_step_token_mean"], arrays["timesteps"], arrays["N"]
     if smap.ndim != 4:
-        raise DumpError(f"{where}: sum_token_map has shape {smap.shape}, expected (B, Hc, Wc, T); re-run the dump")
+        raise UserError(f"{where}: sum_token_map has shape {smap.shape}, expected (B, Hc, Wc, T); re-run the dump")
     B, Hc, Wc, T = smap.shape
     if mean.ndim != 4 or mean.shape[0] != B or mean.shape[3] != T:
-        raise DumpError(
+        raise UserError(
             f"{where}: per_block_step_token_mean has shape {mean.shape}, expected (B={B}, Bk, S, T={T}) to match "
             f"sum_token_map {smap.shape}; re-run the dump"
         )
     _, Bk, S, _ = mean.shape
     if ts.shape != (S,):
-        raise DumpError(f"{where}: timesteps has shape {ts.shape}, expected (S={S},) like per_block_step_token_mean; re-run the dump")
+        raise UserError(f"{where}: timesteps has shape {ts.shape}, expected (S={S},) like per_block_step_token_mean; re-run the dump")
     mx = arrays.get("per_block_step_token_max")
     if mx is not None and mx.shape != mean.shape:
-        raise DumpError(f"{where}: per_block_step_token_max has shape {mx.shape}, expected {mean.shape}; re-run the dump")
+        raise UserError(f"{where}: per_block_step_token_max has shape {mx.shape}, expected {mean.shape}; re-run the dump")
     if B < 1 or Bk < 1 or S < 1 or T < 1 or Hc < 1 or Wc < 1:
-        raise DumpError(f"{where}: empty arrays (B={B}, Bk={Bk}, S={S}, T={T}, grid {Hc}x{Wc}); re-run the dump")
+        raise UserError(f"{where}: empty arrays (B={B}, Bk={Bk}, S={S}, T={T}, grid {Hc}x{Wc}); re-run the dump")
     if N.size != 1 or not np.issubdtype(N.dtype, np.number) or not float(N.reshape(-1)[0]).is_integer() or float(N.reshape(-1)[0]) < 1:
-        raise DumpError(f"{where}: N must be one positive integer (the number of updates), got {N.reshape(-1)[:3].tolist()}; re-run the dump")
+        raise UserError(f"{where}: N must be one positive integer (the number of updates), got {N.reshape(-1)[:3].tolist()}; re-run the dump")
     n_updates = int(N.reshape(-1)[0])
     for key, arr in arrays.items():
         if key == "N":
             continue
         if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-            raise DumpError(f"{where}: {key} has dtype {arr.dtype}, expected a float array; re-run the dump")
+            raise UserError(f"{where}: {key} has dtype {arr.dtype}, expected a float array; re-run the dump")
         if not np.isfinite(arr).all():
             bad = int(np.size(arr) - np.isfinite(arr).sum())
-            raise DumpError(f"{where}: {key} holds {bad} NaN or inf values; the capture overflowed, re-run the dump (e.g. --store-dtype float32)")
+            raise UserError(f"{where}: {key} holds {bad} NaN or inf values; the capture overflowed, re-run the dump (e.g. --store-dtype float32)")
 
     # Metadata against the arrays.
     _check_meta_int(meta, "batch_size", B, "B", where)
@@ -375,18 +334,18 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     _check_meta_int(meta, "num_steps", S, "S", where)
     _check_meta_int(meta, "T_from_model", T, "T", where)
     if "canonical_size" in meta and list(meta["canonical_size"] or []) != [Hc, Wc]:
-        raise DumpError(f"{where}: metadata canonical_size={meta['canonical_size']!r} but sum_token_map has a {Hc}x{Wc} grid; re-run the dump")
+        raise UserError(f"{where}: metadata canonical_size={meta['canonical_size']!r} but sum_token_map has a {Hc}x{Wc} grid; re-run the dump")
     blocks = meta.get("blocks")
     if blocks is not None and (not isinstance(blocks, list) or len(blocks) != Bk):
-        raise DumpError(f"{where}: metadata blocks has {len(blocks) if isinstance(blocks, list) else blocks!r} entries but the arrays have Bk={Bk}; re-run the dump")
+        raise UserError(f"{where}: metadata blocks has {len(blocks) if isinstance(blocks, list) else blocks!r} entries but the arrays have Bk={Bk}; re-run the dump")
     if "block_latent_sizes" in meta and len(meta["block_latent_sizes"] or []) != Bk:
-        raise DumpError(f"{where}: metadata block_latent_sizes has {len(meta['block_latent_sizes'] or [])} entries, expected Bk={Bk}; re-run the dump")
+        raise UserError(f"{where}: metadata block_latent_sizes has {len(meta['block_latent_sizes'] or [])} entries, expected Bk={Bk}; re-run the dump")
     if version >= 2 and "timesteps" in meta:
         mts = meta["timesteps"]
         if not isinstance(mts, list) or len(mts) != S:
-            raise DumpError(f"{where}: metadata timesteps has {len(mts) if isinstance(mts, list) else mts!r} entries, expected S={S}; re-run the dump")
+            raise UserError(f"{where}: metadata timesteps has {len(mts) if isinstance(mts, list) else mts!r} entries, expected S={S}; re-run the dump")
     if version >= 2 and meta.get("step_order", "denoising") != "denoising":
-        raise DumpError(f"{where}: metadata step_order={meta['step_order']!r}; format 2 stores steps in denoising order, re-run the dump")
+        raise UserError(f"{where}: metadata step_order={meta['step_order']!r}; format 2 stores steps in denoising order, re-run the dump")
 
     prompt = meta.get("prompt")
     if isinstance(prompt, str):
@@ -395,14 +354,14 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         prompts = prompt * B if len(prompt) == 1 else list(prompt)
     else:
         n = len(prompt) if isinstance(prompt, list) else type(prompt).__name__
-        raise DumpError(f"{where}: metadata prompt must be a string or a list of B={B} strings, got {n}; re-run the dump")
+        raise UserError(f"{where}: metadata prompt must be a string or a list of B={B} strings, got {n}; re-run the dump")
     prompts_equal = len(set(prompts)) == 1
 
     # Text spans and tokens.
     if version >= 2:
         spans = meta.get("text_spans")
         if not isinstance(spans, dict) or "clip" not in spans:
-            raise DumpError(f"{where}: metadata text_spans is missing or has no clip range; re-run the dump")
+            raise UserError(f"{where}: metadata text_spans is missing or has no clip range; re-run the dump")
         clip_span = _check_span(spans["clip"], T, "clip", where)
         t5_span = _check_span(spans["t5"], T, "t5", where) if spans.get("t5") is not None else (T, T)
     else:
@@ -413,7 +372,7 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     notes: list[str] = []
     truncated = meta.get("truncated") if isinstance(meta.get("truncated"), list) else None
     if truncated is not None and len(truncated) != B:
-        raise DumpError(f"{where}: metadata truncated has {len(truncated)} entries, expected B={B}; re-run the dump")
+        raise UserError(f"{where}: metadata truncated has {len(truncated)} entries, expected B={B}; re-run the dump")
 
     def trunc(name: str) -> list[Optional[bool]]:
         if truncated is None:
@@ -421,7 +380,7 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         return [bool(t.get(name)) if isinstance(t, dict) and name in t else None for t in truncated]
 
     if "tokens" not in meta:
-        raise DumpError(f"{where}: metadata has no CLIP tokens (key 'tokens'); re-run the dump")
+        raise UserError(f"{where}: metadata has no CLIP tokens (key 'tokens'); re-run the dump")
     tok = _per_item(meta["tokens"], B, "tokens", where, prompts_equal)
     sp = _per_item(meta["special_mask"], B, "special_mask", where, prompts_equal) if "special_mask" in meta else None
     toks, specials = _check_tokens(tok, sp, B, clip_span[1] - clip_span[0], "tokens", where)
@@ -454,7 +413,7 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     if block_ids is not None and "per_block_token_map" in arrays:
         pbm = arrays["per_block_token_map"]
         if pbm.shape != (B, Bk, Hc, Wc, T):
-            raise DumpError(f"{where}: per_block_token_map has shape {pbm.shape}, expected {(B, Bk, Hc, Wc, T)}; re-run the dump")
+            raise UserError(f"{where}: per_block_token_map has shape {pbm.shape}, expected {(B, Bk, Hc, Wc, T)}; re-run the dump")
         ids = _block_ids(blocks, Bk)
         pos = [ids.index(b) for b in block_ids if b in ids]
         if pos:
@@ -486,13 +445,10 @@ def _block_ids(blocks: Optional[list], Bk: int) -> list[int]:
     """Block indices from ``transformer_blocks.{i}.attn`` names (positions when absent or ambiguous)."""
     if not blocks:
         return list(range(Bk))
-    ids = []
-    for name in blocks:
-        m = re.search(r"transformer_blocks\.(\d+)", str(name))
-        if not m:
-            return list(range(Bk))
-        ids.append(int(m.group(1)))
-    return ids if len(set(ids)) == len(ids) else list(range(Bk))
+    ids = [block_index(name) for name in blocks]
+    if any(i is None for i in ids) or len(set(ids)) != len(ids):
+        return list(range(Bk))
+    return ids
 
 
 def _image_paths(meta: dict, folder: str, B: int, where: str) -> list[Optional[str]]:
@@ -500,7 +456,7 @@ def _image_paths(meta: dict, folder: str, B: int, where: str) -> list[Optional[s
     images = meta.get("images")
     if images is not None:
         if not isinstance(images, list) or len(images) != B or not all(p is None or isinstance(p, str) for p in images):
-            raise DumpError(f"{where}: metadata images must be a list of B={B} paths or nulls; re-run the dump")
+            raise UserError(f"{where}: metadata images must be a list of B={B} paths or nulls; re-run the dump")
         return [None if p is None else os.path.normpath(os.path.join(folder, p)) for p in images]
     found = []
     for sub in ("images", "."):
@@ -529,14 +485,14 @@ def load_t5_tokenizer(path_or_id: str):
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
-        raise DumpError(f"--t5-tokenizer needs the transformers package ({exc}); pip install transformers") from None
+        raise UserError(f"--t5-tokenizer needs the transformers package ({exc}); pip install transformers") from None
     errors = []
     for kwargs in ({}, {"subfolder": "tokenizer_3"}):
         try:
             return AutoTokenizer.from_pretrained(path_or_id, **kwargs)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; report the first
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    raise DumpError(
+    raise UserError(
         f"--t5-tokenizer {path_or_id!r} could not be loaded ({errors[0]}); give a local folder with the "
         "T5 tokenizer files or a hub id available offline"
     )
@@ -544,23 +500,16 @@ def load_t5_tokenizer(path_or_id: str):
 
 def tokenize_t5(tokenizer: Any, prompts: Sequence[str], span: tuple[int, int]) -> EncoderTokens:
     """Tokenise the prompts as SD3 does for T5 (special tokens added, truncated at the span length)."""
-    length = span[1] - span[0]
-    tokens, special, offsets, truncated = [], [], [], []
-    fast = bool(getattr(tokenizer, "is_fast", False))
-    for prompt in prompts:
-        enc = tokenizer(
-            prompt,
-            add_special_tokens=True,
-            truncation=True,
-            max_length=length,
-            return_special_tokens_mask=True,
-            return_offsets_mapping=fast,
-        )
-        ids = list(enc["input_ids"])
-        tokens.append([str(t) for t in tokenizer.convert_ids_to_tokens(ids)])
-        special.append([bool(v) for v in enc["special_tokens_mask"]])
-        if fast:
-            offsets.append([None if s else (int(a), int(b)) for (a, b), s in zip(enc["offset_mapping"], special[-1])])
-        full = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        truncated.append(len(full) > length)
-    return EncoderTokens("t5", span, tokens, special, offsets if fast else None, truncated, "tokenizer")
+    toks = [prompt_tokens(tokenizer, p, span[1] - span[0]) for p in prompts]
+    offsets = None
+    if all(t.offsets is not None for t in toks):
+        offsets = [[None if o is None else (o[0], o[1]) for o in t.offsets] for t in toks]
+    return EncoderTokens(
+        "t5",
+        span,
+        [t.tokens for t in toks],
+        [[bool(v) for v in t.special] for t in toks],
+        offsets,
+        [t.truncated for t in toks],
+        "tokenizer",
+    )

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-RENORM_EPS = 1e-8  # added to the per-pixel sum over text tokens before renormalising
+from ..contract import RENORM_EPS
 
 
 @dataclass

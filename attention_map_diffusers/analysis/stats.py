@@ -11,9 +11,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..contract import RENORM_EPS
 from .words import WordMap, find_phrase
 
-RENORM_EPS = 1e-8  # added to the per-pixel sum over words before renormalising (as the capture does over tokens)
 WEIGHT_MODES = ("attention", "uniform")
 
 

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
+from ..contract import JOINT_BLOCK
 from .processor import CaptureProcessor
 
-# Keys of ``transformer.attn_processors`` for the joint attention of each MMDiT block. SD3.5 medium's
-# MMDiT-X blocks also have ``attn2`` (image-only self-attention); it is never touched.
-_JOINT_KEY = re.compile(r"^transformer_blocks\.(\d+)\.attn\.processor$")
+# Keys of ``transformer.attn_processors`` are "<module path>.processor". SD3.5 medium's MMDiT-X
+# blocks also have ``attn2`` (image-only self-attention); it never matches and is never touched.
+_SUFFIX = ".processor"
 
 
 def joint_attention_blocks(transformer) -> list[tuple[int, str]]:
     """``[(i, "transformer_blocks.{i}.attn"), ...]`` in index order, from the model itself."""
     found = []
     for key in transformer.attn_processors:
-        m = _JOINT_KEY.match(key)
+        m = JOINT_BLOCK.fullmatch(key[: -len(_SUFFIX)]) if key.endswith(_SUFFIX) else None
         if m:
-            found.append((int(m.group(1)), key[: -len(".processor")]))
+            found.append((int(m.group(1)), m.group(0)))
     if not found:
         raise ValueError(
             f"{type(transformer).__name__} has no transformer_blocks.{{i}}.attn modules: "

@@ -1,0 +1,1 @@
+"""Capture (torch): the recorder, the processors wrapping diffusers' own, exact probabilities, aggregation."""

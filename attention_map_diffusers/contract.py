@@ -1,0 +1,208 @@
+"""What a dump is: the one definition that the writer (``dump/``) and the reader (``analysis/``) share.
+
+Standard library only. Everything two layers must agree on lives here and nowhere else: file
+names, the format version, what makes a run folder complete, ``runs.jsonl`` lines, the
+renormalisation epsilon, the block-name pattern, the user-error class, the slug of names, and the
+call that tokenises a prompt with character offsets. See docs/FORMAT.md for the files themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import unicodedata
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Optional
+
+NPZ_NAME = "stepavg_token_maps_v1.npz"
+METADATA_NAME = "metadata.json"
+RUNS_NAME = "runs.jsonl"
+IMAGES_DIR = "images"
+FORMAT_VERSION = 2
+
+#: Added to the per-pixel sum over text tokens (capture) or words (analysis) before renormalising.
+RENORM_EPS = 1e-8
+
+#: ``transformer_blocks.{i}.attn`` (SD3's joint-attention modules); group 1 is the block index.
+JOINT_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.attn")
+
+RUN_STATUSES = ("done", "skipped", "failed")
+
+
+class UserError(ValueError):
+    """Bad input from the user (a flag, a file, a dump): reported as one line on stderr, exit code 2."""
+
+
+def block_index(name: str) -> Optional[int]:
+    """``"transformer_blocks.7.attn"`` -> 7; None for any other name."""
+    m = JOINT_BLOCK.search(str(name))
+    return int(m.group(1)) if m else None
+
+
+def run_is_complete(folder: str | os.PathLike) -> bool:
+    """A run folder is complete when its npz and its metadata exist (both are written atomically, the
+    metadata last)."""
+    return os.path.isfile(os.path.join(folder, NPZ_NAME)) and os.path.isfile(os.path.join(folder, METADATA_NAME))
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    """A short lower-case name part safe on every OS: letters (Unicode ones too), digits, ``_`` and
+    ``-`` only; ``"x"`` when nothing is left."""
+    text = unicodedata.normalize("NFC", text).lower()
+    out = re.sub(r"[^\w\-]+", "-", text)
+    out = re.sub(r"-{2,}", "-", out).strip("-_")
+    return out[:max_len].rstrip("-_") or "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# runs.jsonl
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One line of ``runs.jsonl``: one run (pipeline call) of a dump command.
+
+    Attributes:
+        run: index in the plan (0-based).
+        folder: the run folder, relative to the folder holding ``runs.jsonl``.
+        prompt: the prompts of the run's batch.
+        seed: its base seed (None when not recorded).
+        status: "done", "skipped" (complete from an earlier call) or "failed".
+        error: why it failed, else None.
+        process: the rank of the process that ran it.
+    """
+
+    run: int
+    folder: str
+    prompt: tuple[str, ...]
+    seed: Optional[int] = None
+    status: str = "done"
+    error: Optional[str] = None
+    process: int = 0
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["prompt"] = list(self.prompt)
+        if out["error"] is None:
+            del out["error"]
+        return out
+
+
+def runs_jsonl_text(records: Iterable[RunRecord]) -> str:
+    """The text of ``runs.jsonl``: one JSON object per run, in run order."""
+    rows = sorted(records, key=lambda r: r.run)
+    return "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rows)
+
+
+def parse_runs_jsonl(text: str, where: str) -> list[RunRecord]:
+    """The records of a ``runs.jsonl`` text, each field checked.
+
+    Raises:
+        UserError: a line that is not a JSON object with the right fields (names the line and the fix).
+    """
+    records: list[RunRecord] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where} line {n} is not JSON ({exc.msg}); fix or delete that line") from None
+        records.append(_record(obj, f"{where} line {n}"))
+    names = [r.folder for r in records]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"{where} lists folder {dup!r} twice; keep one line per run")
+    return records
+
+
+def _record(obj: Any, where: str) -> RunRecord:
+    if not isinstance(obj, dict) or not isinstance(obj.get("folder"), str) or not obj["folder"]:
+        raise UserError(f"{where} has no \"folder\" string; each line needs run, folder, status")
+    folder = obj["folder"]
+    if os.path.isabs(folder) or ".." in folder.replace("\\", "/").split("/"):
+        raise UserError(f"{where}: folder {folder!r} must be a sub-folder of the runs.jsonl folder")
+    run = obj.get("run", 0)
+    if not _is_int(run) or run < 0:
+        raise UserError(f"{where}: \"run\" must be a whole number >= 0, got {run!r}; fix or delete that line")
+    status = obj.get("status", "done")
+    if status not in RUN_STATUSES:
+        raise UserError(f"{where}: status {status!r} is not one of {', '.join(RUN_STATUSES)}")
+    prompt = obj.get("prompt", [])
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
+        raise UserError(f"{where}: \"prompt\" must be a string or a list of strings, got {prompt!r}")
+    seed = obj.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise UserError(f"{where}: \"seed\" must be a whole number, got {seed!r}")
+    error = obj.get("error")
+    process = obj.get("process", 0)
+    return RunRecord(
+        run=run,
+        folder=folder,
+        prompt=tuple(prompt),
+        seed=seed,
+        status=status,
+        error=None if error is None else str(error),
+        process=process if _is_int(process) else 0,
+    )
+
+
+def read_runs_jsonl(path: str | os.PathLike) -> list[RunRecord]:
+    """The records of the ``runs.jsonl`` file at ``path`` (see :func:`parse_runs_jsonl`)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    return parse_runs_jsonl(text, os.fspath(path))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """One prompt through one tokenizer, as the pipeline feeds it (truncated, unpadded).
+
+    Attributes:
+        tokens: token strings, specials included; position j is text position ``start + j`` of the
+            encoder's span.
+        special: 1 for special tokens, else 0.
+        offsets: per token, [start, end) in the prompt, None for special tokens; None altogether when
+            the tokenizer cannot give offsets (a slow tokenizer).
+        truncated: whether the prompt had more tokens than ``max_length``.
+    """
+
+    tokens: list[str]
+    special: list[int]
+    offsets: Optional[list[Optional[list[int]]]]
+    truncated: bool
+
+
+def prompt_tokens(tokenizer: Any, prompt: str, max_length: int) -> PromptTokens:
+    """Tokenize ``prompt`` the way SD3's pipeline does (specials added, truncated at ``max_length``),
+    with character offsets when the tokenizer is a fast one. The one place both layers call a
+    tokenizer."""
+    full = tokenizer(prompt, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    kwargs = dict(add_special_tokens=True, truncation=True, max_length=max_length, return_special_tokens_mask=True)
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(prompt, return_offsets_mapping=fast, **kwargs)
+    ids = list(enc["input_ids"])
+    special = [int(s) for s in enc["special_tokens_mask"]]
+    offsets = None
+    if fast:
+        offsets = [None if s else [int(a), int(b)] for (a, b), s in zip(enc["offset_mapping"], special)]
+    return PromptTokens(
+        tokens=[str(t) for t in tokenizer.convert_ids_to_tokens(ids)],
+        special=special,
+        offsets=offsets,
+        truncated=len(full) > len(ids),
+    )

@@ -1,0 +1,1 @@
+"""Writing dumps (torch, diffusers): loading a pipeline, planning runs, writing run folders."""
