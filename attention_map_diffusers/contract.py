@@ -47,9 +47,9 @@ def run_is_complete(folder: str | os.PathLike) -> bool:
 
 
 def slugify(text: str, max_len: int = 40) -> str:
-    """A short lower-case name part safe on every OS: letters (Unicode ones too), digits, ``_`` and
+    """A short name part safe on every OS: letters (Unicode ones too, case kept), digits, ``_`` and
     ``-`` only; ``"x"`` when nothing is left."""
-    text = unicodedata.normalize("NFC", text).lower()
+    text = unicodedata.normalize("NFC", text)
     out = re.sub(r"[^\w\-]+", "-", text)
     out = re.sub(r"-{2,}", "-", out).strip("-_")
     return out[:max_len].rstrip("-_") or "x"

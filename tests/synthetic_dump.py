@@ -62,15 +62,11 @@ def t5_tokens(prompt: str, length: int = 32) -> TokenList:
 
 
 def from_tokenizer(tokenizer: Any, prompt: str, length: int) -> TokenList:
-    """Tokens of a Hugging Face fast tokenizer (as SD3 calls it: special tokens, truncation at ``length``)."""
-    enc = tokenizer(
-        prompt, add_special_tokens=True, truncation=True, max_length=length, return_offsets_mapping=True, return_special_tokens_mask=True
-    )
-    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"])
-    special = [int(s) for s in enc["special_tokens_mask"]]
-    offsets = [None if s else [int(a), int(b)] for (a, b), s in zip(enc["offset_mapping"], special)]
-    full = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    return TokenList(list(tokens), special, offsets, full > length)
+    """Tokens of a Hugging Face fast tokenizer, through the package's one tokenizer call (as SD3 calls it)."""
+    from attention_map_diffusers.contract import prompt_tokens
+
+    t = prompt_tokens(tokenizer, prompt, length)
+    return TokenList(t.tokens, t.special, t.offsets, t.truncated)
 
 
 @dataclass

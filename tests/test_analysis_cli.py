@@ -20,6 +20,8 @@ sys.path.insert(0, REPO)
 import analyse_stepavg  # noqa: E402
 from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  # noqa: E402
 
+from attention_map_diffusers.contract import slugify  # noqa: E402
+
 CLIP_BPE = os.path.join(REPO, "..", "shared", "data", "clip_bpe_simple_vocab_16e6.txt.gz")
 BICYCLE = "A rusty bicycle in front of a barn"
 WORDS = ["A", "rusty", "bicycle", "in", "front", "of", "a", "barn"]
@@ -359,13 +361,14 @@ def test_help_explains_every_flag(capsys):
         assert flag in text
 
 
-def test_safe_filename():
-    assert analyse_stepavg.safe_filename("in front of") == "in-front-of"
-    assert analyse_stepavg.safe_filename("capybara's") == "capybara-s"
-    assert analyse_stepavg.safe_filename("café") == "café"
-    assert analyse_stepavg.safe_filename('a/b\\c:d*e?"f<g>h|i\x00j') == "a-b-c-d-e-f-g-h-i-j"
-    assert analyse_stepavg.safe_filename("...") == "x"
-    assert len(analyse_stepavg.safe_filename("w" * 300)) == 60
+def test_slugify():
+    assert slugify("in front of", 60) == "in-front-of"
+    assert slugify("capybara's", 60) == "capybara-s"
+    assert slugify("café", 60) == "café"
+    assert slugify('a/b\\c:d*e?"f<g>h|i\x00j', 60) == "a-b-c-d-e-f-g-h-i-j"
+    assert slugify("...", 60) == "x"
+    assert len(slugify("w" * 300, 60)) == 60
+    assert slugify("A Red CIRCLE") == "A-Red-CIRCLE"
 
 
 def test_subprocess_imports_no_model_libraries(bicycle):

@@ -42,7 +42,7 @@ def test_original_dump_is_flipped_and_broadcast(tmp_path):
     assert d.format_version == 1 and d.prompts == [PROMPT, PROMPT]
     np.testing.assert_array_equal(d.step_mean, arrays["per_block_step_token_mean"].astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(d.timesteps, arrays["timesteps"])
-    assert "t5" not in d.encoders and any("--t5-tokenizer" in n for n in d.notes)
+    assert "t5" not in d.encoders and any("--t5-tokenizer" in n for n in (x.text for x in d.notes))
     assert d.encoders["clip"].tokens[1] == layout.clip[0].tokens and d.encoders["clip"].offsets is None
     assert [os.path.basename(p) for p in d.images] == ["seed42-64x64-idx0.png", "seed42-64x64-idx1.png"]
 

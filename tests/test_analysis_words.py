@@ -50,11 +50,10 @@ def t5_tok():
 
 
 def encode(tok, prompt, length):
-    enc = tok(prompt, add_special_tokens=True, truncation=True, max_length=length, return_offsets_mapping=True, return_special_tokens_mask=True)
-    tokens = tok.convert_ids_to_tokens(enc["input_ids"])
-    special = [bool(s) for s in enc["special_tokens_mask"]]
-    offsets = [None if s else tuple(o) for o, s in zip(enc["offset_mapping"], special)]
-    return tokens, special, offsets
+    from attention_map_diffusers.contract import prompt_tokens
+
+    t = prompt_tokens(tok, prompt, length)
+    return t.tokens, [bool(s) for s in t.special], [None if o is None else tuple(o) for o in t.offsets]
 
 
 def texts(wm):

@@ -56,9 +56,27 @@ class EncoderTokens:
         return self.span[1] - self.span[0]
 
 
+@dataclass(frozen=True)
+class Note:
+    """Something the user should know about a run; printed as ``{level}: {text}``."""
+
+    level: str  # "note" or "warning"
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.text}"
+
+
 @dataclass
 class Dump:
-    """A validated run, arrays in float32 and steps in denoising order.
+    """A validated run in memory, arrays in float32 and steps in denoising order.
+
+    From a folder: ``load_dump(folder)``. From a recording, with no files (a notebook)::
+
+        with StepAverageRecorder(pipe) as rec:
+            pipe(prompt)
+        dump = Dump.from_result(rec.result(), [prompt], {"clip": pipe.tokenizer, "t5": pipe.tokenizer_3})
+        words, maps = dump.word_maps(item=0, encoder="clip")   # (n,) words, (n, Hc, Wc) shares
 
     Shapes: B batch items, Bk blocks, S steps, T text positions, (Hc, Wc) canonical grid.
     """
@@ -74,20 +92,74 @@ class Dump:
     block_ids: list[int]  # (Bk,) the i of transformer_blocks.{i}.attn
     encoders: dict[str, EncoderTokens]
     images: list[Optional[str]]  # (B,) absolute image paths (not checked here), None when absent
-    notes: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    block_maps: Optional[np.ndarray] = None  # (B, Bk, Hc, Wc, T) per_block_token_map, when read
+
+    @classmethod
+    def from_result(cls, result: Any, prompts: Sequence[str], tokenizers: dict[str, Any]) -> "Dump":
+        """A dump of a :class:`~attention_map_diffusers.capture.aggregate.CaptureResult`, in memory.
+
+        Args:
+            result: the recorder's result (its ``text_spans`` say where each encoder's positions are).
+            prompts: one prompt per batch item (with ``num_images_per_prompt`` > 1, repeat each).
+            tokenizers: encoder name -> the pipeline's tokenizer (``pipe.tokenizer``, ``pipe.tokenizer_3``);
+                encoders without a tokenizer are left out.
+        """
+        B = int(result.batch_size)
+        if len(prompts) != B:
+            raise UserError(f"Dump.from_result: {len(prompts)} prompts for a result of {B} batch items")
+        spans = getattr(result, "text_spans", None)
+        if not spans:
+            raise UserError("Dump.from_result: the result has no text_spans (record the pipeline, not a bare transformer)")
+        encoders = {}
+        for name, span in spans.items():
+            tok = tokenizers.get(name)
+            if tok is None or span[1] <= span[0]:
+                continue
+            encoders[name] = _encoder_tokens(name, (int(span[0]), int(span[1])), tok, prompts, "tokenizer")
+        return cls(
+            folder="(in memory)",
+            format_version=FORMAT_VERSION,
+            metadata={"text_spans": {k: list(v) for k, v in spans.items()}},
+            prompts=list(prompts),
+            sum_token_map=np.asarray(result.sum_token_map, dtype=np.float32),
+            N=int(result.N),
+            step_mean=np.asarray(result.per_block_step_token_mean, dtype=np.float32),
+            timesteps=np.asarray(result.timesteps, dtype=np.float32),
+            block_ids=_block_ids(list(result.blocks), len(result.blocks)),
+            encoders=encoders,
+            images=[None] * B,
+            block_maps=None if result.per_block_token_map is None else np.asarray(result.per_block_token_map, np.float32),
+        )
 
     @property
     def batch_size(self) -> int:
         return int(self.sum_token_map.shape[0])
 
     @property
-    def num_steps(self) -> int:
-        return int(self.timesteps.shape[0])
-
-    @property
     def avg_map(self) -> np.ndarray:
         """(B, Hc, Wc, T) the average map over steps and blocks, ``sum_token_map / N``."""
         return self.sum_token_map / np.float32(self.N)
+
+    def word_maps(self, item: int = 0, encoder: str = "clip"):
+        """The prompt's words and their heatmaps for one item and encoder.
+
+        Returns:
+            (words, maps): the :class:`~attention_map_diffusers.analysis.words.Word` list and
+            (n, Hc, Wc) float64 maps, renormalised over the words at each pixel (the heatmaps the
+            analysis draws).
+        """
+        from .stats import renormalise, word_maps
+        from .words import map_words
+
+        enc = self.encoders.get(encoder)
+        if enc is None:
+            raise UserError(f"this dump has no tokens for encoder {encoder!r} (has {', '.join(self.encoders) or 'none'})")
+        offs = enc.offsets[item] if enc.offsets is not None else None
+        wm = map_words(enc.tokens[item], enc.special[item], self.prompts[item], enc.length, offsets=offs)
+        a, b = enc.span
+        shares = renormalise(word_maps(self.avg_map[item, :, :, a:b], wm.weights))
+        return list(wm.words), np.moveaxis(shares, -1, 0)
 
     def block_positions(self, block_ids: Optional[Sequence[int]]) -> list[int]:
         """Positions on the Bk axis of the given block ids (all blocks when None)."""
@@ -270,15 +342,14 @@ def _check_span(value: Any, T: int, name: str, where: str) -> tuple[int, int]:
     return value[0], value[1]
 
 
-def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, block_ids: Optional[Sequence[int]] = None) -> Dump:
+def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, block_maps: bool = False) -> Dump:
     """Read, validate and normalise the run in ``folder``.
 
     Args:
         folder: a run folder (``stepavg_token_maps_v1.npz`` + ``metadata.json``).
         t5_tokenizer: a function returning a Hugging Face tokenizer, called only when the dump has
             no T5 tokens (original tool) to tokenise its prompts; see :func:`load_t5_tokenizer`.
-        block_ids: when given and the dump kept ``per_block_token_map``, ``sum_token_map`` is the
-            sum over these blocks only (and ``N`` scaled to match).
+        block_maps: also read ``per_block_token_map`` when the dump kept it (``Dump.block_maps``).
 
     Raises:
         UserError: anything missing, unreadable, inconsistent or not finite.
@@ -288,17 +359,66 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     if not os.path.isdir(folder):
         raise UserError(f"{folder} is not a folder; --root must be a run folder or a folder with {RUNS_NAME}")
     meta = _read_metadata(folder)
-    arrays = _read_arrays(folder, optional=("per_block_token_map",) if block_ids is not None else ())
+    arrays = _read_arrays(folder, optional=("per_block_token_map",) if block_maps else ())
+    version = _format_version(meta, where)
+    shape = _check_arrays(arrays, where)
+    _check_metadata(meta, shape, version, where)
+    prompts = _read_prompts(meta, shape.B, where)
+    encoders, notes = _read_encoders(meta, version, shape, prompts, t5_tokenizer, where)
+
+    step_mean = arrays["per_block_step_token_mean"].astype(np.float32, copy=False)
+    timesteps = arrays["timesteps"].astype(np.float32, copy=False)
+    if version < 2:  # the original tool stored steps by ascending timestep
+        step_mean = np.ascontiguousarray(step_mean[:, :, ::-1])
+        timesteps = np.ascontiguousarray(timesteps[::-1])
+    pbm = arrays.get("per_block_token_map")
+    expected = (shape.B, shape.Bk, shape.Hc, shape.Wc, shape.T)
+    if pbm is not None and pbm.shape != expected:
+        raise UserError(f"{where}: per_block_token_map has shape {pbm.shape}, expected {expected}; re-run the dump")
+    if meta.get("random_weights"):
+        notes.append(Note("note", "this run used random weights (--model tiny-random): its maps say nothing about SD3.5"))
+    return Dump(
+        folder=folder,
+        format_version=int(version),
+        metadata=meta,
+        prompts=prompts,
+        sum_token_map=arrays["sum_token_map"].astype(np.float32, copy=False),
+        N=shape.n_updates,
+        step_mean=step_mean,
+        timesteps=timesteps,
+        block_ids=_block_ids(meta.get("blocks"), shape.Bk),
+        encoders=encoders,
+        images=_image_paths(meta, folder, shape.B, where),
+        notes=notes,
+        block_maps=None if pbm is None else pbm.astype(np.float32, copy=False),
+    )
+
+
+@dataclass(frozen=True)
+class _Shape:
+    B: int
+    Hc: int
+    Wc: int
+    T: int
+    Bk: int
+    S: int
+    n_updates: int
+
+
+def _format_version(meta: dict, where: str) -> int:
     version = meta.get("format_version")
     if version is None:
-        version = 1
-    elif version != FORMAT_VERSION:
+        return 1
+    if version != FORMAT_VERSION:
         raise UserError(
             f"{where}: format_version {version!r} is not supported; this analysis reads format "
             f"{FORMAT_VERSION} and the original tool's dumps (update attention_map_diffusers)"
         )
+    return version
 
-    # Shapes.
+
+def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> _Shape:
+    """Shapes, dtypes and finiteness of the arrays; returns the dimensions."""
     smap, mean, ts, N = arrays["sum_token_map"], arrays["per_block_step_token_mean"], arrays["timesteps"], arrays["N"]
     if smap.ndim != 4:
         raise UserError(f"{where}: sum_token_map has shape {smap.shape}, expected (B, Hc, Wc, T); re-run the dump")
@@ -316,9 +436,9 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         raise UserError(f"{where}: per_block_step_token_max has shape {mx.shape}, expected {mean.shape}; re-run the dump")
     if B < 1 or Bk < 1 or S < 1 or T < 1 or Hc < 1 or Wc < 1:
         raise UserError(f"{where}: empty arrays (B={B}, Bk={Bk}, S={S}, T={T}, grid {Hc}x{Wc}); re-run the dump")
-    if N.size != 1 or not np.issubdtype(N.dtype, np.number) or not float(N.reshape(-1)[0]).is_integer() or float(N.reshape(-1)[0]) < 1:
+    first = N.reshape(-1)[0] if N.size else None
+    if N.size != 1 or not np.issubdtype(N.dtype, np.number) or not float(first).is_integer() or float(first) < 1:
         raise UserError(f"{where}: N must be one positive integer (the number of updates), got {N.reshape(-1)[:3].tolist()}; re-run the dump")
-    n_updates = int(N.reshape(-1)[0])
     for key, arr in arrays.items():
         if key == "N":
             continue
@@ -327,37 +447,47 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         if not np.isfinite(arr).all():
             bad = int(np.size(arr) - np.isfinite(arr).sum())
             raise UserError(f"{where}: {key} holds {bad} NaN or inf values; the capture overflowed, re-run the dump (e.g. --store-dtype float32)")
+    return _Shape(B, Hc, Wc, T, Bk, S, int(first))
 
-    # Metadata against the arrays.
-    _check_meta_int(meta, "batch_size", B, "B", where)
-    _check_meta_int(meta, "num_blocks", Bk, "Bk", where)
-    _check_meta_int(meta, "num_steps", S, "S", where)
-    _check_meta_int(meta, "T_from_model", T, "T", where)
-    if "canonical_size" in meta and list(meta["canonical_size"] or []) != [Hc, Wc]:
-        raise UserError(f"{where}: metadata canonical_size={meta['canonical_size']!r} but sum_token_map has a {Hc}x{Wc} grid; re-run the dump")
+
+def _check_metadata(meta: dict, shape: _Shape, version: int, where: str) -> None:
+    """The metadata's counts and lists against the arrays."""
+    _check_meta_int(meta, "batch_size", shape.B, "B", where)
+    _check_meta_int(meta, "num_blocks", shape.Bk, "Bk", where)
+    _check_meta_int(meta, "num_steps", shape.S, "S", where)
+    _check_meta_int(meta, "T_from_model", shape.T, "T", where)
+    if "canonical_size" in meta and list(meta["canonical_size"] or []) != [shape.Hc, shape.Wc]:
+        raise UserError(f"{where}: metadata canonical_size={meta['canonical_size']!r} but sum_token_map has a {shape.Hc}x{shape.Wc} grid; re-run the dump")
     blocks = meta.get("blocks")
-    if blocks is not None and (not isinstance(blocks, list) or len(blocks) != Bk):
-        raise UserError(f"{where}: metadata blocks has {len(blocks) if isinstance(blocks, list) else blocks!r} entries but the arrays have Bk={Bk}; re-run the dump")
-    if "block_latent_sizes" in meta and len(meta["block_latent_sizes"] or []) != Bk:
-        raise UserError(f"{where}: metadata block_latent_sizes has {len(meta['block_latent_sizes'] or [])} entries, expected Bk={Bk}; re-run the dump")
+    if blocks is not None and (not isinstance(blocks, list) or len(blocks) != shape.Bk):
+        raise UserError(f"{where}: metadata blocks has {len(blocks) if isinstance(blocks, list) else blocks!r} entries but the arrays have Bk={shape.Bk}; re-run the dump")
+    if "block_latent_sizes" in meta and len(meta["block_latent_sizes"] or []) != shape.Bk:
+        raise UserError(f"{where}: metadata block_latent_sizes has {len(meta['block_latent_sizes'] or [])} entries, expected Bk={shape.Bk}; re-run the dump")
     if version >= 2 and "timesteps" in meta:
         mts = meta["timesteps"]
-        if not isinstance(mts, list) or len(mts) != S:
-            raise UserError(f"{where}: metadata timesteps has {len(mts) if isinstance(mts, list) else mts!r} entries, expected S={S}; re-run the dump")
+        if not isinstance(mts, list) or len(mts) != shape.S:
+            raise UserError(f"{where}: metadata timesteps has {len(mts) if isinstance(mts, list) else mts!r} entries, expected S={shape.S}; re-run the dump")
     if version >= 2 and meta.get("step_order", "denoising") != "denoising":
         raise UserError(f"{where}: metadata step_order={meta['step_order']!r}; format 2 stores steps in denoising order, re-run the dump")
 
+
+def _read_prompts(meta: dict, B: int, where: str) -> list[str]:
     prompt = meta.get("prompt")
     if isinstance(prompt, str):
-        prompts = [prompt] * B
-    elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt) and len(prompt) in (B, 1):
-        prompts = prompt * B if len(prompt) == 1 else list(prompt)
-    else:
-        n = len(prompt) if isinstance(prompt, list) else type(prompt).__name__
-        raise UserError(f"{where}: metadata prompt must be a string or a list of B={B} strings, got {n}; re-run the dump")
-    prompts_equal = len(set(prompts)) == 1
+        return [prompt] * B
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt) and len(prompt) in (B, 1):
+        return prompt * B if len(prompt) == 1 else list(prompt)
+    n = len(prompt) if isinstance(prompt, list) else type(prompt).__name__
+    raise UserError(f"{where}: metadata prompt must be a string or a list of B={B} strings, got {n}; re-run the dump")
 
-    # Text spans and tokens.
+
+# metadata keys of each encoder's tokens: (tokens, special mask, character offsets)
+_TOKEN_KEYS = {"clip": ("tokens", "special_mask", "token_offsets_clip"), "t5": ("tokens_t5", "special_mask_t5", "token_offsets_t5")}
+
+
+def _read_encoders(meta: dict, version: int, shape: _Shape, prompts: list[str], t5_tokenizer, where: str):
+    """Each encoder's span and tokens; returns (encoders, notes)."""
+    T, B = shape.T, shape.B
     if version >= 2:
         spans = meta.get("text_spans")
         if not isinstance(spans, dict) or "clip" not in spans:
@@ -367,78 +497,38 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     else:
         clip_span = (0, min(ORIGINAL_CLIP_POSITIONS, T))
         t5_span = (clip_span[1], T)
-
-    encoders: dict[str, EncoderTokens] = {}
-    notes: list[str] = []
     truncated = meta.get("truncated") if isinstance(meta.get("truncated"), list) else None
     if truncated is not None and len(truncated) != B:
         raise UserError(f"{where}: metadata truncated has {len(truncated)} entries, expected B={B}; re-run the dump")
-
-    def trunc(name: str) -> list[Optional[bool]]:
-        if truncated is None:
-            return [None] * B
-        return [bool(t.get(name)) if isinstance(t, dict) and name in t else None for t in truncated]
-
     if "tokens" not in meta:
         raise UserError(f"{where}: metadata has no CLIP tokens (key 'tokens'); re-run the dump")
-    tok = _per_item(meta["tokens"], B, "tokens", where, prompts_equal)
-    sp = _per_item(meta["special_mask"], B, "special_mask", where, prompts_equal) if "special_mask" in meta else None
-    toks, specials = _check_tokens(tok, sp, B, clip_span[1] - clip_span[0], "tokens", where)
-    offs = _check_offsets(meta.get("token_offsets_clip"), toks, prompts, "token_offsets_clip", where)
-    encoders["clip"] = EncoderTokens("clip", clip_span, toks, specials, offs, trunc("clip"), "dump")
 
-    if t5_span[1] > t5_span[0]:
-        if "tokens_t5" in meta:
-            tok = _per_item(meta["tokens_t5"], B, "tokens_t5", where, prompts_equal)
-            sp = _per_item(meta["special_mask_t5"], B, "special_mask_t5", where, prompts_equal) if "special_mask_t5" in meta else None
-            toks, specials = _check_tokens(tok, sp, B, t5_span[1] - t5_span[0], "tokens_t5", where)
-            offs = _check_offsets(meta.get("token_offsets_t5"), toks, prompts, "token_offsets_t5", where)
-            encoders["t5"] = EncoderTokens("t5", t5_span, toks, specials, offs, trunc("t5"), "dump")
+    encoders: dict[str, EncoderTokens] = {}
+    notes: list[Note] = []
+    prompts_equal = len(set(prompts)) == 1
+    for name, span in (("clip", clip_span), ("t5", t5_span)):
+        tok_key, sp_key, off_key = _TOKEN_KEYS[name]
+        if name == "t5" and span[1] <= span[0]:
+            continue
+        if tok_key in meta:
+            tok = _per_item(meta[tok_key], B, tok_key, where, prompts_equal)
+            sp = _per_item(meta[sp_key], B, sp_key, where, prompts_equal) if sp_key in meta else None
+            toks, specials = _check_tokens(tok, sp, B, span[1] - span[0], tok_key, where)
+            offs = _check_offsets(meta.get(off_key), toks, prompts, off_key, where)
+            trunc = [
+                bool(t.get(name)) if isinstance(t, dict) and name in t else None for t in truncated
+            ] if truncated is not None else [None] * B
+            encoders[name] = EncoderTokens(name, span, toks, specials, offs, trunc, "dump")
         elif t5_tokenizer is not None:
-            encoders["t5"] = tokenize_t5(t5_tokenizer(), prompts, t5_span)
+            encoders[name] = tokenize_t5(t5_tokenizer(), prompts, span)
         else:
-            notes.append(
+            notes.append(Note(
+                "note",
                 "T5 not analysed: this dump (original tool) has no T5 tokens; pass --t5-tokenizer "
                 "PATH_OR_ID (the pipeline's tokenizer_3, e.g. stabilityai/stable-diffusion-3.5-large "
-                "with its tokenizer_3 sub-folder) to analyse T5 too"
-            )
-
-    # Arrays to float32, steps to denoising order.
-    sum_map = smap.astype(np.float32, copy=False)
-    step_mean = mean.astype(np.float32, copy=False)
-    timesteps = ts.astype(np.float32, copy=False)
-    if version < 2:
-        step_mean = np.ascontiguousarray(step_mean[:, :, ::-1])
-        timesteps = np.ascontiguousarray(timesteps[::-1])
-    if block_ids is not None and "per_block_token_map" in arrays:
-        pbm = arrays["per_block_token_map"]
-        if pbm.shape != (B, Bk, Hc, Wc, T):
-            raise UserError(f"{where}: per_block_token_map has shape {pbm.shape}, expected {(B, Bk, Hc, Wc, T)}; re-run the dump")
-        ids = _block_ids(blocks, Bk)
-        pos = [ids.index(b) for b in block_ids if b in ids]
-        if pos:
-            sum_map = pbm[:, pos].astype(np.float32).sum(axis=1)
-            n_updates = max(1, round(n_updates * len(pos) / Bk))
-    elif block_ids is not None:
-        notes.append("heatmaps average all blocks: the dump has no per_block_token_map (dump with --save-block-maps to restrict them with --blocks)")
-
-    images = _image_paths(meta, folder, B, where)
-    if meta.get("random_weights"):
-        notes.append("this run used random weights (--model tiny-random): its maps say nothing about SD3.5")
-    return Dump(
-        folder=folder,
-        format_version=int(version),
-        metadata=meta,
-        prompts=prompts,
-        sum_token_map=sum_map,
-        N=n_updates,
-        step_mean=step_mean,
-        timesteps=timesteps,
-        block_ids=_block_ids(blocks, Bk),
-        encoders=encoders,
-        images=images,
-        notes=notes,
-    )
+                "with its tokenizer_3 sub-folder) to analyse T5 too",
+            ))
+    return encoders, notes
 
 
 def _block_ids(blocks: Optional[list], Bk: int) -> list[int]:
@@ -500,16 +590,20 @@ def load_t5_tokenizer(path_or_id: str):
 
 def tokenize_t5(tokenizer: Any, prompts: Sequence[str], span: tuple[int, int]) -> EncoderTokens:
     """Tokenise the prompts as SD3 does for T5 (special tokens added, truncated at the span length)."""
+    return _encoder_tokens("t5", span, tokenizer, prompts, "tokenizer")
+
+
+def _encoder_tokens(name: str, span: tuple[int, int], tokenizer: Any, prompts: Sequence[str], source: str) -> EncoderTokens:
     toks = [prompt_tokens(tokenizer, p, span[1] - span[0]) for p in prompts]
     offsets = None
     if all(t.offsets is not None for t in toks):
         offsets = [[None if o is None else (o[0], o[1]) for o in t.offsets] for t in toks]
     return EncoderTokens(
-        "t5",
+        name,
         span,
         [t.tokens for t in toks],
         [[bool(v) for v in t.special] for t in toks],
         offsets,
         [t.truncated for t in toks],
-        "tokenizer",
+        source,
     )

@@ -8,7 +8,6 @@ figure registry holds them; :func:`save_figure` writes atomically and clears the
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -251,6 +250,3 @@ def _palette(n: int) -> list:
     cmap = colormaps["tab10"] if n <= 10 else colormaps["tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
-
-def ensure_folder(path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

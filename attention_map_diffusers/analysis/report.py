@@ -40,7 +40,6 @@ class EncoderPage:
     overview: Optional[str] = None
     word_curves: list[tuple[str, str]] = field(default_factory=list)
     phrase_curves: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,8 +106,6 @@ def _encoder_section(page: EncoderPage, fmt: str) -> str:
             f'<p class="note">The {_e(name)} encoder truncated the prompt: {len(res.wordmap.dropped)} words from '
             f"&ldquo;{_e(first.text)}&rdquo; (word {first.index}) on are absent from its analysis.</p>"
         )
-    for note in page.notes:
-        out.append(f'<p class="note">{_e(note)}</p>')
     if page.summary:
         out.append(_figure(page.summary, "top words by mass", fmt, wide=True))
     if res.words:

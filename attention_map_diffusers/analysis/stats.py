@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..contract import RENORM_EPS
+from ..contract import RENORM_EPS, UserError
 from .words import WordMap, find_phrase
 
 WEIGHT_MODES = ("attention", "uniform")
@@ -211,7 +211,7 @@ def parse_blocks(spec: Optional[str]) -> Optional[list[int]]:
                     raise ValueError
                 out.add(v)
         except ValueError:
-            raise ValueError(
+            raise UserError(
                 f"--blocks: {part!r} is not a block index or range; use comma-separated indices and "
                 "ranges like 0-5,12"
             ) from None

@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..bytelevel import bytes_to_unicode
+from ..contract import UserError
 
 # U+FFFD stands for an unknown token in decoded text: it counts as a word character so that an
 # ``<unk>`` inside a word does not split it. Combining accents (a prompt in NFD) stay in their word.
@@ -69,10 +70,6 @@ class WordMap:
     text: str  # the text the word spans refer to (the prompt, or the decoded tokens)
     source: str  # "offsets" (stored by the dump), "aligned" (decoded + aligned) or "markers"
     dropped: tuple[Word, ...]  # prompt words that no token reaches (truncation)
-
-    @property
-    def labels(self) -> list[str]:
-        return [w.text for w in self.words]
 
 
 def find_words(text: str) -> list[Word]:
@@ -300,7 +297,7 @@ def parse_phrases(spec: Optional[str]) -> list[str]:
     """``"in front of|on top of"`` -> ``["in front of", "on top of"]`` (blank entries are ignored).
 
     Raises:
-        ValueError: a phrase without any word.
+        UserError: a phrase without any word.
     """
     if not spec:
         return []
@@ -308,7 +305,7 @@ def parse_phrases(spec: Optional[str]) -> list[str]:
     phrases = [p for p in phrases if p]
     for p in phrases:
         if not WORD_RE.search(p):
-            raise ValueError(
+            raise UserError(
                 f"--phrases: {p!r} contains no word (letters or digits); phrases are '|'-separated "
                 'word sequences, e.g. --phrases "in front of|on top of"'
             )

@@ -14,7 +14,16 @@ from ..contract import RENORM_EPS
 
 @dataclass
 class CaptureResult:
-    """What a recording produced, on the host.
+    """What a recording produced, on the host (``StepAverageRecorder.result()``).
+
+    Example::
+
+        with StepAverageRecorder(pipe) as rec:
+            image = pipe("A furry cat beneath a table").images[0]
+        res = rec.result()
+        res.mean_token_map              # (B, Hc, Wc, T): the map averaged over steps and blocks
+        a, b = res.text_spans["clip"]   # CLIP's positions on the T axis (T5 follows)
+        res.mean_token_map[0, :, :, a:b]
 
     Arrays (numpy, float32 unless noted; B batch items of the conditional branch, Bk joint-attention
     blocks, S denoising steps in denoising order (0 = first, noisiest), T text tokens, (Hc, Wc) the
@@ -22,7 +31,8 @@ class CaptureResult:
 
     - ``sum_token_map`` (B, Hc, Wc, T): sum over steps and blocks of the head-averaged map, resized
       bilinearly (align_corners=False) to the canonical grid.
-    - ``N``: number of (step, block) updates in that sum (``sum_token_map / N`` is the average).
+    - ``N`` (also ``num_updates``): number of (step, block) updates in that sum (``N`` is the
+      upstream name; ``mean_token_map = sum_token_map / N`` is the average).
     - ``per_block_step_token_mean`` / ``per_block_step_token_max`` (B, Bk, S, T): per block and step,
       the map renormalised over text tokens at each pixel (divided by its sum over T plus 1e-8), then
       averaged / maxed over the block's own pixels.
@@ -45,10 +55,23 @@ class CaptureResult:
     batch_size: int  # B (conditional items only)
     cfg: bool  # whether an unconditional half was present (and dropped)
     state_bytes: int = 0  # bytes the persistent on-device capture state held
+    # encoder -> [start, end) of its positions on the T axis, from the pipeline (SD3: CLIP then T5);
+    # None when a bare transformer was recorded
+    text_spans: Optional[dict[str, list[int]]] = None
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    @property
+    def num_updates(self) -> int:
+        """``N``: the number of (step, block) maps summed in ``sum_token_map``."""
+        return int(self.N)
+
+    @property
+    def mean_token_map(self) -> np.ndarray:
+        """(B, Hc, Wc, T) float32: ``sum_token_map / N``, the map averaged over steps and blocks."""
+        return self.sum_token_map / np.float32(self.N)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays under their file names (``stepavg_token_maps_v1.npz``); optional ones if kept."""

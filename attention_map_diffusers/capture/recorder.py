@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -18,8 +17,6 @@ from .blocks import install_capture, joint_attention_blocks, restore_processors
 from .calls import TransformerCalls
 from .exact import image_text_probs, image_text_probs_from_keys
 from .processor import JointAttention
-
-logger = logging.getLogger(__name__)
 
 _METHODS = ("auto", "chunked")
 
@@ -56,6 +53,22 @@ def resolve_transformer(pipe):
     return transformer
 
 
+def text_spans(pipe, num_tokens: int) -> Optional[dict[str, list[int]]]:
+    """Where each text encoder's positions lie on the T axis, read from the pipeline.
+
+    SD3 concatenates the CLIP sequence (``pipe.tokenizer_max_length`` positions, 77 for SD3) and the
+    T5 sequence after it. None for a bare transformer (no tokenizer to read).
+    """
+    clip = getattr(pipe, "tokenizer_max_length", None)
+    if clip is None:
+        return None
+    clip = min(int(clip), num_tokens)
+    spans = {"clip": [0, clip]}
+    if num_tokens > clip:
+        spans["t5"] = [clip, num_tokens]
+    return spans
+
+
 def cfg_source(pipe, cfg):
     """A callable telling whether the current transformer batch has an unconditional half."""
     if cfg != "auto":
@@ -71,6 +84,15 @@ def cfg_source(pipe, cfg):
 
 class StepAverageRecorder:
     """Records image->text attention of every ``transformer_blocks.{i}.attn`` over a denoising loop.
+
+    Example::
+
+        with StepAverageRecorder(pipe) as rec:        # processors wrapped here, restored on exit
+            image = pipe("A furry cat beneath a table", num_inference_steps=28).images[0]
+        res = rec.result()                            # CaptureResult: numpy arrays + facts for metadata
+        res.mean_token_map                            # (B, Hc, Wc, T) average over steps and blocks
+        res.per_block_step_token_mean                 # (B, Bk, S, T), step 0 = first (noisiest) step
+        res.text_spans                                # {"clip": [0, 77], "t5": [77, T]}
 
     Installs a :class:`~attention_map_diffusers.processor.CaptureProcessor` on each joint-attention
     module (never on ``attn2``) through ``set_attn_processor`` and restores the original processors
@@ -198,4 +220,5 @@ class StepAverageRecorder:
             batch_size=int(acc.batch_size),
             cfg=bool(self._cfg_seen),
             state_bytes=acc.state_bytes(),
+            text_spans=text_spans(self.pipe, int(acc.num_tokens)) if self.pipe is not self.transformer else None,
         )

@@ -12,8 +12,6 @@ from typing import Optional
 
 from ..contract import UserError
 
-logger = logging.getLogger(__name__)
-
 TINY_RANDOM = "tiny-random"
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
@@ -26,8 +24,12 @@ class Placement:
     dtype: str  # "bfloat16", "float16", "float32"
 
 
-def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
-    """``auto`` device: cuda, then mps, then cpu. ``auto`` dtype: bf16 on CUDA, fp16 on MPS, fp32 on CPU."""
+def resolve_placement(device: str = "auto", dtype: str = "auto", *, cpu_offload: bool = False) -> Placement:
+    """``auto`` device: cuda, then mps, then cpu. ``auto`` dtype: bf16 on CUDA, fp16 on MPS, fp32 on CPU.
+
+    Raises:
+        UserError: an unavailable device, an unknown dtype, or ``cpu_offload`` on the CPU.
+    """
     import torch
 
     if device == "auto":
@@ -50,6 +52,8 @@ def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
         dtype = _DTYPES[dtype]
     else:
         raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    if cpu_offload and kind == "cpu":
+        raise UserError("--cpu-offload needs an accelerator device (cuda or mps), not the CPU")
     return Placement(device, dtype)
 
 
@@ -116,9 +120,7 @@ def load_pipeline(model: str, placement: Placement, *, cpu_offload: bool = False
                 dlog.set_verbosity(level)
     else:
         pipe = _from_pretrained(StableDiffusion3Pipeline, model, dtype)
-    if cpu_offload:
-        if placement.device == "cpu":
-            raise UserError("--cpu-offload needs an accelerator device (cuda or mps), not the CPU")
+    if cpu_offload:  # resolve_placement(..., cpu_offload=True) refused the CPU
         pipe.enable_model_cpu_offload(device=placement.device)
     else:
         pipe = pipe.to(placement.device)

@@ -58,5 +58,5 @@ def plan_runs(prompts: Sequence[str], seeds: Sequence[int], batch_size: int) -> 
     runs = []
     for r, (batch, seed) in enumerate(combos):
         suffix = f"-s{seed}" if len(seeds) > 1 else ""
-        runs.append(Run(r, batch, int(seed), f"{r:04d}-{slugify(batch[0])}{suffix}"))
+        runs.append(Run(r, batch, int(seed), f"{r:04d}-{slugify(batch[0].lower())}{suffix}"))
     return runs

@@ -12,6 +12,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_path, write_json, write_npz
 from ..contract import FORMAT_VERSION, IMAGES_DIR, METADATA_NAME, NPZ_NAME, PromptTokens
+from .settings import RunSettings
 
 
 def image_name(seed: int, width: int, height: int, index: int, fmt: str) -> str:
@@ -29,7 +30,10 @@ def build_metadata(
     clip: Sequence[PromptTokens],
     t5: Sequence[PromptTokens],
     clip_length: int,
-    settings: dict,
+    settings: RunSettings,
+    scheduler: str,
+    device: str,
+    dtype: str,
     images: Sequence[Optional[str]],
     elapsed_s: float,
     versions: dict,
@@ -40,9 +44,8 @@ def build_metadata(
         result: the recorder's :class:`~attention_map_diffusers.capture.aggregate.CaptureResult`.
         prompts / seeds / clip / t5 / images: one entry per batch item.
         clip_length: number of CLIP text positions (the tokenizer's model_max_length, 77 for SD3).
-        settings: the run's parameters: negative_prompt, steps, guidance_scale, model_id, scheduler,
-            image_size, max_sequence_length, skip_guidance_layers, device, dtype, store_dtype,
-            num_images_per_prompt, random_weights.
+        settings: the command's :class:`~attention_map_diffusers.dump.settings.RunSettings`.
+        scheduler / device / dtype: the pipeline's scheduler class name, device and dtype.
     """
     T = int(result.num_tokens)
     n_items = int(result.batch_size)
@@ -52,13 +55,13 @@ def build_metadata(
     meta = {
         # keys of the original tool
         "prompt": list(prompts),
-        "negative_prompt": settings["negative_prompt"],
+        "negative_prompt": settings.negative_prompt,
         "seed": int(base_seed),
-        "steps": int(settings["steps"]),
-        "guidance_scale": float(settings["guidance_scale"]),
-        "model_id": settings["model_id"],
-        "scheduler": settings["scheduler"],
-        "image_size": [int(v) for v in settings["image_size"]],
+        "steps": int(settings.steps),
+        "guidance_scale": float(settings.guidance_scale),
+        "model_id": settings.model_id,
+        "scheduler": scheduler,
+        "image_size": list(settings.image_size),
         "canonical_size": [int(v) for v in result.canonical_size],
         "batch_size": n_items,
         "num_steps": int(result.num_steps),
@@ -73,24 +76,24 @@ def build_metadata(
         "format_version": FORMAT_VERSION,
         "step_order": "denoising",
         "timesteps": [float(t) for t in result.timesteps],
-        "text_spans": {"clip": [0, int(clip_length)], "t5": [int(clip_length), T]},
+        "text_spans": result.text_spans or {"clip": [0, int(clip_length)], "t5": [int(clip_length), T]},
         "tokens_t5": [t.tokens for t in t5],
         "special_mask_t5": [t.special for t in t5],
         "token_offsets_clip": _offsets(clip),
         "token_offsets_t5": _offsets(t5),
         "truncated": [{"clip": c.truncated, "t5": t.truncated} for c, t in zip(clip, t5)],
-        "max_sequence_length": int(settings["max_sequence_length"]),
-        "skip_guidance_layers": settings["skip_guidance_layers"],
+        "max_sequence_length": int(settings.max_sequence_length),
+        "skip_guidance_layers": list(settings.skip_guidance_layers) if settings.skip_guidance_layers else None,
         "cfg": bool(result.cfg),
-        "device": settings["device"],
-        "dtype": settings["dtype"],
+        "device": device,
+        "dtype": dtype,
         "versions": dict(versions, attention_map_diffusers=__version__),
         "elapsed_s": round(float(elapsed_s), 3),
         "seeds": [int(s) for s in seeds],
-        "num_images_per_prompt": int(settings["num_images_per_prompt"]),
+        "num_images_per_prompt": int(settings.num_images_per_prompt),
         "images": list(images),
-        "store_dtype": settings["store_dtype"],
-        "random_weights": bool(settings["random_weights"]),
+        "store_dtype": settings.store_dtype,
+        "random_weights": bool(settings.random_weights),
         "num_tokens_clip": int(clip_length),
         "num_tokens_t5": T - int(clip_length),
     }

@@ -12,14 +12,11 @@ no meaning. They exist to exercise the machinery end to end.
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ..bytelevel import bytes_to_unicode
-
-logger = logging.getLogger(__name__)
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"

@@ -1,0 +1,122 @@
+"""The analysis command (``analyse_stepavg.py``, ``sd35-analyse-stepavg``): flags -> AnalysisOptions -> files.
+
+Analyse step-averaged attention dumps without loading any model: per text encoder, word and phrase
+heatmaps (alone and over the generated image), a summary grid, per-block attention curves over the
+denoising steps, a word x block x step overview, CSV tables and an ``index.html`` report. Only
+numpy, matplotlib, Pillow and the standard library are used (transformers only to load
+``--t5-tokenizer``). See docs/analysis.md.
+
+    python analyse_stepavg.py --root out_sd35_stepavg --phrases "in front of|a barn"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from ..cli import OneLineParser, fail, parse
+from ..contract import UserError
+from .options import FORMATS, AnalysisOptions, parse_encoders
+from .stats import WEIGHT_MODES, parse_blocks
+from .words import parse_phrases
+
+PROG = "analyse_stepavg.py"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=PROG,
+        allow_abbrev=False,
+        description=(
+            "Analyse step-averaged SD3.5 attention dumps (no model needed): per word and phrase, heatmaps, "
+            "curves over blocks and denoising steps, CSV tables and an HTML report."
+        ),
+        epilog="Outputs and how to read them: docs/analysis.md.",
+    )
+    p.add_argument(
+        "--root",
+        required=True,
+        help="a run folder (stepavg_token_maps_v1.npz + metadata.json), or a folder with runs.jsonl: then "
+        "every run listed as done or skipped is analysed",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: ROOT/analysis); replaced as a whole when it holds an earlier analysis")
+    p.add_argument("--topk", type=int, default=12, help="number of words (by heatmap mass) that get heatmaps and curves (default: 12)")
+    p.add_argument(
+        "--phrases",
+        default=None,
+        help='phrases to analyse, separated by |, e.g. "in front of|on top of": contiguous word sequences of '
+        "the prompt, matched case-insensitively; every occurrence counts",
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_MODES,
+        default="attention",
+        help="how a phrase combines its words: 'attention' weights each word by its heatmap mass, "
+        "'uniform' equally (default: attention)",
+    )
+    p.add_argument("--encoders", default="clip,t5", help="text encoders to analyse, comma-separated, from clip,t5 (default: clip,t5)")
+    p.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default: png)")
+    p.add_argument("--dpi", type=int, default=100, help="figure resolution in dots per inch (default: 100)")
+    p.add_argument(
+        "--blocks",
+        default=None,
+        help="blocks to analyse, by index: comma-separated indices and ranges, e.g. 0-5,12 (default: all). "
+        "Curves and tables cover these blocks; heatmaps too when the dump kept per-block maps",
+    )
+    p.add_argument("--no-overlay", action="store_true", help="do not draw heatmaps over the generated image")
+    p.add_argument("--tables-only", action="store_true", help="write only the CSV tables and the index.html listing them (no figures)")
+    p.add_argument(
+        "--t5-tokenizer",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="for dumps of the original tool (no T5 tokens): the T5 tokenizer to re-tokenise the prompt with "
+        "(a folder or a hub id available offline, e.g. the pipeline's tokenizer_3); loads transformers",
+    )
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
+    """The parsed flags as :class:`AnalysisOptions` (raises :class:`UserError`)."""
+    blocks = parse_blocks(args.blocks)
+    return AnalysisOptions(
+        root=args.root,
+        out=args.out,
+        topk=args.topk,
+        phrases=tuple(parse_phrases(args.phrases)),
+        weights=args.weights,
+        encoders=parse_encoders(args.encoders),
+        fmt=args.format,
+        dpi=args.dpi,
+        block_ids=None if blocks is None else tuple(blocks),
+        overlay=not args.no_overlay,
+        tables_only=args.tables_only,
+        t5_tokenizer=args.t5_tokenizer,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .plan import make_plan
+    from .write import write_plan
+
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
+    try:
+        options = options_from_args(args)
+        plan = make_plan(options)
+    except UserError as exc:
+        return fail(PROG, str(exc))
+    for run in plan.runs:
+        prefix = f"{run.folder}: " if run.folder else ""
+        for note in run.notes:
+            print(f"{note.level}: {prefix}{note.text}", file=sys.stderr)
+    try:
+        n = write_plan(plan)
+    except UserError as exc:  # a run changed on disk after it was validated
+        return fail(PROG, str(exc))
+    except OSError as exc:
+        return fail(PROG, f"could not write the analysis to {plan.out}: {exc}", code=1)
+    print(f"wrote {n} files to {plan.out} (open {os.path.join(plan.out, 'index.html')})")
+    return 0

@@ -1,0 +1,58 @@
+"""The options of one analysis, as a type (the command line builds it; the package never sees argparse)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..contract import UserError
+from .stats import WEIGHT_MODES
+
+ENCODERS = ("clip", "t5")
+FORMATS = ("png", "svg", "pdf")
+ENCODER_TITLES = {"clip": "CLIP", "t5": "T5"}
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What to analyse and how; every field checked on construction (:class:`UserError`)."""
+
+    root: str  # a run folder, or a folder with runs.jsonl
+    out: Optional[str] = None  # output folder; None: ROOT/analysis
+    topk: int = 12  # words (by heatmap mass) that get heatmaps and curves
+    phrases: tuple[str, ...] = ()  # contiguous word sequences of the prompt, matched case-insensitively
+    weights: str = "attention"  # how a phrase combines its words: "attention" (by mass) or "uniform"
+    encoders: tuple[str, ...] = ENCODERS  # text encoders to analyse, in this order
+    fmt: str = "png"  # figure file format
+    dpi: int = 100  # figure resolution
+    block_ids: Optional[tuple[int, ...]] = None  # blocks to analyse; None: all
+    overlay: bool = True  # draw heatmaps over the generated image
+    tables_only: bool = False  # CSV tables and index.html only, no figures
+    t5_tokenizer: Optional[str] = None  # for original-tool dumps: a T5 tokenizer folder or id
+
+    def __post_init__(self) -> None:
+        if self.topk < 1:
+            raise UserError(f"--topk must be at least 1, got {self.topk}")
+        if not 10 <= self.dpi <= 1200:
+            raise UserError(f"--dpi must be between 10 and 1200, got {self.dpi}")
+        bad = [n for n in self.encoders if n not in ENCODERS]
+        if bad or not self.encoders:
+            raise UserError(
+                f"--encoders: {bad[0] if bad else ''!r} is not an encoder; use a comma-separated subset of "
+                + ",".join(ENCODERS)
+            )
+        if self.weights not in WEIGHT_MODES:
+            raise UserError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
+        if self.fmt not in FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
+
+
+def parse_encoders(spec: str) -> tuple[str, ...]:
+    """``"clip,t5"`` -> ``("clip", "t5")`` (lower-cased, duplicates dropped, order kept)."""
+    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in ENCODERS]
+    if bad or not names:
+        raise UserError(
+            f"--encoders: {bad[0] if bad else spec!r} is not an encoder; use a comma-separated subset of clip,t5"
+        )
+    return tuple(dict.fromkeys(names))

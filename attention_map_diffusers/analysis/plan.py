@@ -1,0 +1,207 @@
+"""Planning an analysis: every input read and checked, every result computed, before anything is written."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..contract import METADATA_NAME, NPZ_NAME, RUNS_NAME, RunRecord, UserError, run_is_complete
+from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer, read_runs
+from .options import ENCODER_TITLES, AnalysisOptions
+from .report import GENERATOR
+from .stats import EncoderResult, analyse_encoder
+from .words import map_words
+
+
+@dataclass
+class RunPlan:
+    """One run, analysed; ``folder`` is its sub-folder of the output (None for a single run)."""
+
+    folder: Optional[str]
+    dump: Dump
+    images: list  # per item: (path, display array) or None
+    results: list[list[EncoderResult]]  # per item, per encoder
+    notes: list[Note] = field(default_factory=list)
+
+
+@dataclass
+class RunSpec:
+    """A run that passed validation. Its arrays are kept only when it is the only run; with several
+    runs each is planned again when written, so memory does not grow with the number of runs."""
+
+    folder: Optional[str]
+    run_dir: str
+    notes: list[Note]
+    n_files: int  # files it will write (for the progress bar)
+    plan: Optional[RunPlan]
+
+
+@dataclass
+class Plan:
+    options: AnalysisOptions
+    root: str
+    out: str
+    runs: list[RunSpec]
+    records: list[RunRecord]  # runs.jsonl lines (empty for a single run)
+    multi: bool
+    t5_loader: Optional[Callable[[], object]]
+
+
+def restrict_blocks(dump: Dump, block_ids: Optional[tuple[int, ...]]) -> tuple[np.ndarray, list[Note]]:
+    """(B, Hc, Wc, T) the average map over the chosen blocks (all blocks when None).
+
+    Needs the dump's per-block maps (``--save-block-maps``) to restrict; without them the map of all
+    blocks is returned with a note saying so.
+    """
+    if block_ids is None:
+        return dump.avg_map, []
+    if dump.block_maps is None:
+        return dump.avg_map, [Note(
+            "note",
+            "heatmaps average all blocks: the dump has no per_block_token_map (dump with --save-block-maps "
+            "to restrict them with --blocks)",
+        )]
+    pos = dump.block_positions(block_ids)
+    n_updates = max(1, round(dump.N * len(pos) / len(dump.block_ids)))
+    return dump.block_maps[:, pos].sum(axis=1) / np.float32(n_updates), []
+
+
+def _load_image(path: Optional[str], where: str):
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    from .plots import display_image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return path, display_image(img)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise UserError(
+            f"{where}: the image {path} listed by the dump is missing or unreadable ({type(exc).__name__}); "
+            "restore it, or pass --no-overlay to analyse without it"
+        ) from None
+
+
+def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_loader=None) -> RunPlan:
+    """Load one run and compute every encoder's results."""
+    dump = load_dump(
+        run_dir,
+        t5_tokenizer=t5_loader if "t5" in options.encoders else None,
+        block_maps=options.block_ids is not None,
+    )
+    positions = dump.block_positions(options.block_ids)
+    sel_ids = [dump.block_ids[p] for p in positions]
+    avg, notes = restrict_blocks(dump, options.block_ids)
+    notes = list(dump.notes) + notes
+    images = []
+    for path in dump.images:
+        if options.tables_only or path is None:
+            images.append(None)
+            continue
+        try:
+            images.append(_load_image(path, run_dir))
+        except UserError as exc:
+            if options.overlay:
+                raise
+            images.append(None)  # --no-overlay: a lost image only costs the summary its first panel
+            notes.append(Note("note", str(exc)))
+    results: list[list[EncoderResult]] = []
+    for i in range(dump.batch_size):
+        per_item = []
+        for name in options.encoders:
+            enc = dump.encoders.get(name)
+            if enc is None:
+                if i == 0 and not any(ENCODER_TITLES[name] + " not analysed" in n.text for n in notes):
+                    notes.append(Note("note", f"{ENCODER_TITLES[name]} not analysed: the dump has no text positions for it"))
+                continue
+            offs = enc.offsets[i] if enc.offsets is not None else None
+            wm = map_words(enc.tokens[i], enc.special[i], dump.prompts[i], enc.length, offsets=offs)
+            a, b = enc.span
+            res = analyse_encoder(
+                avg[i, :, :, a:b],
+                dump.step_mean[i][positions][:, :, a:b],
+                wm,
+                encoder=name,
+                item=i,
+                block_ids=sel_ids,
+                timesteps=dump.timesteps,
+                topk=options.topk,
+                phrases=options.phrases,
+                weights=options.weights,
+            )
+            where = f"{ENCODER_TITLES[name]}" + (f", item {i}" if dump.batch_size > 1 else "")
+            for ph in res.missing_phrases:
+                notes.append(Note("warning", f"phrase {ph!r} does not occur in the {where} words; no file for it"))
+            if wm.dropped:
+                notes.append(Note(
+                    "note",
+                    f"{where}: the encoder truncated the prompt; {len(wm.dropped)} words from "
+                    f"{wm.dropped[0].text!r} (word {wm.dropped[0].index}) on are absent from its analysis",
+                ))
+            if not wm.words:
+                notes.append(Note("note", f"{where}: the prompt has no words for this encoder; only empty tables are written"))
+            per_item.append(res)
+        results.append(per_item)
+    return RunPlan(folder, dump, images, results, notes)
+
+
+def _is_our_output(out: str) -> bool:
+    try:
+        with open(os.path.join(out, "index.html"), encoding="utf-8") as fh:
+            return f'content="{GENERATOR}"' in fh.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _check_out(out: str) -> None:
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+        if os.listdir(out) and not _is_our_output(out):
+            raise UserError(
+                f"--out {out} exists and does not hold an earlier analysis (no index.html written by this tool); "
+                "choose another --out or empty it"
+            )
+
+
+def make_plan(options: AnalysisOptions) -> Plan:
+    """Validate every input and compute what will be written; nothing is written."""
+    from .write import count_files
+
+    root = os.path.abspath(options.root)
+    if not os.path.isdir(root):
+        raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with {RUNS_NAME}")
+    out = os.path.abspath(options.out) if options.out else os.path.join(root, "analysis")
+    _check_out(out)
+
+    cache: dict = {}
+
+    def t5_loader():
+        if "tok" not in cache:
+            cache["tok"] = load_t5_tokenizer(options.t5_tokenizer)
+        return cache["tok"]
+
+    loader = t5_loader if options.t5_tokenizer else None
+    multi = os.path.isfile(os.path.join(root, RUNS_NAME))
+    if multi:
+        records = read_runs(root)
+        todo = [(r.folder, os.path.join(root, r.folder)) for r in records if r.status != "failed"]
+    elif run_is_complete(root) or any(os.path.exists(os.path.join(root, n)) for n in (NPZ_NAME, METADATA_NAME)):
+        records = []  # a half-present run is reported by load_dump, naming the missing file
+        todo = [(None, root)]
+    else:
+        raise UserError(
+            f"--root {options.root} holds neither a run (stepavg_token_maps_v1.npz + metadata.json) nor {RUNS_NAME}; "
+            "point it at the --out folder of sd_35_stepavg_dump.py"
+        )
+    runs = []
+    for folder, run_dir in todo:
+        rp = plan_run(folder, run_dir, options, loader)
+        keep = rp if len(todo) == 1 else None
+        runs.append(RunSpec(folder, run_dir, rp.notes, count_files(rp, options), keep))
+    return Plan(options, root, out, runs, records, multi, loader)

@@ -1,0 +1,275 @@
+"""The dump command (``sd_35_stepavg_dump.py``, ``sd35-stepavg-dump``): flags -> RunSettings -> run folders.
+
+Generate images with Stable Diffusion 3 / 3.5 and dump step-averaged image->text attention. Each run
+(one pipeline call) writes a folder with ``stepavg_token_maps_v1.npz``, ``metadata.json`` and
+``images/`` (format: docs/FORMAT.md); ``analyse_stepavg.py`` reads it without the model.
+
+    python sd_35_stepavg_dump.py --prompt "A furry cat beneath a table" --steps 28
+    python sd_35_stepavg_dump.py --model tiny-random --steps 8 --height 512 --width 512   # no GPU
+    accelerate launch sd_35_stepavg_dump.py --prompts-file prompts.txt --seed 1 2 3      # many GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+
+# torch-free imports only here, so that --help and bad input answer at once
+from ..cli import OneLineParser, fail, parse
+from ..contract import (
+    RUN_STATUSES,
+    RUNS_NAME,
+    RunRecord,
+    UserError,
+    read_runs_jsonl,
+    run_is_complete,
+    runs_jsonl_text,
+)
+from .loading import TINY_RANDOM, check_model_reference, load_pipeline, required_multiple, resolve_placement
+from .runs import plan_runs, read_prompts_file
+from .settings import RunSettings
+
+PROG = "sd_35_stepavg_dump.py"
+DEFAULT_PROMPT = "A furry cat beneath a table"
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+T5_MAX_LENGTH = 512  # the longest T5 sequence SD3 pipelines accept
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=PROG,
+        allow_abbrev=False,
+        description="Generate images with an SD3 / SD3.5 pipeline and record where each text token is "
+        "attended to, per denoising step and per transformer block (exact, streaming capture).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("generation (flags of the original tool)")
+    g.add_argument("--prompt", action="append", default=None,
+                   help=f"prompt; repeat the flag for several prompts (default: {DEFAULT_PROMPT!r})")
+    g.add_argument("--neg", "--negative-prompt", dest="neg", default="", help="negative prompt")
+    g.add_argument("--steps", type=int, default=50, help="number of denoising steps")
+    g.add_argument("--guidance_scale", "--guidance-scale", dest="guidance_scale", type=float, default=7.5,
+                   help="classifier-free guidance scale; <= 1 disables CFG (e.g. SD3.5 large turbo)")
+    g.add_argument("--seed", type=int, nargs="+", default=[42],
+                   help="seed(s); each seed is one run per prompt batch; image j of a prompt uses seed + j")
+    g.add_argument("--height", type=int, default=1024, help="image height in pixels (multiple of 16)")
+    g.add_argument("--width", type=int, default=1024, help="image width in pixels (multiple of 16)")
+    g.add_argument("--out", default="out_sd35_stepavg",
+                   help="output folder: the run folder itself for one run, else one sub-folder per run")
+
+    m = p.add_argument_group("model and device")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id or local diffusers folder; 'tiny-random' builds a tiny random-weight SD3 "
+                   "pipeline offline (demonstrates the flow in seconds, no GPU, no download)")
+    m.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    m.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on MPS, fp32 on CPU), bf16, fp16, fp32")
+    m.add_argument("--cpu-offload", action="store_true",
+                   help="enable_model_cpu_offload(): keep only the active model on the GPU (less memory)")
+    m.add_argument("--max-sequence-length", type=int, default=256,
+                   help=f"T5 tokens (at most {T5_MAX_LENGTH}); the text length T is 77 + this")
+    m.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="I",
+                   help="skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium); "
+                   "its extra transformer call is not recorded")
+
+    c = p.add_argument_group("capture and files")
+    c.add_argument("--canonical-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="grid of the aggregated maps (default: the latent patch grid, e.g. 64 64 at 1024px)")
+    c.add_argument("--store-dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the stored maps (accumulation is always float32)")
+    c.add_argument("--save-block-maps", action="store_true",
+                   help="also store per_block_token_map (B, blocks, Hc, Wc, T)")
+    c.add_argument("--save-step-maps", action="store_true",
+                   help="also store per_step_token_map (B, steps, Hc, Wc, T)")
+    c.add_argument("--no-image", action="store_true", help="do not decode or save images")
+    c.add_argument("--image-format", choices=("png", "jpg"), default="png", help="image file format")
+    c.add_argument("--no-embed-metadata", action="store_true",
+                   help="do not embed the run's metadata in the images (PNG text chunks / JPEG comment)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="redo runs whose folder is already complete (default: skip them, i.e. resume)")
+
+    r = p.add_argument_group("several runs")
+    r.add_argument("--prompts-file", default=None,
+                   help="text file, one prompt per line (blank lines and lines starting with # ignored)")
+    r.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (one run)")
+    r.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt in each run")
+    return p
+
+
+def _check_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out!r} is an existing file; give a folder")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"--out {out!r} cannot be created: {probe!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out!r} is not writable (no write permission on {probe!r})")
+
+
+def _validate(args) -> tuple[list[str], RunSettings]:
+    """Checks that need no model. Returns the prompts and the settings. Raises UserError."""
+    check_model_reference(args.model)
+
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--num-images-per-prompt", args.num_images_per_prompt)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    multiple = required_multiple(args.model) or 16
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value < 1 or value % multiple:
+            raise UserError(f"{flag} must be a positive multiple of {multiple}, got {value}")
+    if not 1 <= args.max_sequence_length <= T5_MAX_LENGTH:
+        raise UserError(f"--max-sequence-length must be between 1 and {T5_MAX_LENGTH}, got {args.max_sequence_length}")
+    if args.canonical_size is not None and min(args.canonical_size) < 1:
+        raise UserError(f"--canonical-size must be two positive integers H W, got {args.canonical_size}")
+    if args.skip_guidance_layers is not None and min(args.skip_guidance_layers) < 0:
+        raise UserError(f"--skip-guidance-layers must be block indices >= 0, got {args.skip_guidance_layers}")
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+        if not prompts:
+            raise UserError(f"--prompts-file {args.prompts_file!r} holds no prompt (only blank or # lines)")
+    elif not prompts:
+        prompts = [DEFAULT_PROMPT]
+    if any(not p.strip() for p in prompts):
+        raise UserError("empty prompt: every --prompt must have some text")
+    _check_out(args.out)
+    return prompts, settings_from_args(args)
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """The parsed flags as :class:`RunSettings`."""
+    return RunSettings(
+        model_id=args.model,
+        negative_prompt=args.neg,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        max_sequence_length=args.max_sequence_length,
+        skip_guidance_layers=tuple(args.skip_guidance_layers) if args.skip_guidance_layers else None,
+        num_images_per_prompt=args.num_images_per_prompt,
+        canonical_size=tuple(args.canonical_size) if args.canonical_size else None,
+        store_dtype=args.store_dtype,
+        save_block_maps=args.save_block_maps,
+        save_step_maps=args.save_step_maps,
+        save_image=not args.no_image,
+        image_format=args.image_format,
+        embed_metadata=not args.no_embed_metadata,
+        random_weights=args.model == TINY_RANDOM,
+    )
+
+
+def _check_model_limits(pipe, settings: RunSettings) -> None:
+    multiple = int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size)
+    for flag, value in (("--height", settings.height), ("--width", settings.width)):
+        if value % multiple:
+            raise UserError(f"{flag} must be a positive multiple of {multiple} for this model, got {value}")
+    n_blocks = len(pipe.transformer.transformer_blocks)
+    if settings.skip_guidance_layers and max(settings.skip_guidance_layers) >= n_blocks:
+        raise UserError(f"--skip-guidance-layers: this model has blocks 0..{n_blocks - 1}, got {list(settings.skip_guidance_layers)}")
+
+
+def main(argv=None) -> int:
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    t_start = time.perf_counter()
+    try:
+        prompts, settings = _validate(args)
+        runs = plan_runs(prompts, args.seed, args.batch_size)
+    except UserError as exc:
+        return fail(PROG, str(exc))
+
+    from accelerate import PartialState
+
+    try:
+        placement = resolve_placement(args.device, args.dtype, cpu_offload=args.cpu_offload)
+        state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate launch / torchrun
+            on_cpu = placement.device.startswith("cpu")
+            state = PartialState(cpu=on_cpu)
+            if not on_cpu and ":" not in placement.device:  # one GPU per process
+                placement = resolve_placement(str(state.device), args.dtype, cpu_offload=args.cpu_offload)
+    except UserError as exc:
+        return fail(PROG, str(exc))
+
+    def folder_of(run):
+        return os.path.join(args.out, run.folder) if run.folder else args.out
+
+    if state is not None:
+        with state.split_between_processes(runs) as share:
+            my_runs = list(share)
+    else:
+        my_runs = runs
+    todo = [r for r in my_runs if args.overwrite or not run_is_complete(folder_of(r))]
+    # With several processes, all of them load the model when any run is left, so that a load error
+    # stops every process alike instead of leaving some waiting for the others.
+    need_model = bool(todo) or (state is not None and any(
+        args.overwrite or not run_is_complete(folder_of(r)) for r in runs))
+    process = state.process_index if state is not None else 0
+    records = {r.index: RunRecord(r.index, r.folder or ".", tuple(r.prompts), r.seed, "skipped", None, process)
+               for r in my_runs}
+
+    if need_model:
+        if args.model == TINY_RANDOM:
+            print("note: --model tiny-random has RANDOM weights: its images are noise and its maps say nothing "
+                  "about SD3.5 (the outputs say so too); it demonstrates the flow", file=sys.stderr)
+        try:
+            pipe = load_pipeline(args.model, placement, cpu_offload=args.cpu_offload)
+            _check_model_limits(pipe, settings)
+        except UserError as exc:
+            return fail(PROG, str(exc))
+        pipe.set_progress_bar_config(leave=False)
+        from tqdm.auto import tqdm
+
+        from .run import run_one
+
+        is_main = state is None or state.is_main_process
+        for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
+            try:
+                run_one(pipe, run, settings, placement, folder_of(run))
+                records[run.index] = replace(records[run.index], status="done")
+            except Exception as exc:  # a failed run is reported and the others go on
+                if len(runs) == 1:
+                    raise
+                records[run.index] = replace(records[run.index], status="failed", error=f"{type(exc).__name__}: {exc}")
+                print(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    if len(runs) > 1:
+        _write_runs_jsonl(args.out, records, state)
+    if state is None or state.is_main_process:
+        listed = list(records.values())
+        if state is not None:  # the main process counts every process's runs, from runs.jsonl
+            listed = read_runs_jsonl(os.path.join(args.out, RUNS_NAME))
+        counts = {s: sum(1 for r in listed if r.status == s) for s in RUN_STATUSES}
+        print(f"{counts['done']} run(s) written, {counts['skipped']} skipped (already complete), "
+              f"{counts['failed']} failed; output in {args.out} ({time.perf_counter() - t_start:.1f} s)")
+        return 1 if counts["failed"] else 0
+    return 0
+
+
+def _write_runs_jsonl(out: str, records: dict, state) -> None:
+    """runs.jsonl lists every run; with several processes each one hands its records to the main one."""
+    from attention_map_diffusers.atomic import write_text
+
+    os.makedirs(out, exist_ok=True)
+    if state is None:
+        write_text(os.path.join(out, RUNS_NAME), runs_jsonl_text(records.values()))
+        return
+    part = os.path.join(out, f".runs-part-{state.process_index}.jsonl")
+    write_text(part, runs_jsonl_text(records.values()))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merged = []
+        for i in range(state.num_processes):
+            path = os.path.join(out, f".runs-part-{i}.jsonl")
+            merged += read_runs_jsonl(path)
+            os.unlink(path)
+        write_text(os.path.join(out, RUNS_NAME), runs_jsonl_text(merged))
+    state.wait_for_everyone()

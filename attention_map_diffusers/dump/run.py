@@ -1,0 +1,94 @@
+"""One run of the dump command: a pipeline call under the recorder, then its folder."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..contract import IMAGES_DIR, PromptTokens, prompt_tokens
+from .loading import Placement
+from .runs import Run
+from .settings import RunSettings
+from .writer import build_metadata, image_name, write_run
+
+
+def versions() -> dict:
+    """The versions of the libraries that made a dump (recorded in its metadata)."""
+    import diffusers
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def _tokens(pipe, prompts, settings: RunSettings):
+    """Per prompt, the CLIP and T5 tokens as the pipeline feeds them (truncation warned about)."""
+    clip_len = int(pipe.tokenizer_max_length)
+    clip = [prompt_tokens(pipe.tokenizer, p, clip_len) for p in prompts]
+    if pipe.tokenizer_3 is not None:
+        t5 = [prompt_tokens(pipe.tokenizer_3, p, settings.max_sequence_length) for p in prompts]
+    else:
+        t5 = [PromptTokens([], [], [], False) for _ in prompts]
+    for p, c, t in zip(prompts, clip, t5):
+        for name, tok, limit in (("CLIP", c, clip_len), ("T5", t, settings.max_sequence_length)):
+            if tok.truncated:
+                print(f"warning: prompt {p[:40]!r}... is longer than {name}'s {limit} tokens; it is truncated "
+                      "as the pipeline does (metadata 'truncated' records it)", file=sys.stderr)
+    return clip_len, clip, t5
+
+
+def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir: str) -> None:
+    """Generate the images of ``run`` with ``pipe`` under a :class:`StepAverageRecorder` and write
+    its folder ``out_dir`` (npz, metadata.json, images)."""
+    import torch
+
+    from ..capture.recorder import StepAverageRecorder
+
+    n_img = settings.num_images_per_prompt
+    item_prompts = [p for p in run.prompts for _ in range(n_img)]
+    seeds = [run.seed + j for _ in run.prompts for j in range(n_img)]
+    device = pipe._execution_device
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    clip_len, clip, t5 = _tokens(pipe, run.prompts, settings)
+    clip = [c for c in clip for _ in range(n_img)]
+    t5 = [t for t in t5 for _ in range(n_img)]
+
+    kwargs = dict(
+        prompt=list(run.prompts),
+        negative_prompt=settings.negative_prompt,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        height=settings.height,
+        width=settings.width,
+        max_sequence_length=settings.max_sequence_length,
+        num_images_per_prompt=n_img,
+        generator=generators,
+        output_type="pil" if settings.save_image else "latent",
+    )
+    if settings.skip_guidance_layers:
+        kwargs["skip_guidance_layers"] = list(settings.skip_guidance_layers)
+    t0 = time.perf_counter()
+    with StepAverageRecorder(
+        pipe,
+        canonical_size=settings.canonical_size,
+        keep_block_maps=settings.save_block_maps,
+        keep_step_maps=settings.save_step_maps,
+        stats_dtype=torch.float16 if settings.store_dtype == "float16" else torch.float32,
+    ) as rec:
+        output = pipe(**kwargs)
+    result = rec.result()
+    elapsed = time.perf_counter() - t0
+
+    images = list(output.images) if settings.save_image else []
+    names = [
+        f"{IMAGES_DIR}/" + image_name(seeds[i], settings.width, settings.height, i, settings.image_format)
+        if settings.save_image else None
+        for i in range(len(item_prompts))
+    ]
+    metadata = build_metadata(
+        result=result, prompts=item_prompts, seeds=seeds, base_seed=run.seed, clip=clip, t5=t5,
+        clip_length=clip_len, settings=settings, scheduler=type(pipe.scheduler).__name__, device=str(device),
+        dtype=placement.dtype, images=names, elapsed_s=elapsed, versions=versions(),
+    )
+    write_run(out_dir, result.arrays(), metadata, images, settings.image_format,
+              embed=settings.embed_metadata, store_dtype=settings.store_dtype)
