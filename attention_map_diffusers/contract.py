@@ -190,19 +190,51 @@ class PromptTokens:
 def prompt_tokens(tokenizer: Any, prompt: str, max_length: int) -> PromptTokens:
     """Tokenize ``prompt`` the way SD3's pipeline does (specials added, truncated at ``max_length``),
     with character offsets when the tokenizer is a fast one. The one place both layers call a
-    tokenizer."""
+    tokenizer.
+
+    A token is special when its id is one of the tokenizer's special ids, wherever it came from:
+    the ones the tokenizer adds and the ones typed in the prompt (``<|endoftext|>``, ``</s>``,
+    ``<pad>``), which the tokenizer turns into the same ids. The unknown-token id is the exception
+    when it also stands for text the vocabulary lacks (T5's ``<unk>`` for ``é`` or an emoji): such
+    a token is part of its word, and only an ``<unk>`` typed literally is special.
+    """
     full = tokenizer(prompt, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
     kwargs = dict(add_special_tokens=True, truncation=True, max_length=max_length, return_special_tokens_mask=True)
     fast = bool(getattr(tokenizer, "is_fast", False))
     enc = tokenizer(prompt, return_offsets_mapping=fast, **kwargs)
-    ids = list(enc["input_ids"])
-    special = [int(s) for s in enc["special_tokens_mask"]]
+    ids = [int(i) for i in enc["input_ids"]]
+    spans = [(int(a), int(b)) for a, b in enc["offset_mapping"]] if fast else None
+    special = _special_mask(tokenizer, prompt, ids, [int(s) for s in enc["special_tokens_mask"]], spans)
     offsets = None
-    if fast:
-        offsets = [None if s else [int(a), int(b)] for (a, b), s in zip(enc["offset_mapping"], special)]
+    if spans is not None:
+        offsets = [None if s else [a, b] for (a, b), s in zip(spans, special)]
     return PromptTokens(
         tokens=[str(t) for t in tokenizer.convert_ids_to_tokens(ids)],
         special=special,
         offsets=offsets,
         truncated=len(full) > len(ids),
     )
+
+
+def _special_mask(tokenizer: Any, prompt: str, ids: list[int], added: list[int], spans) -> list[int]:
+    """1 for special tokens (see :func:`prompt_tokens`); ``added`` is the tokenizer's own mask, which
+    marks only the specials it added itself."""
+    special_ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    unk = str(getattr(tokenizer, "unk_token", "") or "")
+    others = {int(tokenizer.convert_tokens_to_ids(str(t))) for t in getattr(tokenizer, "all_special_tokens", []) if str(t) != unk}
+    # CLIP's unknown token is <|endoftext|>, a special token in its own right; T5's <unk> is not
+    ambiguous = unk_id if unk_id is not None and unk_id not in others else None
+    out = []
+    for j, (i, a) in enumerate(zip(ids, added)):
+        if a or (i in special_ids and i != ambiguous):
+            out.append(1)
+        elif i == ambiguous:
+            if spans is not None:
+                start, end = spans[j]
+                out.append(int(end > start and prompt[start:end] == unk))
+            else:  # a slow tokenizer gives no spans: trust the prompt's own text
+                out.append(int(bool(unk) and unk in prompt))
+        else:
+            out.append(0)
+    return out
