@@ -254,6 +254,20 @@ BAD = {
     "cuda": (["--device", "cuda"], "CUDA is not available"),
     "cpu offload on the cpu": (["--cpu-offload", "--device", "cpu"], "--cpu-offload needs an accelerator"),
     "model needs a multiple": (["--model", "tiny-random", "--height", "72"], "multiple of 16, got 72"),
+    "guidance nan": (["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    "guidance inf": (["--guidance_scale=-inf"], "--guidance-scale must be a finite number, got -inf"),
+    "seed too large": (["--seed", "18446744073709551616"], "--seed 18446744073709551616 is outside what torch.Generator"),
+    "seed too small": (["--seed", "1", "-9223372036854775809"], "--seed -9223372036854775809 is outside"),
+    "seed + image index too large": (["--seed", "18446744073709551615", "--num-images-per-prompt", "2"],
+                                     "image j of a prompt uses seed + j"),
+    "seed given twice": (["--seed", "3", "--seed", "3"], "--seed 3 is given twice"),
+    "out a dangling symlink": (["--out", "{tmp}/dangling"], "is a symbolic link to"),
+    "out under a dangling symlink": (["--out", "{tmp}/dangling/sub"], "which does not exist"),
+    "beyond pos_embed_max_size": (["--model", "tiny-random", "--height", "1600"],
+                                  "--height 1600 is larger than this model accepts: at most 1536 pixels"),
+    "prompt with an undecodable byte": (["--prompt", "a caf\udce9 table"], "--prompt 'a caf\\udce9 table' is not valid UTF-8"),
+    "negative prompt with an undecodable byte": (["--neg", "blur\udcff"], "--neg 'blur\\udcff' is not valid UTF-8"),
+    "prompts file not UTF-8": (["--prompts-file", "{tmp}/latin1.txt"], "cannot read --prompts-file"),
 }
 
 
@@ -264,6 +278,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys):
     args, message = BAD[case]
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("a café\n".encode("latin-1"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     before = files_under(tmp_path)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--out" not in argv:

@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import pytest
 import analyse_stepavg
 import sd_35_stepavg_dump as dump
 from attention_map_diffusers.contract import prompt_tokens
-from conftest import CLIP_BPE
+from conftest import CLIP_BPE, ROOT
 
 SMALL = ["--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "16", "--device", "cpu"]
 
@@ -61,6 +63,58 @@ def read_words(folder, encoder):
     with open(os.path.join(folder, encoder, "tables", "words_summary.csv"), newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))[1:]
     return [(r[0], float(r[1])) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input refused before the model loads
+
+
+def test_bad_input_refused_before_the_model_loads(sd3_dir, tmp_path, monkeypatch, capsys):
+    """Sizes beyond the model's pos_embed_max_size, read from a local folder's config."""
+    no_model(monkeypatch)
+    before = snapshot(tmp_path)
+    # the tiny test model: pos_embed_max_size 96 patches of 2, VAE factor 2 -> at most 384 pixels
+    assert run_main(["--model", sd3_dir, "--out", tmp_path / "o", *SMALL, "--width", "400"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--width 400 is larger than this model accepts: at most 384 pixels" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_repeated_seed_flags_add_up():
+    parser = dump.build_parser()
+    assert parser.parse_args(["--seed", "1", "--seed", "2"]).seed == [1, 2]
+    assert parser.parse_args(["--seed", "1", "2", "--seed", "3"]).seed == [1, 2, 3]
+    assert parser.parse_args(["--skip-guidance-layers", "7", "--skip-guidance-layers", "8"]).skip_guidance_layers == [7, 8]
+    from attention_map_diffusers.dump.cli import _seeds
+    from attention_map_diffusers.dump.runs import plan_runs
+
+    assert _seeds(parser.parse_args([])) == [42]
+    runs = plan_runs(["a cat"], _seeds(parser.parse_args(["--seed", "1", "--seed", "2"])), 1)
+    assert [(r.seed, r.folder) for r in runs] == [(1, "0000-a-cat-s1"), (2, "0001-a-cat-s2")]
+
+
+def test_prompts_file_with_a_byte_order_mark(tmp_path):
+    from attention_map_diffusers.dump.runs import read_prompts_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa cat\r\n# note\r\na dog\r\n".encode("utf-8"))
+    assert read_prompts_file(str(path)) == ["a cat", "a dog"]
+    path.write_bytes("\ufeff# only a comment\n".encode("utf-8"))
+    assert read_prompts_file(str(path)) == []
+
+
+@pytest.mark.slow
+def test_undecodable_prompt_byte_in_a_subprocess(tmp_path):
+    """A byte the shell cannot decode reaches Python as a lone surrogate: one line, exit 2."""
+    proc = subprocess.run(
+        [sys.executable, os.fsencode(ROOT / "sd_35_stepavg_dump.py"), b"--model", b"tiny-random", b"--prompt",
+         b"a caf\xe9 table", b"--out", b"o"],
+        capture_output=True, cwd=tmp_path, timeout=300, env=dict(os.environ, LC_ALL="C.UTF-8", PYTHONUTF8="1"),
+    )
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err
+    assert one_line(err).startswith("sd_35_stepavg_dump.py: error: --prompt") and "not valid UTF-8" in err
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------

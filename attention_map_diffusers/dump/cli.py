@@ -12,6 +12,7 @@ Generate images with Stable Diffusion 3 / 3.5 and dump step-averaged image->text
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ from ..contract import (
     run_is_complete,
     runs_jsonl_text,
 )
-from .loading import TINY_RANDOM, check_model_reference, load_pipeline, required_multiple, resolve_placement
+from .loading import TINY_RANDOM, Geometry, check_model_reference, load_pipeline, model_geometry, resolve_placement
 from .runs import plan_runs, read_prompts_file
 from .settings import RunSettings
 
@@ -36,6 +37,9 @@ PROG = "sd_35_stepavg_dump.py"
 DEFAULT_PROMPT = "A furry cat beneath a table"
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 T5_MAX_LENGTH = 512  # the longest T5 sequence SD3 pipelines accept
+DEFAULT_SEED = 42
+# what torch.Generator.manual_seed accepts (negative seeds wrap around)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50, help="number of denoising steps")
     g.add_argument("--guidance_scale", "--guidance-scale", dest="guidance_scale", type=float, default=7.5,
                    help="classifier-free guidance scale; <= 1 disables CFG (e.g. SD3.5 large turbo)")
-    g.add_argument("--seed", type=int, nargs="+", default=[42],
-                   help="seed(s); each seed is one run per prompt batch; image j of a prompt uses seed + j")
+    g.add_argument("--seed", type=int, nargs="+", action="extend", default=None,
+                   help=f"seed(s), several values or repeated flags (default: {DEFAULT_SEED}); each seed is one run "
+                   "per prompt batch; image j of a prompt uses seed + j")
     g.add_argument("--height", type=int, default=1024, help="image height in pixels (multiple of 16)")
     g.add_argument("--width", type=int, default=1024, help="image width in pixels (multiple of 16)")
     g.add_argument("--out", default="out_sd35_stepavg",
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enable_model_cpu_offload(): keep only the active model on the GPU (less memory)")
     m.add_argument("--max-sequence-length", type=int, default=256,
                    help=f"T5 tokens (at most {T5_MAX_LENGTH}); the text length T is 77 + this")
-    m.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="I",
+    m.add_argument("--skip-guidance-layers", type=int, nargs="+", action="extend", default=None, metavar="I",
                    help="skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium); "
                    "its extra transformer call is not recorded")
 
@@ -92,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = p.add_argument_group("several runs")
     r.add_argument("--prompts-file", default=None,
-                   help="text file, one prompt per line (blank lines and lines starting with # ignored)")
+                   help="UTF-8 text file, one prompt per line (blank lines and lines starting with # ignored)")
     r.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (one run)")
     r.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt in each run")
     return p
@@ -103,6 +108,11 @@ def _check_out(out: str) -> None:
         raise UserError(f"--out {out!r} is an existing file; give a folder")
     probe = os.path.abspath(out)
     while not os.path.exists(probe):
+        if os.path.islink(probe):
+            raise UserError(
+                f"--out {out!r}: {probe!r} is a symbolic link to {os.readlink(probe)!r}, which does not exist; "
+                "create its target or give another --out"
+            )
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise UserError(f"--out {out!r} cannot be created: {probe!r} is a file")
@@ -110,18 +120,45 @@ def _check_out(out: str) -> None:
         raise UserError(f"--out {out!r} is not writable (no write permission on {probe!r})")
 
 
-def _validate(args) -> tuple[list[str], RunSettings]:
-    """Checks that need no model. Returns the prompts and the settings. Raises UserError."""
+def _check_text(flag: str, text: str) -> None:
+    """Text that cannot be written as UTF-8: a byte the shell could not decode arrives as a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(
+            f"{flag} {ascii(text[:40])} is not valid UTF-8 text (an undecodable byte at character {exc.start}); "
+            "check the terminal's encoding, or put the prompts in a UTF-8 --prompts-file"
+        ) from None
+
+
+def _seeds(args) -> list[int]:
+    seeds = args.seed if args.seed else [DEFAULT_SEED]
+    dup = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if dup is not None:
+        raise UserError(f"--seed {dup} is given twice; each seed is a run, give each once")
+    last = args.num_images_per_prompt - 1  # image j of a prompt uses seed + j
+    for s in seeds:
+        if s < SEED_MIN or s + last > SEED_MAX:
+            extra = f" (image j of a prompt uses seed + j, up to + {last})" if last else ""
+            raise UserError(
+                f"--seed {s} is outside what torch.Generator.manual_seed accepts: {SEED_MIN} to {SEED_MAX}{extra}"
+            )
+    return seeds
+
+
+def _validate(args) -> tuple[list[str], list[int], RunSettings]:
+    """Checks that need no model. Returns the prompts, the seeds and the settings. Raises UserError."""
+    _check_text("--model", args.model)
     check_model_reference(args.model)
 
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--num-images-per-prompt", args.num_images_per_prompt)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    multiple = required_multiple(args.model) or 16
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value < 1 or value % multiple:
-            raise UserError(f"{flag} must be a positive multiple of {multiple}, got {value}")
+    if not math.isfinite(args.guidance_scale):
+        raise UserError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    seeds = _seeds(args)
+    (model_geometry(args.model) or Geometry(16, None)).check(args.height, args.width)
     if not 1 <= args.max_sequence_length <= T5_MAX_LENGTH:
         raise UserError(f"--max-sequence-length must be between 1 and {T5_MAX_LENGTH}, got {args.max_sequence_length}")
     if args.canonical_size is not None and min(args.canonical_size) < 1:
@@ -129,6 +166,9 @@ def _validate(args) -> tuple[list[str], RunSettings]:
     if args.skip_guidance_layers is not None and min(args.skip_guidance_layers) < 0:
         raise UserError(f"--skip-guidance-layers must be block indices >= 0, got {args.skip_guidance_layers}")
     prompts = list(args.prompt or [])
+    for p in prompts:
+        _check_text("--prompt", p)
+    _check_text("--neg", args.neg)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
         if not prompts:
@@ -138,7 +178,7 @@ def _validate(args) -> tuple[list[str], RunSettings]:
     if any(not p.strip() for p in prompts):
         raise UserError("empty prompt: every --prompt must have some text")
     _check_out(args.out)
-    return prompts, settings_from_args(args)
+    return prompts, seeds, settings_from_args(args)
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
@@ -165,10 +205,11 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 
 def _check_model_limits(pipe, settings: RunSettings) -> None:
+    """The checks that need the loaded model (a hub id whose configs were not in the cache)."""
     multiple = int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size)
-    for flag, value in (("--height", settings.height), ("--width", settings.width)):
-        if value % multiple:
-            raise UserError(f"{flag} must be a positive multiple of {multiple} for this model, got {value}")
+    max_patches = getattr(pipe.transformer.config, "pos_embed_max_size", None)
+    Geometry(multiple, int(max_patches) * multiple if max_patches else None).check(
+        settings.height, settings.width, " for this model")
     n_blocks = len(pipe.transformer.transformer_blocks)
     if settings.skip_guidance_layers and max(settings.skip_guidance_layers) >= n_blocks:
         raise UserError(f"--skip-guidance-layers: this model has blocks 0..{n_blocks - 1}, got {list(settings.skip_guidance_layers)}")
@@ -181,8 +222,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.perf_counter()
     try:
-        prompts, settings = _validate(args)
-        runs = plan_runs(prompts, args.seed, args.batch_size)
+        prompts, seeds, settings = _validate(args)
+        runs = plan_runs(prompts, seeds, args.batch_size)
     except UserError as exc:
         return fail(PROG, str(exc))
 
