@@ -1,17 +1,20 @@
 """What a dump is: the one definition that the writer (``dump/``) and the reader (``analysis/``) share.
 
 Standard library only. Everything two layers must agree on lives here and nowhere else: file
-names, the format version, what makes a run folder complete, ``runs.jsonl`` lines, the
-renormalisation epsilon, the block-name pattern, the user-error class, the slug of names, and the
-call that tokenises a prompt with character offsets. See docs/FORMAT.md for the files themselves.
+names, the format version, what makes a run folder complete (and whose settings it records),
+``runs.jsonl`` lines, the renormalisation epsilon, the block-name pattern, the user-error class,
+the slug of names, and the call that tokenises a prompt with character offsets. See
+docs/FORMAT.md for the files themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import unicodedata
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Optional
 
@@ -27,7 +30,16 @@ RENORM_EPS = 1e-8
 #: ``transformer_blocks.{i}.attn`` (SD3's joint-attention modules); group 1 is the block index.
 JOINT_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.attn")
 
+#: The statuses of a ``runs.jsonl`` line. It lists finished runs only: a run still to do (or cut
+#: off by a kill) has no line, so every line whose status is not "failed" names a complete folder.
 RUN_STATUSES = ("done", "skipped", "failed")
+
+#: The arrays every dump's npz holds (``per_block_step_token_max`` and the optional maps aside).
+NPZ_REQUIRED_ARRAYS = ("sum_token_map", "N", "per_block_step_token_mean", "timesteps")
+
+#: metadata.json keys of the settings a run was made with (see :func:`settings_fingerprint`).
+SETTINGS_KEY = "settings"
+FINGERPRINT_KEY = "settings_fingerprint"
 
 
 class UserError(ValueError):
@@ -44,6 +56,33 @@ def run_is_complete(folder: str | os.PathLike) -> bool:
     """A run folder is complete when its npz and its metadata exist (both are written atomically, the
     metadata last)."""
     return os.path.isfile(os.path.join(folder, NPZ_NAME)) and os.path.isfile(os.path.join(folder, METADATA_NAME))
+
+
+def npz_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why the npz at ``path`` cannot be read as a dump's (missing, not a zip archive, truncated, an
+    array missing), or None when it opens. Reads the archive's directory only, not the arrays."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except FileNotFoundError:
+        return "it is missing"
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"it does not open ({exc})"
+    missing = [k for k in NPZ_REQUIRED_ARRAYS if f"{k}.npy" not in names]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    return None
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """``"sha256:<hex>"`` of ``settings`` (JSON values) written canonically: keys sorted, no spaces.
+
+    A dump run stores the settings that decide its files (prompts, seed, model, steps, sizes, ...,
+    see docs/FORMAT.md) under :data:`SETTINGS_KEY` and this fingerprint under :data:`FINGERPRINT_KEY`;
+    a later command resumes a folder only when the fingerprint it would write is the same.
+    """
+    text = json.dumps(settings, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def slugify(text: str, max_len: int = 40) -> str:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import analyse_stepavg
 import sd_35_stepavg_dump as dump
-from attention_map_diffusers.contract import prompt_tokens
+from attention_map_diffusers.contract import FINGERPRINT_KEY, prompt_tokens, read_runs_jsonl, run_is_complete
 from conftest import CLIP_BPE, ROOT
 
 SMALL = ["--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "16", "--device", "cpu"]
@@ -63,6 +66,272 @@ def read_words(folder, encoder):
     with open(os.path.join(folder, encoder, "tables", "words_summary.csv"), newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))[1:]
     return [(r[0], float(r[1])) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: a folder is complete only with the same settings and a readable npz
+
+
+@pytest.fixture(scope="module")
+def single(sd3_dir, tmp_path_factory):
+    """A single run (into --out itself) and the arguments that made it."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--no-image", "--out", out, *SMALL]
+    assert run_main(args) == 0
+    return out, args
+
+
+CHANGES = {
+    "prompt": (["--prompt", "a dog"], "prompt"),
+    "steps": (["--steps", "3"], "steps 2 there, 3 now"),
+    "size": (["--height", "80"], "height 64 there, 80 now"),
+    "guidance": (["--guidance-scale", "5"], "guidance_scale 7.5 there, 5.0 now"),
+    "images per prompt": (["--num-images-per-prompt", "2"], "num_images_per_prompt 1 there, 2 now"),
+    "model": (["--model", "{sd35m}"], "model"),
+    "negative prompt": (["--neg", "blurry"], "negative_prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGES))
+def test_changed_settings_are_refused_before_the_model_loads(case, single, sd35m_dir, monkeypatch, capsys):
+    out, args = single
+    change, expected = CHANGES[case]
+    change = [a.replace("{sd35m}", sd35m_dir) for a in change]
+    if case == "prompt":
+        args = [a for a in args if a != "a cat"]
+        args.remove("--prompt")
+    if case == "model":
+        i = args.index("--model")
+        args = args[:i] + args[i + 2:]
+    before = snapshot(out)
+    no_model(monkeypatch)
+    capsys.readouterr()
+    assert run_main(args + change) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "made with other settings" in line and expected in line, line
+    assert "--overwrite" in line and "new --out" in line
+    assert snapshot(out) == before
+
+
+def test_a_run_without_a_settings_fingerprint_is_refused(single, monkeypatch, capsys, tmp_path):
+    """A folder from an older version (or the original tool) records no settings: not resumed blindly."""
+    src, args = single
+    out = tmp_path / "old"
+    shutil.copytree(src, out)
+    meta = json.loads((out / "metadata.json").read_text())
+    del meta[FINGERPRINT_KEY]
+    (out / "metadata.json").write_text(json.dumps(meta))
+    no_model(monkeypatch)
+    i = args.index("--out")
+    capsys.readouterr()
+    assert run_main(args[:i] + args[i + 2:] + ["--out", out]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "no settings fingerprint" in line and "--overwrite" in line
+
+
+def test_overwrite_replaces_a_run_made_with_other_settings(single, tmp_path, capsys):
+    src, args = single
+    out = tmp_path / "over"
+    shutil.copytree(src, out)
+    i = args.index("--out")
+    args = args[:i] + args[i + 2:] + ["--out", out, "--steps", "3"]
+    assert run_main(args) == 2
+    assert run_main(args + ["--overwrite"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["steps"] == 3 and meta["settings"]["steps"] == 3
+    capsys.readouterr()
+    assert run_main(args) == 0  # the same settings again: complete, skipped
+    assert "0 run(s) written, 1 skipped" in capsys.readouterr().out
+
+
+def test_same_settings_from_another_folder_spelling_resume(single, monkeypatch, capsys, sd3_dir):
+    """--model ./rel and /abs/rel name the same folder: the fingerprint records its real path."""
+    out, args = single
+    i = args.index("--model")
+    rel = os.path.relpath(sd3_dir, os.getcwd())
+    no_model(monkeypatch)
+    capsys.readouterr()
+    assert run_main(args[:i] + ["--model", rel] + args[i + 2:]) == 0
+    assert "0 run(s) written, 1 skipped" in capsys.readouterr().out
+
+
+def test_damaged_npz_or_metadata_is_redone_with_a_warning(sd3_dir, tmp_path, capsys):
+    out = tmp_path / "damaged"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--prompt", "a owl", "--out", out,
+            "--no-image", *SMALL]
+    assert run_main(args) == 0
+    npz = out / "0000-a-cat" / "stepavg_token_maps_v1.npz"
+    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])  # a copy cut short
+    (out / "0001-a-dog" / "metadata.json").write_text('{"prompt": ["a dog"], "seed":')
+    untouched = snapshot(out / "0002-a-owl")
+    capsys.readouterr()
+    assert run_main(args) == 0
+    cap = capsys.readouterr()
+    assert "2 run(s) written, 1 skipped" in cap.out
+    warnings = [ln for ln in messages(cap.err) if ln.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "0000-a-cat" in warnings[0] and "stepavg_token_maps_v1.npz" in warnings[0] and "done again" in warnings[0]
+    assert "0001-a-dog" in warnings[1] and "metadata.json is damaged" in warnings[1]
+    with np.load(npz) as z:
+        assert z["sum_token_map"].shape[0] == 1
+    assert json.loads((out / "0001-a-dog" / "metadata.json").read_text())["prompt"] == ["a dog"]
+    assert snapshot(out / "0002-a-owl") == untouched
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["done", "done", "skipped"]
+
+
+def test_single_run_and_folder_of_runs_do_not_mix(single, sd3_dir, tmp_path, monkeypatch, capsys):
+    """The analysis reads runs.jsonl when there is one: the other kind would be silently ignored."""
+    out, args = single
+    no_model(monkeypatch)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_main(args + ["--prompt", "a dog"]) == 2  # two runs into a single run's folder
+    line = one_line(capsys.readouterr().err)
+    assert "holds a single run (metadata.json)" in line and "new --out" in line
+    assert snapshot(out) == before
+
+    runs = tmp_path / "runs"
+    (runs / "0000-a-cat").mkdir(parents=True)
+    (runs / "0000-a-cat" / "metadata.json").write_text("{}")
+    for extra in ([], ["runs.jsonl"]):
+        for name in extra:
+            (runs / name).write_text("")
+        before = snapshot(runs)
+        assert run_main(["--model", sd3_dir, "--prompt", "a cat", "--out", runs, *SMALL]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert "holds several runs" in line and "new --out" in line
+        assert snapshot(runs) == before
+
+
+def test_temp_files_left_by_a_kill_are_removed(sd3_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tidy"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--out", out, *SMALL]
+    assert run_main(args) == 0
+    run = out / "0000-a-cat"
+    leftovers = [
+        run / ".stepavg_token_maps_v1.k2j4h5l1.tmp.npz",
+        run / ".metadata.ab_d1234.tmp.json",
+        run / "images" / ".seed42-64x64-idx0.zzzzzzzz.tmp.png",
+        out / ".runs.q1w2e3r4.tmp.jsonl",
+        out / ".runs-part-3.jsonl",
+        out / ".runs.lock",
+    ]
+    keep = [out / ".hidden", out / "notes.tmp", run / "images" / "mine.tmp.png"]
+    for p in leftovers + keep:
+        p.write_bytes(b"x")
+    no_model(monkeypatch)  # both runs are complete: only the tidying is left
+    capsys.readouterr()
+    assert run_main(args) == 0
+    assert "removed 6 temporary file(s)" in capsys.readouterr().err
+    assert [p for p in leftovers if p.exists()] == []
+    assert all(p.exists() for p in keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs.jsonl lists the finished runs at every moment
+
+
+def test_runs_jsonl_lists_finished_runs_while_running_and_after_ctrl_c(sd3_dir, tmp_path, monkeypatch, capsys):
+    import attention_map_diffusers.dump.run as run_mod
+
+    real = run_mod.run_one
+    out = tmp_path / "live"
+    seen = []
+
+    def run_one(pipe, run, settings, placement, folder):
+        listed = read_runs_jsonl(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
+        seen.append([(r.folder, r.status) for r in listed])
+        if run.index == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the third run
+            time.sleep(5)
+        real(pipe, run, settings, placement, folder)
+
+    monkeypatch.setattr(run_mod, "run_one", run_one)
+    handler = signal.getsignal(signal.SIGINT)
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--prompt", "a owl", "--prompt", "a cow",
+            "--out", out, "--no-image", *SMALL]
+    capsys.readouterr()
+    assert run_main(args) == 130
+    line = one_line(capsys.readouterr().err)
+    assert "interrupted by SIGINT: 2 run(s) finished" in line and "run the same command again" in line
+    # before each run, runs.jsonl already listed every run finished so far, and nothing else
+    assert seen == [[], [("0000-a-cat", "done")], [("0000-a-cat", "done"), ("0001-a-dog", "done")]]
+    rows = read_runs_jsonl(out / "runs.jsonl")
+    assert [(r.folder, r.status) for r in rows] == [("0000-a-cat", "done"), ("0001-a-dog", "done")]
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers are restored
+
+    monkeypatch.setattr(run_mod, "run_one", real)
+    capsys.readouterr()
+    assert run_main(args) == 0  # the same command resumes
+    assert "2 run(s) written, 2 skipped" in capsys.readouterr().out
+    assert [r.status for r in read_runs_jsonl(out / "runs.jsonl")] == ["skipped", "skipped", "done", "done"]
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_folder_the_analysis_reads(sd3_dir, tmp_path):
+    """A cluster's time limit: SIGTERM after the first run; runs.jsonl lists what finished."""
+    out = tmp_path / "killed"
+    prompts = [p for w in ("cat", "dog", "owl", "cow", "fox", "bee", "elk", "yak") for p in ("--prompt", f"a {w}")]
+    cmd = [sys.executable, str(ROOT / "sd_35_stepavg_dump.py"), "--model", sd3_dir, *prompts, "--out", str(out),
+           "--no-image", "--steps", "30", "--height", "128", "--width", "128", "--max-sequence-length", "16",
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    first = out / "0000-a-cat" / "metadata.json"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted by SIGTERM" in messages(stderr)[-1] and "Traceback" not in stderr
+    rows = read_runs_jsonl(out / "runs.jsonl")
+    assert 1 <= len(rows) < 8 and all(r.status == "done" for r in rows)
+    assert rows[0].folder == "0000-a-cat"
+    assert all(run_is_complete(out / r.folder) for r in rows)
+    assert [p for _, _, fs in os.walk(out) for p in fs if ".tmp" in p] == []
+    assert analyse_stepavg.main(["--root", str(out), "--tables-only", "--out", str(tmp_path / "analysis")]) == 0
+    for r in rows:
+        assert (tmp_path / "analysis" / r.folder / "clip" / "tables" / "words_summary.csv").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+def _full_disk(monkeypatch):
+    def savez(fh, **arrays):
+        fh.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", savez)
+
+
+def test_full_disk_single_run_is_one_line_and_exit_1(sd3_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    _full_disk(monkeypatch)
+    capsys.readouterr()
+    assert run_main(["--model", sd3_dir, "--out", out, *SMALL]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("sd_35_stepavg_dump.py: error: cannot write") and os.strerror(errno.ENOSPC) in line
+    assert "run the same command again" in line
+    assert not (out / "metadata.json").exists()
+    assert [p for _, _, fs in os.walk(out) for p in fs if ".tmp" in p] == []
+
+
+def test_full_disk_stops_a_job_of_several_runs(sd3_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full-many"
+    _full_disk(monkeypatch)
+    capsys.readouterr()
+    assert run_main(["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--out", out, "--no-image",
+                     *SMALL]) == 1
+    cap = capsys.readouterr()
+    errors = [ln for ln in messages(cap.err) if ln.startswith("error:")]
+    assert len(errors) == 1 and "run 0" in errors[0] and "stopping" in errors[0]
+    assert "0 run(s) written, 0 skipped (already complete), 1 failed" in cap.out
+    rows = read_runs_jsonl(out / "runs.jsonl")
+    assert [(r.folder, r.status) for r in rows] == [("0000-a-cat", "failed")]  # run 1 never started: not listed
 
 
 # ---------------------------------------------------------------------------------------------

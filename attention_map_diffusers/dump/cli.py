@@ -16,20 +16,22 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
 
 # torch-free imports only here, so that --help and bad input answer at once
 from ..cli import OneLineParser, fail, parse
-from ..contract import (
-    RUN_STATUSES,
-    RUNS_NAME,
-    RunRecord,
-    UserError,
-    read_runs_jsonl,
-    run_is_complete,
-    runs_jsonl_text,
+from ..atomic import remove_temp_files
+from ..contract import IMAGES_DIR, RUN_STATUSES, RUNS_NAME, RunRecord, UserError, read_runs_jsonl
+from .interrupts import Interrupted, interrupts
+from .journal import RunsJournal, remove_leftovers
+from .loading import (
+    TINY_RANDOM,
+    Geometry,
+    check_model_reference,
+    load_pipeline,
+    model_geometry,
+    resolve_placement,
 )
-from .loading import TINY_RANDOM, Geometry, check_model_reference, load_pipeline, model_geometry, resolve_placement
+from .resume import COMPLETE, OTHER, REDO, check_out_kind, existing_run, refuse_other_settings
 from .runs import plan_runs, read_prompts_file
 from .settings import RunSettings
 
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-embed-metadata", action="store_true",
                    help="do not embed the run's metadata in the images (PNG text chunks / JPEG comment)")
     c.add_argument("--overwrite", action="store_true",
-                   help="redo runs whose folder is already complete (default: skip them, i.e. resume)")
+                   help="redo runs whose folder is already complete, or was made with other settings "
+                   "(default: skip complete runs, i.e. resume, and refuse folders made with other settings)")
 
     r = p.add_argument_group("several runs")
     r.add_argument("--prompts-file", default=None,
@@ -224,6 +227,7 @@ def main(argv=None) -> int:
     try:
         prompts, seeds, settings = _validate(args)
         runs = plan_runs(prompts, seeds, args.batch_size)
+        check_out_kind(args.out, single=len(runs) == 1)
     except UserError as exc:
         return fail(PROG, str(exc))
 
@@ -243,20 +247,93 @@ def main(argv=None) -> int:
     def folder_of(run):
         return os.path.join(args.out, run.folder) if run.folder else args.out
 
+    # What the folders hold, decided before the model loads. Every process looks at every run so
+    # that all of them refuse alike.
+    existing = {} if args.overwrite else {r.index: existing_run(folder_of(r), settings, r) for r in runs}
+    try:
+        refuse_other_settings(args.out, [(folder_of(r), existing[r.index]) for r in runs
+                                         if not args.overwrite and existing[r.index].state == OTHER])
+    except UserError as exc:
+        return fail(PROG, str(exc))
+
+    def complete(run) -> bool:
+        return not args.overwrite and existing[run.index].state == COMPLETE
+
     if state is not None:
         with state.split_between_processes(runs) as share:
             my_runs = list(share)
     else:
         my_runs = runs
-    todo = [r for r in my_runs if args.overwrite or not run_is_complete(folder_of(r))]
+    todo = [r for r in my_runs if not complete(r)]
+    for r in todo:
+        found = existing.get(r.index)
+        if found is not None and found.state == REDO and found.reason:
+            print(f"warning: {folder_of(r)}: {found.reason}; the run is done again", file=sys.stderr)
     # With several processes, all of them load the model when any run is left, so that a load error
     # stops every process alike instead of leaving some waiting for the others.
-    need_model = bool(todo) or (state is not None and any(
-        args.overwrite or not run_is_complete(folder_of(r)) for r in runs))
+    need_model = bool(todo) or (state is not None and not all(complete(r) for r in runs))
     process = state.process_index if state is not None else 0
-    records = {r.index: RunRecord(r.index, r.folder or ".", tuple(r.prompts), r.seed, "skipped", None, process)
-               for r in my_runs}
+    journal = RunsJournal(args.out, [r.folder for r in runs], process, state.num_processes if state else 1,
+                          write=len(runs) > 1)
+    for r in my_runs:
+        if complete(r):
+            journal.record(_record(r, "skipped", process), flush=False)
 
+    with interrupts():
+        try:
+            code = _execute(args, settings, placement, state, len(runs), todo, need_model, journal,
+                            [folder_of(r) for r in my_runs], folder_of)
+        except Interrupted as exc:
+            if journal.started:  # before the runs start, runs.jsonl is left as it was
+                journal.flush()
+            if journal.write:
+                done = sum(1 for r in journal.records.values() if r.status == "done")
+                message = (f"interrupted by {exc.name}: {done} run(s) finished here and are listed in "
+                           f"{os.path.join(args.out, RUNS_NAME)}; run the same command again to do the rest")
+            else:
+                message = f"interrupted by {exc.name} before the run finished; run the same command again to do it"
+            return fail(PROG, message, exc.exit_code)
+    if code is not None:
+        return code
+
+    if journal.failed_write is not None:
+        print(f"warning: could not write {os.path.join(args.out, RUNS_NAME)}: "
+              f"{journal.failed_write.strerror or journal.failed_write}", file=sys.stderr)
+    if state is None or state.is_main_process:
+        listed = list(journal.records.values())
+        if state is not None:  # the main process counts every process's runs, from runs.jsonl
+            try:
+                listed = read_runs_jsonl(os.path.join(args.out, RUNS_NAME))
+            except UserError:
+                pass
+        counts = {s: sum(1 for r in listed if r.status == s) for s in RUN_STATUSES}
+        print(f"{counts['done']} run(s) written, {counts['skipped']} skipped (already complete), "
+              f"{counts['failed']} failed; output in {args.out} ({time.perf_counter() - t_start:.1f} s)")
+        return 1 if counts["failed"] else 0
+    return 0
+
+
+def _record(run, status: str, process: int, error=None) -> RunRecord:
+    return RunRecord(run.index, run.folder or ".", tuple(run.prompts), run.seed, status, error, process)
+
+
+def _tidy(out: str, folders: list[str], is_main: bool) -> None:
+    """Remove what a killed command left: temporary files in the run folders (this process's) and,
+    on the main process, in ``out`` (with the per-process parts of runs.jsonl and their lock)."""
+    removed = []
+    if is_main:
+        removed += remove_temp_files(out) + remove_leftovers(out)
+    for folder in folders:
+        removed += remove_temp_files(folder) + remove_temp_files(os.path.join(folder, IMAGES_DIR))
+    if removed:
+        print(f"note: removed {len(set(removed))} temporary file(s) left by an interrupted command", file=sys.stderr)
+
+
+def _execute(args, settings, placement, state, n_runs, todo, need_model, journal, my_folders, folder_of):
+    """Load the model when needed, tidy up after a killed command, do this process's runs. Returns
+    an exit code to return at once, or None when the summary follows."""
+    is_main = state is None or state.is_main_process
+    pipe = None
     if need_model:
         if args.model == TINY_RANDOM:
             print("note: --model tiny-random has RANDOM weights: its images are noise and its maps say nothing "
@@ -267,50 +344,33 @@ def main(argv=None) -> int:
         except UserError as exc:
             return fail(PROG, str(exc))
         pipe.set_progress_bar_config(leave=False)
+    _tidy(args.out, my_folders, is_main)
+    if state is not None:
+        state.wait_for_everyone()  # the main process's tidying is over before anyone writes
+    journal.flush()  # from here on runs.jsonl lists this command's finished runs only
+    if todo:
         from tqdm.auto import tqdm
 
         from .run import run_one
+        from .writer import WriteError
 
-        is_main = state is None or state.is_main_process
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
                 run_one(pipe, run, settings, placement, folder_of(run))
-                records[run.index] = replace(records[run.index], status="done")
+            except WriteError as exc:  # a full disk fails every later run too: stop here
+                journal.record(_record(run, "failed", journal.process, str(exc)))
+                message = (f"{exc}; free some space (or fix the permissions) and run the same command again: "
+                           "finished runs are kept")
+                if n_runs == 1:
+                    return fail(PROG, message, 1)
+                tqdm.write(f"error: run {run.index} ({run.folder}): {message}; stopping", file=sys.stderr)
+                break
             except Exception as exc:  # a failed run is reported and the others go on
-                if len(runs) == 1:
+                if n_runs == 1:
                     raise
-                records[run.index] = replace(records[run.index], status="failed", error=f"{type(exc).__name__}: {exc}")
-                print(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-
-    if len(runs) > 1:
-        _write_runs_jsonl(args.out, records, state)
-    if state is None or state.is_main_process:
-        listed = list(records.values())
-        if state is not None:  # the main process counts every process's runs, from runs.jsonl
-            listed = read_runs_jsonl(os.path.join(args.out, RUNS_NAME))
-        counts = {s: sum(1 for r in listed if r.status == s) for s in RUN_STATUSES}
-        print(f"{counts['done']} run(s) written, {counts['skipped']} skipped (already complete), "
-              f"{counts['failed']} failed; output in {args.out} ({time.perf_counter() - t_start:.1f} s)")
-        return 1 if counts["failed"] else 0
-    return 0
-
-
-def _write_runs_jsonl(out: str, records: dict, state) -> None:
-    """runs.jsonl lists every run; with several processes each one hands its records to the main one."""
-    from attention_map_diffusers.atomic import write_text
-
-    os.makedirs(out, exist_ok=True)
-    if state is None:
-        write_text(os.path.join(out, RUNS_NAME), runs_jsonl_text(records.values()))
-        return
-    part = os.path.join(out, f".runs-part-{state.process_index}.jsonl")
-    write_text(part, runs_jsonl_text(records.values()))
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merged = []
-        for i in range(state.num_processes):
-            path = os.path.join(out, f".runs-part-{i}.jsonl")
-            merged += read_runs_jsonl(path)
-            os.unlink(path)
-        write_text(os.path.join(out, RUNS_NAME), runs_jsonl_text(merged))
-    state.wait_for_everyone()
+                journal.record(_record(run, "failed", journal.process, f"{type(exc).__name__}: {exc}"))
+                tqdm.write(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            journal.record(_record(run, "done", journal.process))
+    journal.finish(state)
+    return None
