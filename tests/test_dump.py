@@ -186,6 +186,7 @@ def test_real_clip_vocabulary_tokens_and_offsets(tmp_path, capsys):
     assert spans == ["A", "cap", "y", "bara", "holding", "a", "sign", ",", "photo", "realistic", "!"]
 
 
+@pytest.mark.slow
 def test_tiny_random_end_to_end_in_a_subprocess(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
@@ -294,6 +295,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys):
     assert files_under(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_subprocess_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "sd_35_stepavg_dump.py"), "--model", "nobody-here/not-a-model", "--out", "o"],
@@ -324,6 +326,7 @@ def test_gated_model_explains_how_to_log_in(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_several_processes_split_the_runs(tmp_path, sd3_dir):
     """Two CPU processes under torchrun (the launcher accelerate launch uses for several GPUs)."""
     out = tmp_path / "split"

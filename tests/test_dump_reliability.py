@@ -386,6 +386,16 @@ def test_undecodable_prompt_byte_in_a_subprocess(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_abbreviated_flags_are_rejected(tmp_path, capsys):
+    for argv in (["--image", "x.png"], ["--image-f", "png"], ["--over"]):
+        assert dump.main(argv + ["--out", str(tmp_path / "o")]) == 2
+        assert "unrecognized arguments" in one_line(capsys.readouterr().err)
+    for argv in (["--tables"], ["--t5", "x"], ["--enc", "clip"]):
+        assert analyse_stepavg.main(["--root", str(tmp_path)] + argv) == 2
+        assert "unrecognized arguments" in one_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Special tokens typed in a prompt
 
