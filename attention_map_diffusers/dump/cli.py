@@ -44,6 +44,15 @@ DEFAULT_SEED = 42
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
+class _Extend(argparse.Action):
+    """``nargs="+"`` values that add up over repeated flags and replace the default (argparse's own
+    "extend" action appends to a list default instead)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (current if current is not self.default else []) + list(values))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG,
@@ -59,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50, help="number of denoising steps")
     g.add_argument("--guidance_scale", "--guidance-scale", dest="guidance_scale", type=float, default=7.5,
                    help="classifier-free guidance scale; <= 1 disables CFG (e.g. SD3.5 large turbo)")
-    g.add_argument("--seed", type=int, nargs="+", action="extend", default=None,
-                   help=f"seed(s), several values or repeated flags (default: {DEFAULT_SEED}); each seed is one run "
-                   "per prompt batch; image j of a prompt uses seed + j")
+    g.add_argument("--seed", type=int, nargs="+", action=_Extend, default=[DEFAULT_SEED],
+                   help="seed(s), as several values or repeated flags; each seed is one run per prompt batch; "
+                   "image j of a prompt uses seed + j")
     g.add_argument("--height", type=int, default=1024, help="image height in pixels (multiple of 16)")
     g.add_argument("--width", type=int, default=1024, help="image width in pixels (multiple of 16)")
     g.add_argument("--out", default="out_sd35_stepavg",
@@ -77,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enable_model_cpu_offload(): keep only the active model on the GPU (less memory)")
     m.add_argument("--max-sequence-length", type=int, default=256,
                    help=f"T5 tokens (at most {T5_MAX_LENGTH}); the text length T is 77 + this")
-    m.add_argument("--skip-guidance-layers", type=int, nargs="+", action="extend", default=None, metavar="I",
+    m.add_argument("--skip-guidance-layers", type=int, nargs="+", action=_Extend, default=None, metavar="I",
                    help="skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium); "
                    "its extra transformer call is not recorded")
 
@@ -135,7 +144,7 @@ def _check_text(flag: str, text: str) -> None:
 
 
 def _seeds(args) -> list[int]:
-    seeds = args.seed if args.seed else [DEFAULT_SEED]
+    seeds = list(args.seed)
     dup = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
     if dup is not None:
         raise UserError(f"--seed {dup} is given twice; each seed is a run, give each once")
