@@ -54,7 +54,8 @@ def block_index(name: str) -> Optional[int]:
 
 def run_is_complete(folder: str | os.PathLike) -> bool:
     """A run folder is complete when its npz and its metadata exist (both are written atomically, the
-    metadata last)."""
+    metadata last). To resume, the dump command asks more: the same :func:`settings_fingerprint` in
+    the metadata and an npz that opens (:func:`npz_problem`)."""
     return os.path.isfile(os.path.join(folder, NPZ_NAME)) and os.path.isfile(os.path.join(folder, METADATA_NAME))
 
 
