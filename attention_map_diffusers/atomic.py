@@ -5,8 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from typing import Any, Iterator
+
+#: The names :func:`atomic_path` gives its temporary files: ``.{stem}.{8 random}.tmp{suffix}``
+#: (``.stepavg_token_maps_v1.k2j4h5l1.tmp.npz``). A kill leaves them behind; nothing else is named so.
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?")
 
 
 @contextlib.contextmanager
@@ -29,6 +34,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files of :func:`atomic_path` left in ``folder`` (not in its sub-folders)
+    by a killed writer; returns their paths. Call it only when no writer is at work there."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    return removed
 
 
 def current_umask() -> int:

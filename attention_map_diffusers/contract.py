@@ -1,17 +1,20 @@
 """What a dump is: the one definition that the writer (``dump/``) and the reader (``analysis/``) share.
 
 Standard library only. Everything two layers must agree on lives here and nowhere else: file
-names, the format version, what makes a run folder complete, ``runs.jsonl`` lines, the
-renormalisation epsilon, the block-name pattern, the user-error class, the slug of names, and the
-call that tokenises a prompt with character offsets. See docs/FORMAT.md for the files themselves.
+names, the format version, what makes a run folder complete (and whose settings it records),
+``runs.jsonl`` lines, the renormalisation epsilon, the block-name pattern, the user-error class,
+the slug of names, and the call that tokenises a prompt with character offsets. See
+docs/FORMAT.md for the files themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import unicodedata
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Optional
 
@@ -27,7 +30,16 @@ RENORM_EPS = 1e-8
 #: ``transformer_blocks.{i}.attn`` (SD3's joint-attention modules); group 1 is the block index.
 JOINT_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.attn")
 
+#: The statuses of a ``runs.jsonl`` line. It lists finished runs only: a run still to do (or cut
+#: off by a kill) has no line, so every line whose status is not "failed" names a complete folder.
 RUN_STATUSES = ("done", "skipped", "failed")
+
+#: The arrays every dump's npz holds (``per_block_step_token_max`` and the optional maps aside).
+NPZ_REQUIRED_ARRAYS = ("sum_token_map", "N", "per_block_step_token_mean", "timesteps")
+
+#: metadata.json keys of the settings a run was made with (see :func:`settings_fingerprint`).
+SETTINGS_KEY = "settings"
+FINGERPRINT_KEY = "settings_fingerprint"
 
 
 class UserError(ValueError):
@@ -42,8 +54,36 @@ def block_index(name: str) -> Optional[int]:
 
 def run_is_complete(folder: str | os.PathLike) -> bool:
     """A run folder is complete when its npz and its metadata exist (both are written atomically, the
-    metadata last)."""
+    metadata last). To resume, the dump command asks more: the same :func:`settings_fingerprint` in
+    the metadata and an npz that opens (:func:`npz_problem`)."""
     return os.path.isfile(os.path.join(folder, NPZ_NAME)) and os.path.isfile(os.path.join(folder, METADATA_NAME))
+
+
+def npz_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why the npz at ``path`` cannot be read as a dump's (missing, not a zip archive, truncated, an
+    array missing), or None when it opens. Reads the archive's directory only, not the arrays."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except FileNotFoundError:
+        return "it is missing"
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"it does not open ({exc})"
+    missing = [k for k in NPZ_REQUIRED_ARRAYS if f"{k}.npy" not in names]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    return None
+
+
+def settings_fingerprint(settings: dict) -> str:
+    """``"sha256:<hex>"`` of ``settings`` (JSON values) written canonically: keys sorted, no spaces.
+
+    A dump run stores the settings that decide its files (prompts, seed, model, steps, sizes, ...,
+    see docs/FORMAT.md) under :data:`SETTINGS_KEY` and this fingerprint under :data:`FINGERPRINT_KEY`;
+    a later command resumes a folder only when the fingerprint it would write is the same.
+    """
+    text = json.dumps(settings, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def slugify(text: str, max_len: int = 40) -> str:
@@ -190,19 +230,51 @@ class PromptTokens:
 def prompt_tokens(tokenizer: Any, prompt: str, max_length: int) -> PromptTokens:
     """Tokenize ``prompt`` the way SD3's pipeline does (specials added, truncated at ``max_length``),
     with character offsets when the tokenizer is a fast one. The one place both layers call a
-    tokenizer."""
+    tokenizer.
+
+    A token is special when its id is one of the tokenizer's special ids, wherever it came from:
+    the ones the tokenizer adds and the ones typed in the prompt (``<|endoftext|>``, ``</s>``,
+    ``<pad>``), which the tokenizer turns into the same ids. The unknown-token id is the exception
+    when it also stands for text the vocabulary lacks (T5's ``<unk>`` for ``é`` or an emoji): such
+    a token is part of its word, and only an ``<unk>`` typed literally is special.
+    """
     full = tokenizer(prompt, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
     kwargs = dict(add_special_tokens=True, truncation=True, max_length=max_length, return_special_tokens_mask=True)
     fast = bool(getattr(tokenizer, "is_fast", False))
     enc = tokenizer(prompt, return_offsets_mapping=fast, **kwargs)
-    ids = list(enc["input_ids"])
-    special = [int(s) for s in enc["special_tokens_mask"]]
+    ids = [int(i) for i in enc["input_ids"]]
+    spans = [(int(a), int(b)) for a, b in enc["offset_mapping"]] if fast else None
+    special = _special_mask(tokenizer, prompt, ids, [int(s) for s in enc["special_tokens_mask"]], spans)
     offsets = None
-    if fast:
-        offsets = [None if s else [int(a), int(b)] for (a, b), s in zip(enc["offset_mapping"], special)]
+    if spans is not None:
+        offsets = [None if s else [a, b] for (a, b), s in zip(spans, special)]
     return PromptTokens(
         tokens=[str(t) for t in tokenizer.convert_ids_to_tokens(ids)],
         special=special,
         offsets=offsets,
         truncated=len(full) > len(ids),
     )
+
+
+def _special_mask(tokenizer: Any, prompt: str, ids: list[int], added: list[int], spans) -> list[int]:
+    """1 for special tokens (see :func:`prompt_tokens`); ``added`` is the tokenizer's own mask, which
+    marks only the specials it added itself."""
+    special_ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    unk = str(getattr(tokenizer, "unk_token", "") or "")
+    others = {int(tokenizer.convert_tokens_to_ids(str(t))) for t in getattr(tokenizer, "all_special_tokens", []) if str(t) != unk}
+    # CLIP's unknown token is <|endoftext|>, a special token in its own right; T5's <unk> is not
+    ambiguous = unk_id if unk_id is not None and unk_id not in others else None
+    out = []
+    for j, (i, a) in enumerate(zip(ids, added)):
+        if a or (i in special_ids and i != ambiguous):
+            out.append(1)
+        elif i == ambiguous:
+            if spans is not None:
+                start, end = spans[j]
+                out.append(int(end > start and prompt[start:end] == unk))
+            else:  # a slow tokenizer gives no spans: trust the prompt's own text
+                out.append(int(bool(unk) and unk in prompt))
+        else:
+            out.append(0)
+    return out

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import re
 import sys
+
+import numpy as np
+import pytest
 
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+pytestmark = pytest.mark.slow  # benchmarks: `pytest -m "not slow"` leaves them out
 
 
 def test_bench_capture_toy(tmp_path, capsys):
@@ -28,10 +36,71 @@ def test_bench_capture_toy(tmp_path, capsys):
     assert "capture / stock" in capsys.readouterr().out
 
 
-def test_bench_analysis_small(tmp_path):
+def _word_masses(folder):
+    """Per encoder, the word masses the benchmark's dump should give, recomputed here from its npz and
+    offsets (float64): per pixel each word's share of the words' attention, averaged, normalised."""
+    with np.load(os.path.join(folder, "stepavg_token_maps_v1.npz")) as z:
+        avg = z["sum_token_map"][0].astype(np.float64) / float(z["N"].reshape(-1)[0])
+    with open(os.path.join(folder, "metadata.json"), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    prompt = meta["prompt"][0]
+    words = [m.span() for m in re.finditer(r"[^\W_]+", prompt)]
+    out = {}
+    for enc, key in (("clip", "token_offsets_clip"), ("t5", "token_offsets_t5")):
+        start = meta["text_spans"][enc][0]
+        pos = [[start + j for j, o in enumerate(meta[key][0]) if o is not None and a <= o[0] and o[1] <= b]
+               for a, b in words]
+        v = np.stack([avg[..., p].sum(axis=-1) for p in pos], axis=-1)  # (Hc, Wc, words)
+        share = (v / (v.sum(axis=-1, keepdims=True) + 1e-8)).mean(axis=(0, 1))
+        out[enc] = [(prompt[a:b], m) for (a, b), m in zip(words, share / share.sum())]
+    return out
+
+
+def test_bench_analysis_small(tmp_path, monkeypatch):
+    """The benchmark times what it claims: every timed call analyses its dump (figures only in the
+    plots mode) into tables with the right word masses, the reported times are those calls', and
+    its full-size dump has the shapes the README states."""
     import bench_analysis
 
+    calls = []
+    real_run = bench_analysis.run
+
+    def run(dump, out, extra):
+        seconds = real_run(dump, out, extra)
+        files = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
+        tables = {}
+        for enc in ("clip", "t5"):
+            with open(os.path.join(out, enc, "tables", "words_summary.csv"), newline="", encoding="utf-8") as fh:
+                tables[enc] = [(r[0], float(r[1])) for r in list(csv.reader(fh))[1:]]
+        calls.append({"mode": "tables_only" if "--tables-only" in extra else "with_plots", "seconds": seconds,
+                      "files": files, "tables": tables, "expected": _word_masses(dump)})
+        return seconds
+
+    monkeypatch.setattr(bench_analysis, "run", run)
     out = tmp_path / "analysis.json"
     assert bench_analysis.main(["--size", "small", "--repeats", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["seconds_with_plots"] > 0 and res["seconds_tables_only"] > 0
+
+    assert sorted(c["mode"] for c in calls) == ["tables_only"] * 2 + ["with_plots"] * 2  # 1 warm-up + 1 timed
+    for mode in ("tables_only", "with_plots"):
+        timed = [c["seconds"] for c in calls if c["mode"] == mode][1:]
+        assert sorted(res["runs"][mode]) == sorted(timed)
+        assert res[f"seconds_{mode}"] == pytest.approx(float(np.median(timed)))
+    for c in calls:
+        pngs = [f for f in c["files"] if f.endswith(".png")]
+        if c["mode"] == "tables_only":
+            assert pngs == [], "--tables-only must write no figure"
+        else:
+            assert {"clip/summary.png", "t5/summary.png"} <= set(pngs)
+        for enc in ("clip", "t5"):
+            got, want = c["tables"][enc], c["expected"][enc]
+            assert [w for w, _ in got] == [w for w, _ in want]
+            np.testing.assert_allclose([m for _, m in got], [m for _, m in want], rtol=1e-5, err_msg=enc)
+
+    full = tmp_path / "full"
+    bench_analysis.build_dump(str(full), "full")
+    with np.load(full / "stepavg_token_maps_v1.npz") as z:
+        assert z["sum_token_map"].shape == (1, 64, 64, 333)
+        assert z["per_block_step_token_mean"].shape == (1, 24, 50, 333)
+    meta = json.loads((full / "metadata.json").read_text())
+    assert meta["image_size"] == [1024, 1024] and meta["text_spans"] == {"clip": [0, 77], "t5": [77, 333]}

@@ -186,6 +186,7 @@ def test_real_clip_vocabulary_tokens_and_offsets(tmp_path, capsys):
     assert spans == ["A", "cap", "y", "bara", "holding", "a", "sign", ",", "photo", "realistic", "!"]
 
 
+@pytest.mark.slow
 def test_tiny_random_end_to_end_in_a_subprocess(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
@@ -254,6 +255,20 @@ BAD = {
     "cuda": (["--device", "cuda"], "CUDA is not available"),
     "cpu offload on the cpu": (["--cpu-offload", "--device", "cpu"], "--cpu-offload needs an accelerator"),
     "model needs a multiple": (["--model", "tiny-random", "--height", "72"], "multiple of 16, got 72"),
+    "guidance nan": (["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    "guidance inf": (["--guidance_scale=-inf"], "--guidance-scale must be a finite number, got -inf"),
+    "seed too large": (["--seed", "18446744073709551616"], "--seed 18446744073709551616 is outside what torch.Generator"),
+    "seed too small": (["--seed", "1", "-9223372036854775809"], "--seed -9223372036854775809 is outside"),
+    "seed + image index too large": (["--seed", "18446744073709551615", "--num-images-per-prompt", "2"],
+                                     "image j of a prompt uses seed + j"),
+    "seed given twice": (["--seed", "3", "--seed", "3"], "--seed 3 is given twice"),
+    "out a dangling symlink": (["--out", "{tmp}/dangling"], "is a symbolic link to"),
+    "out under a dangling symlink": (["--out", "{tmp}/dangling/sub"], "which does not exist"),
+    "beyond pos_embed_max_size": (["--model", "tiny-random", "--height", "1600"],
+                                  "--height 1600 is larger than this model accepts: at most 1536 pixels"),
+    "prompt with an undecodable byte": (["--prompt", "a caf\udce9 table"], "--prompt 'a caf\\udce9 table' is not valid UTF-8"),
+    "negative prompt with an undecodable byte": (["--neg", "blur\udcff"], "--neg 'blur\\udcff' is not valid UTF-8"),
+    "prompts file not UTF-8": (["--prompts-file", "{tmp}/latin1.txt"], "cannot read --prompts-file"),
 }
 
 
@@ -264,6 +279,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys):
     args, message = BAD[case]
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("a café\n".encode("latin-1"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     before = files_under(tmp_path)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--out" not in argv:
@@ -278,6 +295,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, capsys):
     assert files_under(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_subprocess_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "sd_35_stepavg_dump.py"), "--model", "nobody-here/not-a-model", "--out", "o"],
@@ -308,6 +326,7 @@ def test_gated_model_explains_how_to_log_in(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_several_processes_split_the_runs(tmp_path, sd3_dir):
     """Two CPU processes under torchrun (the launcher accelerate launch uses for several GPUs)."""
     out = tmp_path / "split"

@@ -12,23 +12,26 @@ Generate images with Stable Diffusion 3 / 3.5 and dump step-averaged image->text
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from dataclasses import replace
 
 # torch-free imports only here, so that --help and bad input answer at once
 from ..cli import OneLineParser, fail, parse
-from ..contract import (
-    RUN_STATUSES,
-    RUNS_NAME,
-    RunRecord,
-    UserError,
-    read_runs_jsonl,
-    run_is_complete,
-    runs_jsonl_text,
+from ..atomic import remove_temp_files
+from ..contract import IMAGES_DIR, RUN_STATUSES, RUNS_NAME, RunRecord, UserError, read_runs_jsonl
+from .interrupts import Interrupted, interrupts
+from .journal import RunsJournal, remove_leftovers
+from .loading import (
+    TINY_RANDOM,
+    Geometry,
+    check_model_reference,
+    load_pipeline,
+    model_geometry,
+    resolve_placement,
 )
-from .loading import TINY_RANDOM, check_model_reference, load_pipeline, required_multiple, resolve_placement
+from .resume import COMPLETE, OTHER, REDO, check_out_kind, existing_run, refuse_other_settings
 from .runs import plan_runs, read_prompts_file
 from .settings import RunSettings
 
@@ -36,6 +39,18 @@ PROG = "sd_35_stepavg_dump.py"
 DEFAULT_PROMPT = "A furry cat beneath a table"
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 T5_MAX_LENGTH = 512  # the longest T5 sequence SD3 pipelines accept
+DEFAULT_SEED = 42
+# what torch.Generator.manual_seed accepts (negative seeds wrap around)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+class _Extend(argparse.Action):
+    """``nargs="+"`` values that add up over repeated flags and replace the default (argparse's own
+    "extend" action appends to a list default instead)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (current if current is not self.default else []) + list(values))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50, help="number of denoising steps")
     g.add_argument("--guidance_scale", "--guidance-scale", dest="guidance_scale", type=float, default=7.5,
                    help="classifier-free guidance scale; <= 1 disables CFG (e.g. SD3.5 large turbo)")
-    g.add_argument("--seed", type=int, nargs="+", default=[42],
-                   help="seed(s); each seed is one run per prompt batch; image j of a prompt uses seed + j")
+    g.add_argument("--seed", type=int, nargs="+", action=_Extend, default=[DEFAULT_SEED],
+                   help="seed(s), as several values or repeated flags; each seed is one run per prompt batch; "
+                   "image j of a prompt uses seed + j")
     g.add_argument("--height", type=int, default=1024, help="image height in pixels (multiple of 16)")
     g.add_argument("--width", type=int, default=1024, help="image width in pixels (multiple of 16)")
     g.add_argument("--out", default="out_sd35_stepavg",
@@ -70,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enable_model_cpu_offload(): keep only the active model on the GPU (less memory)")
     m.add_argument("--max-sequence-length", type=int, default=256,
                    help=f"T5 tokens (at most {T5_MAX_LENGTH}); the text length T is 77 + this")
-    m.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="I",
+    m.add_argument("--skip-guidance-layers", type=int, nargs="+", action=_Extend, default=None, metavar="I",
                    help="skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium); "
                    "its extra transformer call is not recorded")
 
@@ -88,11 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-embed-metadata", action="store_true",
                    help="do not embed the run's metadata in the images (PNG text chunks / JPEG comment)")
     c.add_argument("--overwrite", action="store_true",
-                   help="redo runs whose folder is already complete (default: skip them, i.e. resume)")
+                   help="redo runs whose folder is already complete, or was made with other settings "
+                   "(default: skip complete runs, i.e. resume, and refuse folders made with other settings)")
 
     r = p.add_argument_group("several runs")
     r.add_argument("--prompts-file", default=None,
-                   help="text file, one prompt per line (blank lines and lines starting with # ignored)")
+                   help="UTF-8 text file, one prompt per line (blank lines and lines starting with # ignored)")
     r.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (one run)")
     r.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt in each run")
     return p
@@ -103,6 +120,11 @@ def _check_out(out: str) -> None:
         raise UserError(f"--out {out!r} is an existing file; give a folder")
     probe = os.path.abspath(out)
     while not os.path.exists(probe):
+        if os.path.islink(probe):
+            raise UserError(
+                f"--out {out!r}: {probe!r} is a symbolic link to {os.readlink(probe)!r}, which does not exist; "
+                "create its target or give another --out"
+            )
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise UserError(f"--out {out!r} cannot be created: {probe!r} is a file")
@@ -110,18 +132,45 @@ def _check_out(out: str) -> None:
         raise UserError(f"--out {out!r} is not writable (no write permission on {probe!r})")
 
 
-def _validate(args) -> tuple[list[str], RunSettings]:
-    """Checks that need no model. Returns the prompts and the settings. Raises UserError."""
+def _check_text(flag: str, text: str) -> None:
+    """Text that cannot be written as UTF-8: a byte the shell could not decode arrives as a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(
+            f"{flag} {ascii(text[:40])} is not valid UTF-8 text (an undecodable byte at character {exc.start}); "
+            "check the terminal's encoding, or put the prompts in a UTF-8 --prompts-file"
+        ) from None
+
+
+def _seeds(args) -> list[int]:
+    seeds = list(args.seed)
+    dup = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if dup is not None:
+        raise UserError(f"--seed {dup} is given twice; each seed is a run, give each once")
+    last = args.num_images_per_prompt - 1  # image j of a prompt uses seed + j
+    for s in seeds:
+        if s < SEED_MIN or s + last > SEED_MAX:
+            extra = f" (image j of a prompt uses seed + j, up to + {last})" if last else ""
+            raise UserError(
+                f"--seed {s} is outside what torch.Generator.manual_seed accepts: {SEED_MIN} to {SEED_MAX}{extra}"
+            )
+    return seeds
+
+
+def _validate(args) -> tuple[list[str], list[int], RunSettings]:
+    """Checks that need no model. Returns the prompts, the seeds and the settings. Raises UserError."""
+    _check_text("--model", args.model)
     check_model_reference(args.model)
 
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--num-images-per-prompt", args.num_images_per_prompt)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    multiple = required_multiple(args.model) or 16
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value < 1 or value % multiple:
-            raise UserError(f"{flag} must be a positive multiple of {multiple}, got {value}")
+    if not math.isfinite(args.guidance_scale):
+        raise UserError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    seeds = _seeds(args)
+    (model_geometry(args.model) or Geometry(16, None)).check(args.height, args.width)
     if not 1 <= args.max_sequence_length <= T5_MAX_LENGTH:
         raise UserError(f"--max-sequence-length must be between 1 and {T5_MAX_LENGTH}, got {args.max_sequence_length}")
     if args.canonical_size is not None and min(args.canonical_size) < 1:
@@ -129,6 +178,9 @@ def _validate(args) -> tuple[list[str], RunSettings]:
     if args.skip_guidance_layers is not None and min(args.skip_guidance_layers) < 0:
         raise UserError(f"--skip-guidance-layers must be block indices >= 0, got {args.skip_guidance_layers}")
     prompts = list(args.prompt or [])
+    for p in prompts:
+        _check_text("--prompt", p)
+    _check_text("--neg", args.neg)
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
         if not prompts:
@@ -138,7 +190,7 @@ def _validate(args) -> tuple[list[str], RunSettings]:
     if any(not p.strip() for p in prompts):
         raise UserError("empty prompt: every --prompt must have some text")
     _check_out(args.out)
-    return prompts, settings_from_args(args)
+    return prompts, seeds, settings_from_args(args)
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
@@ -165,10 +217,11 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 
 def _check_model_limits(pipe, settings: RunSettings) -> None:
+    """The checks that need the loaded model (a hub id whose configs were not in the cache)."""
     multiple = int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size)
-    for flag, value in (("--height", settings.height), ("--width", settings.width)):
-        if value % multiple:
-            raise UserError(f"{flag} must be a positive multiple of {multiple} for this model, got {value}")
+    max_patches = getattr(pipe.transformer.config, "pos_embed_max_size", None)
+    Geometry(multiple, int(max_patches) * multiple if max_patches else None).check(
+        settings.height, settings.width, " for this model")
     n_blocks = len(pipe.transformer.transformer_blocks)
     if settings.skip_guidance_layers and max(settings.skip_guidance_layers) >= n_blocks:
         raise UserError(f"--skip-guidance-layers: this model has blocks 0..{n_blocks - 1}, got {list(settings.skip_guidance_layers)}")
@@ -181,8 +234,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.perf_counter()
     try:
-        prompts, settings = _validate(args)
-        runs = plan_runs(prompts, args.seed, args.batch_size)
+        prompts, seeds, settings = _validate(args)
+        runs = plan_runs(prompts, seeds, args.batch_size)
+        check_out_kind(args.out, single=len(runs) == 1)
     except UserError as exc:
         return fail(PROG, str(exc))
 
@@ -202,20 +256,93 @@ def main(argv=None) -> int:
     def folder_of(run):
         return os.path.join(args.out, run.folder) if run.folder else args.out
 
+    # What the folders hold, decided before the model loads. Every process looks at every run so
+    # that all of them refuse alike.
+    existing = {} if args.overwrite else {r.index: existing_run(folder_of(r), settings, r) for r in runs}
+    try:
+        refuse_other_settings(args.out, [(folder_of(r), existing[r.index]) for r in runs
+                                         if not args.overwrite and existing[r.index].state == OTHER])
+    except UserError as exc:
+        return fail(PROG, str(exc))
+
+    def complete(run) -> bool:
+        return not args.overwrite and existing[run.index].state == COMPLETE
+
     if state is not None:
         with state.split_between_processes(runs) as share:
             my_runs = list(share)
     else:
         my_runs = runs
-    todo = [r for r in my_runs if args.overwrite or not run_is_complete(folder_of(r))]
+    todo = [r for r in my_runs if not complete(r)]
+    for r in todo:
+        found = existing.get(r.index)
+        if found is not None and found.state == REDO and found.reason:
+            print(f"warning: {folder_of(r)}: {found.reason}; the run is done again", file=sys.stderr)
     # With several processes, all of them load the model when any run is left, so that a load error
     # stops every process alike instead of leaving some waiting for the others.
-    need_model = bool(todo) or (state is not None and any(
-        args.overwrite or not run_is_complete(folder_of(r)) for r in runs))
+    need_model = bool(todo) or (state is not None and not all(complete(r) for r in runs))
     process = state.process_index if state is not None else 0
-    records = {r.index: RunRecord(r.index, r.folder or ".", tuple(r.prompts), r.seed, "skipped", None, process)
-               for r in my_runs}
+    journal = RunsJournal(args.out, [r.folder for r in runs], process, state.num_processes if state else 1,
+                          write=len(runs) > 1)
+    for r in my_runs:
+        if complete(r):
+            journal.record(_record(r, "skipped", process), flush=False)
 
+    with interrupts():
+        try:
+            code = _execute(args, settings, placement, state, len(runs), todo, need_model, journal,
+                            [folder_of(r) for r in my_runs], folder_of)
+        except Interrupted as exc:
+            if journal.started:  # before the runs start, runs.jsonl is left as it was
+                journal.flush()
+            if journal.write:
+                done = sum(1 for r in journal.records.values() if r.status == "done")
+                message = (f"interrupted by {exc.name}: {done} run(s) finished here and are listed in "
+                           f"{os.path.join(args.out, RUNS_NAME)}; run the same command again to do the rest")
+            else:
+                message = f"interrupted by {exc.name} before the run finished; run the same command again to do it"
+            return fail(PROG, message, exc.exit_code)
+    if code is not None:
+        return code
+
+    if journal.failed_write is not None:
+        print(f"warning: could not write {os.path.join(args.out, RUNS_NAME)}: "
+              f"{journal.failed_write.strerror or journal.failed_write}", file=sys.stderr)
+    if state is None or state.is_main_process:
+        listed = list(journal.records.values())
+        if state is not None:  # the main process counts every process's runs, from runs.jsonl
+            try:
+                listed = read_runs_jsonl(os.path.join(args.out, RUNS_NAME))
+            except UserError:
+                pass
+        counts = {s: sum(1 for r in listed if r.status == s) for s in RUN_STATUSES}
+        print(f"{counts['done']} run(s) written, {counts['skipped']} skipped (already complete), "
+              f"{counts['failed']} failed; output in {args.out} ({time.perf_counter() - t_start:.1f} s)")
+        return 1 if counts["failed"] else 0
+    return 0
+
+
+def _record(run, status: str, process: int, error=None) -> RunRecord:
+    return RunRecord(run.index, run.folder or ".", tuple(run.prompts), run.seed, status, error, process)
+
+
+def _tidy(out: str, folders: list[str], is_main: bool) -> None:
+    """Remove what a killed command left: temporary files in the run folders (this process's) and,
+    on the main process, in ``out`` (with the per-process parts of runs.jsonl and their lock)."""
+    removed = []
+    if is_main:
+        removed += remove_temp_files(out) + remove_leftovers(out)
+    for folder in folders:
+        removed += remove_temp_files(folder) + remove_temp_files(os.path.join(folder, IMAGES_DIR))
+    if removed:
+        print(f"note: removed {len(set(removed))} temporary file(s) left by an interrupted command", file=sys.stderr)
+
+
+def _execute(args, settings, placement, state, n_runs, todo, need_model, journal, my_folders, folder_of):
+    """Load the model when needed, tidy up after a killed command, do this process's runs. Returns
+    an exit code to return at once, or None when the summary follows."""
+    is_main = state is None or state.is_main_process
+    pipe = None
     if need_model:
         if args.model == TINY_RANDOM:
             print("note: --model tiny-random has RANDOM weights: its images are noise and its maps say nothing "
@@ -226,50 +353,33 @@ def main(argv=None) -> int:
         except UserError as exc:
             return fail(PROG, str(exc))
         pipe.set_progress_bar_config(leave=False)
+    _tidy(args.out, my_folders, is_main)
+    if state is not None:
+        state.wait_for_everyone()  # the main process's tidying is over before anyone writes
+    journal.flush()  # from here on runs.jsonl lists this command's finished runs only
+    if todo:
         from tqdm.auto import tqdm
 
         from .run import run_one
+        from .writer import WriteError
 
-        is_main = state is None or state.is_main_process
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
                 run_one(pipe, run, settings, placement, folder_of(run))
-                records[run.index] = replace(records[run.index], status="done")
+            except WriteError as exc:  # a full disk fails every later run too: stop here
+                journal.record(_record(run, "failed", journal.process, str(exc)))
+                message = (f"{exc}; free some space (or fix the permissions) and run the same command again: "
+                           "finished runs are kept")
+                if n_runs == 1:
+                    return fail(PROG, message, 1)
+                tqdm.write(f"error: run {run.index} ({run.folder}): {message}; stopping", file=sys.stderr)
+                break
             except Exception as exc:  # a failed run is reported and the others go on
-                if len(runs) == 1:
+                if n_runs == 1:
                     raise
-                records[run.index] = replace(records[run.index], status="failed", error=f"{type(exc).__name__}: {exc}")
-                print(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-
-    if len(runs) > 1:
-        _write_runs_jsonl(args.out, records, state)
-    if state is None or state.is_main_process:
-        listed = list(records.values())
-        if state is not None:  # the main process counts every process's runs, from runs.jsonl
-            listed = read_runs_jsonl(os.path.join(args.out, RUNS_NAME))
-        counts = {s: sum(1 for r in listed if r.status == s) for s in RUN_STATUSES}
-        print(f"{counts['done']} run(s) written, {counts['skipped']} skipped (already complete), "
-              f"{counts['failed']} failed; output in {args.out} ({time.perf_counter() - t_start:.1f} s)")
-        return 1 if counts["failed"] else 0
-    return 0
-
-
-def _write_runs_jsonl(out: str, records: dict, state) -> None:
-    """runs.jsonl lists every run; with several processes each one hands its records to the main one."""
-    from attention_map_diffusers.atomic import write_text
-
-    os.makedirs(out, exist_ok=True)
-    if state is None:
-        write_text(os.path.join(out, RUNS_NAME), runs_jsonl_text(records.values()))
-        return
-    part = os.path.join(out, f".runs-part-{state.process_index}.jsonl")
-    write_text(part, runs_jsonl_text(records.values()))
-    state.wait_for_everyone()
-    if state.is_main_process:
-        merged = []
-        for i in range(state.num_processes):
-            path = os.path.join(out, f".runs-part-{i}.jsonl")
-            merged += read_runs_jsonl(path)
-            os.unlink(path)
-        write_text(os.path.join(out, RUNS_NAME), runs_jsonl_text(merged))
-    state.wait_for_everyone()
+                journal.record(_record(run, "failed", journal.process, f"{type(exc).__name__}: {exc}"))
+                tqdm.write(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            journal.record(_record(run, "done", journal.process))
+    journal.finish(state)
+    return None

@@ -75,23 +75,67 @@ def check_model_reference(model: str) -> None:
         raise UserError(f"--model {model!r}: no such folder")
 
 
-def required_multiple(model: str) -> Optional[int]:
-    """What image sizes must be a multiple of (VAE scale factor x patch size), when it can be read
-    without loading weights: for ``tiny-random`` and local folders; None for hub ids."""
+@dataclass(frozen=True)
+class Geometry:
+    """The image sizes a model accepts, read from its configs."""
+
+    multiple: int  # sizes must be a multiple of this: VAE scale factor x patch size
+    max_size: Optional[int]  # the largest height and width in pixels (pos_embed_max_size patches), None: no limit
+
+    def check(self, height: int, width: int, where: str = "") -> None:
+        """Raises UserError for a size the model refuses (``where``: e.g. " for this model")."""
+        for flag, value in (("--height", height), ("--width", width)):
+            if value < 1 or value % self.multiple:
+                raise UserError(f"{flag} must be a positive multiple of {self.multiple}{where}, got {value}")
+            if self.max_size is not None and value > self.max_size:
+                raise UserError(
+                    f"{flag} {value} is larger than this model accepts: at most {self.max_size} pixels "
+                    f"(its pos_embed_max_size x {self.multiple}); choose a smaller size"
+                )
+
+
+def geometry_from_configs(vae: dict, transformer: dict) -> Geometry:
+    """:class:`Geometry` from a pipeline's ``vae/config.json`` and ``transformer/config.json`` contents."""
+    multiple = 2 ** (len(vae["block_out_channels"]) - 1) * int(transformer.get("patch_size", 2))
+    max_patches = transformer.get("pos_embed_max_size")
+    return Geometry(multiple, int(max_patches) * multiple if max_patches else None)
+
+
+def model_geometry(model: str) -> Optional[Geometry]:
+    """The model's :class:`Geometry` when it can be read without loading weights (``tiny-random``, a
+    local folder, a hub id whose configs are in the local cache); None otherwise."""
     if model == TINY_RANDOM:
         from ..models.tiny import demo_config
 
         cfg = demo_config()
-        return 2 ** (len(cfg.vae_block_out_channels) - 1) * cfg.patch_size
+        multiple = 2 ** (len(cfg.vae_block_out_channels) - 1) * cfg.patch_size
+        return Geometry(multiple, cfg.pos_embed_max_size * multiple)
     path = os.path.expanduser(model)
     try:
-        with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as fh:
-            vae = json.load(fh)
-        with open(os.path.join(path, "transformer", "config.json"), encoding="utf-8") as fh:
-            transformer = json.load(fh)
-        return 2 ** (len(vae["block_out_channels"]) - 1) * int(transformer.get("patch_size", 2))
+        if os.path.isdir(path):
+            files = [os.path.join(path, sub, "config.json") for sub in ("vae", "transformer")]
+        else:
+            files = [_cached_config(model, sub) for sub in ("vae", "transformer")]
+            if None in files:
+                return None
+        configs = []
+        for name in files:
+            with open(name, encoding="utf-8") as fh:
+                configs.append(json.load(fh))
+        return geometry_from_configs(*configs)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _cached_config(model: str, sub: str) -> Optional[str]:
+    """The path of ``{sub}/config.json`` of hub id ``model`` in the local cache (no network), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, f"{sub}/config.json")
+    except Exception:  # noqa: BLE001 - an odd id or cache: the check after loading still runs
+        return None
+    return found if isinstance(found, str) else None
 
 
 def load_pipeline(model: str, placement: Placement, *, cpu_offload: bool = False, tiny_config=None):

@@ -29,13 +29,14 @@ class Run:
 
 
 def read_prompts_file(path: str) -> list[str]:
-    """Prompts from a text file: one per line; blank lines and lines starting with ``#`` ignored.
+    """Prompts from a UTF-8 text file: one per line; blank lines and lines starting with ``#``
+    ignored; a byte-order mark (Windows editors write one) is not part of the first prompt.
 
     Raises:
         UserError: unreadable file (with the reason).
     """
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
+
+from ..contract import FORMAT_VERSION, settings_fingerprint
 
 
 @dataclass(frozen=True)
@@ -31,3 +34,37 @@ class RunSettings:
     @property
     def image_size(self) -> list[int]:
         return [self.height, self.width]
+
+    def recorded(self, prompts: Sequence[str], seed: int) -> dict:
+        """What a run of ``prompts`` (its batch) and base ``seed`` stores in metadata.json under
+        ``settings``: everything that decides its files. Placement (device, dtype, CPU offload) is
+        left out, so that a job resumed on another machine keeps its finished runs; each run's
+        metadata records its own device and dtype."""
+        model = self.model_id
+        if os.path.isdir(os.path.expanduser(model)):  # the same folder however it is spelled
+            model = os.path.realpath(os.path.expanduser(model))
+        return {
+            "format_version": FORMAT_VERSION,
+            "prompt": list(prompts),
+            "seed": int(seed),
+            "model": model,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "guidance_scale": float(self.guidance_scale),
+            "height": self.height,
+            "width": self.width,
+            "max_sequence_length": self.max_sequence_length,
+            "skip_guidance_layers": list(self.skip_guidance_layers) if self.skip_guidance_layers else None,
+            "num_images_per_prompt": self.num_images_per_prompt,
+            "canonical_size": list(self.canonical_size) if self.canonical_size else None,
+            "store_dtype": self.store_dtype,
+            "save_block_maps": self.save_block_maps,
+            "save_step_maps": self.save_step_maps,
+            "save_image": self.save_image,
+            "image_format": self.image_format,
+            "embed_metadata": self.embed_metadata,
+        }
+
+    def fingerprint(self, prompts: Sequence[str], seed: int) -> str:
+        """The settings fingerprint of a run (see :func:`~attention_map_diffusers.contract.settings_fingerprint`)."""
+        return settings_fingerprint(self.recorded(prompts, seed))

@@ -11,8 +11,19 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_path, write_json, write_npz
-from ..contract import FORMAT_VERSION, IMAGES_DIR, METADATA_NAME, NPZ_NAME, PromptTokens
+from ..contract import FINGERPRINT_KEY, FORMAT_VERSION, IMAGES_DIR, METADATA_NAME, NPZ_NAME, SETTINGS_KEY, PromptTokens
 from .settings import RunSettings
+
+
+class WriteError(Exception):
+    """A run folder could not be written (disk full, no permission, ...): the output location is
+    broken, so the command stops there. ``reason`` is the OS error's one-line text."""
+
+    def __init__(self, folder: str, error: OSError):
+        self.folder = folder
+        self.error = error
+        self.reason = error.strerror or str(error)
+        super().__init__(f"cannot write {folder}: {self.reason}")
 
 
 def image_name(seed: int, width: int, height: int, index: int, fmt: str) -> str:
@@ -97,6 +108,9 @@ def build_metadata(
         "num_tokens_clip": int(clip_length),
         "num_tokens_t5": T - int(clip_length),
     }
+    recorded = settings.recorded(list(prompts)[:: max(1, int(settings.num_images_per_prompt))], base_seed)
+    meta[SETTINGS_KEY] = recorded
+    meta[FINGERPRINT_KEY] = settings.fingerprint(recorded["prompt"], base_seed)
     if meta["random_weights"]:
         meta["note"] = "RANDOM WEIGHTS (--model tiny-random): these maps demonstrate the tool, not SD3.5"
     return meta
@@ -151,7 +165,17 @@ def write_run(folder: str, arrays: dict, metadata: dict, images: Sequence, image
     Args:
         arrays: ``CaptureResult.arrays()``; maps are cast to ``store_dtype``.
         images: PIL images per batch item (empty with --no-image); names are ``metadata["images"]``.
+
+    Raises:
+        WriteError: a file could not be written (no temporary file is left behind).
     """
+    try:
+        _write_run(folder, arrays, metadata, images, image_format, embed, store_dtype)
+    except OSError as exc:
+        raise WriteError(folder, exc) from exc
+
+
+def _write_run(folder, arrays, metadata, images, image_format, embed, store_dtype) -> None:
     os.makedirs(os.path.join(folder, IMAGES_DIR) if images else folder, exist_ok=True)
     meta_path = os.path.join(folder, METADATA_NAME)
     if os.path.exists(meta_path):

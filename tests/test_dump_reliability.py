@@ -1,0 +1,484 @@
+"""The dump command under faults: resume, kills, full disks, bad input, and special tokens typed in a prompt."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import analyse_stepavg
+import sd_35_stepavg_dump as dump
+from attention_map_diffusers.contract import FINGERPRINT_KEY, prompt_tokens, read_runs_jsonl, run_is_complete
+from conftest import CLIP_BPE, ROOT
+
+SMALL = ["--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "16", "--device", "cpu"]
+
+
+def run_main(args):
+    return dump.main([str(a) for a in args])
+
+
+def messages(err: str) -> list[str]:
+    """The lines of stderr that are messages (not a progress bar's redraws)."""
+    lines = (ln.replace("\x1b[A", "") for ln in err.splitlines())
+    return [ln for ln in lines if ln.strip() and "%|" not in ln]
+
+
+def one_line(err: str) -> str:
+    lines = messages(err)
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def snapshot(folder):
+    """Every file under ``folder`` with its size and modification time."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(d, f)
+            st = os.lstat(p)
+            out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def no_model(monkeypatch):
+    """Make loading a model fail the test: what follows must be decided before the model loads."""
+    import attention_map_diffusers.dump.cli as cli
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_pipeline", refuse)
+
+
+def read_words(folder, encoder):
+    """(word, mass) rows of an analysis' words_summary.csv."""
+    with open(os.path.join(folder, encoder, "tables", "words_summary.csv"), newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))[1:]
+    return [(r[0], float(r[1])) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: a folder is complete only with the same settings and a readable npz
+
+
+@pytest.fixture(scope="module")
+def single(sd3_dir, tmp_path_factory):
+    """A single run (into --out itself) and the arguments that made it."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--no-image", "--out", out, *SMALL]
+    assert run_main(args) == 0
+    return out, args
+
+
+CHANGES = {
+    "prompt": (["--prompt", "a dog"], "prompt"),
+    "steps": (["--steps", "3"], "steps 2 there, 3 now"),
+    "size": (["--height", "80"], "height 64 there, 80 now"),
+    "guidance": (["--guidance-scale", "5"], "guidance_scale 7.5 there, 5.0 now"),
+    "images per prompt": (["--num-images-per-prompt", "2"], "num_images_per_prompt 1 there, 2 now"),
+    "model": (["--model", "{sd35m}"], "model"),
+    "negative prompt": (["--neg", "blurry"], "negative_prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGES))
+def test_changed_settings_are_refused_before_the_model_loads(case, single, sd35m_dir, monkeypatch, capsys):
+    out, args = single
+    change, expected = CHANGES[case]
+    change = [a.replace("{sd35m}", sd35m_dir) for a in change]
+    if case == "prompt":
+        args = [a for a in args if a != "a cat"]
+        args.remove("--prompt")
+    if case == "model":
+        i = args.index("--model")
+        args = args[:i] + args[i + 2:]
+    before = snapshot(out)
+    no_model(monkeypatch)
+    capsys.readouterr()
+    assert run_main(args + change) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "made with other settings" in line and expected in line, line
+    assert "--overwrite" in line and "new --out" in line
+    assert snapshot(out) == before
+
+
+def test_a_run_without_a_settings_fingerprint_is_refused(single, monkeypatch, capsys, tmp_path):
+    """A folder from an older version (or the original tool) records no settings: not resumed blindly."""
+    src, args = single
+    out = tmp_path / "old"
+    shutil.copytree(src, out)
+    meta = json.loads((out / "metadata.json").read_text())
+    del meta[FINGERPRINT_KEY]
+    (out / "metadata.json").write_text(json.dumps(meta))
+    no_model(monkeypatch)
+    i = args.index("--out")
+    capsys.readouterr()
+    assert run_main(args[:i] + args[i + 2:] + ["--out", out]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "no settings fingerprint" in line and "--overwrite" in line
+
+
+def test_overwrite_replaces_a_run_made_with_other_settings(single, tmp_path, capsys):
+    src, args = single
+    out = tmp_path / "over"
+    shutil.copytree(src, out)
+    i = args.index("--out")
+    args = args[:i] + args[i + 2:] + ["--out", out, "--steps", "3"]
+    assert run_main(args) == 2
+    assert run_main(args + ["--overwrite"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["steps"] == 3 and meta["settings"]["steps"] == 3
+    capsys.readouterr()
+    assert run_main(args) == 0  # the same settings again: complete, skipped
+    assert "0 run(s) written, 1 skipped" in capsys.readouterr().out
+
+
+def test_same_settings_from_another_folder_spelling_resume(single, monkeypatch, capsys, sd3_dir):
+    """--model ./rel and /abs/rel name the same folder: the fingerprint records its real path."""
+    out, args = single
+    i = args.index("--model")
+    rel = os.path.relpath(sd3_dir, os.getcwd())
+    no_model(monkeypatch)
+    capsys.readouterr()
+    assert run_main(args[:i] + ["--model", rel] + args[i + 2:]) == 0
+    assert "0 run(s) written, 1 skipped" in capsys.readouterr().out
+
+
+def test_damaged_npz_or_metadata_is_redone_with_a_warning(sd3_dir, tmp_path, capsys):
+    out = tmp_path / "damaged"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--prompt", "a owl", "--out", out,
+            "--no-image", *SMALL]
+    assert run_main(args) == 0
+    npz = out / "0000-a-cat" / "stepavg_token_maps_v1.npz"
+    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])  # a copy cut short
+    (out / "0001-a-dog" / "metadata.json").write_text('{"prompt": ["a dog"], "seed":')
+    untouched = snapshot(out / "0002-a-owl")
+    capsys.readouterr()
+    assert run_main(args) == 0
+    cap = capsys.readouterr()
+    assert "2 run(s) written, 1 skipped" in cap.out
+    warnings = [ln for ln in messages(cap.err) if ln.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "0000-a-cat" in warnings[0] and "stepavg_token_maps_v1.npz" in warnings[0] and "done again" in warnings[0]
+    assert "0001-a-dog" in warnings[1] and "metadata.json is damaged" in warnings[1]
+    with np.load(npz) as z:
+        assert z["sum_token_map"].shape[0] == 1
+    assert json.loads((out / "0001-a-dog" / "metadata.json").read_text())["prompt"] == ["a dog"]
+    assert snapshot(out / "0002-a-owl") == untouched
+    rows = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["done", "done", "skipped"]
+
+
+def test_single_run_and_folder_of_runs_do_not_mix(single, sd3_dir, tmp_path, monkeypatch, capsys):
+    """The analysis reads runs.jsonl when there is one: the other kind would be silently ignored."""
+    out, args = single
+    no_model(monkeypatch)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_main(args + ["--prompt", "a dog"]) == 2  # two runs into a single run's folder
+    line = one_line(capsys.readouterr().err)
+    assert "holds a single run (metadata.json)" in line and "new --out" in line
+    assert snapshot(out) == before
+
+    runs = tmp_path / "runs"
+    (runs / "0000-a-cat").mkdir(parents=True)
+    (runs / "0000-a-cat" / "metadata.json").write_text("{}")
+    for extra in ([], ["runs.jsonl"]):
+        for name in extra:
+            (runs / name).write_text("")
+        before = snapshot(runs)
+        assert run_main(["--model", sd3_dir, "--prompt", "a cat", "--out", runs, *SMALL]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert "holds several runs" in line and "new --out" in line
+        assert snapshot(runs) == before
+
+
+def test_temp_files_left_by_a_kill_are_removed(sd3_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tidy"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--out", out, *SMALL]
+    assert run_main(args) == 0
+    run = out / "0000-a-cat"
+    leftovers = [
+        run / ".stepavg_token_maps_v1.k2j4h5l1.tmp.npz",
+        run / ".metadata.ab_d1234.tmp.json",
+        run / "images" / ".seed42-64x64-idx0.zzzzzzzz.tmp.png",
+        out / ".runs.q1w2e3r4.tmp.jsonl",
+        out / ".runs-part-3.jsonl",
+        out / ".runs.lock",
+    ]
+    keep = [out / ".hidden", out / "notes.tmp", run / "images" / "mine.tmp.png"]
+    for p in leftovers + keep:
+        p.write_bytes(b"x")
+    no_model(monkeypatch)  # both runs are complete: only the tidying is left
+    capsys.readouterr()
+    assert run_main(args) == 0
+    assert "removed 6 temporary file(s)" in capsys.readouterr().err
+    assert [p for p in leftovers if p.exists()] == []
+    assert all(p.exists() for p in keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs.jsonl lists the finished runs at every moment
+
+
+def test_runs_jsonl_lists_finished_runs_while_running_and_after_ctrl_c(sd3_dir, tmp_path, monkeypatch, capsys):
+    import attention_map_diffusers.dump.run as run_mod
+
+    real = run_mod.run_one
+    out = tmp_path / "live"
+    seen = []
+
+    def run_one(pipe, run, settings, placement, folder):
+        listed = read_runs_jsonl(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
+        seen.append([(r.folder, r.status) for r in listed])
+        if run.index == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the third run
+            time.sleep(5)
+        real(pipe, run, settings, placement, folder)
+
+    monkeypatch.setattr(run_mod, "run_one", run_one)
+    handler = signal.getsignal(signal.SIGINT)
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--prompt", "a owl", "--prompt", "a cow",
+            "--out", out, "--no-image", *SMALL]
+    capsys.readouterr()
+    assert run_main(args) == 130
+    line = one_line(capsys.readouterr().err)
+    assert "interrupted by SIGINT: 2 run(s) finished" in line and "run the same command again" in line
+    # before each run, runs.jsonl already listed every run finished so far, and nothing else
+    assert seen == [[], [("0000-a-cat", "done")], [("0000-a-cat", "done"), ("0001-a-dog", "done")]]
+    rows = read_runs_jsonl(out / "runs.jsonl")
+    assert [(r.folder, r.status) for r in rows] == [("0000-a-cat", "done"), ("0001-a-dog", "done")]
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers are restored
+
+    monkeypatch.setattr(run_mod, "run_one", real)
+    capsys.readouterr()
+    assert run_main(args) == 0  # the same command resumes
+    assert "2 run(s) written, 2 skipped" in capsys.readouterr().out
+    assert [r.status for r in read_runs_jsonl(out / "runs.jsonl")] == ["skipped", "skipped", "done", "done"]
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_folder_the_analysis_reads(sd3_dir, tmp_path):
+    """A cluster's time limit: SIGTERM after the first run; runs.jsonl lists what finished."""
+    out = tmp_path / "killed"
+    prompts = [p for w in ("cat", "dog", "owl", "cow", "fox", "bee", "elk", "yak") for p in ("--prompt", f"a {w}")]
+    cmd = [sys.executable, str(ROOT / "sd_35_stepavg_dump.py"), "--model", sd3_dir, *prompts, "--out", str(out),
+           "--no-image", "--steps", "30", "--height", "128", "--width", "128", "--max-sequence-length", "16",
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    first = out / "0000-a-cat" / "metadata.json"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted by SIGTERM" in messages(stderr)[-1] and "Traceback" not in stderr
+    rows = read_runs_jsonl(out / "runs.jsonl")
+    assert 1 <= len(rows) < 8 and all(r.status == "done" for r in rows)
+    assert rows[0].folder == "0000-a-cat"
+    assert all(run_is_complete(out / r.folder) for r in rows)
+    assert [p for _, _, fs in os.walk(out) for p in fs if ".tmp" in p] == []
+    assert analyse_stepavg.main(["--root", str(out), "--tables-only", "--out", str(tmp_path / "analysis")]) == 0
+    for r in rows:
+        assert (tmp_path / "analysis" / r.folder / "clip" / "tables" / "words_summary.csv").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+def _full_disk(monkeypatch):
+    def savez(fh, **arrays):
+        fh.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", savez)
+
+
+def test_full_disk_single_run_is_one_line_and_exit_1(sd3_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    _full_disk(monkeypatch)
+    capsys.readouterr()
+    assert run_main(["--model", sd3_dir, "--out", out, *SMALL]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("sd_35_stepavg_dump.py: error: cannot write") and os.strerror(errno.ENOSPC) in line
+    assert "run the same command again" in line
+    assert not (out / "metadata.json").exists()
+    assert [p for _, _, fs in os.walk(out) for p in fs if ".tmp" in p] == []
+
+
+def test_full_disk_stops_a_job_of_several_runs(sd3_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full-many"
+    _full_disk(monkeypatch)
+    capsys.readouterr()
+    assert run_main(["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--out", out, "--no-image",
+                     *SMALL]) == 1
+    cap = capsys.readouterr()
+    errors = [ln for ln in messages(cap.err) if ln.startswith("error:")]
+    assert len(errors) == 1 and "run 0" in errors[0] and "stopping" in errors[0]
+    assert "0 run(s) written, 0 skipped (already complete), 1 failed" in cap.out
+    rows = read_runs_jsonl(out / "runs.jsonl")
+    assert [(r.folder, r.status) for r in rows] == [("0000-a-cat", "failed")]  # run 1 never started: not listed
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input refused before the model loads
+
+
+def test_bad_input_refused_before_the_model_loads(sd3_dir, tmp_path, monkeypatch, capsys):
+    """Sizes beyond the model's pos_embed_max_size, read from a local folder's config."""
+    no_model(monkeypatch)
+    before = snapshot(tmp_path)
+    # the tiny test model: pos_embed_max_size 96 patches of 2, VAE factor 2 -> at most 384 pixels
+    assert run_main(["--model", sd3_dir, "--out", tmp_path / "o", *SMALL, "--width", "400"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--width 400 is larger than this model accepts: at most 384 pixels" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_repeated_seed_flags_add_up():
+    parser = dump.build_parser()
+    assert parser.parse_args(["--seed", "1", "--seed", "2"]).seed == [1, 2]
+    assert parser.parse_args(["--seed", "1", "2", "--seed", "3"]).seed == [1, 2, 3]
+    assert parser.parse_args(["--skip-guidance-layers", "7", "--skip-guidance-layers", "8"]).skip_guidance_layers == [7, 8]
+    from attention_map_diffusers.dump.cli import _seeds
+    from attention_map_diffusers.dump.runs import plan_runs
+
+    assert _seeds(parser.parse_args([])) == [42]
+    runs = plan_runs(["a cat"], _seeds(parser.parse_args(["--seed", "1", "--seed", "2"])), 1)
+    assert [(r.seed, r.folder) for r in runs] == [(1, "0000-a-cat-s1"), (2, "0001-a-cat-s2")]
+
+
+def test_prompts_file_with_a_byte_order_mark(tmp_path):
+    from attention_map_diffusers.dump.runs import read_prompts_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa cat\r\n# note\r\na dog\r\n".encode("utf-8"))
+    assert read_prompts_file(str(path)) == ["a cat", "a dog"]
+    path.write_bytes("\ufeff# only a comment\n".encode("utf-8"))
+    assert read_prompts_file(str(path)) == []
+
+
+@pytest.mark.slow
+def test_undecodable_prompt_byte_in_a_subprocess(tmp_path):
+    """A byte the shell cannot decode reaches Python as a lone surrogate: one line, exit 2."""
+    proc = subprocess.run(
+        [sys.executable, os.fsencode(ROOT / "sd_35_stepavg_dump.py"), b"--model", b"tiny-random", b"--prompt",
+         b"a caf\xe9 table", b"--out", b"o"],
+        capture_output=True, cwd=tmp_path, timeout=300, env=dict(os.environ, LC_ALL="C.UTF-8", PYTHONUTF8="1"),
+    )
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err
+    assert one_line(err).startswith("sd_35_stepavg_dump.py: error: --prompt") and "not valid UTF-8" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_abbreviated_flags_are_rejected(tmp_path, capsys):
+    for argv in (["--image", "x.png"], ["--image-f", "png"], ["--over"]):
+        assert dump.main(argv + ["--out", str(tmp_path / "o")]) == 2
+        assert "unrecognized arguments" in one_line(capsys.readouterr().err)
+    for argv in (["--tables"], ["--t5", "x"], ["--enc", "clip"]):
+        assert analyse_stepavg.main(["--root", str(tmp_path)] + argv) == 2
+        assert "unrecognized arguments" in one_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Special tokens typed in a prompt
+
+LITERAL = "a cat <|endoftext|> dog </s> barn <pad> tree <unk> owl on a café"
+
+
+def _special_positions(tokens, special, offsets, which):
+    return [(t, s, o) for t, s, o in zip(tokens, special, offsets) if t in which]
+
+
+def _check_literal_specials(meta):
+    tokens, special, offsets = meta["tokens"][0], meta["special_mask"][0], meta["token_offsets_clip"][0]
+    assert special[0] == 1 and special[-1] == 1
+    middle = [(s, o) for j, (t, s, o) in enumerate(zip(tokens, special, offsets)) if t == "<|endoftext|>" and 0 < j < len(tokens) - 1]
+    assert middle == [(1, None)], "the typed <|endoftext|> is CLIP's special id"
+    assert sum(special) == 3
+    t5, sp5, off5 = meta["tokens_t5"][0], meta["special_mask_t5"][0], meta["token_offsets_t5"][0]
+    typed = _special_positions(t5[:-1], sp5, off5, {"</s>", "<pad>", "<unk>"})
+    assert [t for t, s, o in typed if s == 1 and o is None] == ["</s>", "<pad>", "<unk>"]
+    # the é of café is unknown to the tiny T5 vocabulary: its <unk> stays part of the word
+    assert [t for t, s, o in typed if s == 0] == ["<unk>"]
+
+
+def _words(folder, encoder):
+    return [w.lower() for w, _ in read_words(folder, encoder)]
+
+
+def test_special_tokens_typed_in_a_prompt_belong_to_no_word(sd3_dir, tmp_path, capsys):
+    out = tmp_path / "typed"
+    assert run_main(["--model", sd3_dir, "--prompt", LITERAL, "--out", out, "--no-image", *SMALL,
+                     "--max-sequence-length", 64]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    _check_literal_specials(meta)
+    assert analyse_stepavg.main(["--root", str(out), "--tables-only", "--out", str(tmp_path / "a")]) == 0
+    clip, t5 = _words(tmp_path / "a", "clip"), _words(tmp_path / "a", "t5")
+    assert "endoftext" not in clip
+    assert clip == ["a", "cat", "dog", "s", "barn", "pad", "tree", "unk", "owl", "on", "a", "café"]  # text to CLIP
+    assert t5 == ["a", "cat", "endoftext", "dog", "barn", "tree", "owl", "on", "a", "café"]  # text to T5
+    for enc in ("clip", "t5"):
+        assert sum(m for _, m in read_words(tmp_path / "a", enc)) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.skipif(not CLIP_BPE.exists(), reason="needs ../shared/data/clip_bpe_simple_vocab_16e6.txt.gz")
+def test_special_tokens_with_the_real_clip_vocabulary():
+    from attention_map_diffusers.models.tiny import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(CLIP_BPE)
+    t = prompt_tokens(tok, "a photo of <|endoftext|> a cat <|startoftext|>", 77)
+    assert t.tokens == ["<|startoftext|>", "a</w>", "photo</w>", "of</w>", "<|endoftext|>", "a</w>", "cat</w>",
+                        "<|startoftext|>", "<|endoftext|>"]
+    assert t.special == [1, 0, 0, 0, 1, 0, 0, 1, 1]
+    assert [o is None for o in t.offsets] == [bool(s) for s in t.special]
+    # "</s>", "<pad>" and "<unk>" are plain text to CLIP
+    t = prompt_tokens(tok, "a </s> <pad> <unk>", 77)
+    assert sum(t.special) == 2 and "<unk>" not in t.tokens
+
+
+def test_original_format_view_gives_the_same_words(sd3_dir, tmp_path, capsys):
+    """Without offsets and special masks (the original tool's view) the analysis finds specials by
+    their strings; with --t5-tokenizer it tokenises T5 itself. Both must give the same words."""
+    prompt = "a cat <|endoftext|> dog </s> barn <pad> tree"
+    out = tmp_path / "fmt2"
+    assert run_main(["--model", sd3_dir, "--prompt", prompt, "--out", out, "--no-image", *SMALL,
+                     "--max-sequence-length", 64]) == 0
+    assert analyse_stepavg.main(["--root", str(out), "--tables-only", "--out", str(tmp_path / "a2")]) == 0
+    reference = {enc: read_words(tmp_path / "a2", enc) for enc in ("clip", "t5")}
+    assert [w for w, _ in reference["clip"]] == ["a", "cat", "dog", "s", "barn", "pad", "tree"]
+    assert [w for w, _ in reference["t5"]] == ["a", "cat", "endoftext", "dog", "barn", "tree"]
+
+    def view(name, drop, t5_tokenizer=None):
+        folder = tmp_path / name
+        shutil.copytree(out, folder)
+        meta = json.loads((folder / "metadata.json").read_text())
+        for key in drop:
+            meta.pop(key)
+        (folder / "metadata.json").write_text(json.dumps(meta))
+        extra = ["--t5-tokenizer", t5_tokenizer] if t5_tokenizer else []
+        assert analyse_stepavg.main(["--root", str(folder), "--tables-only", "--out", str(tmp_path / f"a-{name}"), *extra]) == 0
+        return {enc: read_words(tmp_path / f"a-{name}", enc) for enc in ("clip", "t5")}
+
+    bare = view("bare", ["special_mask", "special_mask_t5", "token_offsets_clip", "token_offsets_t5"])
+    retokenised = view("t5tok", ["tokens_t5", "special_mask_t5", "token_offsets_t5"], os.path.join(sd3_dir, "tokenizer_3"))
+    for got in (bare, retokenised):
+        for enc in ("clip", "t5"):
+            assert [w.lower() for w, _ in got[enc]] == [w for w, _ in reference[enc]], enc
+            np.testing.assert_allclose([m for _, m in got[enc]], [m for _, m in reference[enc]], rtol=1e-6)
