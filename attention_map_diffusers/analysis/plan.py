@@ -135,6 +135,11 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
                 weights=options.weights,
             )
             where = f"{ENCODER_TITLES[name]}" + (f", item {i}" if dump.batch_size > 1 else "")
+            if wm.words and not res.mass.sum() > 0:
+                raise UserError(
+                    f"{run_dir}: the {where} words get no attention at all (their maps in sum_token_map are all "
+                    "zero), so their shares are undefined; the dump is damaged, re-run it"
+                )
             for ph in res.missing_phrases:
                 notes.append(Note("warning", f"phrase {ph!r} does not occur in the {where} words; no file for it"))
             if wm.dropped:

@@ -110,7 +110,7 @@ class EncoderResult:
     item: int
     wordmap: WordMap
     block_ids: list[int]  # (Bk,) the blocks the curves cover
-    timesteps: np.ndarray  # (S,)
+    timesteps: Optional[np.ndarray]  # (S,); None when the dump has none (original tool): steps by index only
     shares: np.ndarray  # (H, W, n) word maps renormalised over the words at each pixel
     mass: np.ndarray  # (n,) share of the heatmap mass
     curves: np.ndarray  # (Bk, S, n) word curves
@@ -131,7 +131,7 @@ def analyse_encoder(
     encoder: str,
     item: int,
     block_ids: Sequence[int],
-    timesteps: np.ndarray,
+    timesteps: Optional[np.ndarray],
     topk: int,
     phrases: Sequence[str] = (),
     weights: str = "attention",
@@ -152,7 +152,7 @@ def analyse_encoder(
         item=item,
         wordmap=wordmap,
         block_ids=list(block_ids),
-        timesteps=np.asarray(timesteps),
+        timesteps=None if timesteps is None else np.asarray(timesteps),
         shares=shares,
         mass=mass,
         curves=curves,

@@ -142,7 +142,9 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         "phrases": " | ".join(options.phrases) or "(none)",
         "phrase weights": options.weights,
         "blocks": format_ranges(run.results[0][0].block_ids) if run.results and run.results[0] else "",
-        "steps": "denoising order (0 = first)" + (", flipped from the original tool's order" if dump.format_version < 2 else ""),
+        "steps": "denoising order (0 = first)"
+        + (", flipped from the original tool's order" if dump.steps_flipped else "")
+        + ("; the dump has no timesteps" if dump.timesteps is None else ""),
         "dump": dump.folder,
     }
     title = f"Attention analysis: {run.folder or os.path.basename(dump.folder) or dump.folder}"

@@ -1,0 +1,171 @@
+"""The analysis on inputs from the field: the original tool's dumps, damaged or hand-edited runs,
+stale runs.jsonl, output folders holding other files, leftovers of a killed run, scripts without spaces."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import analyse_stepavg  # noqa: E402
+from original_dump import ORIGINAL_METADATA_KEYS, ORIGINAL_NPZ_KEYS, write_original_dump  # noqa: E402
+from synthetic_dump import make_layout, random_arrays, write_dump  # noqa: E402
+
+from attention_map_diffusers.analysis.dumpfile import load_dump  # noqa: E402
+from attention_map_diffusers.contract import UserError, parse_runs_jsonl  # noqa: E402
+
+BICYCLE = "A rusty bicycle in front of a barn"
+WORDS = ["A", "rusty", "bicycle", "in", "front", "of", "a", "barn"]
+
+
+def run(*argv):
+    return analyse_stepavg.main([str(a) for a in argv])
+
+
+def header(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return next(csv.reader(fh))
+
+
+def tree(folder):
+    return sorted(
+        (os.path.relpath(os.path.join(d, f), folder), open(os.path.join(d, f), "rb").read())
+        for d, _, files in os.walk(folder)
+        for f in files
+    )
+
+
+def good_run(folder, prompt=BICYCLE, seed=0, **kw):
+    layout = make_layout([prompt], clip_len=77, t5_len=16)
+    write_dump(folder, layout, random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4), seed=seed), **kw)
+    return layout
+
+
+# --- the original tool's dumps -----------------------------------------------------------------
+
+
+def test_original_tool_dump_without_timesteps_is_read(tmp_path, capsys):
+    layout = make_layout([BICYCLE], clip_len=77, t5_len=32)
+    arrays = random_arrays(layout, num_blocks=3, num_steps=5, grid=(4, 4), seed=4)
+    barn = layout.positions("clip", 0, "barn")
+    arrays["per_block_step_token_mean"][0, 2, 0, barn] = 0.9  # barn peaks in block 2 at the FIRST denoising step
+    meta = write_original_dump(tmp_path / "old", BICYCLE, arrays)
+    with np.load(tmp_path / "old" / "stepavg_token_maps_v1.npz") as z:  # the fixture is what the original wrote
+        assert tuple(z.files) == ORIGINAL_NPZ_KEYS and z["N"].dtype.kind == "i" and z["sum_token_map"].dtype == np.float32
+    assert tuple(meta) == ORIGINAL_METADATA_KEYS and isinstance(meta["block_latent_sizes"], dict)
+    assert meta["negative_prompt"] is None and meta["special_mask"][0] is True and "format_version" not in meta
+
+    d = load_dump(str(tmp_path / "old"))
+    assert d.format_version == 1 and d.timesteps is None and d.steps_flipped
+    np.testing.assert_array_equal(d.step_mean, arrays["per_block_step_token_mean"])  # back in denoising order
+    assert any("no timesteps" in n.text for n in d.notes)
+
+    # the same numbers as a format 2 dump of the same arrays
+    write_dump(tmp_path / "new", layout, arrays, store_dtype="float32")
+    assert run("--root", tmp_path / "old", "--tables-only") == 0
+    assert run("--root", tmp_path / "new", "--tables-only", "--encoders", "clip") == 0
+    for name in ("words_auc.csv", "words_stepavg.csv", "words_summary.csv"):
+        old = (tmp_path / "old" / "analysis" / "clip" / "tables" / name).read_text()
+        assert old == (tmp_path / "new" / "analysis" / "clip" / "tables" / name).read_text()
+    summary = (tmp_path / "old" / "analysis" / "clip" / "tables" / "words_summary.csv").read_text().splitlines()
+    assert summary[-1].startswith("barn,") and summary[-1].endswith(",2,0")
+
+    # figures and report: steps by index, no invented timesteps
+    capsys.readouterr()
+    assert run("--root", tmp_path / "old", "--topk", "2") == 0
+    assert "no timesteps" in capsys.readouterr().err
+    out = tmp_path / "old" / "analysis"
+    assert (out / "clip" / "curves" / "words_mean_block2.png").is_file() and (out / "clip" / "overview.png").is_file()
+    assert (out / "image.png").is_file()
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert not re.search(r"\(t=\d", html) and "the dump has no timesteps" in html
+
+
+def test_step_axis_without_timesteps_says_step():
+    from attention_map_diffusers.analysis import plots
+
+    curves = np.random.default_rng(0).uniform(size=(4, 2))
+    fig = plots.curves_figure(curves, ["a", "b"], None, "t")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "denoising step (left = first, noisiest)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3"]
+    fig = plots.curves_figure(curves, ["a", "b"], np.array([900.0, 600, 300, 100]), "t")
+    assert fig.axes[0].get_xticklabels()[1].get_text() == "1\nt=600"
+
+
+def test_step_order_is_trusted_without_format_version(tmp_path, capsys):
+    layout = good_run(tmp_path / "new", store_dtype="float32")
+    arrays = random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4), seed=0)
+    # a format 2 dump that lost its format_version but says step_order "denoising": not flipped
+    write_dump(tmp_path / "edited", layout, arrays, store_dtype="float32", meta={"format_version": None})
+    d = load_dump(str(tmp_path / "edited"))
+    assert d.format_version == 1 and not d.steps_flipped
+    np.testing.assert_array_equal(d.step_mean, arrays["per_block_step_token_mean"])
+    np.testing.assert_array_equal(d.timesteps, arrays["timesteps"])
+    assert d.encoders["t5"].offsets is not None  # its text_spans and T5 tokens are read too
+    assert run("--root", tmp_path / "edited", "--tables-only", "--out", tmp_path / "a1") == 0
+    assert run("--root", tmp_path / "new", "--tables-only", "--out", tmp_path / "a2") == 0
+    for enc in ("clip", "t5"):
+        for name in ("words_auc.csv", "words_summary.csv"):
+            assert (tmp_path / "a1" / enc / "tables" / name).read_text() == (tmp_path / "a2" / enc / "tables" / name).read_text()
+    # no step_order and no format_version, but decreasing timesteps: kept as stored, with a note
+    write_dump(tmp_path / "bare", layout, arrays, meta={"format_version": None, "step_order": None})
+    d = load_dump(str(tmp_path / "bare"))
+    assert not d.steps_flipped and any("timesteps decrease" in n.text for n in d.notes)
+    # any other step_order is refused
+    write_dump(tmp_path / "asc", layout, arrays, meta={"format_version": None, "step_order": "ascending"})
+    capsys.readouterr()
+    assert run("--root", tmp_path / "asc") == 2
+    err = capsys.readouterr().err
+    assert "step_order='ascending' is not supported" in err and err.count("\n") == 1
+
+
+# --- hand-edited inputs ------------------------------------------------------------------------
+
+
+BAD_VALUES = (5, -1, 1.5, True, "x", None, [], {}, [[1]], [1, 2], {"a": 1})
+
+
+@pytest.mark.parametrize("original", [False, True])
+def test_every_hand_edited_metadata_value_gives_a_user_error(tmp_path, original):
+    """Each metadata key set to each wrong type: the dump loads, or UserError (never another exception)."""
+    folder = tmp_path / "run"
+    layout = make_layout([BICYCLE], clip_len=77, t5_len=16)
+    arrays = random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4))
+    meta = write_dump(folder, layout, arrays, original=original)
+    path = folder / "metadata.json"
+    unexpected = []
+    for key in meta:
+        for value in BAD_VALUES:
+            edited = dict(meta)
+            edited[key] = value
+            path.write_text(json.dumps(edited))
+            try:
+                load_dump(str(folder))
+            except UserError as exc:
+                assert "\n" not in str(exc)
+            except Exception as exc:  # noqa: BLE001 - what this test looks for
+                unexpected.append(f"{key}={value!r}: {type(exc).__name__}: {exc}")
+    assert not unexpected, unexpected[:5]
+
+
+def test_every_hand_edited_runs_jsonl_value_gives_a_user_error():
+    row = {"run": 0, "folder": "0000-a", "prompt": [BICYCLE], "seed": 1, "status": "done", "process": 0, "error": None}
+    unexpected = []
+    for key in row:
+        for value in BAD_VALUES + ("a\x00b", "../x", "/abs"):
+            try:
+                parse_runs_jsonl(json.dumps(dict(row, **{key: value})) + "\n", "runs.jsonl")
+            except UserError as exc:
+                assert "\n" not in str(exc)
+            except Exception as exc:  # noqa: BLE001
+                unexpected.append(f"{key}={value!r}: {type(exc).__name__}: {exc}")
+    assert not unexpected, unexpected[:5]
