@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +20,7 @@ import analyse_stepavg  # noqa: E402
 from original_dump import ORIGINAL_METADATA_KEYS, ORIGINAL_NPZ_KEYS, write_original_dump  # noqa: E402
 from synthetic_dump import make_layout, random_arrays, write_dump  # noqa: E402
 
-from attention_map_diffusers.analysis.dumpfile import load_dump  # noqa: E402
+from attention_map_diffusers.analysis.dumpfile import first_missing, load_dump  # noqa: E402
 from attention_map_diffusers.contract import UserError, parse_runs_jsonl  # noqa: E402
 
 BICYCLE = "A rusty bicycle in front of a barn"
@@ -126,6 +127,33 @@ def test_step_order_is_trusted_without_format_version(tmp_path, capsys):
     assert run("--root", tmp_path / "asc") == 2
     err = capsys.readouterr().err
     assert "step_order='ascending' is not supported" in err and err.count("\n") == 1
+
+
+# --- --blocks ranges ---------------------------------------------------------------------------
+
+
+def test_huge_blocks_range_is_checked_arithmetically(tmp_path):
+    good_run(tmp_path / "run")
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "import analyse_stepavg as a\n"
+        f"sys.exit(a.main(['--root', {str(tmp_path / 'run')!r}, '--tables-only', '--blocks', sys.argv[1]]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    for spec, rc, message in (("0-99999999999", 2, "block 2 is not in this dump, which has blocks 0-1"),
+                              ("1-1,3-99999999999", 2, "block 3 is not in this dump"),
+                              ("1-1", 0, "")):  # fmt: skip
+        res = subprocess.run([sys.executable, "-c", code, spec], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == rc, res.stderr
+        assert message in res.stderr and "Traceback" not in res.stderr
+    assert header(tmp_path / "run" / "analysis" / "clip" / "tables" / "words_auc.csv")[0] == "block"
+
+
+def test_first_missing():
+    assert first_missing([(0, 99999999999)], [0, 1]) == 2
+    assert first_missing([(0, 1)], [1, 0]) is None
+    assert first_missing([(5, 7), (2, 2)], [0, 1, 2, 5, 6]) == 7
+    assert first_missing([(3, 10**12)], [0, 1]) == 3
 
 
 # --- hand-edited inputs ------------------------------------------------------------------------

@@ -79,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
     """The parsed flags as :class:`AnalysisOptions` (raises :class:`UserError`)."""
-    blocks = parse_blocks(args.blocks)
     return AnalysisOptions(
         root=args.root,
         out=args.out,
@@ -89,7 +88,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
         encoders=parse_encoders(args.encoders),
         fmt=args.format,
         dpi=args.dpi,
-        block_ids=None if blocks is None else tuple(blocks),
+        block_ranges=parse_blocks(args.blocks),
         overlay=not args.no_overlay,
         tables_only=args.tables_only,
         t5_tokenizer=args.t5_tokenizer,

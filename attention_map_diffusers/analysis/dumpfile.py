@@ -176,6 +176,42 @@ class Dump:
             )
         return [where[b] for b in block_ids]
 
+    def select_blocks(self, ranges: Optional[Sequence[tuple[int, int]]]) -> list[int]:
+        """Positions on the Bk axis of the blocks in ``ranges`` (inclusive ``(first, last)`` pairs, as
+        :func:`~attention_map_diffusers.analysis.stats.parse_blocks` returns them; all blocks when None).
+
+        Checked arithmetically, so ``0-99999999999`` costs no more than ``0-9``.
+        """
+        if ranges is None:
+            return list(range(len(self.block_ids)))
+        missing = first_missing(ranges, self.block_ids)
+        if missing is not None:
+            raise UserError(
+                f"--blocks: block {missing} is not in this dump, which has blocks "
+                f"{format_ranges(self.block_ids)} ({self.folder})"
+            )
+        return [p for p, b in enumerate(self.block_ids) if any(a <= b <= z for a, z in ranges)]
+
+
+def first_missing(ranges: Sequence[tuple[int, int]], have: Sequence[int]) -> Optional[int]:
+    """The smallest integer in the inclusive ``ranges`` that is not in ``have``, or None.
+
+    Walks ``have`` once per range instead of enumerating the range.
+    """
+    ids = sorted(set(have))
+    best: Optional[int] = None
+    for a, z in ranges:
+        want = a
+        for b in ids:
+            if b < want:
+                continue
+            if b > want or want > z:
+                break
+            want += 1
+        if want <= z and (best is None or want < best):
+            best = want
+    return best
+
 
 def format_ranges(ids: Sequence[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""

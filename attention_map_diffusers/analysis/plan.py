@@ -50,13 +50,13 @@ class Plan:
     t5_loader: Optional[Callable[[], object]]
 
 
-def restrict_blocks(dump: Dump, block_ids: Optional[tuple[int, ...]]) -> tuple[np.ndarray, list[Note]]:
+def restrict_blocks(dump: Dump, block_ranges: Optional[tuple[tuple[int, int], ...]]) -> tuple[np.ndarray, list[Note]]:
     """(B, Hc, Wc, T) the average map over the chosen blocks (all blocks when None).
 
     Needs the dump's per-block maps (``--save-block-maps``) to restrict; without them the map of all
     blocks is returned with a note saying so.
     """
-    if block_ids is None:
+    if block_ranges is None:
         return dump.avg_map, []
     if dump.block_maps is None:
         return dump.avg_map, [Note(
@@ -64,7 +64,7 @@ def restrict_blocks(dump: Dump, block_ids: Optional[tuple[int, ...]]) -> tuple[n
             "heatmaps average all blocks: the dump has no per_block_token_map (dump with --save-block-maps "
             "to restrict them with --blocks)",
         )]
-    pos = dump.block_positions(block_ids)
+    pos = dump.select_blocks(block_ranges)
     n_updates = max(1, round(dump.N * len(pos) / len(dump.block_ids)))
     return dump.block_maps[:, pos].sum(axis=1) / np.float32(n_updates), []
 
@@ -92,11 +92,11 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
     dump = load_dump(
         run_dir,
         t5_tokenizer=t5_loader if "t5" in options.encoders else None,
-        block_maps=options.block_ids is not None,
+        block_maps=options.block_ranges is not None,
     )
-    positions = dump.block_positions(options.block_ids)
+    positions = dump.select_blocks(options.block_ranges)
     sel_ids = [dump.block_ids[p] for p in positions]
-    avg, notes = restrict_blocks(dump, options.block_ids)
+    avg, notes = restrict_blocks(dump, options.block_ranges)
     notes = list(dump.notes) + notes
     images = []
     for path in dump.images:
