@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ import analyse_stepavg  # noqa: E402
 from original_dump import ORIGINAL_METADATA_KEYS, ORIGINAL_NPZ_KEYS, write_original_dump  # noqa: E402
 from synthetic_dump import make_layout, random_arrays, write_dump  # noqa: E402
 
+from attention_map_diffusers.analysis import outdir  # noqa: E402
 from attention_map_diffusers.analysis.dumpfile import first_missing, load_dump  # noqa: E402
 from attention_map_diffusers.contract import UserError, parse_runs_jsonl  # noqa: E402
 
@@ -154,6 +156,67 @@ def test_first_missing():
     assert first_missing([(0, 1)], [1, 0]) is None
     assert first_missing([(5, 7), (2, 2)], [0, 1, 2, 5, 6]) == 7
     assert first_missing([(3, 10**12)], [0, 1]) == 3
+
+
+# --- the output folder -------------------------------------------------------------------------
+
+
+def test_out_holding_other_files_is_refused_and_left_alone(tmp_path, capsys):
+    good_run(tmp_path / "run")
+    out = tmp_path / "run" / "analysis"
+    assert run("--root", tmp_path / "run", "--tables-only") == 0
+    assert (out / outdir.MANIFEST).is_file()
+    shutil.copytree(tmp_path / "run", tmp_path / "copy", ignore=shutil.ignore_patterns("analysis"))
+    shutil.copytree(tmp_path / "copy", out / "my-copied-run")  # a user puts a run folder there
+    before = tree(out)
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert "holds my-copied-run/" in err and "which this analysis did not write" in err and err.count("\n") == 1
+    assert tree(out) == before  # nothing deleted, nothing written
+    # a foreign file next to our files, and an empty folder of the user's: refused too
+    shutil.rmtree(out / "my-copied-run")
+    (out / "clip" / "tables" / "mine.csv").write_text("x")
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    assert "holds clip/tables/mine.csv" in capsys.readouterr().err
+    os.remove(out / "clip" / "tables" / "mine.csv")
+    (out / "empty").mkdir()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    assert "holds empty/" in capsys.readouterr().err
+    (out / "empty").rmdir()
+    assert run("--root", tmp_path / "run", "--tables-only") == 0  # only our files: replaced
+
+
+def test_out_of_an_earlier_version_without_manifest_is_refused(tmp_path, capsys):
+    good_run(tmp_path / "run")
+    out = tmp_path / "run" / "analysis"
+    assert run("--root", tmp_path / "run", "--tables-only") == 0
+    os.remove(out / outdir.MANIFEST)
+    before = tree(out)
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    assert "earlier version of this tool" in capsys.readouterr().err
+    assert tree(out) == before
+
+
+def test_leftovers_of_a_killed_analysis_are_removed(tmp_path, capsys):
+    good_run(tmp_path / "run")
+    root = tmp_path / "run"
+    assert run("--root", root, "--tables-only") == 0
+    # what a kill leaves: a temp folder being written, and an earlier analysis moved aside
+    tmp = outdir.new_folder(str(root / "analysis"))
+    (open(os.path.join(tmp, "half.csv"), "w")).write("x")
+    os.replace(root / "analysis", root / ".analysis.old-abcd1234")
+    # look-alikes that are not ours stay
+    (root / ".analysis.tmp-notours1").mkdir()
+    (root / ".analysis.tmp-notours1" / "keep.txt").write_text("keep")
+    (root / ".other.tmp-abcdefgh").mkdir()
+    capsys.readouterr()
+    assert run("--root", root, "--tables-only") == 0
+    assert "removing what an interrupted analysis left" in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [".analysis.tmp-notours1", ".other.tmp-abcdefgh"]
+    assert (root / ".analysis.tmp-notours1" / "keep.txt").read_text() == "keep"
+    assert (root / "analysis" / "index.html").is_file()
 
 
 # --- hand-edited inputs ------------------------------------------------------------------------

@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run folder (stepavg_token_maps_v1.npz + metadata.json), or a folder with runs.jsonl: then "
         "every run listed as done or skipped is analysed",
     )
-    p.add_argument("--out", default=None, help="output folder (default: ROOT/analysis); replaced as a whole when it holds an earlier analysis")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: ROOT/analysis); replaced as a whole when it holds only an earlier analysis, "
+        "refused when it holds anything else",
+    )
     p.add_argument("--topk", type=int, default=12, help="number of words (by heatmap mass) that get heatmaps and curves (default: 12)")
     p.add_argument(
         "--phrases",
@@ -107,6 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan = make_plan(options)
     except UserError as exc:
         return fail(PROG, str(exc))
+    for note in plan.notes:
+        print(note, file=sys.stderr)
     for run in plan.runs:
         prefix = f"{run.folder}: " if run.folder else ""
         for note in run.notes:

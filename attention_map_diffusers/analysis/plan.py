@@ -10,8 +10,8 @@ import numpy as np
 
 from ..contract import METADATA_NAME, NPZ_NAME, RUNS_NAME, RunRecord, UserError, run_is_complete
 from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer, read_runs
+from . import outdir
 from .options import ENCODER_TITLES, AnalysisOptions
-from .report import GENERATOR
 from .stats import EncoderResult, analyse_encoder
 from .words import map_words
 
@@ -48,6 +48,8 @@ class Plan:
     records: list[RunRecord]  # runs.jsonl lines (empty for a single run)
     multi: bool
     t5_loader: Optional[Callable[[], object]]
+    notes: list[Note] = field(default_factory=list)  # about the whole analysis, said once
+    leftovers: list[str] = field(default_factory=list)  # folders of a killed analysis, removed when writing
 
 
 def restrict_blocks(dump: Dump, block_ranges: Optional[tuple[tuple[int, int], ...]]) -> tuple[np.ndarray, list[Note]]:
@@ -155,25 +157,6 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
     return RunPlan(folder, dump, images, results, notes)
 
 
-def _is_our_output(out: str) -> bool:
-    try:
-        with open(os.path.join(out, "index.html"), encoding="utf-8") as fh:
-            return f'content="{GENERATOR}"' in fh.read(4096)
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _check_out(out: str) -> None:
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise UserError(f"--out {out} exists and is not a folder; choose another --out")
-        if os.listdir(out) and not _is_our_output(out):
-            raise UserError(
-                f"--out {out} exists and does not hold an earlier analysis (no index.html written by this tool); "
-                "choose another --out or empty it"
-            )
-
-
 def make_plan(options: AnalysisOptions) -> Plan:
     """Validate every input and compute what will be written; nothing is written."""
     from .write import count_files
@@ -182,7 +165,7 @@ def make_plan(options: AnalysisOptions) -> Plan:
     if not os.path.isdir(root):
         raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with {RUNS_NAME}")
     out = os.path.abspath(options.out) if options.out else os.path.join(root, "analysis")
-    _check_out(out)
+    outdir.check_out(out)
 
     cache: dict = {}
 
@@ -209,4 +192,9 @@ def make_plan(options: AnalysisOptions) -> Plan:
         rp = plan_run(folder, run_dir, options, loader)
         keep = rp if len(todo) == 1 else None
         runs.append(RunSpec(folder, run_dir, rp.notes, count_files(rp, options), keep))
-    return Plan(options, root, out, runs, records, multi, loader)
+    notes = []
+    leftovers = outdir.leftovers(out)
+    if leftovers:
+        names = ", ".join(os.path.basename(p) for p in leftovers)
+        notes.append(Note("note", f"removing what an interrupted analysis left next to {out}: {names}"))
+    return Plan(options, root, out, runs, records, multi, loader, notes, leftovers)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from ..atomic import current_umask, write_bytes, write_text
+from ..atomic import write_bytes, write_text
 from ..contract import slugify
+from . import outdir
 from .dumpfile import format_ranges
 from .options import ENCODER_TITLES, AnalysisOptions
 from .plan import Plan, RunPlan, plan_run
@@ -159,10 +158,8 @@ def write_plan(plan: Plan) -> int:
         the number of files written.
     """
     options = plan.options
-    parent = os.path.dirname(plan.out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(plan.out)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the output folder should not be
+    outdir.remove(plan.leftovers)
+    tmp = outdir.new_folder(plan.out)
     try:
         from tqdm import tqdm
 
@@ -187,26 +184,8 @@ def write_plan(plan: Plan) -> int:
                 for r in plan.records
             ]
             write_text(os.path.join(tmp, "index.html"), index_page(f"Attention analysis: {os.path.basename(plan.root)}", rows))
-        n_files = sum(len(files) for _, _, files in os.walk(tmp))
-        _replace_folder(tmp, plan.out)
+        return outdir.commit(tmp, plan.out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        outdir.remove([tmp])
         raise
-    return n_files
 
-
-def _replace_folder(tmp: str, out: str) -> None:
-    """Move ``tmp`` to ``out``; an earlier analysis there is removed only once the new one is in place."""
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rmdir(old)
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
