@@ -19,7 +19,7 @@ sys.path.insert(0, REPO)
 
 import analyse_stepavg  # noqa: E402
 from original_dump import ORIGINAL_METADATA_KEYS, ORIGINAL_NPZ_KEYS, write_original_dump  # noqa: E402
-from synthetic_dump import make_layout, random_arrays, write_dump  # noqa: E402
+from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  # noqa: E402
 
 from attention_map_diffusers.analysis import outdir  # noqa: E402
 from attention_map_diffusers.analysis.dumpfile import first_missing, load_dump  # noqa: E402
@@ -129,6 +129,95 @@ def test_step_order_is_trusted_without_format_version(tmp_path, capsys):
     assert run("--root", tmp_path / "asc") == 2
     err = capsys.readouterr().err
     assert "step_order='ascending' is not supported" in err and err.count("\n") == 1
+
+
+# --- one damaged run of many -------------------------------------------------------------------
+
+
+def test_a_damaged_run_is_listed_and_the_others_are_analysed(tmp_path, capsys):
+    for k, name in enumerate(["0000-a", "0001-b", "0002-c"]):
+        good_run(tmp_path / name, seed=k)
+    (tmp_path / "0001-b" / "stepavg_token_maps_v1.npz").write_bytes(b"garbage")
+    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [BICYCLE], "status": "done"} for k, f in enumerate(["0000-a", "0001-b", "0002-c"])])
+    assert run("--root", tmp_path, "--tables-only") == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(lines) == 2 and "0001-b" in lines[0] and "damaged" in lines[0]
+    assert "1 of 3 runs could not be analysed" in lines[1]
+    out = tmp_path / "analysis"
+    assert (out / "0000-a" / "clip" / "tables" / "words_auc.csv").is_file()
+    assert (out / "0002-c" / "t5" / "tables" / "words_auc.csv").is_file()
+    assert not (out / "0001-b").exists()
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "0001-b" in html and "not analysed" in html and "damaged" in html
+    assert 'href="0001-b/index.html"' not in html and 'href="0002-c/index.html"' in html
+
+
+def test_a_run_that_changes_after_planning_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    from attention_map_diffusers.analysis import write
+
+    for k, name in enumerate(["0000-a", "0001-b"]):
+        good_run(tmp_path / name, seed=k)
+    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [BICYCLE], "status": "done"} for k, f in enumerate(["0000-a", "0001-b"])])
+    real = write.plan_run
+
+    def flaky(folder, run_dir, options, loader=None):
+        if folder == "0000-a":
+            raise UserError(f"{run_dir}: changed on disk")
+        return real(folder, run_dir, options, loader)
+
+    monkeypatch.setattr(write, "plan_run", flaky)
+    assert run("--root", tmp_path, "--tables-only") == 1
+    assert "changed on disk" in capsys.readouterr().err
+    assert (tmp_path / "analysis" / "0001-b" / "index.html").is_file()
+    assert "changed on disk" in (tmp_path / "analysis" / "index.html").read_text(encoding="utf-8")
+
+
+# --- runs.jsonl missing or stale ---------------------------------------------------------------
+
+
+def test_run_folders_without_runs_jsonl(tmp_path, capsys):
+    good_run(tmp_path / "0000-a", seed=0)
+    good_run(tmp_path / "0001-b", prompt="A furry cat", seed=1)
+    (tmp_path / "notes").mkdir()  # not a run: ignored
+    assert run("--root", tmp_path, "--tables-only") == 0
+    err = capsys.readouterr().err
+    assert "has no runs.jsonl: analysing the 2 complete run folders in it (0000-a, 0001-b)" in err
+    out = tmp_path / "analysis"
+    assert header(out / "0001-b" / "clip" / "tables" / "words_auc.csv") == ["block", "A", "furry", "cat"]
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "A furry cat" in html and "not in runs.jsonl" in html  # the prompt comes from the run's metadata
+
+
+def test_stale_runs_jsonl(tmp_path, capsys):
+    good_run(tmp_path / "0000-a", seed=0)
+    good_run(tmp_path / "0001-b", prompt="A furry cat", seed=1)  # on disk, not listed
+    write_runs(tmp_path, [
+        {"run": 0, "folder": "0000-a", "prompt": [BICYCLE], "status": "done"},
+        {"run": 2, "folder": "0002-c", "prompt": ["gone"], "status": "done"},  # listed, not on disk
+    ])  # fmt: skip
+    assert run("--root", tmp_path, "--tables-only") == 1
+    err = capsys.readouterr().err
+    assert "does not list 1 complete run folders found next to it (0001-b); they are analysed too" in err
+    assert "'0002-c' is marked done" in err and "does not exist" in err
+    out = tmp_path / "analysis"
+    assert (out / "0000-a" / "index.html").is_file() and (out / "0001-b" / "index.html").is_file()
+    assert not (out / "0002-c").exists()
+
+
+def test_interrupted_run_folder_without_runs_jsonl(tmp_path, capsys):
+    good_run(tmp_path / "0000-a")
+    good_run(tmp_path / "0001-b")
+    os.remove(tmp_path / "0001-b" / "metadata.json")  # a dump killed between its two files
+    assert run("--root", tmp_path, "--tables-only") == 1
+    err = capsys.readouterr().err
+    assert "0001-b lacks metadata.json (an interrupted dump?)" in err
+    assert (tmp_path / "analysis" / "0000-a" / "index.html").is_file()
+    shutil.rmtree(tmp_path / "0000-a")
+    shutil.rmtree(tmp_path / "analysis")
+    assert run("--root", tmp_path, "--tables-only") == 2  # nothing complete: one line, nothing written
+    assert "holds no complete run" in capsys.readouterr().err
+    assert not (tmp_path / "analysis").exists()
 
 
 # --- --blocks ranges ---------------------------------------------------------------------------

@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--root",
         required=True,
-        help="a run folder (stepavg_token_maps_v1.npz + metadata.json), or a folder with runs.jsonl: then "
-        "every run listed as done or skipped is analysed",
+        help="a run folder (stepavg_token_maps_v1.npz + metadata.json), or a folder of runs: then every run "
+        "that runs.jsonl lists as done or skipped, and every complete run folder it does not list, is analysed",
     )
     p.add_argument(
         "--out",
@@ -118,11 +118,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         prefix = f"{run.folder}: " if run.folder else ""
         for note in run.notes:
             print(f"{note.level}: {prefix}{note.text}", file=sys.stderr)
+    reported = {id(e) for e in plan.failed}
+    for entry in plan.failed:
+        fail(PROG, entry.problem)
     try:
         n = write_plan(plan)
-    except UserError as exc:  # a run changed on disk after it was validated
+    except UserError as exc:  # a single run changed on disk after it was validated
         return fail(PROG, str(exc))
     except OSError as exc:
         return fail(PROG, f"could not write the analysis to {plan.out}: {exc}", code=1)
+    for entry in plan.failed:
+        if id(entry) not in reported:  # changed on disk after it was validated
+            fail(PROG, entry.problem)
     print(f"wrote {n} files to {plan.out} (open {os.path.join(plan.out, 'index.html')})")
+    if plan.failed:
+        return fail(
+            PROG,
+            f"{len(plan.failed)} of {len(plan.entries)} runs could not be analysed (see above; "
+            f"{os.path.join(plan.out, 'index.html')} lists them with the reason)",
+            code=1,
+        )
     return 0

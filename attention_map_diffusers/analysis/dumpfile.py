@@ -28,7 +28,6 @@ from ..contract import (
     block_index,
     prompt_tokens,
     read_runs_jsonl,
-    run_is_complete,
 )
 
 # The original tool's dumps do not say where the CLIP positions end; SD3 puts its 77 CLIP positions
@@ -231,18 +230,9 @@ def format_ranges(ids: Sequence[int]) -> str:
 
 
 def read_runs(root: str) -> list[RunRecord]:
-    """The runs listed in ``root/runs.jsonl``, checked (folders of done/skipped runs must be complete)."""
-    path = os.path.join(root, RUNS_NAME)
-    runs = read_runs_jsonl(path)
-    if not runs:
-        raise UserError(f"{path} lists no runs; run sd_35_stepavg_dump.py first or point --root at a run folder")
-    for r in runs:
-        if r.status != "failed" and not run_is_complete(os.path.join(root, r.folder)):
-            raise UserError(
-                f"run {r.folder!r} is marked {r.status} in {path} but {os.path.join(root, r.folder)} lacks "
-                f"{NPZ_NAME} or {METADATA_NAME}; re-run the dump for it or mark it failed"
-            )
-    return runs
+    """The runs listed in ``root/runs.jsonl``, each line checked (whether their folders are complete is
+    :mod:`~attention_map_diffusers.analysis.discover`'s business)."""
+    return read_runs_jsonl(os.path.join(root, RUNS_NAME))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..contract import METADATA_NAME, NPZ_NAME, RUNS_NAME, RunRecord, UserError, run_is_complete
-from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer, read_runs
+from ..contract import UserError
 from . import outdir
+from .discover import NOT_LISTED, RunEntry, discover
+from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer
 from .options import ENCODER_TITLES, AnalysisOptions
 from .stats import EncoderResult, analyse_encoder
 from .words import map_words
@@ -37,6 +38,7 @@ class RunSpec:
     notes: list[Note]
     n_files: int  # files it will write (for the progress bar)
     plan: Optional[RunPlan]
+    entry: Optional[RunEntry] = None  # its row of the top-level index (several runs)
 
 
 @dataclass
@@ -44,12 +46,32 @@ class Plan:
     options: AnalysisOptions
     root: str
     out: str
-    runs: list[RunSpec]
-    records: list[RunRecord]  # runs.jsonl lines (empty for a single run)
+    runs: list[RunSpec]  # the runs to write
+    entries: list[RunEntry]  # every run of a folder of runs, analysable or not (empty for a single run)
     multi: bool
     t5_loader: Optional[Callable[[], object]]
     notes: list[Note] = field(default_factory=list)  # about the whole analysis, said once
     leftovers: list[str] = field(default_factory=list)  # folders of a killed analysis, removed when writing
+
+    @property
+    def failed(self) -> list[RunEntry]:
+        """Runs the analysis could not analyse (each with its ``problem``)."""
+        return [e for e in self.entries if e.problem is not None]
+
+
+def index_rows(plan: Plan) -> list[dict]:
+    """Rows of the top-level ``index.html`` (folder, prompt, status, error, link), once the runs are written."""
+    rows = []
+    for e in plan.entries:
+        failed = e.problem is not None
+        rows.append({
+            "folder": e.folder,
+            "prompt": list(e.prompt),
+            "status": "not analysed" if failed else e.status,
+            "error": e.problem if failed else e.error,
+            "link": f"{e.folder}/index.html" if e.to_analyse else None,
+        })
+    return rows
 
 
 def restrict_blocks(dump: Dump, block_ranges: Optional[tuple[tuple[int, int], ...]]) -> tuple[np.ndarray, list[Note]]:
@@ -158,12 +180,16 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
 
 
 def make_plan(options: AnalysisOptions) -> Plan:
-    """Validate every input and compute what will be written; nothing is written."""
+    """Validate every input and compute what will be written; nothing is written.
+
+    With a folder of runs, a run that cannot be analysed does not stop the others: its entry gets
+    the reason (:attr:`Plan.failed`). A single run that cannot be analysed raises.
+    """
     from .write import count_files
 
     root = os.path.abspath(options.root)
     if not os.path.isdir(root):
-        raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with {RUNS_NAME}")
+        raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with runs.jsonl")
     out = os.path.abspath(options.out) if options.out else os.path.join(root, "analysis")
     outdir.check_out(out)
 
@@ -175,26 +201,26 @@ def make_plan(options: AnalysisOptions) -> Plan:
         return cache["tok"]
 
     loader = t5_loader if options.t5_tokenizer else None
-    multi = os.path.isfile(os.path.join(root, RUNS_NAME))
-    if multi:
-        records = read_runs(root)
-        todo = [(r.folder, os.path.join(root, r.folder)) for r in records if r.status != "failed"]
-    elif run_is_complete(root) or any(os.path.exists(os.path.join(root, n)) for n in (NPZ_NAME, METADATA_NAME)):
-        records = []  # a half-present run is reported by load_dump, naming the missing file
-        todo = [(None, root)]
+    entries, notes = discover(root, out)
+    if entries is None:
+        todo: list[tuple[Optional[str], str, Optional[RunEntry]]] = [(None, root, None)]
     else:
-        raise UserError(
-            f"--root {options.root} holds neither a run (stepavg_token_maps_v1.npz + metadata.json) nor {RUNS_NAME}; "
-            "point it at the --out folder of sd_35_stepavg_dump.py"
-        )
+        todo = [(e.folder, os.path.join(root, e.folder), e) for e in entries if e.to_analyse]
     runs = []
-    for folder, run_dir in todo:
-        rp = plan_run(folder, run_dir, options, loader)
+    for folder, run_dir, entry in todo:
+        try:
+            rp = plan_run(folder, run_dir, options, loader)
+        except UserError as exc:
+            if entry is None:
+                raise
+            entry.problem = str(exc)
+            continue
+        if entry is not None and (entry.status == NOT_LISTED or not entry.prompt):
+            entry.prompt = list(rp.dump.prompts)
         keep = rp if len(todo) == 1 else None
-        runs.append(RunSpec(folder, run_dir, rp.notes, count_files(rp, options), keep))
-    notes = []
+        runs.append(RunSpec(folder, run_dir, rp.notes, count_files(rp, options), keep, entry))
     leftovers = outdir.leftovers(out)
     if leftovers:
         names = ", ".join(os.path.basename(p) for p in leftovers)
         notes.append(Note("note", f"removing what an interrupted analysis left next to {out}: {names}"))
-    return Plan(options, root, out, runs, records, multi, loader, notes, leftovers)
+    return Plan(options, root, out, runs, entries or [], entries is not None, loader, notes, leftovers)

@@ -10,11 +10,11 @@ from typing import Callable
 import numpy as np
 
 from ..atomic import write_bytes, write_text
-from ..contract import slugify
+from ..contract import UserError, slugify
 from . import outdir
 from .dumpfile import format_ranges
 from .options import ENCODER_TITLES, AnalysisOptions
-from .plan import Plan, RunPlan, plan_run
+from .plan import Plan, RunPlan, index_rows, plan_run
 from .report import EncoderPage, ItemPage, index_page, run_page
 from .stats import EncoderResult, step_average
 from .tables import write_tables
@@ -154,6 +154,9 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
 def write_plan(plan: Plan) -> int:
     """Write everything into a temporary sibling of the output folder, then put it in place.
 
+    With several runs, a run that fails now (changed on disk since it was planned) gets its entry's
+    ``problem`` set and the others are written.
+
     Returns:
         the number of files written.
     """
@@ -166,26 +169,20 @@ def write_plan(plan: Plan) -> int:
         total = sum(r.n_files for r in plan.runs)
         with tqdm(total=total, desc="analysing", unit="file", disable=None, file=sys.stderr) as bar:
             for spec in plan.runs:
-                run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
+                try:
+                    run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
+                except UserError as exc:
+                    if spec.entry is None:
+                        raise
+                    spec.entry.problem = str(exc)
+                    continue
                 dest = os.path.join(tmp, run.folder) if run.folder else tmp
                 os.makedirs(dest, exist_ok=True)
                 write_run(dest, run, options, lambda: bar.update(1))
                 del run
         if plan.multi:
-            done = {r.folder for r in plan.runs}
-            rows = [
-                {
-                    "folder": r.folder,
-                    "prompt": list(r.prompt),
-                    "status": r.status,
-                    "error": r.error,
-                    "link": f"{r.folder}/index.html" if r.folder in done else None,
-                }
-                for r in plan.records
-            ]
-            write_text(os.path.join(tmp, "index.html"), index_page(f"Attention analysis: {os.path.basename(plan.root)}", rows))
+            write_text(os.path.join(tmp, "index.html"), index_page(f"Attention analysis: {os.path.basename(plan.root)}", index_rows(plan)))
         return outdir.commit(tmp, plan.out)
     except BaseException:
         outdir.remove([tmp])
         raise
-
