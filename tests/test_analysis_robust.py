@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -349,3 +350,52 @@ def test_every_hand_edited_runs_jsonl_value_gives_a_user_error():
             except Exception as exc:  # noqa: BLE001
                 unexpected.append(f"{key}={value!r}: {type(exc).__name__}: {exc}")
     assert not unexpected, unexpected[:5]
+
+
+# --- scripts without spaces, fonts -------------------------------------------------------------
+
+
+def test_prompt_without_spaces_gives_a_word_per_character(tmp_path, capsys):
+    from attention_map_diffusers.analysis.fonts import choose_fonts
+
+    prompt = "一只红色的猫 on a sofa"
+    layout = make_layout([prompt], clip_len=77, t5_len=16)
+    write_dump(tmp_path / "run", layout, random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4)))
+    assert run("--root", tmp_path / "run", "--tables-only", "--phrases", "红色") == 0
+    words = ["一", "只", "红", "色", "的", "猫", "on", "a", "sofa"]
+    for enc in ("clip", "t5"):
+        assert header(tmp_path / "run" / "analysis" / enc / "tables" / "words_auc.csv") == ["block", *words]
+        assert header(tmp_path / "run" / "analysis" / enc / "tables" / "phrases_auc.csv") == ["block", "红色"]
+    assert "font" not in capsys.readouterr().err  # no figures, no font question
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Glyph ... missing" warnings
+        assert run("--root", tmp_path / "run", "--topk", "2", "--blocks", "0", "--encoders", "clip", "--phrases", "红色") == 0
+    assert (tmp_path / "run" / "analysis" / "clip" / "heatmaps" / "phrases" / "000-红色.png").is_file()
+    err = capsys.readouterr().err
+    choice = choose_fonts(words)
+    if choice.missing:  # no CJK font installed: said once
+        assert err.count("no installed font has glyphs for") == 1 and "fonts-noto-cjk" in err
+    else:
+        assert "no installed font" not in err and choice.families
+
+
+def test_font_fallback_is_found_and_used():
+    """With a base font that lacks a character, an installed font that has it is chosen and drawn
+    without warnings (cmr10, shipped with matplotlib, has no 'é'; DejaVu Sans has)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from attention_map_diffusers.analysis.fonts import choose_fonts, use_fonts
+
+    choice = choose_fonts(["café"], base="cmr10")
+    assert choice.missing == "" and choice.families[0] == "cmr10" and len(choice.families) >= 2
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with use_fonts(choice):
+            fig = Figure()
+            FigureCanvasAgg(fig)
+            fig.subplots().set_title("café")
+            fig.canvas.draw()
+    assert not [w for w in seen if "missing from font" in str(w.message)]
+    nothing = choose_fonts(["\U0010fffd"], base="cmr10")  # a private-use character no font has
+    assert nothing.missing == "\U0010fffd" and "no installed font has glyphs for" in nothing.note()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer
 from .options import ENCODER_TITLES, AnalysisOptions
 from .stats import EncoderResult, analyse_encoder
 from .words import map_words
+
+if TYPE_CHECKING:
+    from .fonts import FontChoice
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Plan:
     multi: bool
     t5_loader: Optional[Callable[[], object]]
     notes: list[Note] = field(default_factory=list)  # about the whole analysis, said once
+    fonts: Optional["FontChoice"] = None  # for the words in figures (None: tables only)
     leftovers: list[str] = field(default_factory=list)  # folders of a killed analysis, removed when writing
 
     @property
@@ -179,6 +183,12 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
     return RunPlan(folder, dump, images, results, notes)
 
 
+def _word_texts(run: RunPlan, options: AnalysisOptions) -> set[str]:
+    """The strings a run's figures show: its words and the phrases."""
+    texts = {w.text for per_item in run.results for res in per_item for w in res.words}
+    return texts | set(options.phrases)
+
+
 def make_plan(options: AnalysisOptions) -> Plan:
     """Validate every input and compute what will be written; nothing is written.
 
@@ -207,6 +217,7 @@ def make_plan(options: AnalysisOptions) -> Plan:
     else:
         todo = [(e.folder, os.path.join(root, e.folder), e) for e in entries if e.to_analyse]
     runs = []
+    texts: set[str] = set()
     for folder, run_dir, entry in todo:
         try:
             rp = plan_run(folder, run_dir, options, loader)
@@ -217,10 +228,18 @@ def make_plan(options: AnalysisOptions) -> Plan:
             continue
         if entry is not None and (entry.status == NOT_LISTED or not entry.prompt):
             entry.prompt = list(rp.dump.prompts)
+        texts |= _word_texts(rp, options)
         keep = rp if len(todo) == 1 else None
         runs.append(RunSpec(folder, run_dir, rp.notes, count_files(rp, options), keep, entry))
+    fonts = None
+    if not options.tables_only:
+        from .fonts import choose_fonts
+
+        fonts = choose_fonts(sorted(texts))
+        if fonts.note():
+            notes.append(Note("warning", fonts.note()))
     leftovers = outdir.leftovers(out)
     if leftovers:
         names = ", ".join(os.path.basename(p) for p in leftovers)
         notes.append(Note("note", f"removing what an interrupted analysis left next to {out}: {names}"))
-    return Plan(options, root, out, runs, entries or [], entries is not None, loader, notes, leftovers)
+    return Plan(options, root, out, runs, entries or [], entries is not None, loader, notes, fonts, leftovers)

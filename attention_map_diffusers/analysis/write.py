@@ -13,6 +13,7 @@ from ..atomic import write_bytes, write_text
 from ..contract import UserError, slugify
 from . import outdir
 from .dumpfile import format_ranges
+from .fonts import use_fonts
 from .options import ENCODER_TITLES, AnalysisOptions
 from .plan import Plan, RunPlan, index_rows, plan_run
 from .report import EncoderPage, ItemPage, index_page, run_page
@@ -167,7 +168,7 @@ def write_plan(plan: Plan) -> int:
         from tqdm import tqdm
 
         total = sum(r.n_files for r in plan.runs)
-        with tqdm(total=total, desc="analysing", unit="file", disable=None, file=sys.stderr) as bar:
+        with use_fonts(plan.fonts), tqdm(total=total, desc="analysing", unit="file", disable=None, file=sys.stderr) as bar:
             for spec in plan.runs:
                 try:
                     run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
