@@ -20,6 +20,7 @@ sys.path.insert(0, REPO)
 import analyse_stepavg  # noqa: E402
 from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  # noqa: E402
 
+from attention_map_diffusers.analysis.outdir import MANIFEST  # noqa: E402
 from attention_map_diffusers.contract import slugify  # noqa: E402
 
 CLIP_BPE = os.path.join(REPO, "..", "shared", "data", "clip_bpe_simple_vocab_16e6.txt.gz")
@@ -235,7 +236,7 @@ def check_report(page):
         assert not re.match(r"^[a-z]+:", ref) and not ref.startswith("/"), ref
         assert (base / ref).is_file(), ref
     linked = {os.path.normpath(base / r) for r in parser.refs}
-    written = {os.path.normpath(p) for p in base.rglob("*") if p.is_file() and p.name != "index.html"}
+    written = {os.path.normpath(p) for p in base.rglob("*") if p.is_file() and p.name not in ("index.html", MANIFEST)}
 
     def has_own_page(p):
         return any((d / "index.html").exists() for d in p.parents if d != base and base in d.parents)

@@ -90,6 +90,24 @@ CASES = {
     "nan": (lambda f: rewrite_npz(f, lambda a: a["sum_token_map"].__setitem__((0, 1, 1, 5), np.nan)), [], "NaN or inf"),
     "inf": (lambda f: rewrite_npz(f, lambda a: a["per_block_step_token_mean"].__setitem__((0, 0, 0, 0), np.inf)), [], "NaN or inf"),
     "N zero": (lambda f: rewrite_npz(f, lambda a: _set(a, "N", np.asarray(0))), [], "N must be one positive integer"),
+    "no timesteps (format 2)": (lambda f: rewrite_npz(f, lambda a: _del(a, "timesteps")), [], "lacks the array 'timesteps'"),
+    "negative map": (lambda f: rewrite_npz(f, lambda a: a["sum_token_map"].__setitem__((0, 1, 1, 5), -0.5)), [], "sum_token_map holds negative values"),
+    "negative curve": (
+        lambda f: rewrite_npz(f, lambda a: a["per_block_step_token_mean"].__setitem__((0, 0, 0, 0), -1e-3)),
+        [],
+        "per_block_step_token_mean holds negative values",
+    ),
+    "all-zero map": (lambda f: rewrite_npz(f, lambda a: a["sum_token_map"].__imul__(0)), [], "sum_token_map of item 0 is all zero"),
+    "all-zero curves": (
+        lambda f: rewrite_npz(f, lambda a: a["per_block_step_token_mean"].__imul__(0)),
+        [],
+        "per_block_step_token_mean of item 0 is all zero",
+    ),
+    "words get nothing": (
+        lambda f: rewrite_npz(f, lambda a: a["sum_token_map"][..., :77].__imul__(0)),
+        [],
+        "the CLIP words get no attention at all",
+    ),
     # metadata against arrays
     "B": (lambda f: rewrite_meta(f, lambda m: _set(m, "prompt", [PROMPT, PROMPT])), [], "prompt must be"),
     "batch_size": (lambda f: rewrite_meta(f, lambda m: _set(m, "batch_size", 2)), [], "batch_size=2"),
@@ -98,6 +116,14 @@ CASES = {
     "S": (lambda f: rewrite_meta(f, lambda m: _set(m, "num_steps", 7)), [], "num_steps=7"),
     "T": (lambda f: rewrite_meta(f, lambda m: _set(m, "T_from_model", 333)), [], "T_from_model=333"),
     "grid": (lambda f: rewrite_meta(f, lambda m: _set(m, "canonical_size", [64, 64])), [], "canonical_size"),
+    "grid not a list": (lambda f: rewrite_meta(f, lambda m: _set(m, "canonical_size", 16)), [], "canonical_size=16 but"),
+    "block sizes not a list": (lambda f: rewrite_meta(f, lambda m: _set(m, "block_latent_sizes", 5)), [], "block_latent_sizes is 5"),
+    "spans overlap": (
+        lambda f: rewrite_meta(f, lambda m: _set(m, "text_spans", {"clip": [0, 77], "t5": [50, 93]})),
+        [],
+        "text_spans clip [0, 77] and t5 [50, 93] overlap",
+    ),
+    "step order": (lambda f: rewrite_meta(f, lambda m: _set(m, "step_order", "ascending")), [], "step_order='ascending'"),
     "spans": (lambda f: rewrite_meta(f, lambda m: _set(m, "text_spans", {"clip": [0, 77], "t5": [77, 500]})), [], "text_spans.t5"),
     "too many tokens": (lambda f: rewrite_meta(f, lambda m: _set(m, "tokens_t5", [["▁a"] * 40])), [], "tokens_t5[0] has 40 tokens"),
     "mask length": (lambda f: rewrite_meta(f, lambda m: _set(m, "special_mask", [[0, 1]])), [], "special mask"),
@@ -154,11 +180,11 @@ def test_runs_jsonl_problems(tmp_path, capsys):
     good_dump(tmp_path / "0000-a")
     row = {"run": 0, "folder": "0000-a", "prompt": [PROMPT], "seed": 1, "status": "done"}
     for runs, message in (
-        ([row, dict(row, run=1, folder="0001-b")], "'0001-b' is marked done"),
+        ([row, dict(row, run="x")], '"run" must be a whole number >= 0, got \'x\''),
+        ([row, dict(row, prompt=5)], '"prompt" must be a string or a list of strings, got 5'),
         ([row, dict(row, folder="../elsewhere")], "must be a sub-folder"),
         ([row, dict(row, status="weird")], "status 'weird'"),
         ([row, row], "twice"),
-        ([], "lists no runs"),
     ):
         write_runs(tmp_path, runs)
         before = snapshot(tmp_path)
@@ -169,16 +195,10 @@ def test_runs_jsonl_problems(tmp_path, capsys):
     (tmp_path / "runs.jsonl").write_text(json.dumps(row) + "\n{oops\n")
     assert analyse_stepavg.main(["--root", str(tmp_path)]) == 2
     assert "line 2 is not JSON" in capsys.readouterr().err
-
-
-def test_a_bad_run_among_good_ones_stops_everything(tmp_path, capsys):
-    good_dump(tmp_path / "0000-a")
-    good_dump(tmp_path / "0001-b")
-    rewrite_npz(tmp_path / "0001-b", lambda a: a["sum_token_map"].__setitem__((0, 0, 0, 0), np.nan))
-    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [PROMPT], "status": "done"} for k, f in enumerate(["0000-a", "0001-b"])])
-    assert analyse_stepavg.main(["--root", str(tmp_path), "--tables-only"]) == 2
-    assert "0001-b" in capsys.readouterr().err
-    assert not (tmp_path / "analysis").exists()
+    (tmp_path / "empty").mkdir()
+    write_runs(tmp_path / "empty", [])
+    assert analyse_stepavg.main(["--root", str(tmp_path / "empty")]) == 2
+    assert "lists no runs and" in capsys.readouterr().err
 
 
 def test_original_dump_with_bad_t5_tokenizer(tmp_path, capsys):

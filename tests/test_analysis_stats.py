@@ -144,8 +144,10 @@ def test_uniform_phrase_weights_in_analysis():
 
 
 def test_parse_blocks():
-    assert parse_blocks("0-5,12") == [0, 1, 2, 3, 4, 5, 12]
-    assert parse_blocks(" 3 , 1,1 ") == [1, 3]
+    assert parse_blocks("0-5,12") == ((0, 5), (12, 12))
+    assert parse_blocks(" 3 , 1,1 ") == ((1, 1), (3, 3))
+    assert parse_blocks("4-6,0-2,3,10-12,11-20") == ((0, 6), (10, 20))  # sorted and merged
+    assert parse_blocks("0-99999999999") == ((0, 99999999999),)  # a range stays a range
     assert parse_blocks(None) is None and parse_blocks("") is None
     for bad in ("a", "5-2", "-1", "1,,2", "1-"):
         with pytest.raises(ValueError, match="--blocks"):

@@ -27,6 +27,7 @@ needs_bpe = pytest.mark.skipif(
 BICYCLE = "A rusty bicycle in front of a barn"
 TRICKY = "A capybara's hat, on top-of the well-known   café!! 42nd St."
 UNICODE = "a  Ünïcode naïve “quoted” rock’n’roll e.g. cat"
+CJK = "一只红色的猫 on a sofa"
 LONG = (
     "A rusty bicycle in front of a barn, leaning against a weathered wooden fence at golden hour, with "
     "wildflowers in the foreground, soft clouds over distant hills, a red tractor parked by the silo, "
@@ -74,6 +75,34 @@ def test_find_words_definition():
     assert find_words("!!! ... --") == []
     # NFD accents stay inside their word
     assert [x.text for x in find_words("cafe\u0301 au lait")] == ["cafe\u0301", "au", "lait"]
+
+
+def test_scripts_without_spaces_give_a_word_per_character():
+    def words(text):
+        return [w.text for w in find_words(text)]
+
+    assert words("a 红色 circle") == ["a", "红", "色", "circle"]
+    assert words("a红色circle") == ["a", "红", "色", "circle"]
+    assert words("一只红色的猫。3个苹果") == ["一", "只", "红", "色", "的", "猫", "3", "个", "苹", "果"]
+    assert words("ラーメンを食べる") == ["ラ", "ー", "メ", "ン", "を", "食", "べ", "る"]
+    assert words("ﾗｰﾒﾝ") == ["ﾗ", "ｰ", "ﾒ", "ﾝ"]  # halfwidth Katakana
+    # a combining mark stays with its character: Thai vowel and tone marks, decomposed kana
+    assert words("สวัสดี") == ["ส", "วั", "ส", "ดี"]
+    assert words("か\u3099き") == ["か\u3099", "き"]
+    # scripts written with spaces keep their words whole, marks included (Devanagari vowel signs, virama)
+    assert words("नमस्ते दुनिया") == ["नमस्ते", "दुनिया"]
+    assert words("한국어 문장") == ["한국어", "문장"]
+    ws = find_words("一只红色的猫")
+    assert find_phrase(ws, "红色") == [[2, 3]] and find_phrase(ws, "红 色") == [[2, 3]]
+    assert parse_phrases("红色|猫") == ["红色", "猫"]
+
+
+def test_a_token_over_two_characters_is_shared_by_them():
+    # a CLIP-like token "红色" spanning two one-character words: half each
+    wm = map_words(["<s>", "a", "红色", "circle", "</s>"], [True, False, False, False, True], "a 红色 circle", 6,
+                   [None, (0, 1), (2, 4), (5, 11), None])
+    assert texts(wm) == [(0, "a"), (1, "红"), (2, "色"), (3, "circle")]
+    np.testing.assert_allclose(wm.weights[2], [0, 0.5, 0.5, 0])
 
 
 def test_map_words_offsets_hand_made():
@@ -158,7 +187,7 @@ def test_recover_spans_truncated_tokens_cover_a_prefix():
 
 
 @needs_bpe
-@pytest.mark.parametrize("prompt", [BICYCLE, TRICKY, UNICODE, LONG])
+@pytest.mark.parametrize("prompt", [BICYCLE, TRICKY, UNICODE, LONG, CJK])
 def test_clip_and_t5_give_the_same_words(prompt):
     clip = map_words(*(lambda t, s, o: (t, s, prompt, 77, o))(*encode(clip_tok(), prompt, 77)))
     t5 = map_words(*(lambda t, s, o: (t, s, prompt, 256, o))(*encode(t5_tok(), prompt, 256)))
@@ -180,6 +209,18 @@ def test_aligned_tokens_match_stored_offsets(which, prompt):
     without = map_words(tokens, special, prompt, length, None)
     assert without.source == "aligned"
     assert texts(without) == texts(with_offsets)
+    np.testing.assert_allclose(without.weights, with_offsets.weights)
+
+
+@needs_bpe
+def test_cjk_clip_bytes_aligned_like_offsets():
+    # CLIP splits each Han character into byte-level tokens; decoded and aligned they give the offsets' words
+    tokens, special, offsets = encode(clip_tok(), CJK, 77)
+    assert len(tokens) > len(CJK.split()) + 6
+    with_offsets = map_words(tokens, special, CJK, 77, offsets)
+    without = map_words(tokens, special, CJK, 77, None)
+    assert without.source == "aligned" and texts(without) == texts(with_offsets)
+    assert [w.text for w in without.words] == ["一", "只", "红", "色", "的", "猫", "on", "a", "sofa"]
     np.testing.assert_allclose(without.weights, with_offsets.weights)
 
 

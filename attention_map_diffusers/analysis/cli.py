@@ -38,10 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--root",
         required=True,
-        help="a run folder (stepavg_token_maps_v1.npz + metadata.json), or a folder with runs.jsonl: then "
-        "every run listed as done or skipped is analysed",
+        help="a run folder (stepavg_token_maps_v1.npz + metadata.json), or a folder of runs: then every run "
+        "that runs.jsonl lists as done or skipped, and every complete run folder it does not list, is analysed",
     )
-    p.add_argument("--out", default=None, help="output folder (default: ROOT/analysis); replaced as a whole when it holds an earlier analysis")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: ROOT/analysis); replaced as a whole when it holds only an earlier analysis, "
+        "refused when it holds anything else",
+    )
     p.add_argument("--topk", type=int, default=12, help="number of words (by heatmap mass) that get heatmaps and curves (default: 12)")
     p.add_argument(
         "--phrases",
@@ -79,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
     """The parsed flags as :class:`AnalysisOptions` (raises :class:`UserError`)."""
-    blocks = parse_blocks(args.blocks)
     return AnalysisOptions(
         root=args.root,
         out=args.out,
@@ -89,7 +93,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
         encoders=parse_encoders(args.encoders),
         fmt=args.format,
         dpi=args.dpi,
-        block_ids=None if blocks is None else tuple(blocks),
+        block_ranges=parse_blocks(args.blocks),
         overlay=not args.no_overlay,
         tables_only=args.tables_only,
         t5_tokenizer=args.t5_tokenizer,
@@ -108,15 +112,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan = make_plan(options)
     except UserError as exc:
         return fail(PROG, str(exc))
+    for note in plan.notes:
+        print(note, file=sys.stderr)
     for run in plan.runs:
         prefix = f"{run.folder}: " if run.folder else ""
         for note in run.notes:
             print(f"{note.level}: {prefix}{note.text}", file=sys.stderr)
+    reported = {id(e) for e in plan.failed}
+    for entry in plan.failed:
+        fail(PROG, entry.problem)
     try:
         n = write_plan(plan)
-    except UserError as exc:  # a run changed on disk after it was validated
+    except UserError as exc:  # a single run changed on disk after it was validated
         return fail(PROG, str(exc))
     except OSError as exc:
         return fail(PROG, f"could not write the analysis to {plan.out}: {exc}", code=1)
+    for entry in plan.failed:
+        if id(entry) not in reported:  # changed on disk after it was validated
+            fail(PROG, entry.problem)
     print(f"wrote {n} files to {plan.out} (open {os.path.join(plan.out, 'index.html')})")
+    if plan.failed:
+        return fail(
+            PROG,
+            f"{len(plan.failed)} of {len(plan.entries)} runs could not be analysed (see above; "
+            f"{os.path.join(plan.out, 'index.html')} lists them with the reason)",
+            code=1,
+        )
     return 0

@@ -1,9 +1,9 @@
 """Reading and validating a dump (``docs/FORMAT.md``) into a :class:`Dump`; numpy and the standard library only.
 
 Reads format 2 (``sd_35_stepavg_dump.py``) and the original tool's dumps (no ``format_version``:
-CLIP tokens only, steps by ascending timestep, which are flipped here to denoising order). Every
-check happens before anything is returned; a bad dump raises :class:`UserError` with one line that
-names the bad value and says what to do.
+CLIP tokens only, no timesteps, steps by ascending timestep, which are flipped here to denoising
+order). Every check happens before anything is returned; a bad dump raises :class:`UserError` with
+one line that names the bad value and says what to do.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from ..contract import (
     block_index,
     prompt_tokens,
     read_runs_jsonl,
-    run_is_complete,
 )
 
 # The original tool's dumps do not say where the CLIP positions end; SD3 puts its 77 CLIP positions
 # first and T5 after them. Used for those dumps only (format 2 stores ``text_spans``).
 ORIGINAL_CLIP_POSITIONS = 77
-REQUIRED_ARRAYS = ("sum_token_map", "N", "per_block_step_token_mean", "timesteps")
+# Arrays every dump has; format 2 adds ``timesteps`` (the original tool stored none).
+REQUIRED_ARRAYS = ("sum_token_map", "N", "per_block_step_token_mean")
 SPECIAL_STRINGS = frozenset({"<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<s>"})
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -82,18 +82,19 @@ class Dump:
     """
 
     folder: str
-    format_version: int  # 2, or 1 for the original tool's dumps
+    format_version: int  # 2, or 1 for dumps without format_version (the original tool's)
     metadata: dict
     prompts: list[str]  # (B,)
     sum_token_map: np.ndarray  # (B, Hc, Wc, T)
     N: int
     step_mean: np.ndarray  # (B, Bk, S, T) per_block_step_token_mean, denoising order
-    timesteps: np.ndarray  # (S,) denoising order
+    timesteps: Optional[np.ndarray]  # (S,) denoising order; None when the dump has none (original tool)
     block_ids: list[int]  # (Bk,) the i of transformer_blocks.{i}.attn
     encoders: dict[str, EncoderTokens]
     images: list[Optional[str]]  # (B,) absolute image paths (not checked here), None when absent
     notes: list[Note] = field(default_factory=list)
     block_maps: Optional[np.ndarray] = None  # (B, Bk, Hc, Wc, T) per_block_token_map, when read
+    steps_flipped: bool = False  # the file stored steps by ascending timestep (original tool); flipped on load
 
     @classmethod
     def from_result(cls, result: Any, prompts: Sequence[str], tokenizers: dict[str, Any]) -> "Dump":
@@ -174,6 +175,42 @@ class Dump:
             )
         return [where[b] for b in block_ids]
 
+    def select_blocks(self, ranges: Optional[Sequence[tuple[int, int]]]) -> list[int]:
+        """Positions on the Bk axis of the blocks in ``ranges`` (inclusive ``(first, last)`` pairs, as
+        :func:`~attention_map_diffusers.analysis.stats.parse_blocks` returns them; all blocks when None).
+
+        Checked arithmetically, so ``0-99999999999`` costs no more than ``0-9``.
+        """
+        if ranges is None:
+            return list(range(len(self.block_ids)))
+        missing = first_missing(ranges, self.block_ids)
+        if missing is not None:
+            raise UserError(
+                f"--blocks: block {missing} is not in this dump, which has blocks "
+                f"{format_ranges(self.block_ids)} ({self.folder})"
+            )
+        return [p for p, b in enumerate(self.block_ids) if any(a <= b <= z for a, z in ranges)]
+
+
+def first_missing(ranges: Sequence[tuple[int, int]], have: Sequence[int]) -> Optional[int]:
+    """The smallest integer in the inclusive ``ranges`` that is not in ``have``, or None.
+
+    Walks ``have`` once per range instead of enumerating the range.
+    """
+    ids = sorted(set(have))
+    best: Optional[int] = None
+    for a, z in ranges:
+        want = a
+        for b in ids:
+            if b < want:
+                continue
+            if b > want or want > z:
+                break
+            want += 1
+        if want <= z and (best is None or want < best):
+            best = want
+    return best
+
 
 def format_ranges(ids: Sequence[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
@@ -193,18 +230,9 @@ def format_ranges(ids: Sequence[int]) -> str:
 
 
 def read_runs(root: str) -> list[RunRecord]:
-    """The runs listed in ``root/runs.jsonl``, checked (folders of done/skipped runs must be complete)."""
-    path = os.path.join(root, RUNS_NAME)
-    runs = read_runs_jsonl(path)
-    if not runs:
-        raise UserError(f"{path} lists no runs; run sd_35_stepavg_dump.py first or point --root at a run folder")
-    for r in runs:
-        if r.status != "failed" and not run_is_complete(os.path.join(root, r.folder)):
-            raise UserError(
-                f"run {r.folder!r} is marked {r.status} in {path} but {os.path.join(root, r.folder)} lacks "
-                f"{NPZ_NAME} or {METADATA_NAME}; re-run the dump for it or mark it failed"
-            )
-    return runs
+    """The runs listed in ``root/runs.jsonl``, each line checked (whether their folders are complete is
+    :mod:`~attention_map_diffusers.analysis.discover`'s business)."""
+    return read_runs_jsonl(os.path.join(root, RUNS_NAME))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +255,7 @@ def _read_metadata(folder: str) -> dict:
     return meta
 
 
-def _read_arrays(folder: str, optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+def _read_arrays(folder: str, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     path = os.path.join(folder, NPZ_NAME)
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing; point --root at a run folder written by sd_35_stepavg_dump.py")
@@ -241,13 +269,13 @@ def _read_arrays(folder: str, optional: Sequence[str] = ()) -> dict[str, np.ndar
         raise UserError(f"{path} is not an .npz (zip) file; the file is damaged, re-run the dump")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in REQUIRED_ARRAYS if k not in npz.files]
+            missing = [k for k in required if k not in npz.files]
             if missing:
                 raise UserError(
                     f"{path} lacks the array {missing[0]!r} (has {', '.join(sorted(npz.files)) or 'none'}); "
                     "re-run the dump"
                 )
-            for key in list(REQUIRED_ARRAYS) + ["per_block_step_token_max", *optional]:
+            for key in [*required, "timesteps", "per_block_step_token_max", *optional]:
                 if key in npz.files:
                     arrays[key] = npz[key]
     except UserError:
@@ -359,18 +387,24 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     if not os.path.isdir(folder):
         raise UserError(f"{folder} is not a folder; --root must be a run folder or a folder with {RUNS_NAME}")
     meta = _read_metadata(folder)
-    arrays = _read_arrays(folder, optional=("per_block_token_map",) if block_maps else ())
     version = _format_version(meta, where)
+    required = REQUIRED_ARRAYS + (("timesteps",) if version >= 2 else ())
+    arrays = _read_arrays(folder, required, optional=("per_block_token_map",) if block_maps else ())
     shape = _check_arrays(arrays, where)
     _check_metadata(meta, shape, version, where)
     prompts = _read_prompts(meta, shape.B, where)
     encoders, notes = _read_encoders(meta, version, shape, prompts, t5_tokenizer, where)
 
     step_mean = arrays["per_block_step_token_mean"].astype(np.float32, copy=False)
-    timesteps = arrays["timesteps"].astype(np.float32, copy=False)
-    if version < 2:  # the original tool stored steps by ascending timestep
+    timesteps = arrays["timesteps"].astype(np.float32, copy=False) if "timesteps" in arrays else None
+    flip, note = _steps_reversed(meta, version, timesteps, where)
+    if note is not None:
+        notes.append(note)
+    if flip:
         step_mean = np.ascontiguousarray(step_mean[:, :, ::-1])
-        timesteps = np.ascontiguousarray(timesteps[::-1])
+        timesteps = None if timesteps is None else np.ascontiguousarray(timesteps[::-1])
+    if timesteps is None:
+        notes.append(Note("note", "the dump has no timesteps (original tool): steps are numbered by index only, 0 = first denoising step"))
     pbm = arrays.get("per_block_token_map")
     expected = (shape.B, shape.Bk, shape.Hc, shape.Wc, shape.T)
     if pbm is not None and pbm.shape != expected:
@@ -391,7 +425,29 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         images=_image_paths(meta, folder, shape.B, where),
         notes=notes,
         block_maps=None if pbm is None else pbm.astype(np.float32, copy=False),
+        steps_flipped=flip,
     )
+
+
+def _steps_reversed(meta: dict, version: int, timesteps: Optional[np.ndarray], where: str) -> tuple[bool, Optional[Note]]:
+    """Whether the stored step axis is by ascending timestep (to be flipped), and a note when that was inferred.
+
+    ``step_order`` decides when present (only ``"denoising"`` exists); format 2 is in denoising order;
+    the original tool stored ascending timesteps, unless the timesteps it stored say otherwise.
+    """
+    order = meta.get("step_order")
+    if order is not None:
+        if order != "denoising":
+            raise UserError(
+                f"{where}: metadata step_order={order!r} is not supported; dumps store steps in denoising order "
+                "(\"denoising\"), re-run the dump"
+            )
+        return False, None
+    if version >= 2:
+        return False, None
+    if timesteps is not None and timesteps.size > 1 and bool((np.diff(timesteps) < 0).all()):
+        return False, Note("note", "steps kept as stored: the dump has no step_order but its timesteps decrease (denoising order)")
+    return True, None
 
 
 @dataclass(frozen=True)
@@ -419,7 +475,7 @@ def _format_version(meta: dict, where: str) -> int:
 
 def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> _Shape:
     """Shapes, dtypes and finiteness of the arrays; returns the dimensions."""
-    smap, mean, ts, N = arrays["sum_token_map"], arrays["per_block_step_token_mean"], arrays["timesteps"], arrays["N"]
+    smap, mean, ts, N = arrays["sum_token_map"], arrays["per_block_step_token_mean"], arrays.get("timesteps"), arrays["N"]
     if smap.ndim != 4:
         raise UserError(f"{where}: sum_token_map has shape {smap.shape}, expected (B, Hc, Wc, T); re-run the dump")
     B, Hc, Wc, T = smap.shape
@@ -429,7 +485,7 @@ def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> _Shape:
             f"sum_token_map {smap.shape}; re-run the dump"
         )
     _, Bk, S, _ = mean.shape
-    if ts.shape != (S,):
+    if ts is not None and ts.shape != (S,):
         raise UserError(f"{where}: timesteps has shape {ts.shape}, expected (S={S},) like per_block_step_token_mean; re-run the dump")
     mx = arrays.get("per_block_step_token_max")
     if mx is not None and mx.shape != mean.shape:
@@ -447,6 +503,18 @@ def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> _Shape:
         if not np.isfinite(arr).all():
             bad = int(np.size(arr) - np.isfinite(arr).sum())
             raise UserError(f"{where}: {key} holds {bad} NaN or inf values; the capture overflowed, re-run the dump (e.g. --store-dtype float32)")
+        if key != "timesteps" and arr.size and arr.min() < 0:
+            raise UserError(
+                f"{where}: {key} holds negative values (min {float(arr.min()):.3g}); attention probabilities are "
+                "never negative, the file is damaged: re-run the dump"
+            )
+    for key, arr in (("sum_token_map", smap), ("per_block_step_token_mean", mean)):
+        empty = np.flatnonzero(arr.reshape(B, -1).max(axis=1) <= 0)
+        if empty.size:
+            raise UserError(
+                f"{where}: {key} of item {int(empty[0])} is all zero, so there is no attention to share out; "
+                "the capture recorded nothing, re-run the dump"
+            )
     return _Shape(B, Hc, Wc, T, Bk, S, int(first))
 
 
@@ -456,13 +524,21 @@ def _check_metadata(meta: dict, shape: _Shape, version: int, where: str) -> None
     _check_meta_int(meta, "num_blocks", shape.Bk, "Bk", where)
     _check_meta_int(meta, "num_steps", shape.S, "S", where)
     _check_meta_int(meta, "T_from_model", shape.T, "T", where)
-    if "canonical_size" in meta and list(meta["canonical_size"] or []) != [shape.Hc, shape.Wc]:
-        raise UserError(f"{where}: metadata canonical_size={meta['canonical_size']!r} but sum_token_map has a {shape.Hc}x{shape.Wc} grid; re-run the dump")
+    size = meta.get("canonical_size")
+    if size is not None and size != [shape.Hc, shape.Wc]:
+        raise UserError(
+            f"{where}: metadata canonical_size={size!r} but sum_token_map has a {shape.Hc}x{shape.Wc} grid "
+            f"(expected [{shape.Hc}, {shape.Wc}]); re-run the dump"
+        )
     blocks = meta.get("blocks")
     if blocks is not None and (not isinstance(blocks, list) or len(blocks) != shape.Bk):
         raise UserError(f"{where}: metadata blocks has {len(blocks) if isinstance(blocks, list) else blocks!r} entries but the arrays have Bk={shape.Bk}; re-run the dump")
-    if "block_latent_sizes" in meta and len(meta["block_latent_sizes"] or []) != shape.Bk:
-        raise UserError(f"{where}: metadata block_latent_sizes has {len(meta['block_latent_sizes'] or [])} entries, expected Bk={shape.Bk}; re-run the dump")
+    sizes = meta.get("block_latent_sizes")  # a list (format 2) or {block name: [h, w]} (original tool)
+    if sizes is not None and not (isinstance(sizes, (list, dict)) and len(sizes) == shape.Bk):
+        got = f"{len(sizes)} entries" if isinstance(sizes, (list, dict)) else repr(sizes)
+        raise UserError(
+            f"{where}: metadata block_latent_sizes is {got}, expected a list of Bk={shape.Bk} [h, w] sizes; re-run the dump"
+        )
     if version >= 2 and "timesteps" in meta:
         mts = meta["timesteps"]
         if not isinstance(mts, list) or len(mts) != shape.S:
@@ -488,12 +564,17 @@ _TOKEN_KEYS = {"clip": ("tokens", "special_mask", "token_offsets_clip"), "t5": (
 def _read_encoders(meta: dict, version: int, shape: _Shape, prompts: list[str], t5_tokenizer, where: str):
     """Each encoder's span and tokens; returns (encoders, notes)."""
     T, B = shape.T, shape.B
-    if version >= 2:
-        spans = meta.get("text_spans")
+    spans = meta.get("text_spans")
+    if version >= 2 or spans is not None:
         if not isinstance(spans, dict) or "clip" not in spans:
             raise UserError(f"{where}: metadata text_spans is missing or has no clip range; re-run the dump")
         clip_span = _check_span(spans["clip"], T, "clip", where)
         t5_span = _check_span(spans["t5"], T, "t5", where) if spans.get("t5") is not None else (T, T)
+        if max(clip_span[0], t5_span[0]) < min(clip_span[1], t5_span[1]):
+            raise UserError(
+                f"{where}: metadata text_spans clip {list(clip_span)} and t5 {list(t5_span)} overlap; each text "
+                "position belongs to one encoder, re-run the dump"
+            )
     else:
         clip_span = (0, min(ORIGINAL_CLIP_POSITIONS, T))
         t5_span = (clip_span[1], T)

@@ -25,7 +25,7 @@ class AnalysisOptions:
     encoders: tuple[str, ...] = ENCODERS  # text encoders to analyse, in this order
     fmt: str = "png"  # figure file format
     dpi: int = 100  # figure resolution
-    block_ids: Optional[tuple[int, ...]] = None  # blocks to analyse; None: all
+    block_ranges: Optional[tuple[tuple[int, int], ...]] = None  # blocks to analyse, inclusive (first, last) ranges; None: all
     overlay: bool = True  # draw heatmaps over the generated image
     tables_only: bool = False  # CSV tables and index.html only, no figures
     t5_tokenizer: Optional[str] = None  # for original-tool dumps: a T5 tokenizer folder or id
@@ -43,6 +43,8 @@ class AnalysisOptions:
             )
         if self.weights not in WEIGHT_MODES:
             raise UserError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
+        if self.block_ranges is not None and any(a < 0 or a > b for a, b in self.block_ranges):
+            raise UserError(f"--blocks: ranges must be (first, last) with 0 <= first <= last, got {self.block_ranges}")
         if self.fmt not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
 

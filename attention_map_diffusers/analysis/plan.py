@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from ..contract import METADATA_NAME, NPZ_NAME, RUNS_NAME, RunRecord, UserError, run_is_complete
-from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer, read_runs
+from ..contract import UserError
+from . import outdir
+from .discover import NOT_LISTED, RunEntry, discover
+from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer
 from .options import ENCODER_TITLES, AnalysisOptions
-from .report import GENERATOR
 from .stats import EncoderResult, analyse_encoder
 from .words import map_words
+
+if TYPE_CHECKING:
+    from .fonts import FontChoice
 
 
 @dataclass
@@ -37,6 +41,7 @@ class RunSpec:
     notes: list[Note]
     n_files: int  # files it will write (for the progress bar)
     plan: Optional[RunPlan]
+    entry: Optional[RunEntry] = None  # its row of the top-level index (several runs)
 
 
 @dataclass
@@ -44,19 +49,42 @@ class Plan:
     options: AnalysisOptions
     root: str
     out: str
-    runs: list[RunSpec]
-    records: list[RunRecord]  # runs.jsonl lines (empty for a single run)
+    runs: list[RunSpec]  # the runs to write
+    entries: list[RunEntry]  # every run of a folder of runs, analysable or not (empty for a single run)
     multi: bool
     t5_loader: Optional[Callable[[], object]]
+    notes: list[Note] = field(default_factory=list)  # about the whole analysis, said once
+    fonts: Optional["FontChoice"] = None  # for the words in figures (None: tables only)
+    leftovers: list[str] = field(default_factory=list)  # folders of a killed analysis, removed when writing
+
+    @property
+    def failed(self) -> list[RunEntry]:
+        """Runs the analysis could not analyse (each with its ``problem``)."""
+        return [e for e in self.entries if e.problem is not None]
 
 
-def restrict_blocks(dump: Dump, block_ids: Optional[tuple[int, ...]]) -> tuple[np.ndarray, list[Note]]:
+def index_rows(plan: Plan) -> list[dict]:
+    """Rows of the top-level ``index.html`` (folder, prompt, status, error, link), once the runs are written."""
+    rows = []
+    for e in plan.entries:
+        failed = e.problem is not None
+        rows.append({
+            "folder": e.folder,
+            "prompt": list(e.prompt),
+            "status": "not analysed" if failed else e.status,
+            "error": e.problem if failed else e.error,
+            "link": f"{e.folder}/index.html" if e.to_analyse else None,
+        })
+    return rows
+
+
+def restrict_blocks(dump: Dump, block_ranges: Optional[tuple[tuple[int, int], ...]]) -> tuple[np.ndarray, list[Note]]:
     """(B, Hc, Wc, T) the average map over the chosen blocks (all blocks when None).
 
     Needs the dump's per-block maps (``--save-block-maps``) to restrict; without them the map of all
     blocks is returned with a note saying so.
     """
-    if block_ids is None:
+    if block_ranges is None:
         return dump.avg_map, []
     if dump.block_maps is None:
         return dump.avg_map, [Note(
@@ -64,7 +92,7 @@ def restrict_blocks(dump: Dump, block_ids: Optional[tuple[int, ...]]) -> tuple[n
             "heatmaps average all blocks: the dump has no per_block_token_map (dump with --save-block-maps "
             "to restrict them with --blocks)",
         )]
-    pos = dump.block_positions(block_ids)
+    pos = dump.select_blocks(block_ranges)
     n_updates = max(1, round(dump.N * len(pos) / len(dump.block_ids)))
     return dump.block_maps[:, pos].sum(axis=1) / np.float32(n_updates), []
 
@@ -92,11 +120,11 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
     dump = load_dump(
         run_dir,
         t5_tokenizer=t5_loader if "t5" in options.encoders else None,
-        block_maps=options.block_ids is not None,
+        block_maps=options.block_ranges is not None,
     )
-    positions = dump.block_positions(options.block_ids)
+    positions = dump.select_blocks(options.block_ranges)
     sel_ids = [dump.block_ids[p] for p in positions]
-    avg, notes = restrict_blocks(dump, options.block_ids)
+    avg, notes = restrict_blocks(dump, options.block_ranges)
     notes = list(dump.notes) + notes
     images = []
     for path in dump.images:
@@ -135,6 +163,11 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
                 weights=options.weights,
             )
             where = f"{ENCODER_TITLES[name]}" + (f", item {i}" if dump.batch_size > 1 else "")
+            if wm.words and not res.mass.sum() > 0:
+                raise UserError(
+                    f"{run_dir}: the {where} words get no attention at all (their maps in sum_token_map are all "
+                    "zero), so their shares are undefined; the dump is damaged, re-run it"
+                )
             for ph in res.missing_phrases:
                 notes.append(Note("warning", f"phrase {ph!r} does not occur in the {where} words; no file for it"))
             if wm.dropped:
@@ -150,34 +183,25 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
     return RunPlan(folder, dump, images, results, notes)
 
 
-def _is_our_output(out: str) -> bool:
-    try:
-        with open(os.path.join(out, "index.html"), encoding="utf-8") as fh:
-            return f'content="{GENERATOR}"' in fh.read(4096)
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _check_out(out: str) -> None:
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise UserError(f"--out {out} exists and is not a folder; choose another --out")
-        if os.listdir(out) and not _is_our_output(out):
-            raise UserError(
-                f"--out {out} exists and does not hold an earlier analysis (no index.html written by this tool); "
-                "choose another --out or empty it"
-            )
+def _word_texts(run: RunPlan, options: AnalysisOptions) -> set[str]:
+    """The strings a run's figures show: its words and the phrases."""
+    texts = {w.text for per_item in run.results for res in per_item for w in res.words}
+    return texts | set(options.phrases)
 
 
 def make_plan(options: AnalysisOptions) -> Plan:
-    """Validate every input and compute what will be written; nothing is written."""
+    """Validate every input and compute what will be written; nothing is written.
+
+    With a folder of runs, a run that cannot be analysed does not stop the others: its entry gets
+    the reason (:attr:`Plan.failed`). A single run that cannot be analysed raises.
+    """
     from .write import count_files
 
     root = os.path.abspath(options.root)
     if not os.path.isdir(root):
-        raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with {RUNS_NAME}")
+        raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with runs.jsonl")
     out = os.path.abspath(options.out) if options.out else os.path.join(root, "analysis")
-    _check_out(out)
+    outdir.check_out(out)
 
     cache: dict = {}
 
@@ -187,21 +211,35 @@ def make_plan(options: AnalysisOptions) -> Plan:
         return cache["tok"]
 
     loader = t5_loader if options.t5_tokenizer else None
-    multi = os.path.isfile(os.path.join(root, RUNS_NAME))
-    if multi:
-        records = read_runs(root)
-        todo = [(r.folder, os.path.join(root, r.folder)) for r in records if r.status != "failed"]
-    elif run_is_complete(root) or any(os.path.exists(os.path.join(root, n)) for n in (NPZ_NAME, METADATA_NAME)):
-        records = []  # a half-present run is reported by load_dump, naming the missing file
-        todo = [(None, root)]
+    entries, notes = discover(root, out)
+    if entries is None:
+        todo: list[tuple[Optional[str], str, Optional[RunEntry]]] = [(None, root, None)]
     else:
-        raise UserError(
-            f"--root {options.root} holds neither a run (stepavg_token_maps_v1.npz + metadata.json) nor {RUNS_NAME}; "
-            "point it at the --out folder of sd_35_stepavg_dump.py"
-        )
+        todo = [(e.folder, os.path.join(root, e.folder), e) for e in entries if e.to_analyse]
     runs = []
-    for folder, run_dir in todo:
-        rp = plan_run(folder, run_dir, options, loader)
+    texts: set[str] = set()
+    for folder, run_dir, entry in todo:
+        try:
+            rp = plan_run(folder, run_dir, options, loader)
+        except UserError as exc:
+            if entry is None:
+                raise
+            entry.problem = str(exc)
+            continue
+        if entry is not None and (entry.status == NOT_LISTED or not entry.prompt):
+            entry.prompt = list(rp.dump.prompts)
+        texts |= _word_texts(rp, options)
         keep = rp if len(todo) == 1 else None
-        runs.append(RunSpec(folder, run_dir, rp.notes, count_files(rp, options), keep))
-    return Plan(options, root, out, runs, records, multi, loader)
+        runs.append(RunSpec(folder, run_dir, rp.notes, count_files(rp, options), keep, entry))
+    fonts = None
+    if not options.tables_only:
+        from .fonts import choose_fonts
+
+        fonts = choose_fonts(sorted(texts))
+        if fonts.note():
+            notes.append(Note("warning", fonts.note()))
+    leftovers = outdir.leftovers(out)
+    if leftovers:
+        names = ", ".join(os.path.basename(p) for p in leftovers)
+        notes.append(Note("note", f"removing what an interrupted analysis left next to {out}: {names}"))
+    return Plan(options, root, out, runs, entries or [], entries is not None, loader, notes, fonts, leftovers)

@@ -131,31 +131,35 @@ def summary_figure(
     return fig
 
 
-def step_axis(ax, timesteps: np.ndarray, max_ticks: int = 8) -> None:
-    """x axis in denoising order: ticks at steps, labelled ``step`` over ``t=timestep``."""
-    S = len(timesteps)
+def step_axis(ax, S: int, timesteps: Optional[np.ndarray], max_ticks: int = 8) -> None:
+    """x axis of ``S`` steps in denoising order: ticks at steps, labelled ``step`` over ``t=timestep``
+    (the step alone when the dump has no timesteps)."""
     stride = max(1, math.ceil(S / max_ticks))
     ticks = list(range(0, S, stride))
     ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{i}\nt={timesteps[i]:.0f}" for i in ticks], fontsize=8)
+    if timesteps is None:
+        ax.set_xticklabels([str(i) for i in ticks], fontsize=8)
+        ax.set_xlabel("denoising step (left = first, noisiest)")
+    else:
+        ax.set_xticklabels([f"{i}\nt={timesteps[i]:.0f}" for i in ticks], fontsize=8)
+        ax.set_xlabel("denoising step (left = first, noisiest) / scheduler timestep")
     ax.set_xlim(-0.5, S - 0.5)
-    ax.set_xlabel("denoising step (left = first, noisiest) / scheduler timestep")
 
 
-def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: np.ndarray) -> None:
+def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray]) -> None:
     """(S, m) curves, one line per label, against the denoising step."""
     x = np.arange(curves.shape[0])
     cmap = _palette(len(labels))
     for j, label in enumerate(labels):
         style = "-" if j < 10 else "--"
         ax.plot(x, curves[:, j], style, color=cmap[j], lw=1.6, marker="o" if len(x) == 1 else None, label=label)
-    step_axis(ax, timesteps)
+    step_axis(ax, curves.shape[0], timesteps)
     ax.set_ylabel(CURVE_LABEL)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
 
 
-def curves_figure(curves: np.ndarray, labels: Sequence[str], timesteps: np.ndarray, title: str) -> Figure:
+def curves_figure(curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], title: str) -> Figure:
     """(S, m) curves with a legend outside the axes."""
     fig = new_figure(8.0, 4.2)
     ax = fig.subplots()
@@ -170,7 +174,7 @@ def curves_figure(curves: np.ndarray, labels: Sequence[str], timesteps: np.ndarr
 def save_curves_per_block(
     curves: np.ndarray,
     labels: Sequence[str],
-    timesteps: np.ndarray,
+    timesteps: Optional[np.ndarray],
     titles: Sequence[str],
     paths: Sequence[str],
     fmt: str = "png",
@@ -200,7 +204,12 @@ def save_curves_per_block(
 
 
 def overview_figure(
-    stepavg: np.ndarray, blockavg: np.ndarray, labels: Sequence[str], block_ids: Sequence[int], timesteps: np.ndarray, title: str
+    stepavg: np.ndarray,
+    blockavg: np.ndarray,
+    labels: Sequence[str],
+    block_ids: Sequence[int],
+    timesteps: Optional[np.ndarray],
+    title: str,
 ) -> Figure:
     """Word x block (step-averaged) and word x step (block-averaged) attention side by side.
 
@@ -210,7 +219,7 @@ def overview_figure(
     """
     n = len(labels)
     fig = new_figure(12.0, min(60.0, 2.2 + 0.22 * max(n, 1)), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(block_ids), 1), max(len(timesteps), 1) * 0.6]})
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(block_ids), 1), max(blockavg.shape[0], 1) * 0.6]})
     vmax = float(max(stepavg.max(initial=0.0), blockavg.max(initial=0.0))) or 1.0
     im = ax1.imshow(stepavg.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
     ax1.set_yticks(range(n))
@@ -223,8 +232,8 @@ def overview_figure(
     ax2.imshow(blockavg.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
     ax2.set_yticks(range(n))
     ax2.set_yticklabels([])
-    step_axis(ax2, timesteps, max_ticks=6)
-    ax2.set_xlabel("denoising step / timestep")
+    step_axis(ax2, blockavg.shape[0], timesteps, max_ticks=6)
+    ax2.set_xlabel("denoising step" + (" / timestep" if timesteps is not None else ""))
     ax2.set_title("averaged over blocks")
     cbar = fig.colorbar(im, ax=[ax1, ax2], fraction=0.03, pad=0.01)
     cbar.set_label(CURVE_LABEL)

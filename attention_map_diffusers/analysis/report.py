@@ -80,11 +80,11 @@ def _word_table(res: EncoderResult) -> str:
     rows = []
     top = set(res.top)
     for i, (w, mass, pb, ps) in enumerate(word_summary(res)):
-        t = res.timesteps[ps] if len(res.timesteps) else float("nan")
+        step = f"{ps} (t={res.timesteps[ps]:.0f})" if res.timesteps is not None else str(ps)
         mark = " *" if i in top else ""
         rows.append(
             f"<tr><td>{_e(w)}{mark}</td><td>{res.words[i].index}</td><td>{100 * mass:.2f}%</td>"
-            f"<td>{pb}</td><td>{ps} (t={t:.0f})</td></tr>"
+            f"<td>{pb}</td><td>{step}</td></tr>"
         )
     return (
         "<details><summary>all words (mass, peak; * = shown as a heatmap)</summary><table>"

@@ -110,7 +110,7 @@ class EncoderResult:
     item: int
     wordmap: WordMap
     block_ids: list[int]  # (Bk,) the blocks the curves cover
-    timesteps: np.ndarray  # (S,)
+    timesteps: Optional[np.ndarray]  # (S,); None when the dump has none (original tool): steps by index only
     shares: np.ndarray  # (H, W, n) word maps renormalised over the words at each pixel
     mass: np.ndarray  # (n,) share of the heatmap mass
     curves: np.ndarray  # (Bk, S, n) word curves
@@ -131,7 +131,7 @@ def analyse_encoder(
     encoder: str,
     item: int,
     block_ids: Sequence[int],
-    timesteps: np.ndarray,
+    timesteps: Optional[np.ndarray],
     topk: int,
     phrases: Sequence[str] = (),
     weights: str = "attention",
@@ -152,7 +152,7 @@ def analyse_encoder(
         item=item,
         wordmap=wordmap,
         block_ids=list(block_ids),
-        timesteps=np.asarray(timesteps),
+        timesteps=None if timesteps is None else np.asarray(timesteps),
         shares=shares,
         mass=mass,
         curves=curves,
@@ -192,27 +192,32 @@ def word_summary(result: EncoderResult) -> list[tuple[str, float, int, int]]:
     ]
 
 
-def parse_blocks(spec: Optional[str]) -> Optional[list[int]]:
-    """``"0-5,12"`` -> ``[0, 1, 2, 3, 4, 5, 12]`` (sorted, unique); None for None/empty."""
+def parse_blocks(spec: Optional[str]) -> Optional[tuple[tuple[int, int], ...]]:
+    """``"0-5,12"`` -> ``((0, 5), (12, 12))``: inclusive ranges, sorted and merged; None for None/empty.
+
+    Ranges stay ranges (``0-99999999999`` is one pair, not a list of 10^11 indices); a dump checks
+    them with :meth:`~attention_map_diffusers.analysis.dumpfile.Dump.select_blocks`.
+    """
     if spec is None or not spec.strip():
         return None
-    out: set[int] = set()
+    ranges: list[tuple[int, int]] = []
     for part in spec.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                if a > b or a < 0:
-                    raise ValueError
-                out.update(range(a, b + 1))
-            else:
-                v = int(part)
-                if v < 0:
-                    raise ValueError
-                out.add(v)
+            a, dash, b = part.partition("-")
+            first, last = int(a), int(b if dash else a)
+            if first < 0 or first > last:
+                raise ValueError
         except ValueError:
             raise UserError(
                 f"--blocks: {part!r} is not a block index or range; use comma-separated indices and "
                 "ranges like 0-5,12"
             ) from None
-    return sorted(out)
+        ranges.append((first, last))
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return tuple(merged)

@@ -6,8 +6,14 @@ A *word* is a maximal run of letters and digits (Unicode ``[^\\W_]``), where sin
 apostrophes (``'`` ``’``) or hyphens (``-`` ``‐`` ``‑``) between two such runs keep the run going:
 ``capybara's``, ``well-known``, ``rock’n’roll``, ``42nd`` and ``3`` are one word each; ``e.g.`` is the
 two words ``e`` and ``g``; punctuation, whitespace and underscores separate words and belong to none.
-Words are found in the *prompt text* (:func:`find_words`), so every encoder of a prompt sees the same
-word list, spelled as in the prompt; a word is numbered by its position in that list (0-based).
+Combining marks (Unicode category M: accents of a prompt in NFD, Devanagari vowel signs, Thai
+tone marks) stay in the word of the character they follow. In scripts written without spaces
+between words (Han, Hiragana, Katakana, Bopomofo, Yi, Thai, Lao, Khmer, Myanmar; see
+:data:`NO_SPACE_SCRIPTS`) **each character is a word** (with its combining marks), since nothing
+in the text says where their words end: ``a 红色 circle`` is the four words ``a`` ``红`` ``色``
+``circle``. Words are found in the *prompt text* (:func:`find_words`), so every encoder of a prompt
+sees the same word list, spelled as in the prompt; a word is numbered by its position in that list
+(0-based).
 
 A token belongs to the words its character span overlaps, with weight = the share of its span's
 characters that fall in each word (a token inside one word has weight 1 for it; one spanning
@@ -28,7 +34,7 @@ a leading ``▁`` / ``Ġ`` starts one): then the spelling is the tokenizer's (lo
 from __future__ import annotations
 
 import codecs
-import re
+import functools
 import unicodedata
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -39,9 +45,53 @@ from ..bytelevel import bytes_to_unicode
 from ..contract import UserError
 
 # U+FFFD stands for an unknown token in decoded text: it counts as a word character so that an
-# ``<unk>`` inside a word does not split it. Combining accents (a prompt in NFD) stay in their word.
-_WCHAR = r"(?:[^\W_]|[\u0300-\u036f\uFFFD])"  # letters, digits, combining accents, U+FFFD
-WORD_RE = re.compile(rf"{_WCHAR}+(?:['’\-‐‑]{_WCHAR}+)*")
+# ``<unk>`` inside a word does not split it.
+_JOINERS = frozenset("'’-‐‑")
+
+#: Code point ranges (inclusive) of the scripts written without spaces between words, whose
+#: letters are one word each: nothing but a dictionary could say where their words end.
+NO_SPACE_SCRIPTS = (
+    (0x0E00, 0x0E7F),  # Thai
+    (0x0E80, 0x0EFF),  # Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x19E0, 0x19FF),  # Khmer symbols
+    (0x2E80, 0x2FDF),  # CJK radicals, Kangxi radicals
+    (0x3005, 0x3007),  # 々 〆 〇
+    (0x3021, 0x3029),  # Hangzhou numerals
+    (0x3031, 0x3035),  # kana repeat marks
+    (0x3038, 0x303C),  # more iteration marks
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3100, 0x312F),  # Bopomofo
+    (0x31A0, 0x31FF),  # Bopomofo extended, CJK strokes, Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xA000, 0xA4CF),  # Yi
+    (0xA9E0, 0xA9FF),  # Myanmar extended B
+    (0xAA60, 0xAA7F),  # Myanmar extended A
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFF66, 0xFF9F),  # halfwidth Katakana
+    (0x16FE0, 0x16FFF),  # ideographic symbols
+    (0x1B000, 0x1B16F),  # Kana supplement and extended
+    (0x20000, 0x323AF),  # CJK extensions B-H, compatibility supplement
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kind(ch: str) -> str:
+    """"solo" (a letter of a script without spaces: a word on its own), "word" (letter or digit),
+    "mark" (combining: stays with the character before it), "joiner" (apostrophe, hyphen) or "other"."""
+    if unicodedata.category(ch).startswith("M"):
+        return "mark"
+    if ch == "\uFFFD":
+        return "word"
+    if not ch.isalnum():
+        return "joiner" if ch in _JOINERS else "other"
+    cp = ord(ch)
+    if any(a <= cp <= b for a, b in NO_SPACE_SCRIPTS):
+        return "solo"
+    return "word"
+
 
 UNKNOWN_TOKENS = frozenset({"<unk>", "[UNK]", "<|unk|>"})
 
@@ -74,7 +124,28 @@ class WordMap:
 
 def find_words(text: str) -> list[Word]:
     """The words of ``text`` (see the module docstring), numbered in order."""
-    return [Word(i, m.group(), m.start(), m.end()) for i, m in enumerate(WORD_RE.finditer(text))]
+    spans = []
+    i, n = 0, len(text)
+    while i < n:
+        kind = _kind(text[i])
+        if kind in ("joiner", "other"):
+            i += 1
+            continue
+        j = i + 1
+        if kind == "solo":
+            while j < n and _kind(text[j]) == "mark":
+                j += 1
+        else:
+            while True:
+                while j < n and _kind(text[j]) in ("word", "mark"):
+                    j += 1
+                if j + 1 < n and _kind(text[j]) == "joiner" and _kind(text[j + 1]) in ("word", "mark"):
+                    j += 2
+                    continue
+                break
+        spans.append((i, j))
+        i = j
+    return [Word(k, text[a:b], a, b) for k, (a, b) in enumerate(spans)]
 
 
 def normalise_word(text: str) -> str:
@@ -304,7 +375,7 @@ def parse_phrases(spec: Optional[str]) -> list[str]:
     phrases = [p.strip() for p in spec.split("|")]
     phrases = [p for p in phrases if p]
     for p in phrases:
-        if not WORD_RE.search(p):
+        if not find_words(p):
             raise UserError(
                 f"--phrases: {p!r} contains no word (letters or digits); phrases are '|'-separated "
                 'word sequences, e.g. --phrases "in front of|on top of"'

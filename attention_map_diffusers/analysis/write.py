@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from ..atomic import current_umask, write_bytes, write_text
-from ..contract import slugify
+from ..atomic import write_bytes, write_text
+from ..contract import UserError, slugify
+from . import outdir
 from .dumpfile import format_ranges
+from .fonts import use_fonts
 from .options import ENCODER_TITLES, AnalysisOptions
-from .plan import Plan, RunPlan, plan_run
+from .plan import Plan, RunPlan, index_rows, plan_run
 from .report import EncoderPage, ItemPage, index_page, run_page
 from .stats import EncoderResult, step_average
 from .tables import write_tables
@@ -142,7 +142,9 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         "phrases": " | ".join(options.phrases) or "(none)",
         "phrase weights": options.weights,
         "blocks": format_ranges(run.results[0][0].block_ids) if run.results and run.results[0] else "",
-        "steps": "denoising order (0 = first)" + (", flipped from the original tool's order" if dump.format_version < 2 else ""),
+        "steps": "denoising order (0 = first)"
+        + (", flipped from the original tool's order" if dump.steps_flipped else "")
+        + ("; the dump has no timesteps" if dump.timesteps is None else ""),
         "dump": dump.folder,
     }
     title = f"Attention analysis: {run.folder or os.path.basename(dump.folder) or dump.folder}"
@@ -153,58 +155,35 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
 def write_plan(plan: Plan) -> int:
     """Write everything into a temporary sibling of the output folder, then put it in place.
 
+    With several runs, a run that fails now (changed on disk since it was planned) gets its entry's
+    ``problem`` set and the others are written.
+
     Returns:
         the number of files written.
     """
     options = plan.options
-    parent = os.path.dirname(plan.out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(plan.out)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the output folder should not be
+    outdir.remove(plan.leftovers)
+    tmp = outdir.new_folder(plan.out)
     try:
         from tqdm import tqdm
 
         total = sum(r.n_files for r in plan.runs)
-        with tqdm(total=total, desc="analysing", unit="file", disable=None, file=sys.stderr) as bar:
+        with use_fonts(plan.fonts), tqdm(total=total, desc="analysing", unit="file", disable=None, file=sys.stderr) as bar:
             for spec in plan.runs:
-                run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
+                try:
+                    run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
+                except UserError as exc:
+                    if spec.entry is None:
+                        raise
+                    spec.entry.problem = str(exc)
+                    continue
                 dest = os.path.join(tmp, run.folder) if run.folder else tmp
                 os.makedirs(dest, exist_ok=True)
                 write_run(dest, run, options, lambda: bar.update(1))
                 del run
         if plan.multi:
-            done = {r.folder for r in plan.runs}
-            rows = [
-                {
-                    "folder": r.folder,
-                    "prompt": list(r.prompt),
-                    "status": r.status,
-                    "error": r.error,
-                    "link": f"{r.folder}/index.html" if r.folder in done else None,
-                }
-                for r in plan.records
-            ]
-            write_text(os.path.join(tmp, "index.html"), index_page(f"Attention analysis: {os.path.basename(plan.root)}", rows))
-        n_files = sum(len(files) for _, _, files in os.walk(tmp))
-        _replace_folder(tmp, plan.out)
+            write_text(os.path.join(tmp, "index.html"), index_page(f"Attention analysis: {os.path.basename(plan.root)}", index_rows(plan)))
+        return outdir.commit(tmp, plan.out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        outdir.remove([tmp])
         raise
-    return n_files
-
-
-def _replace_folder(tmp: str, out: str) -> None:
-    """Move ``tmp`` to ``out``; an earlier analysis there is removed only once the new one is in place."""
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rmdir(old)
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""The analysis' output folder: what it may replace, the leftovers of a killed run, and putting a
+finished analysis in place.
+
+The analysis never deletes a file it did not write. Each analysis folder holds :data:`MANIFEST`,
+the list of the files written into it. An existing ``--out`` is replaced as a whole only when
+everything in it is on that list; one that holds anything else is refused with a line naming it.
+The analysis is written into ``.OUT.tmp-*`` next to ``OUT`` and renamed into place (an earlier
+analysis goes to ``.OUT.old-*`` meanwhile); when a kill leaves such folders behind, the next
+analysis into the same ``OUT`` removes them, and only those that hold a manifest (ours).
+Two analyses writing into the same ``OUT`` at the same time are not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Optional
+
+from ..atomic import current_umask, write_json
+from ..contract import UserError
+from .report import GENERATOR
+
+MANIFEST = ".analysis-manifest.json"
+
+
+def _rel(path: str, base: str) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def manifest_files(folder: str) -> Optional[set[str]]:
+    """The files listed by ``folder``'s manifest (relative, ``/``-separated), or None when it has no
+    readable manifest written by this tool."""
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("generator") != GENERATOR:
+        return None
+    files = data.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return set(files)
+
+
+def _written_by_us(out: str) -> bool:
+    try:
+        with open(os.path.join(out, "index.html"), encoding="utf-8") as fh:
+            return f'content="{GENERATOR}"' in fh.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_out(out: str) -> None:
+    """Refuse an ``out`` that the analysis may not replace (:class:`UserError`); nothing is changed."""
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out) or os.path.islink(out):
+        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+    if not os.listdir(out):
+        return
+    files = manifest_files(out)
+    if files is None:
+        if _written_by_us(out):
+            raise UserError(
+                f"--out {out} holds an analysis by an earlier version of this tool, which did not list the files it "
+                "wrote; delete that folder yourself or choose another --out"
+            )
+        raise UserError(
+            f"--out {out} exists and does not hold an earlier analysis (no {MANIFEST} written by this tool); "
+            "choose another --out or empty it"
+        )
+    dirs = {"/".join(f.split("/")[:k]) for f in files for k in range(1, f.count("/") + 1)}
+    foreign = []
+    for here, subdirs, names in os.walk(out):
+        for d in subdirs:
+            path = os.path.join(here, d)
+            if os.path.islink(path) or _rel(path, out) not in dirs:
+                foreign.append(_rel(path, out) + "/")
+        for n in names:
+            path = os.path.join(here, n)
+            rel = _rel(path, out)
+            if rel != MANIFEST and (rel not in files or os.path.islink(path)):
+                foreign.append(rel)
+        subdirs[:] = [d for d in subdirs if _rel(os.path.join(here, d), out) in dirs]
+    if foreign:
+        first = sorted(foreign)[0]
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UserError(
+            f"--out {out} holds {first}{more}, which this analysis did not write; the analysis replaces {out} as a "
+            "whole, so move it out of there or choose another --out"
+        )
+
+
+def leftovers(out: str) -> list[str]:
+    """Folders left next to ``out`` by an analysis that was killed (``.OUT.tmp-*``, ``.OUT.old-*``
+    holding a manifest of this tool)."""
+    parent, base = os.path.split(os.path.abspath(out))
+    pattern = re.compile(rf"\.{re.escape(base)}\.(?:tmp|old)-[A-Za-z0-9_]+")
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        path = os.path.join(parent, name)
+        if pattern.fullmatch(name) and os.path.isdir(path) and not os.path.islink(path) and manifest_files(path) is not None:
+            found.append(path)
+    return found
+
+
+def remove(paths: list[str]) -> None:
+    for path in paths:
+        if manifest_files(path) is not None:  # still ours
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def new_folder(out: str) -> str:
+    """A new temporary folder next to ``out``, marked as ours from the start (an empty manifest)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the output folder should not be
+    write_json(os.path.join(tmp, MANIFEST), {"generator": GENERATOR, "files": []})
+    return tmp
+
+
+def commit(tmp: str, out: str) -> int:
+    """List the files of ``tmp`` in its manifest and move it to ``out``; an earlier analysis there (checked
+    by :func:`check_out`) is removed only once the new one is in place. Returns the number of files."""
+    files = sorted(
+        _rel(os.path.join(here, n), tmp) for here, _, names in os.walk(tmp) for n in names
+    )
+    files = [f for f in files if f != MANIFEST]
+    write_json(os.path.join(tmp, MANIFEST), {"generator": GENERATOR, "files": files})
+    check_out(out)  # again: something may have been put there while the analysis ran
+    old = None
+    if os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+    elif os.path.lexists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(os.path.abspath(out)))
+        os.rmdir(old)
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return len(files)

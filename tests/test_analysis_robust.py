@@ -1,0 +1,401 @@
+"""The analysis on inputs from the field: the original tool's dumps, damaged or hand-edited runs,
+stale runs.jsonl, output folders holding other files, leftovers of a killed run, scripts without spaces."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import analyse_stepavg  # noqa: E402
+from original_dump import ORIGINAL_METADATA_KEYS, ORIGINAL_NPZ_KEYS, write_original_dump  # noqa: E402
+from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  # noqa: E402
+
+from attention_map_diffusers.analysis import outdir  # noqa: E402
+from attention_map_diffusers.analysis.dumpfile import first_missing, load_dump  # noqa: E402
+from attention_map_diffusers.contract import UserError, parse_runs_jsonl  # noqa: E402
+
+BICYCLE = "A rusty bicycle in front of a barn"
+WORDS = ["A", "rusty", "bicycle", "in", "front", "of", "a", "barn"]
+
+
+def run(*argv):
+    return analyse_stepavg.main([str(a) for a in argv])
+
+
+def header(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return next(csv.reader(fh))
+
+
+def tree(folder):
+    return sorted(
+        (os.path.relpath(os.path.join(d, f), folder), open(os.path.join(d, f), "rb").read())
+        for d, _, files in os.walk(folder)
+        for f in files
+    )
+
+
+def good_run(folder, prompt=BICYCLE, seed=0, **kw):
+    layout = make_layout([prompt], clip_len=77, t5_len=16)
+    write_dump(folder, layout, random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4), seed=seed), **kw)
+    return layout
+
+
+# --- the original tool's dumps -----------------------------------------------------------------
+
+
+def test_original_tool_dump_without_timesteps_is_read(tmp_path, capsys):
+    layout = make_layout([BICYCLE], clip_len=77, t5_len=32)
+    arrays = random_arrays(layout, num_blocks=3, num_steps=5, grid=(4, 4), seed=4)
+    barn = layout.positions("clip", 0, "barn")
+    arrays["per_block_step_token_mean"][0, 2, 0, barn] = 0.9  # barn peaks in block 2 at the FIRST denoising step
+    meta = write_original_dump(tmp_path / "old", BICYCLE, arrays)
+    with np.load(tmp_path / "old" / "stepavg_token_maps_v1.npz") as z:  # the fixture is what the original wrote
+        assert tuple(z.files) == ORIGINAL_NPZ_KEYS and z["N"].dtype.kind == "i" and z["sum_token_map"].dtype == np.float32
+    assert tuple(meta) == ORIGINAL_METADATA_KEYS and isinstance(meta["block_latent_sizes"], dict)
+    assert meta["negative_prompt"] is None and meta["special_mask"][0] is True and "format_version" not in meta
+
+    d = load_dump(str(tmp_path / "old"))
+    assert d.format_version == 1 and d.timesteps is None and d.steps_flipped
+    np.testing.assert_array_equal(d.step_mean, arrays["per_block_step_token_mean"])  # back in denoising order
+    assert any("no timesteps" in n.text for n in d.notes)
+
+    # the same numbers as a format 2 dump of the same arrays
+    write_dump(tmp_path / "new", layout, arrays, store_dtype="float32")
+    assert run("--root", tmp_path / "old", "--tables-only") == 0
+    assert run("--root", tmp_path / "new", "--tables-only", "--encoders", "clip") == 0
+    for name in ("words_auc.csv", "words_stepavg.csv", "words_summary.csv"):
+        old = (tmp_path / "old" / "analysis" / "clip" / "tables" / name).read_text()
+        assert old == (tmp_path / "new" / "analysis" / "clip" / "tables" / name).read_text()
+    summary = (tmp_path / "old" / "analysis" / "clip" / "tables" / "words_summary.csv").read_text().splitlines()
+    assert summary[-1].startswith("barn,") and summary[-1].endswith(",2,0")
+
+    # figures and report: steps by index, no invented timesteps
+    capsys.readouterr()
+    assert run("--root", tmp_path / "old", "--topk", "2") == 0
+    assert "no timesteps" in capsys.readouterr().err
+    out = tmp_path / "old" / "analysis"
+    assert (out / "clip" / "curves" / "words_mean_block2.png").is_file() and (out / "clip" / "overview.png").is_file()
+    assert (out / "image.png").is_file()
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert not re.search(r"\(t=\d", html) and "the dump has no timesteps" in html
+
+
+def test_step_axis_without_timesteps_says_step():
+    from attention_map_diffusers.analysis import plots
+
+    curves = np.random.default_rng(0).uniform(size=(4, 2))
+    fig = plots.curves_figure(curves, ["a", "b"], None, "t")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "denoising step (left = first, noisiest)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3"]
+    fig = plots.curves_figure(curves, ["a", "b"], np.array([900.0, 600, 300, 100]), "t")
+    assert fig.axes[0].get_xticklabels()[1].get_text() == "1\nt=600"
+
+
+def test_step_order_is_trusted_without_format_version(tmp_path, capsys):
+    layout = good_run(tmp_path / "new", store_dtype="float32")
+    arrays = random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4), seed=0)
+    # a format 2 dump that lost its format_version but says step_order "denoising": not flipped
+    write_dump(tmp_path / "edited", layout, arrays, store_dtype="float32", meta={"format_version": None})
+    d = load_dump(str(tmp_path / "edited"))
+    assert d.format_version == 1 and not d.steps_flipped
+    np.testing.assert_array_equal(d.step_mean, arrays["per_block_step_token_mean"])
+    np.testing.assert_array_equal(d.timesteps, arrays["timesteps"])
+    assert d.encoders["t5"].offsets is not None  # its text_spans and T5 tokens are read too
+    assert run("--root", tmp_path / "edited", "--tables-only", "--out", tmp_path / "a1") == 0
+    assert run("--root", tmp_path / "new", "--tables-only", "--out", tmp_path / "a2") == 0
+    for enc in ("clip", "t5"):
+        for name in ("words_auc.csv", "words_summary.csv"):
+            assert (tmp_path / "a1" / enc / "tables" / name).read_text() == (tmp_path / "a2" / enc / "tables" / name).read_text()
+    # no step_order and no format_version, but decreasing timesteps: kept as stored, with a note
+    write_dump(tmp_path / "bare", layout, arrays, meta={"format_version": None, "step_order": None})
+    d = load_dump(str(tmp_path / "bare"))
+    assert not d.steps_flipped and any("timesteps decrease" in n.text for n in d.notes)
+    # any other step_order is refused
+    write_dump(tmp_path / "asc", layout, arrays, meta={"format_version": None, "step_order": "ascending"})
+    capsys.readouterr()
+    assert run("--root", tmp_path / "asc") == 2
+    err = capsys.readouterr().err
+    assert "step_order='ascending' is not supported" in err and err.count("\n") == 1
+
+
+# --- one damaged run of many -------------------------------------------------------------------
+
+
+def test_a_damaged_run_is_listed_and_the_others_are_analysed(tmp_path, capsys):
+    for k, name in enumerate(["0000-a", "0001-b", "0002-c"]):
+        good_run(tmp_path / name, seed=k)
+    (tmp_path / "0001-b" / "stepavg_token_maps_v1.npz").write_bytes(b"garbage")
+    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [BICYCLE], "status": "done"} for k, f in enumerate(["0000-a", "0001-b", "0002-c"])])
+    assert run("--root", tmp_path, "--tables-only") == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(lines) == 2 and "0001-b" in lines[0] and "damaged" in lines[0]
+    assert "1 of 3 runs could not be analysed" in lines[1]
+    out = tmp_path / "analysis"
+    assert (out / "0000-a" / "clip" / "tables" / "words_auc.csv").is_file()
+    assert (out / "0002-c" / "t5" / "tables" / "words_auc.csv").is_file()
+    assert not (out / "0001-b").exists()
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "0001-b" in html and "not analysed" in html and "damaged" in html
+    assert 'href="0001-b/index.html"' not in html and 'href="0002-c/index.html"' in html
+
+
+def test_a_run_that_changes_after_planning_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    from attention_map_diffusers.analysis import write
+
+    for k, name in enumerate(["0000-a", "0001-b"]):
+        good_run(tmp_path / name, seed=k)
+    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [BICYCLE], "status": "done"} for k, f in enumerate(["0000-a", "0001-b"])])
+    real = write.plan_run
+
+    def flaky(folder, run_dir, options, loader=None):
+        if folder == "0000-a":
+            raise UserError(f"{run_dir}: changed on disk")
+        return real(folder, run_dir, options, loader)
+
+    monkeypatch.setattr(write, "plan_run", flaky)
+    assert run("--root", tmp_path, "--tables-only") == 1
+    assert "changed on disk" in capsys.readouterr().err
+    assert (tmp_path / "analysis" / "0001-b" / "index.html").is_file()
+    assert "changed on disk" in (tmp_path / "analysis" / "index.html").read_text(encoding="utf-8")
+
+
+# --- runs.jsonl missing or stale ---------------------------------------------------------------
+
+
+def test_run_folders_without_runs_jsonl(tmp_path, capsys):
+    good_run(tmp_path / "0000-a", seed=0)
+    good_run(tmp_path / "0001-b", prompt="A furry cat", seed=1)
+    (tmp_path / "notes").mkdir()  # not a run: ignored
+    assert run("--root", tmp_path, "--tables-only") == 0
+    err = capsys.readouterr().err
+    assert "has no runs.jsonl: analysing the 2 complete run folders in it (0000-a, 0001-b)" in err
+    out = tmp_path / "analysis"
+    assert header(out / "0001-b" / "clip" / "tables" / "words_auc.csv") == ["block", "A", "furry", "cat"]
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "A furry cat" in html and "not in runs.jsonl" in html  # the prompt comes from the run's metadata
+
+
+def test_stale_runs_jsonl(tmp_path, capsys):
+    good_run(tmp_path / "0000-a", seed=0)
+    good_run(tmp_path / "0001-b", prompt="A furry cat", seed=1)  # on disk, not listed
+    write_runs(tmp_path, [
+        {"run": 0, "folder": "0000-a", "prompt": [BICYCLE], "status": "done"},
+        {"run": 2, "folder": "0002-c", "prompt": ["gone"], "status": "done"},  # listed, not on disk
+    ])  # fmt: skip
+    assert run("--root", tmp_path, "--tables-only") == 1
+    err = capsys.readouterr().err
+    assert "does not list 1 complete run folders found next to it (0001-b); they are analysed too" in err
+    assert "'0002-c' is marked done" in err and "does not exist" in err
+    out = tmp_path / "analysis"
+    assert (out / "0000-a" / "index.html").is_file() and (out / "0001-b" / "index.html").is_file()
+    assert not (out / "0002-c").exists()
+
+
+def test_interrupted_run_folder_without_runs_jsonl(tmp_path, capsys):
+    good_run(tmp_path / "0000-a")
+    good_run(tmp_path / "0001-b")
+    os.remove(tmp_path / "0001-b" / "metadata.json")  # a dump killed between its two files
+    assert run("--root", tmp_path, "--tables-only") == 1
+    err = capsys.readouterr().err
+    assert "0001-b lacks metadata.json (an interrupted dump?)" in err
+    assert (tmp_path / "analysis" / "0000-a" / "index.html").is_file()
+    shutil.rmtree(tmp_path / "0000-a")
+    shutil.rmtree(tmp_path / "analysis")
+    assert run("--root", tmp_path, "--tables-only") == 2  # nothing complete: one line, nothing written
+    assert "holds no complete run" in capsys.readouterr().err
+    assert not (tmp_path / "analysis").exists()
+
+
+# --- --blocks ranges ---------------------------------------------------------------------------
+
+
+def test_huge_blocks_range_is_checked_arithmetically(tmp_path):
+    good_run(tmp_path / "run")
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "import analyse_stepavg as a\n"
+        f"sys.exit(a.main(['--root', {str(tmp_path / 'run')!r}, '--tables-only', '--blocks', sys.argv[1]]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    for spec, rc, message in (("0-99999999999", 2, "block 2 is not in this dump, which has blocks 0-1"),
+                              ("1-1,3-99999999999", 2, "block 3 is not in this dump"),
+                              ("1-1", 0, "")):  # fmt: skip
+        res = subprocess.run([sys.executable, "-c", code, spec], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == rc, res.stderr
+        assert message in res.stderr and "Traceback" not in res.stderr
+    assert header(tmp_path / "run" / "analysis" / "clip" / "tables" / "words_auc.csv")[0] == "block"
+
+
+def test_first_missing():
+    assert first_missing([(0, 99999999999)], [0, 1]) == 2
+    assert first_missing([(0, 1)], [1, 0]) is None
+    assert first_missing([(5, 7), (2, 2)], [0, 1, 2, 5, 6]) == 7
+    assert first_missing([(3, 10**12)], [0, 1]) == 3
+
+
+# --- the output folder -------------------------------------------------------------------------
+
+
+def test_out_holding_other_files_is_refused_and_left_alone(tmp_path, capsys):
+    good_run(tmp_path / "run")
+    out = tmp_path / "run" / "analysis"
+    assert run("--root", tmp_path / "run", "--tables-only") == 0
+    assert (out / outdir.MANIFEST).is_file()
+    shutil.copytree(tmp_path / "run", tmp_path / "copy", ignore=shutil.ignore_patterns("analysis"))
+    shutil.copytree(tmp_path / "copy", out / "my-copied-run")  # a user puts a run folder there
+    before = tree(out)
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert "holds my-copied-run/" in err and "which this analysis did not write" in err and err.count("\n") == 1
+    assert tree(out) == before  # nothing deleted, nothing written
+    # a foreign file next to our files, and an empty folder of the user's: refused too
+    shutil.rmtree(out / "my-copied-run")
+    (out / "clip" / "tables" / "mine.csv").write_text("x")
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    assert "holds clip/tables/mine.csv" in capsys.readouterr().err
+    os.remove(out / "clip" / "tables" / "mine.csv")
+    (out / "empty").mkdir()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    assert "holds empty/" in capsys.readouterr().err
+    (out / "empty").rmdir()
+    assert run("--root", tmp_path / "run", "--tables-only") == 0  # only our files: replaced
+
+
+def test_out_of_an_earlier_version_without_manifest_is_refused(tmp_path, capsys):
+    good_run(tmp_path / "run")
+    out = tmp_path / "run" / "analysis"
+    assert run("--root", tmp_path / "run", "--tables-only") == 0
+    os.remove(out / outdir.MANIFEST)
+    before = tree(out)
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    assert "earlier version of this tool" in capsys.readouterr().err
+    assert tree(out) == before
+
+
+def test_leftovers_of_a_killed_analysis_are_removed(tmp_path, capsys):
+    good_run(tmp_path / "run")
+    root = tmp_path / "run"
+    assert run("--root", root, "--tables-only") == 0
+    # what a kill leaves: a temp folder being written, and an earlier analysis moved aside
+    tmp = outdir.new_folder(str(root / "analysis"))
+    (open(os.path.join(tmp, "half.csv"), "w")).write("x")
+    os.replace(root / "analysis", root / ".analysis.old-abcd1234")
+    # look-alikes that are not ours stay
+    (root / ".analysis.tmp-notours1").mkdir()
+    (root / ".analysis.tmp-notours1" / "keep.txt").write_text("keep")
+    (root / ".other.tmp-abcdefgh").mkdir()
+    capsys.readouterr()
+    assert run("--root", root, "--tables-only") == 0
+    assert "removing what an interrupted analysis left" in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [".analysis.tmp-notours1", ".other.tmp-abcdefgh"]
+    assert (root / ".analysis.tmp-notours1" / "keep.txt").read_text() == "keep"
+    assert (root / "analysis" / "index.html").is_file()
+
+
+# --- hand-edited inputs ------------------------------------------------------------------------
+
+
+BAD_VALUES = (5, -1, 1.5, True, "x", None, [], {}, [[1]], [1, 2], {"a": 1})
+
+
+@pytest.mark.parametrize("original", [False, True])
+def test_every_hand_edited_metadata_value_gives_a_user_error(tmp_path, original):
+    """Each metadata key set to each wrong type: the dump loads, or UserError (never another exception)."""
+    folder = tmp_path / "run"
+    layout = make_layout([BICYCLE], clip_len=77, t5_len=16)
+    arrays = random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4))
+    meta = write_dump(folder, layout, arrays, original=original)
+    path = folder / "metadata.json"
+    unexpected = []
+    for key in meta:
+        for value in BAD_VALUES:
+            edited = dict(meta)
+            edited[key] = value
+            path.write_text(json.dumps(edited))
+            try:
+                load_dump(str(folder))
+            except UserError as exc:
+                assert "\n" not in str(exc)
+            except Exception as exc:  # noqa: BLE001 - what this test looks for
+                unexpected.append(f"{key}={value!r}: {type(exc).__name__}: {exc}")
+    assert not unexpected, unexpected[:5]
+
+
+def test_every_hand_edited_runs_jsonl_value_gives_a_user_error():
+    row = {"run": 0, "folder": "0000-a", "prompt": [BICYCLE], "seed": 1, "status": "done", "process": 0, "error": None}
+    unexpected = []
+    for key in row:
+        for value in BAD_VALUES + ("a\x00b", "../x", "/abs"):
+            try:
+                parse_runs_jsonl(json.dumps(dict(row, **{key: value})) + "\n", "runs.jsonl")
+            except UserError as exc:
+                assert "\n" not in str(exc)
+            except Exception as exc:  # noqa: BLE001
+                unexpected.append(f"{key}={value!r}: {type(exc).__name__}: {exc}")
+    assert not unexpected, unexpected[:5]
+
+
+# --- scripts without spaces, fonts -------------------------------------------------------------
+
+
+def test_prompt_without_spaces_gives_a_word_per_character(tmp_path, capsys):
+    from attention_map_diffusers.analysis.fonts import choose_fonts
+
+    prompt = "一只红色的猫 on a sofa"
+    layout = make_layout([prompt], clip_len=77, t5_len=16)
+    write_dump(tmp_path / "run", layout, random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4)))
+    assert run("--root", tmp_path / "run", "--tables-only", "--phrases", "红色") == 0
+    words = ["一", "只", "红", "色", "的", "猫", "on", "a", "sofa"]
+    for enc in ("clip", "t5"):
+        assert header(tmp_path / "run" / "analysis" / enc / "tables" / "words_auc.csv") == ["block", *words]
+        assert header(tmp_path / "run" / "analysis" / enc / "tables" / "phrases_auc.csv") == ["block", "红色"]
+    assert "font" not in capsys.readouterr().err  # no figures, no font question
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Glyph ... missing" warnings
+        assert run("--root", tmp_path / "run", "--topk", "2", "--blocks", "0", "--encoders", "clip", "--phrases", "红色") == 0
+    assert (tmp_path / "run" / "analysis" / "clip" / "heatmaps" / "phrases" / "000-红色.png").is_file()
+    err = capsys.readouterr().err
+    choice = choose_fonts(words)
+    if choice.missing:  # no CJK font installed: said once
+        assert err.count("no installed font has glyphs for") == 1 and "fonts-noto-cjk" in err
+    else:
+        assert "no installed font" not in err and choice.families
+
+
+def test_font_fallback_is_found_and_used():
+    """With a base font that lacks a character, an installed font that has it is chosen and drawn
+    without warnings (cmr10, shipped with matplotlib, has no 'é'; DejaVu Sans has)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from attention_map_diffusers.analysis.fonts import choose_fonts, use_fonts
+
+    choice = choose_fonts(["café"], base="cmr10")
+    assert choice.missing == "" and choice.families[0] == "cmr10" and len(choice.families) >= 2
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with use_fonts(choice):
+            fig = Figure()
+            FigureCanvasAgg(fig)
+            fig.subplots().set_title("café")
+            fig.canvas.draw()
+    assert not [w for w in seen if "missing from font" in str(w.message)]
+    nothing = choose_fonts(["\U0010fffd"], base="cmr10")  # a private-use character no font has
+    assert nothing.missing == "\U0010fffd" and "no installed font has glyphs for" in nothing.note()
