@@ -35,7 +35,9 @@ JOINT_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.attn")
 RUN_STATUSES = ("done", "skipped", "failed")
 
 #: The arrays every dump's npz holds (``per_block_step_token_max`` and the optional maps aside).
-NPZ_REQUIRED_ARRAYS = ("sum_token_map", "N", "per_block_step_token_mean", "timesteps")
+#: Arrays every dump holds, the original tool's too; format 2 adds ``timesteps`` (NPZ_REQUIRED_ARRAYS).
+NPZ_CORE_ARRAYS = ("sum_token_map", "N", "per_block_step_token_mean")
+NPZ_REQUIRED_ARRAYS = NPZ_CORE_ARRAYS + ("timesteps",)
 
 #: metadata.json keys of the settings a run was made with (see :func:`settings_fingerprint`).
 SETTINGS_KEY = "settings"

@@ -21,6 +21,8 @@ import numpy as np
 from ..contract import (
     FORMAT_VERSION,
     METADATA_NAME,
+    NPZ_CORE_ARRAYS,
+    NPZ_REQUIRED_ARRAYS,
     NPZ_NAME,
     RUNS_NAME,
     RunRecord,
@@ -34,7 +36,6 @@ from ..contract import (
 # first and T5 after them. Used for those dumps only (format 2 stores ``text_spans``).
 ORIGINAL_CLIP_POSITIONS = 77
 # Arrays every dump has; format 2 adds ``timesteps`` (the original tool stored none).
-REQUIRED_ARRAYS = ("sum_token_map", "N", "per_block_step_token_mean")
 SPECIAL_STRINGS = frozenset({"<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<s>"})
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -388,7 +389,7 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         raise UserError(f"{folder} is not a folder; --root must be a run folder or a folder with {RUNS_NAME}")
     meta = _read_metadata(folder)
     version = _format_version(meta, where)
-    required = REQUIRED_ARRAYS + (("timesteps",) if version >= 2 else ())
+    required = NPZ_REQUIRED_ARRAYS if version >= 2 else NPZ_CORE_ARRAYS
     arrays = _read_arrays(folder, required, optional=("per_block_token_map",) if block_maps else ())
     shape = _check_arrays(arrays, where)
     _check_metadata(meta, shape, version, where)
