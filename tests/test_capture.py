@@ -8,6 +8,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from attention_map_diffusers import StepAverageRecorder
+from attention_map_diffusers.capture.paths import KernelPaths
 from attention_map_diffusers.capture.processor import CaptureProcessor
 from reference import ReferenceTap, reference_aggregate
 
@@ -208,11 +209,17 @@ class _SyncCounter(TorchFunctionMode):
 
 
 def test_no_host_synchronisation_in_the_loop(sd3_pipe):
-    """The recorder adds no .item() / .cpu() / .tolist() (or bool / float conversions) to the loop."""
+    """Once its path is checked, the recorder adds no .item() / .cpu() / .tolist() (or bool / float
+    conversions) to the loop; the self-check reads back one number per path checked, once."""
     kw = dict(guidance_scale=4.0, num_inference_steps=3, output_type="latent")
     with _SyncCounter() as plain:
         generate(sd3_pipe, "a cat", **kw)
-    with StepAverageRecorder(sd3_pipe) as rec:
+    paths = KernelPaths()
+    with StepAverageRecorder(sd3_pipe, paths=paths):
+        with _SyncCounter() as checking:
+            generate(sd3_pipe, "a cat", **kw)
+    assert plain.count < checking.count <= plain.count + 2
+    with StepAverageRecorder(sd3_pipe, paths=paths) as rec:
         with _SyncCounter() as captured:
             generate(sd3_pipe, "a cat", **kw)
     assert captured.count == plain.count

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -29,6 +29,12 @@ class CaptureResult:
     - ``timesteps`` (S,): the scheduler timestep of each step.
     - ``per_block_token_map`` (B, Bk, Hc, Wc, T) and ``per_step_token_map`` (B, S, Hc, Wc, T): the
       same sum split per block / per step; None unless asked for.
+
+    How the row log-sum-exp was obtained (see :mod:`~attention_map_diffusers.capture.paths`):
+    ``capture_path`` names the path that ran ("flash-lse", "efficient-lse", "cudnn-lse",
+    "sdpa+side-lse" or "chunked"; several joined by ", " if configurations differed within the
+    recording), and ``capture_verdicts`` holds, per configuration, the self-check verdict of every
+    path tried, the one used last (JSON-ready dicts: see ``KernelPaths``).
     """
 
     sum_token_map: np.ndarray
@@ -45,6 +51,8 @@ class CaptureResult:
     batch_size: int  # B (conditional items only)
     cfg: bool  # whether an unconditional half was present (and dropped)
     state_bytes: int = 0  # bytes the persistent on-device capture state held
+    capture_path: str = ""  # the path that gave the row log-sum-exp
+    capture_verdicts: list[dict] = field(default_factory=list)  # the self-checks behind it
 
     @property
     def num_steps(self) -> int:
