@@ -129,7 +129,7 @@ def test_canonical_size_resizes_bilinearly(sd3_pipe, size):
     np.testing.assert_allclose(res.per_block_token_map.sum(1), res.sum_token_map, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["auto", "chunked"])
+@pytest.mark.parametrize("method", ["auto", "side-lse", "chunked"])
 @pytest.mark.parametrize("slg", [False, True])
 def test_image_identical_with_capture(sd35m_pipe, method, slg):
     kw = dict(guidance_scale=4.0, num_inference_steps=3)
@@ -236,7 +236,7 @@ def test_state_is_small_and_as_specified(sd3_pipe):
     assert rec.state_bytes() == expected == res.state_bytes
 
 
-@pytest.mark.parametrize("method", ["auto", "chunked"])
+@pytest.mark.parametrize("method", ["auto", "side-lse", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_pipeline_matches_reference(sd35m_dir, method, dtype):
     from conftest import load_pipeline

@@ -48,7 +48,7 @@ def sdpa_with_lse(query, key, value, scale: Optional[float] = None):
         backend = sdpa_backend(query, key, value, scale)
         if backend in (FLASH, EFFICIENT):
             try:
-                _, out, lse = kernel_with_lse(backend, query, key, value, scale)
+                out, lse = kernel_with_lse(backend, query, key, value, scale)
             except Unavailable:
                 pass
             else:

@@ -72,6 +72,25 @@ def call_aten(name: str, **values):
     return getattr(torch.ops.aten, name)(**kwargs)
 
 
+def kernel_op(backend: int, query) -> str:
+    """The lse-returning aten op behind ``backend`` for these inputs (path a).
+
+    Raises:
+        Unavailable: SDPA picks a backend without such an op (math, ...), or would pad the inputs.
+    """
+    if backend == FLASH and query.device.type == "cpu":
+        return _FLASH_CPU
+    if backend == FLASH:
+        if query.shape[-1] % 8:
+            raise Unavailable(f"SDPA pads head dim {query.shape[-1]} to a multiple of 8 before calling flash")
+        return _FLASH_CUDA
+    if backend == EFFICIENT:
+        return _EFFICIENT_OP
+    if backend == CUDNN:
+        return _CUDNN_OP
+    raise Unavailable(f"SDPA picks the {backend_name(backend)} backend, which returns no lse")
+
+
 def kernel_with_lse(backend: int, query, key, value, scale: Optional[float]):
     """Path (a): the kernel SDPA picks (``backend``), called through its lse-returning op.
 
@@ -81,29 +100,23 @@ def kernel_with_lse(backend: int, query, key, value, scale: Optional[float]):
     Args:
         query, key, value: (B, H, L, D).
     Returns:
-        (op name, out (B, H, L, D), lse as the op returned it).
+        (out (B, H, L, D), lse as the op returned it).
     Raises:
-        Unavailable: SDPA picks a backend without such an op (math, ...), or would pad its inputs.
-        anything the op raises.
+        Unavailable: see :func:`kernel_op`; and anything the op raises.
     """
+    name = kernel_op(backend, query)
     common = dict(query=query, key=key, value=value, dropout_p=0.0, is_causal=False)
-    if backend == FLASH and query.device.type == "cpu":
-        name, res = _FLASH_CPU, call_aten(_FLASH_CPU, **common, attn_mask=None, scale=scale)
-    elif backend == FLASH:
-        if query.shape[-1] % 8:
-            raise Unavailable(f"SDPA pads head dim {query.shape[-1]} to a multiple of 8 before calling flash")
+    if name == _FLASH_CPU:
+        res = call_aten(name, **common, attn_mask=None, scale=scale)
+    elif name == _FLASH_CUDA:
         # SDPA passes the scale it computed from the head dim; so do we
-        scale = default_scale(query.shape[-1], scale)
-        name, res = _FLASH_CUDA, call_aten(_FLASH_CUDA, **common, return_debug_mask=False, scale=scale)
-    elif backend == EFFICIENT:
-        name, res = _EFFICIENT_OP, call_aten(_EFFICIENT_OP, **common, attn_bias=None, compute_log_sumexp=True,
-                                             scale=scale)
-    elif backend == CUDNN:
-        name, res = _CUDNN_OP, call_aten(_CUDNN_OP, **common, attn_bias=None, compute_log_sumexp=True,
-                                         return_debug_mask=False, scale=scale)
+        res = call_aten(name, **common, return_debug_mask=False, scale=default_scale(query.shape[-1], scale))
+    elif name == _EFFICIENT_OP:
+        res = call_aten(name, **common, attn_bias=None, compute_log_sumexp=True, scale=scale)
     else:
-        raise Unavailable(f"SDPA picks the {backend_name(backend)} backend, which returns no lse")
-    return f"aten.{name}", res[0], res[1]
+        res = call_aten(name, **common, attn_bias=None, compute_log_sumexp=True, return_debug_mask=False,
+                        scale=scale)
+    return res[0], res[1]
 
 
 def side_kernels(query) -> list[str]:
@@ -125,7 +138,7 @@ def side_lse(kernel: str, q_img, key, value, scale: Optional[float]):
         kernel: a key of ``SIDE_OPS``.
         q_img: (R, H, N, D) image queries; key, value: (R, H, L, D) all keys and values.
     Returns:
-        (op name, lse as the op returned it).
+        the lse as the op returned it.
     """
     name = SIDE_OPS[kernel]
     common = dict(query=q_img, key=key, value=value, dropout_p=0.0, is_causal=False, scale=scale)
@@ -135,7 +148,7 @@ def side_lse(kernel: str, q_img, key, value, scale: Optional[float]):
         res = call_aten(name, **common, return_debug_mask=False)
     else:
         res = call_aten(name, **common, attn_mask=None)
-    return f"aten.{name}", res[1]
+    return res[1]
 
 
 def lse_rows(lse, batch: int, heads: int, rows: int):

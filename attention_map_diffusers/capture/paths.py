@@ -36,8 +36,10 @@ from .exact import default_scale
 from .kernels import (
     CUDNN,
     KERNEL_PATHS,
+    SIDE_OPS,
     Unavailable,
     backend_name,
+    kernel_op,
     kernel_with_lse,
     lse_rows,
     sdpa_backend,
@@ -219,12 +221,12 @@ class KernelPaths:
         R, H, N, _ = q_img.shape
         try:  # an op we do not control may fail in any way: that is a verdict, not a crash
             if path == SIDE:
-                verdict["kernel"], lse = side_lse(side_kernel, q_img, key, value, call.scale)
-                image_lse = lse_rows(lse, R, H, N)
+                verdict["kernel"] = "aten." + SIDE_OPS[side_kernel]
+                image_lse = lse_rows(side_lse(side_kernel, q_img, key, value, call.scale), R, H, N)
                 out = None
             else:
-                verdict["kernel"], out, lse = kernel_with_lse(call.backend, call.query, call.key, call.value,
-                                                              call.scale)
+                verdict["kernel"] = "aten." + kernel_op(call.backend, call.query)
+                out, lse = kernel_with_lse(call.backend, call.query, call.key, call.value, call.scale)
                 B, _, L, _ = call.query.shape
                 image_lse = lse_rows(lse, B, H, L)[call.first :, :, :N]
         except Unavailable as exc:
@@ -261,9 +263,9 @@ class KernelPaths:
         if path == SIDE:
             q_img, key, value = call.image_inputs()
             R, H, N, _ = q_img.shape
-            _, lse = side_lse(side_kernel, q_img, key, value, call.scale)
+            lse = side_lse(side_kernel, q_img, key, value, call.scale)
             return Attended(call.sdpa(), lse_rows(lse, R, H, N), path, config)
-        _, out, lse = kernel_with_lse(call.backend, call.query, call.key, call.value, call.scale)
+        out, lse = kernel_with_lse(call.backend, call.query, call.key, call.value, call.scale)
         B, H, L, _ = call.query.shape
         return Attended(out, lse_rows(lse, B, H, L)[call.first :, :, : call.n], path, config)
 
@@ -320,7 +322,7 @@ def _label(verdict: dict) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return (text[0] if text else "")[:300]
+    return (text[0] if text else "")[:200]
 
 
 def _max_diff(out, reference) -> str:
