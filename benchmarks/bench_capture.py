@@ -1,28 +1,38 @@
 #!/usr/bin/env python
-"""Capture cost side by side: stock diffusers, our streaming recorder (kernel and fallback paths), and
-the full-matrix approach of attention-map-diffusers, on a random-weight SD3-family pipeline.
+"""Capture cost side by side: stock diffusers, our streaming recorder on each lse path, and the
+full-matrix approach of attention-map-diffusers, on a random-weight SD3-family pipeline.
 
 Each method runs the same pipeline call (text encoders, then a denoising loop of --steps steps with
 classifier-free guidance, i.e. transformer calls with batch 2; latents out, no VAE decode), with the
-same seed. Warm-up first, then the methods interleaved within each repeat; medians and min-max.
+same seed. Each recorder path is first probed (one 1-step call: its self-check runs there, once, on a
+KernelPaths shared by all timed calls; a forced path that fails its check is reported, not timed).
+Warm-up, then the methods interleaved within each repeat; medians, min-max and the ratio to stock.
 
-  (a) stock      diffusers' JointAttnProcessor2_0, nothing recorded
-  (b) capture    StepAverageRecorder (row log-sum-exp from the fused SDPA kernel)
-  (b') fallback  StepAverageRecorder(method="chunked") (log-sum-exp computed on the side)
-  (c) fullmatrix explicit softmax over the whole joint sequence in the pipeline dtype, and every
-                 step x block x head image->text map copied to the host, as attention-map-diffusers
-                 does (reproduced here, in the benchmark, as the baseline)
+  stock       diffusers' JointAttnProcessor2_0, nothing recorded
+  kernel      StepAverageRecorder(method="kernel-lse"): lse from the kernel SDPA picks (path a)
+  side        StepAverageRecorder(method="side-lse"): SDPA, plus a side call for the lse of the
+              image rows (path b)
+  chunked     StepAverageRecorder(method="chunked"): lse computed exactly on the side (path c)
+  fullmatrix  explicit softmax over the whole joint sequence in the pipeline dtype, and every
+              step x block x head image->text map copied to the host, as attention-map-diffusers
+              does (reproduced here, in the benchmark, as the baseline)
 
-    python benchmarks/bench_capture.py --preset cpu-small            # ~1 min on 2 CPU cores
+method="auto" runs whichever of those passes its check first; "capture" in the figures is that path.
+--kernel-report first prints, for the preset's attention shape, what SDPA picks under each backend
+restriction and dtype, and the path and self-check verdicts the capture gets there.
+
+    python benchmarks/bench_capture.py --preset cpu-small            # ~1-2 min on 2 CPU cores
     python benchmarks/bench_capture.py --preset cpu-small-4096       # 4096 image tokens
-    python benchmarks/bench_capture.py --preset sd35-medium --json m.json   # on a GPU
+    python benchmarks/bench_capture.py --preset sd35-medium --kernel-report --json m.json   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import logging
 import os
 import platform
 import sys
@@ -34,11 +44,14 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from attention_map_diffusers import StepAverageRecorder  # noqa: E402
 from attention_map_diffusers.capture.blocks import joint_attention_blocks  # noqa: E402
+from attention_map_diffusers.capture.kernels import backend_name, sdpa_backend  # noqa: E402
+from attention_map_diffusers.capture.paths import KernelPaths  # noqa: E402
 from attention_map_diffusers.models.tiny import TinySD3Config, build_tiny_sd3_pipeline  # noqa: E402
-from timing import interleaved, median, table  # noqa: E402
+from timing import interleaved, median  # noqa: E402
 
 PROMPT = "A rusty bicycle in front of a barn, golden hour, detailed photograph"
 
@@ -191,14 +204,35 @@ def build(preset: Preset):
     return pipe
 
 
-def make_methods(pipe, preset: Preset, info: dict):
-    device = preset.device
+# recorder method per timed path; "capture" is method="auto", timed as the path it takes
+PATHS = {"kernel": "kernel-lse", "side": "side-lse", "chunked": "chunked"}
 
-    def call():
-        g = torch.Generator(device=device).manual_seed(0)
-        return pipe(PROMPT, num_inference_steps=preset.steps, height=preset.size, width=preset.size,
-                    guidance_scale=5.0, max_sequence_length=preset.max_sequence_length, generator=g,
-                    output_type="latent").images
+
+def pipeline_call(pipe, preset: Preset, steps: int):
+    g = torch.Generator(device=preset.device).manual_seed(0)
+    return pipe(PROMPT, num_inference_steps=steps, height=preset.size, width=preset.size, guidance_scale=5.0,
+                max_sequence_length=preset.max_sequence_length, generator=g, output_type="latent").images
+
+
+def probe_paths(pipe, preset: Preset, paths: KernelPaths, names) -> dict:
+    """One 1-step recording per method (its self-check runs here, once): the path it took, or why not."""
+    probes = {}
+    for name in ["capture", *names]:
+        method = "auto" if name == "capture" else PATHS[name]
+        try:
+            with StepAverageRecorder(pipe, method=method, paths=paths) as rec:
+                pipeline_call(pipe, preset, 1)
+        except RuntimeError as exc:  # a forced path that fails its check here
+            probes[name] = {"method": method, "path": None, "available": False, "reason": str(exc)}
+            continue
+        res = rec.result()
+        probes[name] = {"method": method, "path": res.capture_path, "available": True,
+                        "reason": res.capture_verdicts[-1]["reason"]}
+    return probes
+
+
+def make_methods(pipe, preset: Preset, info: dict, paths: KernelPaths, names):
+    device = preset.device
 
     def sync():
         if device.startswith("cuda"):
@@ -215,14 +249,14 @@ def make_methods(pipe, preset: Preset, info: dict):
         return run
 
     def stock():
-        info["latents_stock"] = call()
+        info["latents_stock"] = pipeline_call(pipe, preset, preset.steps)
 
-    def recorder(method):
+    def recorder(name):
         def run():
-            with StepAverageRecorder(pipe, method=method) as rec:
-                info[f"latents_{method}"] = call()
+            with StepAverageRecorder(pipe, method=PATHS[name], paths=paths) as rec:
+                info[f"latents_{name}"] = pipeline_call(pipe, preset, preset.steps)
             res = rec.result()  # includes the one host copy at the end
-            info[f"state_bytes_{method}"] = res.state_bytes
+            info[f"state_bytes_{name}"] = res.state_bytes
         return run
 
     def fullmatrix():
@@ -233,18 +267,94 @@ def make_methods(pipe, preset: Preset, info: dict):
             new[name + ".processor"] = FullMatrixJointProcessor(store)
         pipe.transformer.set_attn_processor(new)
         try:
-            info["latents_fullmatrix"] = call()
+            info["latents_fullmatrix"] = pipeline_call(pipe, preset, preset.steps)
         finally:
             pipe.transformer.set_attn_processor(dict(saved))
         info["fullmatrix_host_bytes"] = sum(t.numel() * t.element_size() for t in store)
         store.clear()
 
-    return {
-        "stock": timed(stock),
-        "capture": timed(recorder("auto")),
-        "fallback": timed(recorder("chunked")),
-        "fullmatrix": timed(fullmatrix),
-    }
+    methods = {"stock": timed(stock)}
+    methods.update({name: timed(recorder(name)) for name in names})
+    methods["fullmatrix"] = timed(fullmatrix)
+    return methods
+
+
+# -- what SDPA picks and which path the capture takes, per backend restriction and dtype --------------------
+
+
+def attention_shape(pipe, preset: Preset) -> tuple[int, int, int, int, int]:
+    """(B, H, N, T, D) of the joint attention calls of this preset (CFG: B = 2)."""
+    cfg = pipe.transformer.config
+    grid = preset.size // (pipe.vae_scale_factor * cfg.patch_size)
+    T = pipe.tokenizer_max_length + preset.max_sequence_length
+    return 2, cfg.num_attention_heads, grid * grid, T, cfg.attention_head_dim
+
+
+def kernel_report(device: str, shape) -> list[dict]:
+    """For each dtype and SDPA backend restriction: SDPA's pick, and the path "auto" takes with its
+    verdicts, on random q / k / v of ``shape`` (B, H, N, T, D); the lse of the second half is used."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, N, T, D = shape
+    restrictions = {"default": None, "flash": SDPBackend.FLASH_ATTENTION,
+                    "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                    "math": SDPBackend.MATH}
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if device.startswith("cuda") else [torch.float32,
+                                                                                                torch.bfloat16]
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for dtype in dtypes:
+        q, k, v = (torch.randn(B, H, N + T, D, device=device, generator=g).to(dtype) for _ in range(3))
+        for name, backend in restrictions.items():
+            row = {"dtype": str(dtype).replace("torch.", ""), "restricted_to": name}
+            ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+            with ctx:
+                row["sdpa_picks"] = backend_name(sdpa_backend(q, k, v, None))
+                paths = KernelPaths()
+                try:
+                    att = paths.attend("auto", q, k, v, None, N, B // 2, lambda: F.scaled_dot_product_attention(q, k, v))
+                except RuntimeError as exc:  # SDPA itself cannot run under this restriction
+                    row.update(path=None, note=str(exc).strip().splitlines()[0][:160], verdicts=[])
+                else:
+                    row.update(path=att.path, verdicts=paths.report())
+                    del att
+            rows.append(row)
+        del q, k, v
+    return rows
+
+
+def print_kernel_report(device: str, shape, rows: list[dict]) -> None:
+    B, H, N, T, D = shape
+    env = os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED")
+    print(f"torch {torch.__version__}, cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}, "
+          f"TORCH_CUDNN_SDPA_DEPRIORITIZED={env if env is not None else '(unset)'}")
+    print(f"kernel report: q/k/v ({B}, {H}, {N + T}, {D}), N={N} image tokens, on {device}")
+    print(f"{'dtype':<10}{'restricted to':<15}{'SDPA picks':<12}path taken by method='auto'")
+    for r in rows:
+        print(f"{r['dtype']:<10}{r['restricted_to']:<15}{r['sdpa_picks']:<12}{r['path'] or '-'}"
+              + (f"   ({r['note']})" if r.get("note") else ""))
+        for v in r["verdicts"]:
+            kernel = (v["kernel"] or "").replace("aten._scaled_dot_product_", "")
+            bits = "" if v["output_bitwise_equal"] is None else f"bitwise={v['output_bitwise_equal']} "
+            err = "" if v["lse_max_rel_err"] is None else f"lse_err={v['lse_max_rel_err']:.2g} "
+            print(f"{'':<12}{'ok  ' if v['ok'] else 'FAIL'} {v['path']:<15}{kernel:<28}{bits}{err}| {v['reason']}")
+
+
+# -- main ---------------------------------------------------------------------------------------------------
+
+
+def results_table(times: dict, paths_of: dict, same: dict) -> str:
+    """Side by side: median, min-max, ratio to stock, path taken, output identical to stock."""
+    base = median(times["stock"])
+    width = max(len(n) for n in times) + 2
+    lines = [f"{'method':<{width}}{'path':<16}{'median s':>10}{'min':>9}{'max':>9}{'n':>4}{'vs stock':>10}"
+             f"  identical"]
+    for name, t in times.items():
+        m = median(t)
+        ident = {True: "yes", False: "NO", None: "-"}[same.get(name)]
+        lines.append(f"{name:<{width}}{paths_of.get(name, '-'):<16}{m:>10.3f}{min(t):>9.3f}{max(t):>9.3f}"
+                     f"{len(t):>4}{m / base:>10.3f}  {ident}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -254,9 +364,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="denoising steps per call (default: the preset's)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default: the preset's)")
     p.add_argument("--size", type=int, default=None, help="image height = width in pixels (default: the preset's)")
-    p.add_argument("--skip-fullmatrix", action="store_true", help="do not run baseline (c) (memory-bound at full size)")
+    p.add_argument("--paths", default=",".join(PATHS), metavar="LIST",
+                   help=f"recorder paths to time, comma-separated from {','.join(PATHS)} (default: all)")
+    p.add_argument("--skip-fullmatrix", action="store_true", help="do not run the full-matrix baseline "
+                   "(memory-bound at full size)")
+    p.add_argument("--kernel-report", action="store_true",
+                   help="first print SDPA's pick and the capture's path and verdicts per backend and dtype")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON to PATH")
     args = p.parse_args(argv)
+    names = [n.strip() for n in args.paths.split(",") if n.strip()]
+    bad = [n for n in names if n not in PATHS]
+    if bad or not names:
+        p.error(f"--paths takes names from {', '.join(PATHS)}, got {args.paths!r}")
     preset = PRESETS[args.preset]
     preset = replace(preset, steps=args.steps or preset.steps, repeats=args.repeats or preset.repeats,
                      size=args.size or preset.size)
@@ -268,11 +387,27 @@ def main(argv=None) -> int:
     dlog.set_verbosity_error()
     torch.manual_seed(0)
     pipe = build(preset)
+    shape = attention_shape(pipe, preset)
+    report = None
+    if args.kernel_report:
+        quiet = logging.getLogger("attention_map_diffusers.capture.paths")
+        level, quiet.level = quiet.level, logging.ERROR  # the report prints every verdict itself
+        try:
+            with torch.no_grad():
+                report = kernel_report(preset.device, shape)
+        finally:
+            quiet.setLevel(level)
+        print_kernel_report(preset.device, shape, report)
+        print()
+
+    paths = KernelPaths()  # shared: each path's self-check runs once, in its probe
     info: dict = {}
-    methods = make_methods(pipe, preset, info)
-    if args.skip_fullmatrix:
-        methods.pop("fullmatrix")
     with torch.no_grad():
+        probes = probe_paths(pipe, preset, paths, names)
+        timed_names = [n for n in names if probes[n]["available"]]
+        methods = make_methods(pipe, preset, info, paths, timed_names)
+        if args.skip_fullmatrix:
+            methods.pop("fullmatrix")
         times = interleaved(methods, preset.repeats, warmup=1)
         peaks = {}
         for name, fn in methods.items():
@@ -281,48 +416,78 @@ def main(argv=None) -> int:
             peaks[name] = pm.peak
 
     cfg = pipe.transformer.config
-    grid = preset.size // (pipe.vae_scale_factor * cfg.patch_size)
-    N, T = grid * grid, pipe.tokenizer_max_length + preset.max_sequence_length
-    same = torch.equal(info["latents_stock"], info["latents_auto"]) and torch.equal(
-        info["latents_stock"], info["latents_chunked"])
+    B, H, N, T, D = shape
     m = {k: median(v) for k, v in times.items()}
+    same = {n: bool(torch.equal(info["latents_stock"], info[f"latents_{n}"])) for n in timed_names}
+    paths_of = {n: probes[n]["path"] for n in timed_names}
+    # method="auto" is timed as the path it takes (the same code, once its check has run)
+    auto_path = probes["capture"]["path"]
+    capture = next((n for n in timed_names if paths_of[n] == auto_path), None)
+
+    def ratio(name):
+        return m[name] / m["stock"] if name in m else None
+
     result = {
         "preset": args.preset,
         "device": torch.cuda.get_device_name() if preset.device == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "TORCH_CUDNN_SDPA_DEPRIORITIZED": os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED"),
         "dtype": str(preset.dtype).replace("torch.", ""),
         "layers": cfg.num_layers, "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
         "dual_attention_layers": len(cfg.dual_attention_layers), "qk_norm": cfg.qk_norm,
         "image_size": preset.size, "image_tokens": N, "text_tokens": T, "steps": preset.steps,
         "repeats": preset.repeats,
         "seconds": times,
-        "ratio_capture_vs_stock": m["capture"] / m["stock"],
-        "ratio_fallback_vs_stock": m["fallback"] / m["stock"],
-        "capture_output_identical_to_stock": bool(same),
-        "capture_state_bytes": info["state_bytes_auto"],
+        "paths": probes,
+        "auto_path": auto_path,
+        "capture_verdicts": paths.report(),
+        "ratio_kernel_vs_stock": ratio("kernel"),
+        "ratio_side_vs_stock": ratio("side"),
+        "ratio_chunked_vs_stock": ratio("chunked"),
+        "ratio_capture_vs_stock": ratio(capture) if capture else None,
+        "ratio_fallback_vs_stock": ratio("chunked"),
+        "output_identical_to_stock": same,
+        "capture_output_identical_to_stock": bool(same) and all(same.values()),
+        "capture_state_bytes": info[f"state_bytes_{timed_names[0]}"] if timed_names else None,
         "peak_memory_bytes": peaks,
         "peak_memory_kind": "cuda max_memory_allocated" if preset.device == "cuda" else "process RSS high-water mark",
     }
+    if report is not None:
+        result["kernel_report"] = report
     if "fullmatrix" in m:
-        result["ratio_fullmatrix_vs_capture"] = m["fullmatrix"] / m["capture"]
+        if capture:
+            result["ratio_fullmatrix_vs_capture"] = m["fullmatrix"] / m[capture]
         result["ratio_fullmatrix_vs_stock"] = m["fullmatrix"] / m["stock"]
         result["fullmatrix_host_bytes"] = info["fullmatrix_host_bytes"]
     result.update(projections())
 
     print(f"{args.preset}: {cfg.num_layers} layers, {cfg.num_attention_heads} heads x {cfg.attention_head_dim}, "
           f"{preset.size}x{preset.size} ({N} image tokens), T={T}, {preset.steps} steps with CFG, "
-          f"{result['dtype']} on {result['device']} ({result['threads']} threads)")
-    print(table(times))
-    print(f"capture / stock    {result['ratio_capture_vs_stock']:.3f}")
-    print(f"fallback / stock   {result['ratio_fallback_vs_stock']:.3f}")
-    if "fullmatrix" in m:
+          f"{result['dtype']} on {result['device']} ({result['threads']} threads), torch {torch.__version__}, "
+          f"TORCH_CUDNN_SDPA_DEPRIORITIZED={result['TORCH_CUDNN_SDPA_DEPRIORITIZED'] or '(unset)'}")
+    print(results_table(times, paths_of, same))
+    for n in names:
+        if not probes[n]["available"]:
+            print(f"{n:<12}not timed: {probes[n]['reason']}")
+    print(f"method='auto' takes {auto_path}" + (f" (= {capture} above)" if capture else " (not timed)"))
+    for n in ["capture", *names]:
+        key = "capture" if n == "capture" else n
+        r = result[f"ratio_{key}_vs_stock"]
+        if r is not None:
+            print(f"{key} / stock".ljust(18) + f"{r:.3f}")
+    if "fullmatrix" in m and capture:
         print(f"fullmatrix / capture {result['ratio_fullmatrix_vs_capture']:.2f}   "
               f"(fullmatrix / stock {result['ratio_fullmatrix_vs_stock']:.2f})")
-    print(f"capture output identical to stock: {same}")
+    print("self-check verdicts: " + "; ".join(
+        f"{v['path']} {'ok' if v['ok'] else 'FAIL'} ({v['reason']})" for v in result["capture_verdicts"]))
+    print(f"capture output identical to stock: {result['capture_output_identical_to_stock']}")
     mib = 1 << 20
-    print(f"capture state here: {result['capture_state_bytes'] / mib:.2f} MiB"
-          + (f"; full-matrix maps kept on the host here: {result['fullmatrix_host_bytes'] / mib:.1f} MiB"
-             if "fullmatrix" in m else ""))
+    if result["capture_state_bytes"] is not None:
+        print(f"capture state here: {result['capture_state_bytes'] / mib:.2f} MiB"
+              + (f"; full-matrix maps kept on the host here: {result['fullmatrix_host_bytes'] / mib:.1f} MiB"
+                 if "fullmatrix" in m else ""))
     print("peak memory above start (" + result["peak_memory_kind"] + "): "
           + ", ".join(f"{k} {v / mib:.0f} MiB" if v is not None else f"{k} n/a" for k, v in peaks.items()))
     pr = projections()

@@ -22,18 +22,27 @@ def test_bench_capture_toy(tmp_path, capsys):
     import bench_capture
 
     out = tmp_path / "capture.json"
-    assert bench_capture.main(["--preset", "toy", "--json", str(out)]) == 0
+    assert bench_capture.main(["--preset", "toy", "--kernel-report", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     for key in ("ratio_capture_vs_stock", "ratio_fallback_vs_stock", "ratio_fullmatrix_vs_capture",
+                "ratio_kernel_vs_stock", "ratio_side_vs_stock", "ratio_chunked_vs_stock",
                 "capture_state_bytes", "capture_state_bytes_sd35_large_1024_50",
                 "fullmatrix_host_bytes_sd35_large_1024_50"):
         assert res[key] > 0, key
     assert res["capture_output_identical_to_stock"] is True
+    assert res["output_identical_to_stock"] == {"kernel": True, "side": True, "chunked": True}
+    assert res["auto_path"] == "flash-lse" and res["ratio_capture_vs_stock"] == res["ratio_kernel_vs_stock"]
+    assert {n: p["path"] for n, p in res["paths"].items() if n != "capture"} == {
+        "kernel": "flash-lse", "side": "sdpa+side-lse", "chunked": "chunked"}
+    assert [v["path"] for v in res["capture_verdicts"]] == ["flash-lse", "sdpa+side-lse", "chunked"]
+    report = {(r["dtype"], r["restricted_to"]): r["path"] for r in res["kernel_report"]}
+    assert report[("float32", "default")] == "flash-lse" and report[("float32", "math")] == "sdpa+side-lse"
     # the computed sizes follow from the shapes: (64*64*333*4 + 2*38*50*333*2 + 50*4) and 50*38*2*38*4096*333*2
     assert res["capture_state_bytes_sd35_large_1024_50"] == 64 * 64 * 333 * 4 + 2 * 38 * 50 * 333 * 2 + 200
     assert res["capture_state_bytes_sd35_large_1024_50"] <= 8 * 2**20
     assert res["fullmatrix_host_bytes_sd35_large_1024_50"] == 50 * 38 * 2 * 38 * 4096 * 333 * 2
-    assert "capture / stock" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "capture / stock" in printed and "side / stock" in printed and "kernel report" in printed
 
 
 def _word_masses(folder):

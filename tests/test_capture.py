@@ -8,6 +8,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from attention_map_diffusers import StepAverageRecorder
+from attention_map_diffusers.capture.paths import KernelPaths
 from attention_map_diffusers.capture.processor import CaptureProcessor
 from reference import ReferenceTap, reference_aggregate
 
@@ -128,7 +129,7 @@ def test_canonical_size_resizes_bilinearly(sd3_pipe, size):
     np.testing.assert_allclose(res.per_block_token_map.sum(1), res.sum_token_map, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["auto", "chunked"])
+@pytest.mark.parametrize("method", ["auto", "side-lse", "chunked"])
 @pytest.mark.parametrize("slg", [False, True])
 def test_image_identical_with_capture(sd35m_pipe, method, slg):
     kw = dict(guidance_scale=4.0, num_inference_steps=3)
@@ -208,11 +209,17 @@ class _SyncCounter(TorchFunctionMode):
 
 
 def test_no_host_synchronisation_in_the_loop(sd3_pipe):
-    """The recorder adds no .item() / .cpu() / .tolist() (or bool / float conversions) to the loop."""
+    """Once its path is checked, the recorder adds no .item() / .cpu() / .tolist() (or bool / float
+    conversions) to the loop; the self-check reads back one number per path checked, once."""
     kw = dict(guidance_scale=4.0, num_inference_steps=3, output_type="latent")
     with _SyncCounter() as plain:
         generate(sd3_pipe, "a cat", **kw)
-    with StepAverageRecorder(sd3_pipe) as rec:
+    paths = KernelPaths()
+    with StepAverageRecorder(sd3_pipe, paths=paths):
+        with _SyncCounter() as checking:
+            generate(sd3_pipe, "a cat", **kw)
+    assert plain.count < checking.count <= plain.count + 2
+    with StepAverageRecorder(sd3_pipe, paths=paths) as rec:
         with _SyncCounter() as captured:
             generate(sd3_pipe, "a cat", **kw)
     assert captured.count == plain.count
@@ -229,7 +236,7 @@ def test_state_is_small_and_as_specified(sd3_pipe):
     assert rec.state_bytes() == expected == res.state_bytes
 
 
-@pytest.mark.parametrize("method", ["auto", "chunked"])
+@pytest.mark.parametrize("method", ["auto", "side-lse", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_pipeline_matches_reference(sd35m_dir, method, dtype):
     from conftest import load_pipeline

@@ -1,8 +1,9 @@
 """CUDA-only checks (skipped without a GPU; run by benchmarks/gpu_check.sh on a GPU machine).
 
-The kernel path must return exactly SDPA's output for every backend SDPA may pick, with an exact
-log-sum-exp where the backend gives one; and the recorder must leave images unchanged on the GPU,
-with model CPU offload too.
+Whatever backend SDPA picks (or is restricted to) and whatever the dtype, every capture path must
+return exactly SDPA's output, and the probabilities from the lse it gives must match a float64
+softmax; a forced path that fails its self-check on this GPU is skipped with its reason (shown by
+``pytest -rs``). The recorder must leave images unchanged on the GPU, with model CPU offload too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from attention_map_diffusers import StepAverageRecorder  # noqa: E402
-from attention_map_diffusers.capture.exact import image_text_probs, image_text_probs_from_keys, sdpa_with_lse  # noqa: E402
+from attention_map_diffusers.capture.exact import image_text_probs, image_text_probs_from_keys  # noqa: E402
+from attention_map_diffusers.capture.paths import METHODS, KernelPaths  # noqa: E402
 from reference import ReferenceTap, reference_aggregate  # noqa: E402
 
 B, H, N, T, D = 2, 24, 1024, 333, 64
@@ -33,9 +35,10 @@ def _backends():
     }
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("backend", ["default", "flash", "efficient", "cudnn", "math"])
-def test_kernel_path_is_sdpa_and_probs_are_exact(backend, dtype):
+def test_every_path_is_sdpa_and_probs_are_exact(backend, dtype, method):
     from torch.nn.attention import sdpa_kernel
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -43,22 +46,35 @@ def test_kernel_path_is_sdpa_and_probs_are_exact(backend, dtype):
     k = (torch.randn(B, H, N + T, D, device="cuda", generator=g) * 1.8).to(dtype)
     v = torch.randn(B, H, N + T, D, device="cuda", generator=g).to(dtype)
     ctx = sdpa_kernel(_backends()[backend]) if backend != "default" else contextlib.nullcontext()
-    try:
-        with ctx:
+    paths = KernelPaths()
+    with ctx:
+        try:
             expected = F.scaled_dot_product_attention(q, k, v)
-            out, lse = sdpa_with_lse(q, k, v)
-    except RuntimeError as exc:  # the backend does not support this dtype / GPU
-        pytest.skip(f"{backend} / {dtype}: {exc}".splitlines()[0])
-    assert torch.equal(out, expected), f"{backend}: output differs from SDPA's"
-    rows = 256  # reference on a subset of image rows (float64 on the GPU)
-    s = torch.matmul(q[:, :, :rows].double(), k.double().transpose(-1, -2)) / D**0.5
+        except RuntimeError as exc:  # SDPA itself has no kernel for this restriction / dtype / GPU
+            pytest.skip(f"SDPA under {backend} / {dtype}: {exc}".splitlines()[0])
+        outs = []
+        for _ in range(2):  # the first call checks, the second runs the chosen path as is
+            try:
+                att = paths.attend(method, q, k, v, None, N, 1, lambda: F.scaled_dot_product_attention(q, k, v))
+            except RuntimeError as exc:  # a forced path that fails its check on this GPU
+                pytest.skip(f"{method} under {backend} / {dtype}: {exc}")
+            outs.append(att)
+    for att in outs:
+        assert torch.equal(att.output, expected), f"{att.path}: output differs from SDPA's"
+    rows = 256  # reference on a subset of image rows of the recorded item (float64 on the GPU)
+    s = torch.matmul(q[1:, :, :rows].double(), k[1:].double().transpose(-1, -2)) / D**0.5
     ref = torch.softmax(s, dim=-1)[..., N:]
     tol = 1e-5 if dtype == torch.float32 else 1e-4
-    if lse is not None:
-        p = image_text_probs(q[:, :, :rows], k[:, :, N:], lse[..., :rows], D**-0.5, mean_heads=False)
-        assert (p.double() - ref).abs().max() <= tol
-    p = image_text_probs_from_keys(q[:, :, :rows], k, D**-0.5, mean_heads=False)
-    assert (p.double() - ref).abs().max() <= tol
+    for att in outs:
+        if att.image_lse is None:
+            assert att.path == "chunked"
+            p = image_text_probs_from_keys(q[1:, :, :rows], k[1:], D**-0.5, mean_heads=False)
+        else:
+            assert att.image_lse.shape == (1, H, N)
+            p = image_text_probs(q[1:, :, :rows], k[1:, :, N:], att.image_lse[..., :rows], D**-0.5, mean_heads=False)
+        assert (p.double() - ref).abs().max() <= tol, f"{att.path}: probabilities off"
+    verdicts = paths.verdicts(outs[0].configuration, method)
+    assert verdicts[-1]["ok"] and verdicts[-1]["path"] == outs[0].path
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +94,20 @@ def _generate(pipe, **kw):
                 output_type="latent", **kw).images
 
 
-@pytest.mark.parametrize("method", ["auto", "chunked"])
+@pytest.mark.parametrize("method", METHODS)
 def test_cuda_image_unchanged_and_maps_exact(cuda_pipe, method):
     plain = _generate(cuda_pipe)
-    with ReferenceTap(cuda_pipe.transformer) as tap:
-        with StepAverageRecorder(cuda_pipe, method=method) as rec:
-            captured = _generate(cuda_pipe)
+    try:
+        with ReferenceTap(cuda_pipe.transformer) as tap:
+            with StepAverageRecorder(cuda_pipe, method=method) as rec:
+                captured = _generate(cuda_pipe)
+    except RuntimeError as exc:
+        if "cannot be used" not in str(exc):
+            raise
+        pytest.skip(str(exc))  # a forced path that fails its check on this GPU
     assert torch.equal(plain, captured)
     res, ref = rec.result(), reference_aggregate(tap, cfg=True)
+    assert res.capture_path and res.capture_verdicts[-1]["ok"]
     assert abs(res.sum_token_map / res.N - ref["sum_token_map"] / ref["N"]).max() <= 1e-4
     assert abs(res.per_block_step_token_max - ref["per_block_step_token_max"]).max() <= 1e-4
 

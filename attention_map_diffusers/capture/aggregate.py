@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -39,6 +39,12 @@ class CaptureResult:
     - ``timesteps`` (S,): the scheduler timestep of each step.
     - ``per_block_token_map`` (B, Bk, Hc, Wc, T) and ``per_step_token_map`` (B, S, Hc, Wc, T): the
       same sum split per block / per step; None unless asked for.
+
+    How the row log-sum-exp was obtained (see :mod:`~attention_map_diffusers.capture.paths`):
+    ``capture_path`` names the path that ran ("flash-lse", "efficient-lse", "cudnn-lse",
+    "sdpa+side-lse" or "chunked"; several joined by ", " if configurations differed within the
+    recording), and ``capture_verdicts`` holds, per configuration, the self-check verdict of every
+    path tried, the one used last (JSON-ready dicts: see ``KernelPaths``).
     """
 
     sum_token_map: np.ndarray
@@ -58,6 +64,8 @@ class CaptureResult:
     # encoder -> [start, end) of its positions on the T axis, from the pipeline (SD3: CLIP then T5);
     # None when a bare transformer was recorded
     text_spans: Optional[dict[str, list[int]]] = None
+    capture_path: str = ""  # the path that gave the row log-sum-exp
+    capture_verdicts: list[dict] = field(default_factory=list)  # the self-checks behind it
 
     @property
     def num_steps(self) -> int:

@@ -21,8 +21,9 @@ import torch
 
 from .blocks import install_capture, joint_attention_blocks, restore_processors
 from .calls import TransformerCalls
+from .paths import KernelPaths
 from .processor import JointAttention
-from .recorder import conditional_probs, resolve_transformer
+from .recorder import recorded_probs, resolve_transformer
 
 #: ``attn_maps[timestep][module_name]`` -> (B_total, heads, h, w, T) float32 CPU tensor. The one piece of
 #: module-level state of this package, kept for upstream compatibility. Clear it between runs.
@@ -38,6 +39,8 @@ class _RawMapSink:
         self.transformer = resolve_transformer(pipe)
         self.names = dict(joint_attention_blocks(self.transformer))
         self.scratch_bytes = scratch_bytes
+        self.paths = KernelPaths()  # checks each configuration once while init_pipeline is in effect
+        self.method = "auto"
         # The whole batch is kept, as upstream did: no CFG split.
         self.calls = TransformerCalls(self.transformer, lambda: False, self._begin)
         self.saved: dict = {}
@@ -53,11 +56,11 @@ class _RawMapSink:
     def wants_capture(self) -> bool:
         return self.calls.recording
 
-    def use_kernel_lse(self) -> bool:
-        return True
+    def first_recorded_item(self, batch_size: int) -> int:
+        return 0
 
     def on_attention(self, block_index: int, att: JointAttention) -> None:
-        probs = conditional_probs(att, False, mean_heads=False, budget_bytes=self.scratch_bytes)
+        probs = recorded_probs(att, mean_heads=False, budget_bytes=self.scratch_bytes)
         B, H, _, T = probs.shape
         h, w = self.grid
         attn_maps.setdefault(self.key, {})[self.names[block_index]] = probs.reshape(B, H, h, w, T).cpu()

@@ -1,10 +1,10 @@
 """Exact image->text attention probabilities without building the joint attention matrix.
 
 For a query row i the softmax over ALL keys (image and text) is ``p_ij = exp(s * q_i.k_j - lse_i)``,
-with ``lse_i`` the row's log-sum-exp. Fused SDPA kernels compute ``lse_i`` anyway; when the kernel
-that ``F.scaled_dot_product_attention`` would pick returns it, we call that kernel directly (same op,
-same arguments, hence the same output) and keep the ``lse``. Otherwise ``image_text_probs_from_keys``
-computes it exactly in float32, in chunks with bounded scratch memory.
+with ``lse_i`` the row's log-sum-exp. Fused SDPA kernels compute ``lse_i`` anyway; :mod:`.paths`
+takes it from the kernel SDPA picks, or from a side call of a fused kernel on the image rows, each
+checked once per configuration, and otherwise ``image_text_probs_from_keys`` computes it exactly in
+float32, in chunks with bounded scratch memory.
 
 The image->text block then needs only ``q_img . k_txt``: an (N x T) product per head, done in
 float32 (bf16 logits would be off by ~13%). TF32 matmuls, where a user enables them, do not change
@@ -21,10 +21,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# torch.nn.attention.SDPBackend values, as returned by torch._fused_sdp_choice.
-_FLASH = 1
-_EFFICIENT = 2
-
 
 def default_scale(head_dim: int, scale: Optional[float]) -> float:
     """SDPA's softmax scale: the given one, else 1/sqrt(D)."""
@@ -34,9 +30,11 @@ def default_scale(head_dim: int, scale: Optional[float]) -> float:
 def sdpa_with_lse(query, key, value, scale: Optional[float] = None):
     """``F.scaled_dot_product_attention(query, key, value, scale=scale)`` and, when available, its lse.
 
-    Runs the fused kernel SDPA itself would select (``torch._fused_sdp_choice``) through the aten op
-    that returns the row log-sum-exp, so the output is the one SDPA returns. Where no such kernel
-    applies (math backend, MPS, cuDNN, padded head dims), runs SDPA itself and returns ``lse=None``.
+    Runs the flash or memory-efficient kernel SDPA itself would select (``torch._fused_sdp_choice``)
+    through the aten op that returns the row log-sum-exp. Unchecked: the recorder goes through
+    :class:`~attention_map_diffusers.capture.paths.KernelPaths`, which verifies the output and the lse
+    once per configuration, and which alone tries cuDNN. Where neither kernel applies (math backend,
+    cuDNN, MPS, padded head dims), runs SDPA itself and returns ``lse=None``.
 
     Args:
         query, key, value: (B, H, L, D).
@@ -44,29 +42,18 @@ def sdpa_with_lse(query, key, value, scale: Optional[float] = None):
         out (B, H, L, D) in the input dtype, and lse (B, H, L) float32 (natural log, scale included)
         or None.
     """
-    device = query.device.type
-    if device in ("cpu", "cuda"):
-        try:
-            backend = int(torch._fused_sdp_choice(query, key, value, None, 0.0, False, scale=scale))
-        except (RuntimeError, TypeError, AttributeError):
-            backend = -1
-        L = query.shape[-2]
-        if device == "cpu" and backend == _FLASH:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, 0.0, False, scale=scale
-            )
-            return out, lse
-        if device == "cuda" and backend == _FLASH and query.shape[-1] % 8 == 0:
-            # SDPA pads D to a multiple of 8 before this op; with D % 8 == 0 it calls it as is.
-            res = torch.ops.aten._scaled_dot_product_flash_attention(
-                query, key, value, 0.0, False, False, scale=scale
-            )
-            return res[0], res[1][..., :L]
-        if device == "cuda" and backend == _EFFICIENT:
-            res = torch.ops.aten._scaled_dot_product_efficient_attention(
-                query, key, value, None, True, 0.0, False, scale=scale
-            )
-            return res[0], res[1][..., :L]  # lse rows may be padded to a multiple of 32
+    from .kernels import EFFICIENT, FLASH, Unavailable, kernel_with_lse, lse_rows, sdpa_backend
+
+    if query.device.type in ("cpu", "cuda"):
+        backend = sdpa_backend(query, key, value, scale)
+        if backend in (FLASH, EFFICIENT):
+            try:
+                out, lse = kernel_with_lse(backend, query, key, value, scale)
+            except Unavailable:
+                pass
+            else:
+                B, H, L, _ = query.shape
+                return out, lse_rows(lse, B, H, L)
     return F.scaled_dot_product_attention(query, key, value, scale=scale), None
 
 

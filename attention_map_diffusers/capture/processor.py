@@ -3,9 +3,10 @@
 ``CaptureProcessor`` wraps whatever processor a ``transformer_blocks.{i}.attn`` module had (normally
 ``JointAttnProcessor2_0``) and runs it unchanged. While it runs, a scoped ``TorchFunctionMode``
 intercepts the single ``F.scaled_dot_product_attention`` call on the joint (image + text) sequence:
-that call is answered by :func:`~attention_map_diffusers.exact.sdpa_with_lse` (the same kernel, so the
-same output) and its query, key and row log-sum-exp are handed to a sink. No forward method is
-copied from diffusers and nothing is patched outside the processor call.
+that call is answered by the sink's :class:`~attention_map_diffusers.capture.paths.KernelPaths`
+(SDPA's own output, bit for bit, on every path) and its query, key and image-row log-sum-exp are
+handed to the sink. No forward method is copied from diffusers and nothing is patched outside the
+processor call.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .exact import default_scale, sdpa_with_lse
+from .exact import default_scale
+from .paths import Attended, Configuration, KernelPaths
 
 logger = logging.getLogger(__name__)
 
@@ -28,43 +30,53 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 @dataclass
 class JointAttention:
-    """What one joint-attention call exposes to a sink.
+    """What one joint-attention call exposes to a sink, for the batch items it records.
 
     Attributes:
-        query: (B, H, N + T, D) joint queries, image tokens first (SD3's order).
-        key: (B, H, N + T, D) joint keys.
-        lse: (B, H, N + T) float32 row log-sum-exp over all keys, or None when the kernel gave none.
+        query: (R, H, N + T, D) joint queries of the R recorded items, image tokens first (SD3's order).
+        key: (R, H, N + T, D) joint keys.
+        image_lse: (R, H, N) float32 log-sum-exp of the image rows over all keys, or None on the
+            "chunked" path (computed later, exactly).
         scale: the softmax scale SDPA used.
         num_image_tokens: N.
+        path: the path that answered the call ("flash-lse", "sdpa+side-lse", "chunked", ...).
+        configuration: the key of that path's verdicts in the sink's ``KernelPaths``.
     """
 
     query: torch.Tensor
     key: torch.Tensor
-    lse: Optional[torch.Tensor]
+    image_lse: Optional[torch.Tensor]
     scale: float
     num_image_tokens: int
+    path: str = "chunked"
+    configuration: Optional[Configuration] = None
 
 
 class AttentionSink(Protocol):
     """Receives the joint attention of the blocks it was installed on."""
 
+    paths: KernelPaths  # answers the joint SDPA call; holds the verdicts
+    method: str  # "auto", "kernel-lse", "side-lse" or "chunked" (see KernelPaths.attend)
+
     def wants_capture(self) -> bool:
         """Whether the current transformer call is to be recorded (False: plain pass-through)."""
 
-    def use_kernel_lse(self) -> bool:
-        """False forces the exact chunked fallback (``sdpa_with_lse`` is not used)."""
+    def first_recorded_item(self, batch_size: int) -> int:
+        """The first batch item recorded: ``batch_size // 2`` when the unconditional half of
+        classifier-free guidance is dropped, else 0."""
 
     def on_attention(self, block_index: int, attention: JointAttention) -> None:
         """Consume one block's joint attention."""
 
 
 class _SdpaTap(TorchFunctionMode):
-    """Answers the joint SDPA call of one processor call and remembers its q, k and lse."""
+    """Answers the joint SDPA call of one processor call and remembers what the sink needs."""
 
-    def __init__(self, seq_len: int, use_kernel_lse: bool):
+    def __init__(self, seq_len: int, num_image_tokens: int, sink: AttentionSink):
         super().__init__()
         self.seq_len = seq_len
-        self.use_kernel_lse = use_kernel_lse
+        self.num_image_tokens = num_image_tokens
+        self.sink = sink
         self.captured: Optional[tuple] = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -81,12 +93,13 @@ class _SdpaTap(TorchFunctionMode):
                 and not bound["enable_gqa"]
             )
             if plain and q.dim() == 4 and q.shape[-2] == self.seq_len and k.shape[-2] == self.seq_len:
-                if self.use_kernel_lse:
-                    out, lse = sdpa_with_lse(q, k, v, bound["scale"])
-                else:
-                    out, lse = func(*args, **kwargs), None
-                self.captured = (q, k, lse, default_scale(q.shape[-1], bound["scale"]))
-                return out
+                first = self.sink.first_recorded_item(q.shape[0])
+                att: Attended = self.sink.paths.attend(
+                    self.sink.method, q, k, v, bound["scale"], self.num_image_tokens, first,
+                    lambda: func(*args, **kwargs),
+                )
+                self.captured = (q[first:], k[first:], att, default_scale(q.shape[-1], bound["scale"]))
+                return att.output
         return func(*args, **kwargs)
 
 
@@ -114,7 +127,7 @@ class CaptureProcessor:
         if encoder_hidden_states is None or not self.sink.wants_capture():
             return self.inner(attn, hidden_states, **kwargs)
         n_img = hidden_states.shape[1]
-        tap = _SdpaTap(n_img + encoder_hidden_states.shape[1], self.sink.use_kernel_lse())
+        tap = _SdpaTap(n_img + encoder_hidden_states.shape[1], n_img, self.sink)
         with tap:
             out = self.inner(attn, hidden_states, **kwargs)
         if tap.captured is None:
@@ -124,8 +137,9 @@ class CaptureProcessor:
                 "image+text sequence, so its attention cannot be captured. Use diffusers' "
                 "JointAttnProcessor2_0 (pipe.transformer.set_attn_processor(JointAttnProcessor2_0()))."
             )
-        q, k, lse, scale = tap.captured
-        self.sink.on_attention(self.block_index, JointAttention(q, k, lse, scale, n_img))
+        q, k, att, scale = tap.captured
+        joint = JointAttention(q, k, att.image_lse, scale, n_img, att.path, att.configuration)
+        self.sink.on_attention(self.block_index, joint)
         return out
 
     def __repr__(self) -> str:

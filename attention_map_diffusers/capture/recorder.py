@@ -4,6 +4,7 @@
         image = pipe(prompt, num_inference_steps=28).images[0]
     res = rec.result()            # CaptureResult: numpy arrays + the facts for metadata
     res.sum_token_map / res.N     # (B, Hc, Wc, T) average image->text map over steps and blocks
+    res.capture_path              # which path gave the row log-sum-exp, e.g. "flash-lse"
 """
 
 from __future__ import annotations
@@ -16,32 +17,28 @@ from .aggregate import CaptureResult, StepAverageAccumulator
 from .blocks import install_capture, joint_attention_blocks, restore_processors
 from .calls import TransformerCalls
 from .exact import image_text_probs, image_text_probs_from_keys
+from .paths import METHODS, KernelPaths
 from .processor import JointAttention
 
-_METHODS = ("auto", "chunked")
-
-
-def conditional_probs(att: JointAttention, cfg: bool, *, mean_heads: bool, budget_bytes: int) -> torch.Tensor:
-    """Image->text probabilities of one joint-attention call (float32).
+def recorded_probs(att: JointAttention, *, mean_heads: bool, budget_bytes: int) -> torch.Tensor:
+    """Image->text probabilities of one joint-attention call's recorded items (float32).
 
     Args:
-        att: the call's joint q, k (and lse when the kernel gave it).
-        cfg: drop the first (unconditional) half of the batch.
+        att: the call's joint q, k of the R recorded items, and the image rows' lse when a path gave it.
     Returns:
-        (B, N, T) head-averaged, or (B, H, N, T) with ``mean_heads=False``.
+        (R, N, T) head-averaged, or (R, H, N, T) with ``mean_heads=False``.
     """
     n = att.num_image_tokens
-    q, k, lse = att.query, att.key, att.lse
-    if cfg:
-        half = q.shape[0] // 2
-        q, k = q[half:], k[half:]
-        lse = None if lse is None else lse[half:]
-    if lse is None:
+    q, k = att.query, att.key
+    if att.image_lse is None:
         return image_text_probs_from_keys(q[:, :, :n], k, att.scale, mean_heads=mean_heads, budget_bytes=budget_bytes)
     return image_text_probs(
-        q[:, :, :n], k[:, :, n:], lse[:, :, :n], att.scale, mean_heads=mean_heads, budget_bytes=budget_bytes
+        q[:, :, :n], k[:, :, n:], att.image_lse, att.scale, mean_heads=mean_heads, budget_bytes=budget_bytes
     )
 
+def path_summary(used: dict) -> str:
+    """The paths in ``used`` (configuration -> path), each once, in order of first use."""
+    return ", ".join(dict.fromkeys(used.values()))
 
 def resolve_transformer(pipe):
     """The SD3 transformer of a pipeline (or the transformer itself)."""
@@ -51,7 +48,6 @@ def resolve_transformer(pipe):
             f"expected a StableDiffusion3Pipeline or an SD3Transformer2DModel, got {type(pipe).__name__}"
         )
     return transformer
-
 
 def text_spans(pipe, num_tokens: int) -> Optional[dict[str, list[int]]]:
     """Where each text encoder's positions lie on the T axis, read from the pipeline.
@@ -68,7 +64,6 @@ def text_spans(pipe, num_tokens: int) -> Optional[dict[str, list[int]]]:
         spans["t5"] = [clip, num_tokens]
     return spans
 
-
 def cfg_source(pipe, cfg):
     """A callable telling whether the current transformer batch has an unconditional half."""
     if cfg != "auto":
@@ -80,7 +75,6 @@ def cfg_source(pipe, cfg):
             "when recording a bare transformer"
         )
     return lambda: pipe.do_classifier_free_guidance
-
 
 class StepAverageRecorder:
     """Records image->text attention of every ``transformer_blocks.{i}.attn`` over a denoising loop.
@@ -106,8 +100,15 @@ class StepAverageRecorder:
         keep_step_maps: also keep ``per_step_token_map`` (B, S, Hc, Wc, T).
         stats_dtype: storage dtype of the per-(block, step) mean / max (float32 or float16; computed
             in float32 either way).
-        method: "auto" takes the row log-sum-exp from the fused SDPA kernel when it returns one;
-            "chunked" always computes it exactly on the side (the fallback path).
+        method: where the row log-sum-exp comes from (see
+            :mod:`~attention_map_diffusers.capture.paths`). "auto": the best path that passes its
+            self-check: the kernel SDPA picks through its lse-returning op, else SDPA plus a side
+            call on the image rows, else the exact chunked fallback. "kernel-lse" / "side-lse" force
+            the first / second (and raise where it fails its check); "chunked" always computes the
+            lse exactly on the side. Images are bit-identical to stock on every path.
+        paths: the :class:`~attention_map_diffusers.capture.paths.KernelPaths` that checks and
+            remembers the paths; default: a new one, so each configuration is checked once per
+            recorder. Share one between recorders to check once per process.
         scratch_bytes: bound on the temporary float32 logits of one chunk of heads / rows.
         cfg: "auto" (ask the pipeline), or True / False.
     """
@@ -121,17 +122,20 @@ class StepAverageRecorder:
         keep_step_maps: bool = False,
         stats_dtype: torch.dtype = torch.float32,
         method: str = "auto",
+        paths: Optional[KernelPaths] = None,
         scratch_bytes: int = 64 << 20,
         cfg="auto",
     ):
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if stats_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"stats_dtype must be torch.float32, float16 or bfloat16, got {stats_dtype}")
         self.pipe = pipe
         self.transformer = resolve_transformer(pipe)
         self.blocks = joint_attention_blocks(self.transformer)
         self.method = method
+        self.paths = paths if paths is not None else KernelPaths()
+        self._used: dict = {}  # configuration -> path, in order of first use
         self.scratch_bytes = int(scratch_bytes)
         self._acc = StepAverageAccumulator(
             len(self.blocks),
@@ -174,8 +178,8 @@ class StepAverageRecorder:
     def wants_capture(self) -> bool:
         return self._calls.recording
 
-    def use_kernel_lse(self) -> bool:
-        return self.method == "auto"
+    def first_recorded_item(self, batch_size: int) -> int:
+        return batch_size // 2 if self._calls.cfg else 0
 
     def _begin_step(self, timestep: torch.Tensor, grid: tuple[int, int], cfg: bool) -> None:
         if self._cfg_seen is not None and cfg != self._cfg_seen:
@@ -191,7 +195,8 @@ class StepAverageRecorder:
                 f"transformer_blocks.{block_index}.attn saw {att.num_image_tokens} image tokens, but the "
                 f"latent patch grid is {h}x{w}"
             )
-        probs = conditional_probs(att, self._calls.cfg, mean_heads=True, budget_bytes=self.scratch_bytes)
+        self._used.setdefault(att.configuration, att.path)
+        probs = recorded_probs(att, mean_heads=True, budget_bytes=self.scratch_bytes)
         B, _, T = probs.shape
         self._acc.add(self._position[block_index], probs.view(B, h, w, T))
 
@@ -221,4 +226,6 @@ class StepAverageRecorder:
             cfg=bool(self._cfg_seen),
             state_bytes=acc.state_bytes(),
             text_spans=text_spans(self.pipe, int(acc.num_tokens)) if self.pipe is not self.transformer else None,
+            capture_path=path_summary(self._used),
+            capture_verdicts=[v for c in self._used for v in self.paths.verdicts(c, self.method)],
         )
