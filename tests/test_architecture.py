@@ -66,9 +66,18 @@ def test_project_scripts_point_at_the_commands(capsys):
 
 @pytest.mark.slow
 def test_pip_install_gives_both_commands(tmp_path):
+    import shutil
+
+    # build from a copy: setuptools writes build/ and *.egg-info into the source folder
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "attention_map_diffusers", src / "attention_map_diffusers",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(src)],
         check=True, capture_output=True,
     )
     env = dict(os.environ, PYTHONPATH=str(target))

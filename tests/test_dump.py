@@ -27,7 +27,7 @@ V2_KEYS = {
     "format_version", "step_order", "timesteps", "text_spans", "tokens_t5", "special_mask_t5",
     "token_offsets_clip", "token_offsets_t5", "truncated", "max_sequence_length", "skip_guidance_layers", "cfg",
     "device", "dtype", "versions", "elapsed_s", "seeds", "num_images_per_prompt", "images", "store_dtype",
-    "random_weights", "num_tokens_clip", "num_tokens_t5",
+    "random_weights", "num_tokens_clip", "num_tokens_t5", "capture_path", "capture_verdicts",
 }
 
 
@@ -69,7 +69,11 @@ def test_run_matches_recorder_and_schema(sd35m_dir, tmp_path, capsys):
     assert meta["prompt"] == [prompt] and meta["negative_prompt"] == "blurry" and meta["seed"] == 5
     assert meta["format_version"] == 2 and meta["step_order"] == "denoising"
     assert meta["T_from_model"] == T == z["sum_token_map"].shape[-1]
-    assert meta["text_spans"] == {"clip": [0, 77], "t5": [77, T]}
+    assert meta["text_spans"] == {"clip": [0, 77], "t5": [77, T]} == res.text_spans
+    # on this CPU the fused flash kernel gives the lse and passes its self-check
+    assert meta["capture_path"] == res.capture_path == "flash-lse"
+    assert meta["capture_verdicts"] and all(v["ok"] for v in meta["capture_verdicts"])
+    assert cap.err.count("attention captured through the flash-lse path") == 1
     assert meta["num_blocks"] == 3 and meta["blocks"] == [f"transformer_blocks.{i}.attn" for i in range(3)]
     assert meta["block_latent_sizes"] == [[16, 16]] * 3 and meta["canonical_size"] == [16, 16]
     assert meta["num_steps"] == 2 and meta["timesteps"] == pytest.approx(z["timesteps"].tolist())

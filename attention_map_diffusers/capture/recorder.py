@@ -20,6 +20,7 @@ from .exact import image_text_probs, image_text_probs_from_keys
 from .paths import METHODS, KernelPaths
 from .processor import JointAttention
 
+
 def recorded_probs(att: JointAttention, *, mean_heads: bool, budget_bytes: int) -> torch.Tensor:
     """Image->text probabilities of one joint-attention call's recorded items (float32).
 
@@ -36,9 +37,11 @@ def recorded_probs(att: JointAttention, *, mean_heads: bool, budget_bytes: int) 
         q[:, :, :n], k[:, :, n:], att.image_lse, att.scale, mean_heads=mean_heads, budget_bytes=budget_bytes
     )
 
+
 def path_summary(used: dict) -> str:
     """The paths in ``used`` (configuration -> path), each once, in order of first use."""
     return ", ".join(dict.fromkeys(used.values()))
+
 
 def resolve_transformer(pipe):
     """The SD3 transformer of a pipeline (or the transformer itself)."""
@@ -48,6 +51,7 @@ def resolve_transformer(pipe):
             f"expected a StableDiffusion3Pipeline or an SD3Transformer2DModel, got {type(pipe).__name__}"
         )
     return transformer
+
 
 def text_spans(pipe, num_tokens: int) -> Optional[dict[str, list[int]]]:
     """Where each text encoder's positions lie on the T axis, read from the pipeline.
@@ -64,6 +68,7 @@ def text_spans(pipe, num_tokens: int) -> Optional[dict[str, list[int]]]:
         spans["t5"] = [clip, num_tokens]
     return spans
 
+
 def cfg_source(pipe, cfg):
     """A callable telling whether the current transformer batch has an unconditional half."""
     if cfg != "auto":
@@ -75,6 +80,7 @@ def cfg_source(pipe, cfg):
             "when recording a bare transformer"
         )
     return lambda: pipe.do_classifier_free_guidance
+
 
 class StepAverageRecorder:
     """Records image->text attention of every ``transformer_blocks.{i}.attn`` over a denoising loop.

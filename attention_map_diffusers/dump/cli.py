@@ -363,9 +363,10 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
         from .run import run_one
         from .writer import WriteError
 
+        paths_said: set[str] = set()
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
-                run_one(pipe, run, settings, placement, folder_of(run))
+                path = run_one(pipe, run, settings, placement, folder_of(run))
             except WriteError as exc:  # a full disk fails every later run too: stop here
                 journal.record(_record(run, "failed", journal.process, str(exc)))
                 message = (f"{exc}; free some space (or fix the permissions) and run the same command again: "
@@ -381,5 +382,9 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
                 tqdm.write(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             journal.record(_record(run, "done", journal.process))
+            if is_main and path not in paths_said:  # once per path: metadata.json has the verdicts
+                paths_said.add(path)
+                tqdm.write(f"note: attention captured through the {path} path (metadata capture_path, "
+                           "capture_verdicts)", file=sys.stderr)
     journal.finish(state)
     return None

@@ -37,9 +37,13 @@ def _tokens(pipe, prompts, settings: RunSettings):
     return clip_len, clip, t5
 
 
-def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir: str) -> None:
+def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir: str) -> str:
     """Generate the images of ``run`` with ``pipe`` under a :class:`StepAverageRecorder` and write
-    its folder ``out_dir`` (npz, metadata.json, images)."""
+    its folder ``out_dir`` (npz, metadata.json, images).
+
+    Returns:
+        the capture path that gave the attention (``CaptureResult.capture_path``).
+    """
     import torch
 
     from ..capture.recorder import StepAverageRecorder
@@ -92,3 +96,4 @@ def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir
     )
     write_run(out_dir, result.arrays(), metadata, images, settings.image_format,
               embed=settings.embed_metadata, store_dtype=settings.store_dtype)
+    return result.capture_path

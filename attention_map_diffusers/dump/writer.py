@@ -96,6 +96,8 @@ def build_metadata(
         "max_sequence_length": int(settings.max_sequence_length),
         "skip_guidance_layers": list(settings.skip_guidance_layers) if settings.skip_guidance_layers else None,
         "cfg": bool(result.cfg),
+        "capture_path": result.capture_path,
+        "capture_verdicts": list(result.capture_verdicts),
         "device": device,
         "dtype": dtype,
         "versions": dict(versions, attention_map_diffusers=__version__),
