@@ -299,27 +299,27 @@ def kernel_report(device: str, shape) -> list[dict]:
     restrictions = {"default": None, "flash": SDPBackend.FLASH_ATTENTION,
                     "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                     "math": SDPBackend.MATH}
-    dtypes = [torch.bfloat16, torch.float16, torch.float32] if device.startswith("cuda") else [torch.float32,
-                                                                                                torch.bfloat16]
+    cuda = device.startswith("cuda")
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if cuda else [torch.float32, torch.bfloat16]
     g = torch.Generator(device=device).manual_seed(0)
+
+    def auto_path(q, k, v) -> dict:
+        paths = KernelPaths()
+        try:
+            att = paths.attend("auto", q, k, v, None, N, B // 2, lambda: F.scaled_dot_product_attention(q, k, v))
+        except RuntimeError as exc:  # SDPA itself cannot run under this restriction
+            return {"path": None, "note": str(exc).strip().splitlines()[0][:160], "verdicts": []}
+        return {"path": att.path, "verdicts": paths.report()}
+
     rows = []
     for dtype in dtypes:
         q, k, v = (torch.randn(B, H, N + T, D, device=device, generator=g).to(dtype) for _ in range(3))
         for name, backend in restrictions.items():
             row = {"dtype": str(dtype).replace("torch.", ""), "restricted_to": name}
-            ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
-            with ctx:
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                 row["sdpa_picks"] = backend_name(sdpa_backend(q, k, v, None))
-                paths = KernelPaths()
-                try:
-                    att = paths.attend("auto", q, k, v, None, N, B // 2, lambda: F.scaled_dot_product_attention(q, k, v))
-                except RuntimeError as exc:  # SDPA itself cannot run under this restriction
-                    row.update(path=None, note=str(exc).strip().splitlines()[0][:160], verdicts=[])
-                else:
-                    row.update(path=att.path, verdicts=paths.report())
-                    del att
+                row.update(auto_path(q, k, v))
             rows.append(row)
-        del q, k, v
     return rows
 
 
@@ -366,8 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None, help="image height = width in pixels (default: the preset's)")
     p.add_argument("--paths", default=",".join(PATHS), metavar="LIST",
                    help=f"recorder paths to time, comma-separated from {','.join(PATHS)} (default: all)")
-    p.add_argument("--skip-fullmatrix", action="store_true", help="do not run the full-matrix baseline "
-                   "(memory-bound at full size)")
+    p.add_argument("--skip-fullmatrix", action="store_true",
+                   help="do not run the full-matrix baseline (memory-bound at full size)")
     p.add_argument("--kernel-report", action="store_true",
                    help="first print SDPA's pick and the capture's path and verdicts per backend and dtype")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON to PATH")
