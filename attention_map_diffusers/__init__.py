@@ -16,6 +16,7 @@ Public names (imported lazily, so that ``analysis`` can be used without importin
 
 - :class:`StepAverageRecorder` / :class:`CaptureResult`: the streaming recorder (context manager).
 - :func:`init_pipeline` / :data:`attn_maps` / :func:`restore_pipeline`: upstream-compatible raw maps.
+- :class:`KernelPaths`: the capture paths and their self-checks, shareable by several recorders.
 - :class:`Dump`: a run in memory (from a folder, or from a ``CaptureResult``), for notebooks.
 """
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # real names for editors and type checkers; at run time they 
     from .analysis.dumpfile import Dump
     from .capture.aggregate import CaptureResult
     from .capture.compat import attn_maps, init_pipeline, restore_pipeline
+    from .capture.paths import KernelPaths
     from .capture.recorder import StepAverageRecorder
 
 _LAZY = {
@@ -39,6 +41,7 @@ _LAZY = {
     "restore_pipeline": "capture.compat",
     "attn_maps": "capture.compat",
     "Dump": "analysis.dumpfile",
+    "KernelPaths": "capture.paths",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

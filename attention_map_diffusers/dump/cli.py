@@ -360,13 +360,16 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
     if todo:
         from tqdm.auto import tqdm
 
+        from ..capture.paths import KernelPaths
         from .run import run_one
+
+        kernel_paths = KernelPaths()  # one self-check per configuration for all runs of this process
         from .writer import WriteError
 
         paths_said: set[str] = set()
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
-                path = run_one(pipe, run, settings, placement, folder_of(run))
+                path = run_one(pipe, run, settings, placement, folder_of(run), kernel_paths)
             except WriteError as exc:  # a full disk fails every later run too: stop here
                 journal.record(_record(run, "failed", journal.process, str(exc)))
                 message = (f"{exc}; free some space (or fix the permissions) and run the same command again: "

@@ -37,9 +37,10 @@ def _tokens(pipe, prompts, settings: RunSettings):
     return clip_len, clip, t5
 
 
-def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir: str) -> str:
+def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir: str, paths=None) -> str:
     """Generate the images of ``run`` with ``pipe`` under a :class:`StepAverageRecorder` and write
-    its folder ``out_dir`` (npz, metadata.json, images).
+    its folder ``out_dir`` (npz, metadata.json, images). ``paths``: a ``KernelPaths`` shared by the
+    runs of one command, so that each configuration's self-check runs once per process.
 
     Returns:
         the capture path that gave the attention (``CaptureResult.capture_path``).
@@ -78,6 +79,7 @@ def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir
         keep_block_maps=settings.save_block_maps,
         keep_step_maps=settings.save_step_maps,
         stats_dtype=torch.float16 if settings.store_dtype == "float16" else torch.float32,
+        paths=paths,
     ) as rec:
         output = pipe(**kwargs)
     result = rec.result()
