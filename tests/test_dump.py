@@ -346,3 +346,16 @@ def test_several_processes_split_the_runs(tmp_path, sd3_dir):
     assert all(r["status"] == "done" for r in rows)
     assert not [f for f in os.listdir(out) if f.startswith(".")], "per-process part files must be cleaned up"
     assert proc.stdout.count("run(s) written") == 1, "only the main process prints the summary"
+
+
+def test_default_size_is_the_models_native_size(sd3_dir, tmp_path, capsys):
+    out = tmp_path / "native"
+    code, cap = run_main(["--model", sd3_dir, "--steps", "1", "--max-sequence-length", "16", "--device", "cpu",
+                          "--out", out], capsys)
+    assert code == 0, cap.err
+    pipe = load_pipeline(sd3_dir)
+    native = pipe.default_sample_size * pipe.vae_scale_factor  # what diffusers itself draws by default
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["image_size"] == [native, native] and native != 1024
+    with Image.open(out / meta["images"][0]) as img:
+        assert img.size == (native, native)

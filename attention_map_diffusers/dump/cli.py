@@ -29,6 +29,8 @@ from .loading import (
     check_model_reference,
     load_pipeline,
     model_geometry,
+    native_max_sequence_length,
+    native_size,
     resolve_placement,
 )
 from .resume import COMPLETE, OTHER, REDO, check_out_kind, existing_run, refuse_other_settings
@@ -39,6 +41,8 @@ PROG = "sd_35_stepavg_dump.py"
 DEFAULT_PROMPT = "A furry cat beneath a table"
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 T5_MAX_LENGTH = 512  # the longest T5 sequence SD3 pipelines accept
+DEFAULT_SIZE = 1024  # the original tool's --height / --width, for models whose native size is unknown
+DEFAULT_T5_LENGTH = 256  # the pipeline's max_sequence_length default
 DEFAULT_SEED = 42
 # what torch.Generator.manual_seed accepts (negative seeds wrap around)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -71,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, nargs="+", action=_Extend, default=[DEFAULT_SEED],
                    help="seed(s), as several values or repeated flags; each seed is one run per prompt batch; "
                    "image j of a prompt uses seed + j")
-    g.add_argument("--height", type=int, default=1024, help="image height in pixels (multiple of 16)")
-    g.add_argument("--width", type=int, default=1024, help="image width in pixels (multiple of 16)")
+    g.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (multiple of 16); default: the model's native size (its "
+                   "transformer's sample_size, e.g. 1024 for SD3.5) when its folder says, else 1024")
+    g.add_argument("--width", type=int, default=None,
+                   help="image width in pixels (multiple of 16); default: as --height")
     g.add_argument("--out", default="out_sd35_stepavg",
                    help="output folder: the run folder itself for one run, else one sub-folder per run")
 
@@ -84,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on MPS, fp32 on CPU), bf16, fp16, fp32")
     m.add_argument("--cpu-offload", action="store_true",
                    help="enable_model_cpu_offload(): keep only the active model on the GPU (less memory)")
-    m.add_argument("--max-sequence-length", type=int, default=256,
-                   help=f"T5 tokens (at most {T5_MAX_LENGTH}); the text length T is 77 + this")
+    m.add_argument("--max-sequence-length", type=int, default=None,
+                   help=f"T5 tokens (at most {T5_MAX_LENGTH}); the text length T is 77 + this; default: the "
+                   "length the model was trained with when its folder records it (toy-shapes), else 256")
     m.add_argument("--skip-guidance-layers", type=int, nargs="+", action=_Extend, default=None, metavar="I",
                    help="skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium); "
                    "its extra transformer call is not recorded")
@@ -162,6 +170,13 @@ def _validate(args) -> tuple[list[str], list[int], RunSettings]:
     """Checks that need no model. Returns the prompts, the seeds and the settings. Raises UserError."""
     _check_text("--model", args.model)
     check_model_reference(args.model)
+    native = native_size(args.model)
+    if args.height is None:
+        args.height = native[0] if native else DEFAULT_SIZE
+    if args.width is None:
+        args.width = native[1] if native else DEFAULT_SIZE
+    if args.max_sequence_length is None:
+        args.max_sequence_length = native_max_sequence_length(args.model) or DEFAULT_T5_LENGTH
 
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--num-images-per-prompt", args.num_images_per_prompt)):

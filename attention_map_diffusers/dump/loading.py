@@ -13,6 +13,7 @@ from typing import Optional
 from ..contract import UserError
 
 TINY_RANDOM = "tiny-random"
+TOY_SHAPES = "toy-shapes"  # trained here by models/toy_shapes/train.py into models/toy_shapes/weights
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
            "fp32": "float32", "float32": "float32"}
@@ -57,9 +58,28 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", *, cpu_offload:
     return Placement(device, dtype)
 
 
+def toy_shapes_path() -> str:
+    """The toy-shapes pipeline folder (written by its training command)."""
+    from ..models.toy_shapes import WEIGHTS_DIR
+
+    return WEIGHTS_DIR
+
+
+def _local_folder(model: str) -> str:
+    """The folder a model reference names (``toy-shapes`` is the committed folder)."""
+    return toy_shapes_path() if model == TOY_SHAPES else os.path.expanduser(model)
+
+
 def check_model_reference(model: str) -> None:
     """Cheap checks before any loading: a folder must exist and be a diffusers pipeline folder."""
     if model == TINY_RANDOM:
+        return
+    if model == TOY_SHAPES:
+        if not os.path.isfile(os.path.join(toy_shapes_path(), "model_index.json")):
+            raise UserError(
+                f"--model {TOY_SHAPES}: its weights are not in {toy_shapes_path()} (not committed yet); train "
+                f"them with `python -m attention_map_diffusers.models.toy_shapes.train --out {toy_shapes_path()}`"
+            )
         return
     path = os.path.expanduser(model)
     if os.path.isdir(path):
@@ -102,15 +122,15 @@ def geometry_from_configs(vae: dict, transformer: dict) -> Geometry:
 
 
 def model_geometry(model: str) -> Optional[Geometry]:
-    """The model's :class:`Geometry` when it can be read without loading weights (``tiny-random``, a
-    local folder, a hub id whose configs are in the local cache); None otherwise."""
+    """The model's :class:`Geometry` when it can be read without loading weights (``tiny-random``,
+    ``toy-shapes``, a local folder, a hub id whose configs are in the local cache); None otherwise."""
     if model == TINY_RANDOM:
         from ..models.tiny import demo_config
 
         cfg = demo_config()
         multiple = 2 ** (len(cfg.vae_block_out_channels) - 1) * cfg.patch_size
         return Geometry(multiple, cfg.pos_embed_max_size * multiple)
-    path = os.path.expanduser(model)
+    path = _local_folder(model)
     try:
         if os.path.isdir(path):
             files = [os.path.join(path, sub, "config.json") for sub in ("vae", "transformer")]
@@ -138,8 +158,39 @@ def _cached_config(model: str, sub: str) -> Optional[str]:
     return found if isinstance(found, str) else None
 
 
+def native_size(model: str) -> Optional[tuple[int, int]]:
+    """(height, width) the model was trained at, when it can be read without loading weights: the
+    transformer's ``sample_size`` (latent patches x patch size) times the VAE's scale factor, as the
+    pipeline's own default. None for ``tiny-random`` (random weights have no native size) and hub ids."""
+    if model == TINY_RANDOM:
+        return None
+    path = _local_folder(model)
+    try:
+        with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as fh:
+            vae = json.load(fh)
+        with open(os.path.join(path, "transformer", "config.json"), encoding="utf-8") as fh:
+            transformer = json.load(fh)
+        side = int(transformer["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (side, side)
+
+
+def native_max_sequence_length(model: str) -> Optional[int]:
+    """The T5 length a model was trained with, when its folder records it (``tokenizer_3``'s
+    ``model_max_length``, as toy-shapes does); None otherwise (SD3's own folders say 512 there,
+    which is the tokenizer's limit, not a training length, so hub ids and tiny-random get None)."""
+    if model != TOY_SHAPES:
+        return None
+    try:
+        with open(os.path.join(toy_shapes_path(), "tokenizer_3", "tokenizer_config.json"), encoding="utf-8") as fh:
+            return int(json.load(fh)["model_max_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_pipeline(model: str, placement: Placement, *, cpu_offload: bool = False, tiny_config=None):
-    """Load ``model`` (hub id, local folder or ``tiny-random``) as a ``StableDiffusion3Pipeline``.
+    """Load ``model`` (hub id, local folder, ``tiny-random`` or ``toy-shapes``) as a ``StableDiffusion3Pipeline``.
 
     Raises:
         UserError: unknown id or folder, gated model without a token, not an SD3 pipeline.
@@ -162,6 +213,8 @@ def load_pipeline(model: str, placement: Placement, *, cpu_offload: bool = False
                 pipe = pipe.to(dtype=dtype)
             finally:
                 dlog.set_verbosity(level)
+    elif model == TOY_SHAPES:
+        pipe = _from_pretrained(StableDiffusion3Pipeline, toy_shapes_path(), dtype)
     else:
         pipe = _from_pretrained(StableDiffusion3Pipeline, model, dtype)
     if cpu_offload:  # resolve_placement(..., cpu_offload=True) refused the CPU

@@ -102,17 +102,20 @@ def read_clip_bpe_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines[1 : 48894 + 1]]  # type: ignore[misc]
 
 
-def build_clip_tokenizer(bpe_path: Optional[str | os.PathLike] = None, model_max_length: int = 77):
+def build_clip_tokenizer(
+    bpe_path: Optional[str | os.PathLike] = None, model_max_length: int = 77, words: Optional[Sequence[str]] = None
+):
     """A ``CLIPTokenizerFast`` built offline.
 
     Args:
         bpe_path: the real CLIP merges file; when given, the tokenizer is SD3's CLIP tokenizer
-            (49408 ids). When None, a small vocabulary learnt from the built-in word list is used.
+            (49408 ids). When None, a small vocabulary learnt from ``words`` is used.
         model_max_length: CLIP's context length (77 for SD3).
+        words: the whole words of the small vocabulary (default: the built-in word list).
     """
     from transformers import CLIPTokenizerFast
 
-    merges = read_clip_bpe_merges(bpe_path) if bpe_path else _learn_merges(corpus_words())
+    merges = read_clip_bpe_merges(bpe_path) if bpe_path else _learn_merges(words or corpus_words())
     vocab = _clip_vocab(merges)
     return CLIPTokenizerFast(
         vocab=vocab,
@@ -125,7 +128,7 @@ def build_clip_tokenizer(bpe_path: Optional[str | os.PathLike] = None, model_max
     )
 
 
-def t5_vocab() -> list[tuple[str, float]]:
+def t5_vocab(words: Optional[Sequence[str]] = None) -> list[tuple[str, float]]:
     """A small SentencePiece-unigram vocabulary in T5's layout (pad, eos, unk first).
 
     Whole words carry the best scores, then common suffixes, then single characters, so known words
@@ -139,7 +142,7 @@ def t5_vocab() -> list[tuple[str, float]]:
             seen.add(piece)
             pieces.append((piece, score))
 
-    for w in corpus_words():
+    for w in words or corpus_words():
         add("▁" + w, -8.0)
         add("▁" + w.capitalize(), -8.5)
     for s in _SUFFIXES:
@@ -153,11 +156,12 @@ def t5_vocab() -> list[tuple[str, float]]:
     return pieces
 
 
-def build_t5_tokenizer():
+def build_t5_tokenizer(words: Optional[Sequence[str]] = None, model_max_length: Optional[int] = None):
     """A ``T5TokenizerFast`` built offline from :func:`t5_vocab` (no extra ids)."""
     from transformers import T5TokenizerFast
 
-    return T5TokenizerFast(vocab=t5_vocab(), extra_ids=0)
+    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return T5TokenizerFast(vocab=t5_vocab(words), extra_ids=0, **kwargs)
 
 
 @dataclass(frozen=True)
