@@ -239,13 +239,13 @@ def test_runs_jsonl_lists_finished_runs_while_running_and_after_ctrl_c(sd3_dir, 
     out = tmp_path / "live"
     seen = []
 
-    def run_one(pipe, run, settings, placement, folder):
+    def run_one(pipe, run, settings, placement, folder, *rest):
         listed = read_runs_jsonl(out / "runs.jsonl") if (out / "runs.jsonl").exists() else []
         seen.append([(r.folder, r.status) for r in listed])
         if run.index == 2:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the third run
             time.sleep(5)
-        real(pipe, run, settings, placement, folder)
+        return real(pipe, run, settings, placement, folder, *rest)
 
     monkeypatch.setattr(run_mod, "run_one", run_one)
     handler = signal.getsignal(signal.SIGINT)

@@ -305,8 +305,9 @@ def main(argv=None) -> int:
 
     with interrupts():
         try:
+            paths_used: list[str] = []  # the capture paths of this process's runs, each once
             code = _execute(args, settings, placement, state, len(runs), todo, need_model, journal,
-                            [folder_of(r) for r in my_runs], folder_of)
+                            [folder_of(r) for r in my_runs], folder_of, paths_used)
         except Interrupted as exc:
             if journal.started:  # before the runs start, runs.jsonl is left as it was
                 journal.flush()
@@ -331,8 +332,9 @@ def main(argv=None) -> int:
             except UserError:
                 pass
         counts = {s: sum(1 for r in listed if r.status == s) for s in RUN_STATUSES}
+        via = f"; attention captured through {', '.join(paths_used)} (metadata capture_path)" if paths_used else ""
         print(f"{counts['done']} run(s) written, {counts['skipped']} skipped (already complete), "
-              f"{counts['failed']} failed; output in {args.out} ({time.perf_counter() - t_start:.1f} s)")
+              f"{counts['failed']} failed; output in {args.out} ({time.perf_counter() - t_start:.1f} s){via}")
         return 1 if counts["failed"] else 0
     return 0
 
@@ -353,7 +355,7 @@ def _tidy(out: str, folders: list[str], is_main: bool) -> None:
         print(f"note: removed {len(set(removed))} temporary file(s) left by an interrupted command", file=sys.stderr)
 
 
-def _execute(args, settings, placement, state, n_runs, todo, need_model, journal, my_folders, folder_of):
+def _execute(args, settings, placement, state, n_runs, todo, need_model, journal, my_folders, folder_of, paths_used):
     """Load the model when needed, tidy up after a killed command, do this process's runs. Returns
     an exit code to return at once, or None when the summary follows."""
     is_main = state is None or state.is_main_process
@@ -381,7 +383,6 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
         kernel_paths = KernelPaths()  # one self-check per configuration for all runs of this process
         from .writer import WriteError
 
-        paths_said: set[str] = set()
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
                 path = run_one(pipe, run, settings, placement, folder_of(run), kernel_paths)
@@ -400,9 +401,7 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
                 tqdm.write(f"error: run {run.index} ({run.folder}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             journal.record(_record(run, "done", journal.process))
-            if is_main and path not in paths_said:  # once per path: metadata.json has the verdicts
-                paths_said.add(path)
-                tqdm.write(f"note: attention captured through the {path} path (metadata capture_path, "
-                           "capture_verdicts)", file=sys.stderr)
+            if path not in paths_used:  # named once, in the closing line; metadata.json has the verdicts
+                paths_used.append(path)
     journal.finish(state)
     return None
