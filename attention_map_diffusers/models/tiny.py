@@ -202,6 +202,48 @@ def demo_config() -> TinySD3Config:
     )
 
 
+def clip_text_encoder(vocab: dict, hidden_size: int, num_layers: int, max_positions: int, *, seed: int):
+    """A random ``CLIPTextModelWithProjection`` (2 heads) for a CLIP tokenizer's ``vocab``, in eval mode."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        projection_dim=hidden_size,
+        max_position_embeddings=max_positions,
+        bos_token_id=vocab[CLIP_BOS],
+        eos_token_id=vocab[CLIP_EOS],
+        pad_token_id=vocab[CLIP_EOS],
+        hidden_act="gelu",
+    )
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def t5_text_encoder(vocab_size: int, d_model: int, num_layers: int, *, seed: int, d_kv: int = 8, num_heads: int = 2):
+    """A random ``T5EncoderModel`` (pad id 0, eos id 1, as :func:`build_t5_tokenizer`), in eval mode."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_ff=2 * d_model,
+        d_kv=d_kv,
+        num_heads=num_heads,
+        num_layers=num_layers,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(cfg).eval()
+
+
 def build_tiny_sd3_pipeline(config: TinySD3Config = TinySD3Config()):
     """A ``StableDiffusion3Pipeline`` with random weights, built in memory (float32, CPU)."""
     import torch
@@ -211,8 +253,6 @@ def build_tiny_sd3_pipeline(config: TinySD3Config = TinySD3Config()):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
     if config.t5_d_model < 2 * config.clip_hidden_size:
         raise ValueError(
             f"t5_d_model ({config.t5_d_model}) must be >= 2 * clip_hidden_size ({config.clip_hidden_size}): "
@@ -222,38 +262,11 @@ def build_tiny_sd3_pipeline(config: TinySD3Config = TinySD3Config()):
     tokenizer_3 = build_t5_tokenizer()
     vocab = tokenizer.get_vocab()
 
-    def clip_encoder(seed: int):
-        torch.manual_seed(seed)
-        cfg = CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=config.clip_hidden_size,
-            intermediate_size=2 * config.clip_hidden_size,
-            num_hidden_layers=config.clip_layers,
-            num_attention_heads=2,
-            projection_dim=config.clip_hidden_size,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=vocab[CLIP_BOS],
-            eos_token_id=vocab[CLIP_EOS],
-            pad_token_id=vocab[CLIP_EOS],
-            hidden_act="gelu",
-        )
-        return CLIPTextModelWithProjection(cfg).eval()
-
-    text_encoder = clip_encoder(config.seed + 1)
-    text_encoder_2 = clip_encoder(config.seed + 2)
-    torch.manual_seed(config.seed + 3)
-    t5_cfg = T5Config(
-        vocab_size=len(tokenizer_3),
-        d_model=config.t5_d_model,
-        d_ff=2 * config.t5_d_model,
-        d_kv=8,
-        num_heads=2,
-        num_layers=config.t5_layers,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    text_encoder_3 = T5EncoderModel(t5_cfg).eval()
+    text_encoder = clip_text_encoder(vocab, config.clip_hidden_size, config.clip_layers, tokenizer.model_max_length,
+                                     seed=config.seed + 1)
+    text_encoder_2 = clip_text_encoder(vocab, config.clip_hidden_size, config.clip_layers, tokenizer.model_max_length,
+                                       seed=config.seed + 2)
+    text_encoder_3 = t5_text_encoder(len(tokenizer_3), config.t5_d_model, config.t5_layers, seed=config.seed + 3)
 
     torch.manual_seed(config.seed + 4)
     transformer = SD3Transformer2DModel(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..tiny import CLIP_BOS, CLIP_EOS, build_clip_tokenizer, build_t5_tokenizer
+from ..tiny import build_clip_tokenizer, build_t5_tokenizer, clip_text_encoder, t5_text_encoder
 from .data import COLORS, CONNECTIVES, SHAPES, SIZE
 
 
@@ -69,44 +69,16 @@ def build_tokenizers(config: ToyShapesConfig):
 def build_text_encoders(config: ToyShapesConfig, tokenizer, tokenizer_3):
     """Random, frozen (text_encoder, text_encoder_2, text_encoder_3)."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     vocab = tokenizer.get_vocab()
 
     def clip(seed: int):
-        torch.manual_seed(seed)
-        cfg = CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=config.clip_hidden_size,
-            intermediate_size=2 * config.clip_hidden_size,
-            num_hidden_layers=config.clip_layers,
-            num_attention_heads=2,
-            projection_dim=config.clip_hidden_size,
-            max_position_embeddings=config.clip_max_length,
-            bos_token_id=vocab[CLIP_BOS],
-            eos_token_id=vocab[CLIP_EOS],
-            pad_token_id=vocab[CLIP_EOS],
-            hidden_act="gelu",
-        )
-        model = CLIPTextModelWithProjection(cfg).eval()
+        model = clip_text_encoder(vocab, config.clip_hidden_size, config.clip_layers, config.clip_max_length, seed=seed)
         with torch.no_grad():
             model.text_projection.weight.zero_()  # a constant pooled embedding: see the module docstring
         return model.requires_grad_(False)
 
-    torch.manual_seed(config.seed + 3)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=config.t5_d_model,
-            d_ff=2 * config.t5_d_model,
-            d_kv=16,
-            num_heads=4,
-            num_layers=config.t5_layers,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    ).eval()
+    t5 = t5_text_encoder(len(tokenizer_3), config.t5_d_model, config.t5_layers, seed=config.seed + 3, d_kv=16, num_heads=4)
     return clip(config.seed + 1), clip(config.seed + 2), t5.requires_grad_(False)
 
 
