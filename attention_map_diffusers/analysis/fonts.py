@@ -24,7 +24,7 @@ PREFERRED = (
 PLACEHOLDER_FONTS = ("Last Resort",)
 
 # matplotlib's warning for a character its fonts lack (one per character and figure)
-_GLYPH_WARNING = r"Glyph \d+ .* missing from font"
+_GLYPH_WARNING = r"Glyph \d+ .* missing from (current )?font"  # matplotlib < 3.8 says "current font"
 
 
 @dataclass(frozen=True)
