@@ -23,7 +23,7 @@ OVERLAY_ALPHA = 0.6
 SHARE_LABEL = "share of the words' attention"
 CURVE_LABEL = "mean attention (share of all text positions)"
 STEP_LABEL = "denoising step (left = first, noisiest)"
-DISPLAY_SIDE = 1024  # images are shown at most this many pixels on a side
+DISPLAY_SIDE = 512  # images are drawn (under the maps) at most this many pixels on a side
 OVERLAY_MIN_SIDE = 384  # overlays are upsampled to at least this many pixels on a side
 # Eight colours that stay distinct (tab10 without its grey and olive)
 LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -106,23 +106,38 @@ def draw_heatmap(ax, heat: np.ndarray, *, title: Optional[str] = None, vmax: Opt
     return im
 
 
-def draw_overlay(ax, image: np.ndarray, heat: np.ndarray, *, title: Optional[str] = None, vmax: Optional[float] = None):
-    """The map upsampled smoothly to the image and drawn over it; returns the map's artist."""
+def overlay_rgb(image: np.ndarray, heat: np.ndarray, vmax: float, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """(h, w, 3) float: the map upsampled bilinearly to the image, coloured and blended over it (numpy, no figure)."""
+    from matplotlib import colormaps
+
     h, w = image.shape[:2]
     scale = max(1.0, OVERLAY_MIN_SIDE / max(h, w))  # small images: upsample the map finer than their pixels
-    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-    ax.imshow(image, interpolation="antialiased", extent=extent)
-    im = ax.imshow(
-        upsample(heat, round(h * scale), round(w * scale)),
-        cmap=HEAT_CMAP,
-        vmin=0.0,
-        vmax=_vmax(heat, vmax),
-        alpha=OVERLAY_ALPHA,
-        interpolation="antialiased",
-        extent=extent,
-    )
+    H, W = round(h * scale), round(w * scale)
+    base = image if (H, W) == (h, w) else np.asarray(Image.fromarray(image).resize((W, H), Image.BILINEAR))
+    col = colormaps[HEAT_CMAP](np.clip(upsample(heat, H, W) / vmax, 0.0, 1.0))[..., :3]
+    return (1.0 - alpha) * (base[..., :3] / 255.0) + alpha * col
+
+
+def draw_overlay(ax, image: np.ndarray, heat: np.ndarray, *, title: Optional[str] = None, vmax: Optional[float] = None):
+    """The map upsampled smoothly to the image and drawn over it; returns a mappable for a colour bar.
+
+    The blend is computed once in numpy and drawn as one image (much faster than two layered images).
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    top = _vmax(heat, vmax)
+    h, w = image.shape[:2]
+    ax.imshow(overlay_rgb(image, heat, top), interpolation="antialiased", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
     _bare(ax, title)
-    return im
+    return ScalarMappable(Normalize(0.0, top), HEAT_CMAP)
+
+
+def manual_layout(fig: Figure, *, top: float = 0.55, bottom: float = 0.15, left: float = 0.15, right: float = 0.1,
+                  wspace: float = 0.3, hspace: float = 0.3) -> None:
+    """Fixed margins in inches (no layout engine: constrained layout costs a full extra draw per figure)."""
+    W, H = fig.get_size_inches()
+    fig.subplots_adjust(left=left / W, right=1 - right / W, top=1 - top / H, bottom=bottom / H, wspace=wspace, hspace=hspace)
 
 
 def scale_note(percentile: float) -> str:
@@ -138,12 +153,13 @@ def heatmap_figure(
     ``vmax`` is the colour scale's top (values above it saturate), ``scale`` says how it was chosen.
     """
     panels = 1 if image is None else 2
-    fig = new_figure(3.3 * panels + 0.9, 3.8, facts=facts)
+    fig = new_figure(3.3 * panels + 1.3, 3.8, layout=None, facts=facts)
     axes = fig.subplots(1, panels, squeeze=False)[0]
+    manual_layout(fig, top=0.6, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.1, right=0.6, wspace=0.08)
     im = draw_heatmap(axes[0], heat, title="attention map", vmax=vmax)
     if image is not None:
         draw_overlay(axes[1], image, heat, title="over the image", vmax=vmax)
-    cbar = fig.colorbar(im, ax=list(axes), fraction=0.046 / panels, pad=0.02, extend="max" if vmax is not None else "neither")
+    cbar = fig.colorbar(im, ax=list(axes), fraction=0.035, pad=0.02, extend="max" if vmax is not None else "neither")
     cbar.set_label(SHARE_LABEL + (f"\n({scale})" if scale else ""), fontsize=8)
     fig.suptitle(title)
     return fig
@@ -161,8 +177,9 @@ def summary_figure(
     cells = len(heats) + show_image
     cols = max(1, min(4, cells))
     rows = max(1, math.ceil(cells / cols))
-    fig = new_figure(3.2 * cols, 3.0 * rows + 0.5, facts=facts)
+    fig = new_figure(3.2 * cols, 3.0 * rows + 0.5, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    manual_layout(fig, top=0.75, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.05, right=0.05, wspace=0.25, hspace=0.22)
     k = 0
     if show_image:
         axes[0].imshow(image, interpolation="antialiased")
@@ -333,8 +350,9 @@ def word_grid_figure(
     m, Bk, S = grids.shape
     cols = max(1, min(4, m))
     rows = max(1, math.ceil(m / cols))
-    fig = new_figure(3.2 * cols + 0.8, 2.6 * rows + 0.6, facts=facts)
+    fig = new_figure(3.2 * cols + 0.8, 2.6 * rows + 0.6, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    manual_layout(fig, top=0.6, bottom=0.5 + (FOOTER_HEIGHT if facts else 0), left=0.55, right=0.2, wspace=0.12, hspace=0.3)
     vmax = float(grids.max(initial=0.0)) or 1.0
     im = None
     for k, ax in enumerate(axes.ravel()):
@@ -483,8 +501,10 @@ def strip_figure(
         maps: (m, K, H, W).
     """
     m, K = maps.shape[:2]
-    fig = new_figure(1.7 * K + 1.6, 1.7 * m + 0.8, facts=facts)
+    side = 1.5  # inches per panel
+    fig = new_figure(K * side * 1.06 + 1.4, m * side * 1.12 + 0.8, layout=None, facts=facts)
     axes = fig.subplots(m, K, squeeze=False)
+    manual_layout(fig, top=0.7, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.35, right=0.15, wspace=0.06, hspace=0.12)
     for r in range(m):
         vmax = vmaxes[r] if vmaxes is not None else None
         im = None

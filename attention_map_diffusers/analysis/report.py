@@ -34,7 +34,7 @@ figcaption{font-size:.85em;color:#555;overflow-wrap:anywhere}
 .grid{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(min(100%,600px),1fr))} .grid figure{margin:0}
 .scroll{max-width:100%;overflow-x:auto}
 table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+th{white-space:nowrap} td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 td img.thumb{width:160px;max-width:30vw;height:auto;border:1px solid #ddd}
 details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider{border:1px solid #ddd;padding:.5em;margin:.6em 0} .slider input[type=range]{width:100%;max-width:600px}
@@ -307,7 +307,7 @@ def run_page(
         head.append(f'<p class="back"><a href="{href(back)}">&larr; all runs</a></p>')
     if random_weights:
         head.append(f'<p class="warn">{_e(_WARNING)}</p>')
-    head += [f'<p class="note">{_e(n)}</p>' for n in notes]
+    head += [f'<p class="note">{_e(n)}</p>' for n in notes if not (random_weights and "random weights" in n)]
     toc: list[tuple[str, str, int]] = []
     body = []
     for it in items:

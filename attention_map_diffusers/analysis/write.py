@@ -18,7 +18,7 @@ from .aggregate_runs import RunSummary, aggregate, group_runs
 from .dumpfile import Dump, format_ranges
 from .options import ENCODER_TITLES, AnalysisOptions
 from .plan import Plan, RunPlan, plan_run
-from .report import EncoderPage, GroupPage, ItemPage, Slider, index_page, run_page
+from .report import EncoderPage, GroupPage, ItemPage, Slider, group_page, index_page, run_page
 from .stats import EncoderResult, step_average
 from .tables import write_group_tables, write_tables
 from .views import (
@@ -337,7 +337,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
             compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options)
             tick()
         if thumbnail is None:
-            thumbnail = next((p.summary for p in pages if p.summary), None) or image_rel
+            thumbnail = image_rel or next((p.summary for p in pages if p.summary), None)
         items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts))
     settings = {
         "encoders": ",".join(options.encoders),
@@ -428,6 +428,15 @@ def write_plan(plan: Plan) -> int:
                 del run
         if plan.multi:
             groups = write_groups(tmp, summaries, options)
+            by_rel: dict[str, list] = {}
+            for g in groups:
+                by_rel.setdefault(g.rel, []).append(g)
+            for rel, pages in by_rel.items():
+                up = "../" * (rel.count("/") + 1)
+                links = [(r, f"{up}{r}/index.html") for r in dict.fromkeys(pages[0].result.runs)]
+                html = group_page(f"Runs of one prompt: {rel.rsplit('/', 1)[-1]}", pages, f"{up}index.html", links,
+                                  "png" if options.tables_only else options.fmt)
+                write_text(os.path.join(tmp, rel, "index.html"), html)
             member_of: dict[str, list[str]] = {}
             for g in groups:
                 for r in g.result.runs:
