@@ -181,7 +181,7 @@ def test_views_written_for_each_encoder(tmp_path):
 
 def test_across_seeds_aggregation(tmp_path):
     root = tmp_path / "out"
-    records, analysed = [], []
+    records = []
     for k, (prompt, seed) in enumerate([(BICYCLE, 1), (BICYCLE, 2), (BICYCLE, 3), ("A furry cat", 1), ("A furry cat", 2), ("A dog", 1)]):
         layout = make_layout([prompt], clip_len=77, t5_len=16)
         folder = f"{k:04d}-s{seed}"

@@ -32,6 +32,6 @@ def test_bench_analysis_small(tmp_path):
     import bench_analysis
 
     out = tmp_path / "analysis.json"
-    assert bench_analysis.main(["--size", "small", "--repeats", "1", "--json", str(out)]) == 0
+    assert bench_analysis.main(["--size", "small", "--repeats", "1", "--modes", "with_plots,tables_only", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["seconds_with_plots"] > 0 and res["seconds_tables_only"] > 0
