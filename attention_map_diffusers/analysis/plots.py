@@ -452,7 +452,7 @@ def clip_vs_t5_figure(
     ax.grid(alpha=0.3)
     ax.set_title("every word: CLIP vs T5 mass (dotted: equal)", fontsize=9)
     if im is not None:
-        cbar = fig.colorbar(im, ax=fig.axes[:-1], fraction=0.04, pad=0.01, location="left")
+        cbar = fig.colorbar(im, ax=fig.axes[:-1], fraction=0.05, pad=0.02, location="right", shrink=0.6)
         cbar.set_label(SHARE_LABEL + " (one scale)", fontsize=8)
     fig.suptitle(title)
     return fig

@@ -35,7 +35,7 @@ figcaption{font-size:.85em;color:#555;overflow-wrap:anywhere}
 .scroll{max-width:100%;overflow-x:auto}
 table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{white-space:nowrap} td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-td img.thumb{width:160px;max-width:30vw;height:auto;border:1px solid #ddd}
+td img.thumb{width:160px;max-width:22vw;height:auto;border:1px solid #ddd} td.nowrap{white-space:nowrap;overflow-wrap:normal}
 details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider{border:1px solid #ddd;padding:.5em;margin:.6em 0} .slider input[type=range]{width:100%;max-width:600px}
 .slider .frames{display:grid;gap:8px;grid-template-columns:repeat(auto-fill,minmax(min(45%,180px),1fr))}
@@ -361,7 +361,7 @@ def group_page(title: str, pages: Sequence[GroupPage], back: str, run_links: Seq
         body.append(f'<h2 id="{r.encoder}">{_e(name)}</h2>')
         strip = gp.rel + "/"
         if gp.curves:
-            body.append(_figure(gp.curves[len(strip):], "curves averaged over blocks: mean &plusmn; std over runs (bands)", fmt))
+            body.append(_figure(gp.curves[len(strip):], "curves averaged over blocks: mean \u00b1 std over runs (bands)", fmt))
         if gp.heatmaps:
             body.append(_figure(gp.heatmaps[len(strip):], "mean heatmap over runs and its per-pixel std", fmt))
         labels = word_labels(r.words)

@@ -377,7 +377,7 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
         if not options.tables_only and res.words:
             labels = word_labels(res.words)
             order = [int(j) for j in np.argsort(-res.mass_mean, kind="stable")[: options.topk]]
-            facts = FigureFacts(prompt=res.prompt, seed=f"{res.n_runs} runs: " + ", ".join(str(s) for s in res.seeds),
+            facts = FigureFacts(prompt=res.prompt, seed=", ".join(str(s) for s in res.seeds) + f" ({res.n_runs} runs)",
                                 model=members[0].model, random_weights=any(m.random_weights for m in members))
             title = ENCODER_TITLES[res.encoder]
             ts = res.timesteps
