@@ -143,6 +143,7 @@ def test_aggregate_matches_numpy_over_runs():
 # --- end to end --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_views_written_for_each_encoder(tmp_path):
     layout = make_layout([BICYCLE], clip_len=77, t5_len=24)
     arrays = random_arrays(layout, num_blocks=3, num_steps=7, grid=(6, 6), seed=5)

@@ -23,6 +23,8 @@ sys.path.insert(0, REPO)
 import analyse_stepavg  # noqa: E402
 from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a browser and two analyses with figures: ~15 s of CPU
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
 REQUIRED = os.environ.get("AMD_REQUIRE_BROWSER") == "1"

@@ -63,8 +63,8 @@ def write_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts
 
     PNGs carry the figure's title and, with ``facts``, the run's facts in their text chunks.
     """
-    # PNG: a fast zlib level (3): about as small as the default (6), written faster.
-    kwargs: dict = {"pil_kwargs": {"compress_level": 3}} if fmt == "png" else {}
+    # PNG: the fastest zlib level (1): ~10 % larger than the default (6), written ~2x faster.
+    kwargs: dict = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
     if fmt == "png":
         meta = facts.png_text() if facts is not None else {}
         title = fig.get_suptitle()
@@ -260,6 +260,8 @@ def curves_figure(
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         if ymax is not None:
             ax.set_ylim(0.0, ymax)
+    for ax in axes[:-1]:
+        ax.set_xlabel("")
     fig.suptitle(title + (f"\n{scale_text}" if scale_text else ""), fontsize=10)
     return fig
 
@@ -291,17 +293,57 @@ def save_curves_per_block(
     axes = [ax for ax in fig.axes if ax.get_lines()]
     fig.draw_without_rendering()  # lay out once (constrained layout), then keep the positions for every block
     fig.set_layout_engine("none")
+    lines = [(ax, j, line) for ax, chunk in zip(axes, chunks) for j, line in zip(chunk, ax.get_lines())]
     try:
+        if fmt == "png":
+            _blit_blocks(fig, curves, lines, titles, paths, dpi, on_saved, facts)
+            return
         for b, path in enumerate(paths):
-            for ax, chunk in zip(axes, chunks):
-                for j, line in zip(chunk, ax.get_lines()):
-                    line.set_ydata(curves[b][:, j])
+            for _, j, line in lines:
+                line.set_ydata(curves[b][:, j])
             fig.suptitle(titles[b] + "\nsame y scale for every block", fontsize=10)
             write_figure(fig, path, fmt, dpi, facts)
             if on_saved is not None:
                 on_saved()
     finally:
         fig.clear()
+
+
+def _blit_blocks(fig: Figure, curves: np.ndarray, lines: list, titles: Sequence[str], paths: Sequence[str], dpi: int,
+                 on_saved: Optional[Callable[[], None]], facts: Optional[FigureFacts]) -> None:
+    """PNGs of one figure whose lines and title change: the rest (axes, ticks, legend, footer) is
+    rendered once and each block only draws its lines and title over a copy (Agg blitting)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    canvas = fig.canvas
+    fig.set_dpi(dpi)
+    title = fig.suptitle(titles[0] + "\nsame y scale for every block", fontsize=10)
+    for _, _, line in lines:
+        line.set_visible(False)
+    title.set_visible(False)
+    canvas.draw()
+    background = canvas.copy_from_bbox(fig.bbox)
+    for _, _, line in lines:
+        line.set_visible(True)
+    title.set_visible(True)
+    for b, path in enumerate(paths):
+        canvas.restore_region(background)
+        for ax, j, line in lines:
+            line.set_ydata(curves[b][:, j])
+            ax.draw_artist(line)
+        title.set_text(titles[b] + "\nsame y scale for every block")
+        fig.draw_artist(title)
+        info = PngInfo()
+        meta = facts.png_text() if facts is not None else {}
+        meta["Title"] = title.get_text()
+        for k, v in meta.items():
+            info.add_itxt(k, v) if any(ord(c) > 255 for c in v) else info.add_text(k, v)
+        rgba = np.asarray(canvas.buffer_rgba())
+        img = Image.fromarray(np.ascontiguousarray(rgba[..., :3]))
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG", compress_level=1, pnginfo=info, dpi=(dpi, dpi))
+        if on_saved is not None:
+            on_saved()
 
 
 def overview_figure(
@@ -566,4 +608,4 @@ def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256) ->
     s = side / max(h, w)
     img = Image.fromarray(rgb).resize((max(1, round(w * s)), max(1, round(h * s))), Image.NEAREST)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=3)
+        img.save(tmp, format="PNG", compress_level=1)
