@@ -179,7 +179,7 @@ def summary_figure(
     rows = max(1, math.ceil(cells / cols))
     fig = new_figure(3.2 * cols, 3.0 * rows + 0.5, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    manual_layout(fig, top=0.75, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.05, right=0.05, wspace=0.25, hspace=0.22)
+    manual_layout(fig, top=0.75, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.05, right=0.5, wspace=0.3, hspace=0.22)
     k = 0
     if show_image:
         axes[0].imshow(image, interpolation="antialiased")

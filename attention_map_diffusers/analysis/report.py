@@ -38,7 +38,7 @@ th{white-space:nowrap} td.num,th.num{text-align:right;font-variant-numeric:tabul
 td img.thumb{width:160px;max-width:22vw;height:auto;border:1px solid #ddd} td.nowrap{white-space:nowrap;overflow-wrap:normal}
 details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider{border:1px solid #ddd;padding:.5em;margin:.6em 0} .slider input[type=range]{width:100%;max-width:600px}
-.slider .frames{display:grid;gap:8px;grid-template-columns:repeat(auto-fill,minmax(min(45%,180px),1fr))}
+.slider .frames{display:grid;gap:8px;grid-template-columns:repeat(auto-fill,minmax(min(45%,250px),1fr))}
 .slider .frames figure{margin:0} .slider output{font-weight:600;margin-left:.5em}
 .links{font-size:.8em;columns:2 14em}
 """
@@ -238,7 +238,7 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
         body = "".join(_figure(p, f"top words at a few {k}s (each row on one colour scale)", fmt) for k, p in page.strips)
         body += "".join(
             _slider(sl, _anchor(base, "slider", sl.kind), f"Move the slider to swap each word's heatmap for its map at that {sl.kind} "
-                    "(each word on one colour scale for all frames).")
+                    "(each word on one colour scale for all frames, inferno from 0 to the value in its caption).")
             for sl in page.sliders
         )
         section("strips", body)

@@ -225,7 +225,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         tick()
         page.strips.append((fr.kind, f"{rel}/{name}"))
         page.sliders.append(Slider(
-            kind=fr.kind, labels=list(fr.labels), words=[labels[j] for j in top8],
+            kind=fr.kind, labels=list(fr.labels), words=[f"{labels[j]} (0 to {vmaxes[r]:.3g})" for r, j in enumerate(top8)],
             frames=[[f"{rel}/{f}" for f in per_word] for per_word in files.frames[fr.kind]],
         ))
 
@@ -414,18 +414,22 @@ def write_plan(plan: Plan) -> int:
         total = sum(r.n_files for r in plan.runs)
         outcomes: dict[str, RunOutcome] = {}
         summaries: list[RunSummary] = []
+        jobs = _jobs(plan)
         with tqdm(total=total, desc="analysing", unit="file", disable=None, file=sys.stderr) as bar:
-            for spec in plan.runs:
-                run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
-                dest = os.path.join(tmp, run.folder) if run.folder else tmp
-                os.makedirs(dest, exist_ok=True)
-                back = "../" * (run.folder.replace("\\", "/").count("/") + 1) + "index.html" if plan.multi and run.folder else None
-                outcome = write_run(dest, run, options, lambda: bar.update(1), back=back)
-                if plan.multi:
-                    outcomes[run.folder] = outcome
-                    summaries.extend(outcome.summaries)
-                    outcome.summaries = []
-                del run
+            if jobs > 1:
+                outcomes = _write_runs_parallel(plan, tmp, jobs, bar)
+            else:
+                for spec in plan.runs:
+                    run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
+                    dest = os.path.join(tmp, run.folder) if run.folder else tmp
+                    os.makedirs(dest, exist_ok=True)
+                    outcomes[run.folder] = write_run(dest, run, options, lambda: bar.update(1), back=_back(plan, run.folder))
+                    del run
+        for spec in plan.runs:  # in the order of runs.jsonl, so that groups are numbered by first appearance
+            outcome = outcomes.get(spec.folder)
+            if plan.multi and outcome is not None:
+                summaries.extend(outcome.summaries)
+                outcome.summaries = []
         if plan.multi:
             groups = write_groups(tmp, summaries, options)
             by_rel: dict[str, list] = {}
@@ -465,6 +469,55 @@ def write_plan(plan: Plan) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return n_files
+
+
+MAX_JOBS = 4  # processes writing runs at once (several runs only)
+
+
+def _jobs(plan: Plan) -> int:
+    """Processes for writing the runs: one per CPU (at most :data:`MAX_JOBS`) when there are several
+    runs, each re-planned from its folder anyway; one for a single run or a --t5-tokenizer (not sent
+    to other processes)."""
+    if not plan.multi or len(plan.runs) < 2 or plan.t5_loader is not None:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_JOBS, cpus, len(plan.runs)))
+
+
+def _back(plan: Plan, folder: Optional[str]) -> Optional[str]:
+    """The link from a run's page back to the index of several runs."""
+    if not plan.multi or not folder:
+        return None
+    return "../" * (folder.replace("\\", "/").count("/") + 1) + "index.html"
+
+
+def _write_one(folder: str, run_dir: str, dest: str, options: AnalysisOptions, back: Optional[str]) -> "RunOutcome":
+    """One run of several, in a worker process: planned again from its folder and written into ``dest``."""
+    run = plan_run(folder, run_dir, options, None)
+    os.makedirs(dest, exist_ok=True)
+    return write_run(dest, run, options, lambda: None, back=back)
+
+
+def _write_runs_parallel(plan: Plan, tmp: str, jobs: int, bar) -> dict:
+    """Write the runs in ``jobs`` processes (spawned: no state of this one is shared); returns folder -> outcome."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    outcomes = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_write_one, spec.folder, spec.run_dir, os.path.join(tmp, spec.folder), plan.options,
+                        _back(plan, spec.folder)): spec
+            for spec in plan.runs
+        }
+        for fut in as_completed(futures):
+            spec = futures[fut]
+            outcomes[spec.folder] = fut.result()  # a worker's UserError / OSError is raised here
+            bar.update(spec.n_files)
+    return outcomes
 
 
 def _replace_folder(tmp: str, out: str) -> None:
