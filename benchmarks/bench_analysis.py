@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Time ``analyse_stepavg.py`` on a synthetic full-size dump, with and without figures.
+"""Time ``analyse_stepavg.py`` on a synthetic full-size dump: every view, tables only, and 8 runs with aggregation.
 
 The dump: B=1, a 64x64 canonical grid, T=333 (77 CLIP + 256 T5 positions), 24 blocks, 50 steps,
 float16 like the dump command's default, with a 1024x1024 image; both encoders, default top-k.
-Each repeat runs both modes (order alternating between repeats) in-process via ``main([...])``
+It also keeps per-step and per-block maps (--save-step-maps --save-block-maps), so that every view
+is drawn (strips and slider frames included). The "8 runs" mode analyses a runs.jsonl of 8 such
+runs (without per-step / per-block maps): 2 prompts x 4 seeds, aggregated per prompt.
+Each repeat runs every mode (order alternating between repeats) in-process via ``main([...])``
 into a temporary folder, after one warm-up of each. Prints medians and min-max.
 
     python benchmarks/bench_analysis.py --repeats 5 --json bench.json
@@ -26,7 +29,8 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
 
 import analyse_stepavg  # noqa: E402
-from synthetic_dump import make_layout, random_arrays, write_dump  # noqa: E402
+import numpy as np  # noqa: E402
+from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  # noqa: E402
 from timing import interleaved, median, table  # noqa: E402
 
 PROMPT = (
@@ -43,11 +47,30 @@ SIZES = {
 }
 
 
-def build_dump(folder: str, size: str = "full") -> None:
+SECOND_PROMPT = "A red fox asleep in the snow under a pine tree, soft morning light, photograph"
+
+
+def build_dump(folder: str, size: str = "full", *, frames: bool = True, prompt: str = PROMPT, seed: int = 0) -> None:
     s = SIZES[size]
-    layout = make_layout([PROMPT], clip_len=77, t5_len=256)
-    arrays = random_arrays(layout, num_blocks=s["num_blocks"], num_steps=s["num_steps"], grid=s["grid"], seed=0)
-    write_dump(folder, layout, arrays, image_size=s["image_size"])
+    layout = make_layout([prompt], clip_len=77, t5_len=256)
+    arrays = random_arrays(layout, num_blocks=s["num_blocks"], num_steps=s["num_steps"], grid=s["grid"], seed=seed)
+    if frames:
+        rng = np.random.default_rng(seed)
+        grid = tuple(s["grid"])
+        arrays["per_step_token_map"] = rng.uniform(0.0, 1.0, (1, s["num_steps"], *grid, layout.T)).astype(np.float16)
+        arrays["per_block_token_map"] = rng.uniform(0.0, 1.0, (1, s["num_blocks"], *grid, layout.T)).astype(np.float16)
+    write_dump(folder, layout, arrays, image_size=s["image_size"], seed=seed)
+
+
+def build_runs(root: str, size: str = "full", n: int = 8) -> None:
+    """``n`` runs of two prompts (n / 2 seeds each) and their runs.jsonl."""
+    records = []
+    for k in range(n):
+        prompt = PROMPT if k % 2 == 0 else SECOND_PROMPT
+        folder = f"{k:04d}-s{k // 2}"
+        build_dump(os.path.join(root, folder), size, frames=False, prompt=prompt, seed=k // 2)
+        records.append({"run": k, "folder": folder, "prompt": [prompt], "seed": k // 2, "status": "done"})
+    write_runs(root, records)
 
 
 def run(dump: str, out: str, extra: list[str]) -> float:
@@ -66,28 +89,38 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each mode (default: 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--size", choices=sorted(SIZES), default="full", help="dump size (default: full)")
+    p.add_argument("--modes", default="with_plots,tables_only,runs8_aggregated",
+                   help="comma-separated modes to time (default: all three)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
-    modes = {"with_plots": [], "tables_only": ["--tables-only"]}
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    p_modes = ["with_plots", "tables_only", "runs8_aggregated"]
     with tempfile.TemporaryDirectory() as tmp:
         dump = os.path.join(tmp, "run")
         build_dump(dump, args.size)
+        runs = os.path.join(tmp, "runs")
+        build_runs(runs, args.size)
         counter = itertools.count()
+        modes = {"with_plots": (dump, []), "tables_only": (dump, ["--tables-only"]), "runs8_aggregated": (runs, [])}
+        modes = {m: modes[m] for m in p_modes if m in args.modes}
 
-        def method(extra):
-            return lambda: run(dump, os.path.join(tmp, f"out-{next(counter)}"), extra)
+        def method(root, extra):
+            return lambda: run(root, os.path.join(tmp, f"out-{next(counter)}"), extra)
 
-        # warm-up: imports, font cache, page cache
-        times = interleaved({m: method(extra) for m, extra in modes.items()}, args.repeats, warmup=1)
+        # warm-up: imports, font cache, page cache (the single-run modes warm up the 8 runs too: same code)
+        single = {m: method(*v) for m, v in modes.items() if m != "runs8_aggregated"}
+        times = interleaved(single, args.repeats, warmup=1) if single else {}
+        if "runs8_aggregated" in modes:
+            times.update(interleaved({"runs8_aggregated": method(*modes["runs8_aggregated"])}, args.repeats,
+                                     warmup=0 if single else 1))
     sz = SIZES[args.size]
     print(f"B=1, {sz['grid'][0]}x{sz['grid'][1]}, T=333, {sz['num_blocks']} blocks, {sz['num_steps']} steps, "
-          "both encoders, top-k 12")
+          "both encoders, top-k 12, every view (per-step and per-block maps kept); 8 runs: 2 prompts x 4 seeds")
     print(table(times))
     if args.json:
         result = {
-            "seconds_with_plots": median(times["with_plots"]),
-            "seconds_tables_only": median(times["tables_only"]),
+            **{f"seconds_{m}": median(t) for m, t in times.items()},
             "runs": times,
             "repeats": args.repeats,
             "size": args.size,

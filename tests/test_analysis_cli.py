@@ -90,16 +90,22 @@ def reference(arrays, positions, item=0, blocks=None, original=False):
     return {"curves": curves, "auc": auc, "mean": curves.mean(axis=1), "mass": mass, "peaks": peaks}
 
 
+def labels(words):
+    """Column names of the wide tables: repeated words (any case) numbered by their position, "a #6"."""
+    low = [w.casefold() for w in words]
+    return [f"{w} #{i}" if low.count(w.casefold()) > 1 else w for i, w in enumerate(words)]
+
+
 def check_tables(folder, ref, words=WORDS, blocks=None):
     blocks = list(range(ref["auc"].shape[0])) if blocks is None else blocks
     for name, key in (("words_auc.csv", "auc"), ("words_stepavg.csv", "mean")):
         header, rows = read_csv(os.path.join(folder, "tables", name))
-        assert header == ["block", *words]
+        assert header == ["block", *labels(words)]
         assert [int(r[0]) for r in rows] == blocks
         np.testing.assert_allclose(np.array([[float(v) for v in r[1:]] for r in rows]), ref[key], rtol=2e-6, atol=1e-9)
     header, rows = read_csv(os.path.join(folder, "tables", "words_summary.csv"))
-    assert header == ["word", "mass", "peak_block", "peak_step"]
-    assert [r[0] for r in rows] == words
+    assert header == ["word", "mass", "peak_block", "peak_step", "word_index"]
+    assert [r[0] for r in rows] == words and [int(r[4]) for r in rows] == list(range(len(words)))
     np.testing.assert_allclose([float(r[1]) for r in rows], ref["mass"], rtol=2e-6)
     assert [(int(r[2]), int(r[3])) for r in rows] == ref["peaks"]
 
@@ -187,7 +193,7 @@ def test_original_format_with_t5_tokenizer(tmp_path):
     for i, words in ((0, WORDS), (1, ["Two", "cats"])):
         for enc in ("clip", "t5"):
             header, _ = read_csv(out / f"item{i}" / enc / "tables" / "words_auc.csv")
-            assert header == ["block", *words]
+            assert header == ["block", *labels(words)]
 
 
 def test_batch_of_two(tmp_path):
@@ -232,6 +238,7 @@ def check_report(page):
     parser = Links()
     parser.feed(page.read_text(encoding="utf-8"))
     base = page.parent
+    parser.refs = [r for r in parser.refs if not r.startswith("#")]  # in-page anchors: test_report_browser.py
     for ref in parser.refs:
         assert not re.match(r"^[a-z]+:", ref) and not ref.startswith("/"), ref
         assert (base / ref).is_file(), ref
@@ -358,7 +365,7 @@ def test_help_explains_every_flag(capsys):
     assert run("--help") == 0
     text = capsys.readouterr().out
     for flag in ("--root", "--out", "--topk", "--phrases", "--weights", "--encoders", "--format", "--dpi", "--blocks",
-                 "--no-overlay", "--tables-only", "--t5-tokenizer"):  # fmt: skip
+                 "--no-overlay", "--tables-only", "--t5-tokenizer", "--vmax-percentile"):  # fmt: skip
         assert flag in text
 
 

@@ -80,7 +80,8 @@ def test_original_tool_dump_without_timesteps_is_read(tmp_path, capsys):
         old = (tmp_path / "old" / "analysis" / "clip" / "tables" / name).read_text()
         assert old == (tmp_path / "new" / "analysis" / "clip" / "tables" / name).read_text()
     summary = (tmp_path / "old" / "analysis" / "clip" / "tables" / "words_summary.csv").read_text().splitlines()
-    assert summary[-1].startswith("barn,") and summary[-1].endswith(",2,0")
+    assert summary[0] == "word,mass,peak_block,peak_step,word_index"
+    assert summary[-1].startswith("barn,") and summary[-1].split(",")[2:4] == ["2", "0"]
 
     # figures and report: steps by index, no invented timesteps
     capsys.readouterr()
@@ -168,10 +169,33 @@ def test_a_run_that_changes_after_planning_does_not_stop_the_others(tmp_path, mo
         return real(folder, run_dir, options, loader)
 
     monkeypatch.setattr(write, "plan_run", flaky)
+    monkeypatch.setattr(write, "_jobs", lambda plan: 1)  # the patch cannot reach worker processes
     assert run("--root", tmp_path, "--tables-only") == 1
     assert "changed on disk" in capsys.readouterr().err
     assert (tmp_path / "analysis" / "0001-b" / "index.html").is_file()
     assert "changed on disk" in (tmp_path / "analysis" / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_run_damaged_after_planning_is_listed_by_parallel_writers(tmp_path, monkeypatch):
+    from attention_map_diffusers.analysis import write
+    from attention_map_diffusers.analysis.options import AnalysisOptions
+    from attention_map_diffusers.analysis.plan import make_plan
+
+    for k, name in enumerate(["0000-a", "0001-b", "0002-c"]):
+        good_run(tmp_path / name, seed=k)
+    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [BICYCLE], "status": "done"}
+                          for k, f in enumerate(["0000-a", "0001-b", "0002-c"])])
+    plan = make_plan(AnalysisOptions(root=str(tmp_path), tables_only=True))
+    (tmp_path / "0001-b" / "stepavg_token_maps_v1.npz").write_bytes(b"not a zip")  # damaged after planning
+    monkeypatch.setattr(write, "_jobs", lambda plan: 2)  # worker processes, whatever this machine's CPUs
+    write.write_plan(plan)
+    problems = {r.folder: r.problem for r in (s.entry for s in plan.runs)}
+    assert problems["0000-a"] is None and problems["0002-c"] is None and "0001-b" in problems["0001-b"]
+    assert (tmp_path / "analysis" / "0000-a" / "index.html").is_file()
+    assert (tmp_path / "analysis" / "0002-c" / "index.html").is_file()
+    assert not (tmp_path / "analysis" / "0001-b").exists()
+    assert "not a zip" in (tmp_path / "analysis" / "index.html").read_text(encoding="utf-8") or \
+        "damaged" in (tmp_path / "analysis" / "index.html").read_text(encoding="utf-8")
 
 
 # --- runs.jsonl missing or stale ---------------------------------------------------------------

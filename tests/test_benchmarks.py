@@ -87,7 +87,7 @@ def test_bench_analysis_small(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_analysis, "run", run)
     out = tmp_path / "analysis.json"
-    assert bench_analysis.main(["--size", "small", "--repeats", "1", "--json", str(out)]) == 0
+    assert bench_analysis.main(["--size", "small", "--repeats", "1", "--modes", "with_plots,tables_only", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
 
     assert sorted(c["mode"] for c in calls) == ["tables_only"] * 2 + ["with_plots"] * 2  # 1 warm-up + 1 timed

@@ -63,7 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--encoders", default="clip,t5", help="text encoders to analyse, comma-separated, from clip,t5 (default: clip,t5)")
     p.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default: png)")
-    p.add_argument("--dpi", type=int, default=100, help="figure resolution in dots per inch (default: 100)")
+    p.add_argument("--dpi", type=int, default=200, help="figure resolution in dots per inch (default: 200)")
+    p.add_argument(
+        "--vmax-percentile",
+        type=float,
+        default=99.0,
+        metavar="P",
+        help="heatmap colour scales run from 0 to the P-th percentile of each map, so that one hot pixel does not "
+        "darken the rest (100: the maximum; default: 99)",
+    )
     p.add_argument(
         "--blocks",
         default=None,
@@ -97,6 +105,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
         overlay=not args.no_overlay,
         tables_only=args.tables_only,
         t5_tokenizer=args.t5_tokenizer,
+        vmax_percentile=args.vmax_percentile,
     )
 
 

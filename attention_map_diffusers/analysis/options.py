@@ -24,11 +24,12 @@ class AnalysisOptions:
     weights: str = "attention"  # how a phrase combines its words: "attention" (by mass) or "uniform"
     encoders: tuple[str, ...] = ENCODERS  # text encoders to analyse, in this order
     fmt: str = "png"  # figure file format
-    dpi: int = 100  # figure resolution
+    dpi: int = 200  # figure resolution: a 1024x1024 image and a 64x64 map stay legible
     block_ranges: Optional[tuple[tuple[int, int], ...]] = None  # blocks to analyse, inclusive (first, last) ranges; None: all
     overlay: bool = True  # draw heatmaps over the generated image
     tables_only: bool = False  # CSV tables and index.html only, no figures
     t5_tokenizer: Optional[str] = None  # for original-tool dumps: a T5 tokenizer folder or id
+    vmax_percentile: float = 99.0  # heatmap colour scales run from 0 to this percentile of the map (100: its maximum)
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -41,6 +42,8 @@ class AnalysisOptions:
                 f"--encoders: {bad[0] if bad else ''!r} is not an encoder; use a comma-separated subset of "
                 + ",".join(ENCODERS)
             )
+        if not 50.0 <= self.vmax_percentile <= 100.0:
+            raise UserError(f"--vmax-percentile must be between 50 and 100, got {self.vmax_percentile:g}")
         if self.weights not in WEIGHT_MODES:
             raise UserError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
         if self.block_ranges is not None and any(a < 0 or a > b for a, b in self.block_ranges):

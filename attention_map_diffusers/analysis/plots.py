@@ -16,34 +16,70 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..atomic import atomic_path
+from .views import MAX_LINES, FigureFacts  # noqa: F401 - FigureFacts is part of this API
 
 HEAT_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
 SHARE_LABEL = "share of the words' attention"
 CURVE_LABEL = "mean attention (share of all text positions)"
-DISPLAY_SIDE = 512  # images are shown at most this many pixels on a side
+STEP_LABEL = "denoising step (left = first, noisiest)"
+DISPLAY_SIDE = 512  # images are drawn (under the maps) at most this many pixels on a side
 OVERLAY_MIN_SIDE = 384  # overlays are upsampled to at least this many pixels on a side
+# Eight colours that stay distinct (tab10 without its grey and olive)
+LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+FOOTER_HEIGHT = 0.22  # inches kept free at the bottom of a figure for its footer
 
 
-def new_figure(width: float, height: float, layout: Optional[str] = None) -> Figure:
-    """A figure of ``width`` x ``height`` inches on its own Agg canvas (no pyplot)."""
-    fig = Figure(figsize=(width, height), layout=layout)
+def new_figure(width: float, height: float, layout: Optional[str] = "constrained", facts: Optional[FigureFacts] = None) -> Figure:
+    """A figure of ``width`` x ``height`` inches on its own Agg canvas (no pyplot), with the run's footer.
+
+    With ``facts``, the footer takes a strip of :data:`FOOTER_HEIGHT` inches at the bottom, kept free
+    by the constrained layout.
+    """
+    fig = Figure(figsize=(width, height + (FOOTER_HEIGHT if facts else 0.0)), layout=layout)
     FigureCanvasAgg(fig)
+    if facts is not None:
+        add_footer(fig, facts)
     return fig
 
 
-def write_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100) -> None:
-    """Write ``fig`` to ``path`` (temp name, then rename); the figure stays usable."""
-    # PNG: a fast zlib level (3): about as small as the default (6), written faster.
-    kwargs = {"pil_kwargs": {"compress_level": 3}} if fmt == "png" else {}
+def add_footer(fig: Figure, facts: FigureFacts) -> None:
+    """The run's facts in small type at the bottom (red when the weights are random); PNG text chunks too."""
+    text = facts.footer()
+    frac = FOOTER_HEIGHT / fig.get_figheight()
+    if text:
+        fig.text(0.005, 0.25 * frac, text, fontsize=6.5, ha="left", va="bottom",
+                 color="#b00000" if facts.random_weights else "#555555", fontweight="bold" if facts.random_weights else None)
+    engine = fig.get_layout_engine()
+    if engine is not None and hasattr(engine, "set"):
+        try:
+            engine.set(rect=(0.0, frac, 1.0, 1.0 - frac))
+        except TypeError:  # tight layout: no rect parameter in set()
+            pass
+
+
+def write_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts: Optional[FigureFacts] = None) -> None:
+    """Write ``fig`` to ``path`` (temp name, then rename); the figure stays usable.
+
+    PNGs carry the figure's title and, with ``facts``, the run's facts in their text chunks.
+    """
+    # PNG: the fastest zlib level (1): ~10 % larger than the default (6), written ~2x faster.
+    kwargs: dict = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
+    if fmt == "png":
+        meta = facts.png_text() if facts is not None else {}
+        title = fig.get_suptitle()
+        if title:
+            meta["Title"] = title
+        if meta:
+            kwargs["metadata"] = meta
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, **kwargs)
 
 
-def save_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100) -> None:
+def save_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts: Optional[FigureFacts] = None) -> None:
     """Write ``fig`` to ``path`` (temp name, then rename) and release its artists."""
     try:
-        write_figure(fig, path, fmt, dpi)
+        write_figure(fig, path, fmt, dpi, facts)
     finally:
         fig.clear()
 
@@ -63,111 +99,170 @@ def upsample(heat: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(img.resize((width, height), Image.BILINEAR), dtype=np.float32)
 
 
-def draw_heatmap(ax, heat: np.ndarray, *, title: Optional[str] = None, vmax: Optional[float] = None):
+def draw_heatmap(ax, heat: np.ndarray, *, title: Optional[str] = None, vmax: Optional[float] = None, cmap: str = HEAT_CMAP):
     """The (Hc, Wc) map on its own grid (one square per cell); returns the image artist."""
-    im = ax.imshow(heat, cmap=HEAT_CMAP, vmin=0.0, vmax=_vmax(heat, vmax), interpolation="nearest")
+    im = ax.imshow(heat, cmap=cmap, vmin=0.0, vmax=_vmax(heat, vmax), interpolation="nearest")
     _bare(ax, title)
     return im
+
+
+def overlay_rgb(image: np.ndarray, heat: np.ndarray, vmax: float, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """(h, w, 3) float: the map upsampled bilinearly to the image, coloured and blended over it (numpy, no figure)."""
+    from matplotlib import colormaps
+
+    h, w = image.shape[:2]
+    scale = max(1.0, OVERLAY_MIN_SIDE / max(h, w))  # small images: upsample the map finer than their pixels
+    H, W = round(h * scale), round(w * scale)
+    base = image if (H, W) == (h, w) else np.asarray(Image.fromarray(image).resize((W, H), Image.BILINEAR))
+    col = colormaps[HEAT_CMAP](np.clip(upsample(heat, H, W) / vmax, 0.0, 1.0))[..., :3]
+    return (1.0 - alpha) * (base[..., :3] / 255.0) + alpha * col
 
 
 def draw_overlay(ax, image: np.ndarray, heat: np.ndarray, *, title: Optional[str] = None, vmax: Optional[float] = None):
-    """The map upsampled smoothly to the image and drawn over it; returns the map's artist."""
+    """The map upsampled smoothly to the image and drawn over it; returns a mappable for a colour bar.
+
+    The blend is computed once in numpy and drawn as one image (much faster than two layered images).
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    top = _vmax(heat, vmax)
     h, w = image.shape[:2]
-    scale = max(1.0, OVERLAY_MIN_SIDE / max(h, w))  # small images: upsample the map finer than their pixels
-    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-    ax.imshow(image, interpolation="antialiased", extent=extent)
-    im = ax.imshow(
-        upsample(heat, round(h * scale), round(w * scale)),
-        cmap=HEAT_CMAP,
-        vmin=0.0,
-        vmax=_vmax(heat, vmax),
-        alpha=OVERLAY_ALPHA,
-        interpolation="antialiased",
-        extent=extent,
-    )
+    ax.imshow(overlay_rgb(image, heat, top), interpolation="antialiased", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
     _bare(ax, title)
-    return im
+    return ScalarMappable(Normalize(0.0, top), HEAT_CMAP)
 
 
-def heatmap_figure(heat: np.ndarray, title: str, image: Optional[np.ndarray] = None) -> Figure:
-    """One map: the grid alone, and beside it the map over the image when one is given, with a colour bar."""
+def manual_layout(fig: Figure, *, top: float = 0.55, bottom: float = 0.15, left: float = 0.15, right: float = 0.1,
+                  wspace: float = 0.3, hspace: float = 0.3) -> None:
+    """Fixed margins in inches (no layout engine: constrained layout costs a full extra draw per figure)."""
+    W, H = fig.get_size_inches()
+    fig.subplots_adjust(left=left / W, right=1 - right / W, top=1 - top / H, bottom=bottom / H, wspace=wspace, hspace=hspace)
+
+
+def scale_note(percentile: float) -> str:
+    return "colour scale: 0 to the maximum" if percentile >= 100 else f"colour scale: 0 to the {percentile:g}th percentile"
+
+
+def heatmap_figure(
+    heat: np.ndarray, title: str, image: Optional[np.ndarray] = None, *, vmax: Optional[float] = None,
+    scale: str = "", facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """One map: the grid alone, and beside it the map over the image when one is given, with a colour bar.
+
+    ``vmax`` is the colour scale's top (values above it saturate), ``scale`` says how it was chosen.
+    """
     panels = 1 if image is None else 2
-    fig = new_figure(3.3 * panels + 0.7, 3.6)
+    fig = new_figure(3.3 * panels + 1.3, 3.8, layout=None, facts=facts)
     axes = fig.subplots(1, panels, squeeze=False)[0]
-    im = draw_heatmap(axes[0], heat, title="attention map")
+    manual_layout(fig, top=0.6, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.1, right=0.6, wspace=0.08)
+    im = draw_heatmap(axes[0], heat, title="attention map", vmax=vmax)
     if image is not None:
-        draw_overlay(axes[1], image, heat, title="over the image")
-    cbar = fig.colorbar(im, ax=list(axes), fraction=0.046 / panels, pad=0.03)
-    cbar.set_label(SHARE_LABEL)
+        draw_overlay(axes[1], image, heat, title="over the image", vmax=vmax)
+    cbar = fig.colorbar(im, ax=list(axes), fraction=0.035, pad=0.02, extend="max" if vmax is not None else "neither")
+    cbar.set_label(SHARE_LABEL + (f"\n({scale})" if scale else ""), fontsize=8)
     fig.suptitle(title)
     return fig
 
 
 def summary_figure(
-    image: Optional[np.ndarray], heats: Sequence[np.ndarray], titles: Sequence[str], *, overlay: bool = True, title: str = ""
+    image: Optional[np.ndarray], heats: Sequence[np.ndarray], titles: Sequence[str], *, overlay: bool = True, title: str = "",
+    vmaxes: Optional[Sequence[float]] = None, facts: Optional[FigureFacts] = None,
 ) -> Figure:
-    """The image, then one panel per map (over the image when ``overlay``), in one grid."""
-    cells = len(heats) + (image is not None)
-    cols = max(1, min(5, cells))
+    """One panel per map (over ``image`` when ``overlay``), each with its colour bar, in one grid.
+
+    Without ``overlay`` the image gets a panel of its own first. ``vmaxes``: each map's colour scale top.
+    """
+    show_image = image is not None and not overlay
+    cells = len(heats) + show_image
+    cols = max(1, min(4, cells))
     rows = max(1, math.ceil(cells / cols))
-    fig = new_figure(2.6 * cols, 2.8 * rows + 0.4)
+    fig = new_figure(3.2 * cols, 3.0 * rows + 0.5, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    manual_layout(fig, top=0.75, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.05, right=0.5, wspace=0.3, hspace=0.22)
     k = 0
-    if image is not None:
+    if show_image:
         axes[0].imshow(image, interpolation="antialiased")
         _bare(axes[0], "generated image")
         k = 1
-    for heat, name in zip(heats, titles):
+    for m, (heat, name) in enumerate(zip(heats, titles)):
+        vmax = vmaxes[m] if vmaxes is not None else None
         if image is not None and overlay:
-            draw_overlay(axes[k], image, heat, title=name)
+            im = draw_overlay(axes[k], image, heat, title=name, vmax=vmax)
         else:
-            draw_heatmap(axes[k], heat, title=name)
+            im = draw_heatmap(axes[k], heat, title=name, vmax=vmax)
+        cbar = fig.colorbar(im, ax=axes[k], fraction=0.046, pad=0.02, extend="max" if vmax is not None else "neither")
+        cbar.ax.tick_params(labelsize=7)
         k += 1
     for ax in axes[k:]:
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
-def step_axis(ax, S: int, timesteps: Optional[np.ndarray], max_ticks: int = 8) -> None:
-    """x axis of ``S`` steps in denoising order: ticks at steps, labelled ``step`` over ``t=timestep``
-    (the step alone when the dump has no timesteps)."""
+def step_axis(ax, timesteps: Optional[np.ndarray], max_ticks: int = 8, label: str = STEP_LABEL, S: Optional[int] = None) -> None:
+    """x axis in denoising order: ticks at steps, labelled ``step`` over ``t=timestep`` when timesteps are known."""
+    S = len(timesteps) if timesteps is not None else int(S or 0)
     stride = max(1, math.ceil(S / max_ticks))
     ticks = list(range(0, S, stride))
     ax.set_xticks(ticks)
-    if timesteps is None:
-        ax.set_xticklabels([str(i) for i in ticks], fontsize=8)
-        ax.set_xlabel("denoising step (left = first, noisiest)")
+    if timesteps is not None and len(timesteps):
+        ax.set_xticklabels([f"{i}\nt={timesteps[i]:.0f}" for i in ticks], fontsize=7)
+        label = label + " / timestep t"
     else:
-        ax.set_xticklabels([f"{i}\nt={timesteps[i]:.0f}" for i in ticks], fontsize=8)
-        ax.set_xlabel("denoising step (left = first, noisiest) / scheduler timestep")
+        ax.set_xticklabels([str(i) for i in ticks], fontsize=7)
     ax.set_xlim(-0.5, S - 0.5)
+    ax.set_xlabel(label, fontsize=8)
 
 
-def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray]) -> None:
-    """(S, m) curves, one line per label, against the denoising step."""
+def line_chunks(m: int, per_axis: int = MAX_LINES) -> list[range]:
+    """Lines 0..m-1 in chunks of at most ``per_axis`` (one axis each)."""
+    return [range(a, min(m, a + per_axis)) for a in range(0, max(m, 1), per_axis)]
+
+
+def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], *, spread: Optional[np.ndarray] = None, S: Optional[int] = None) -> list:
+    """(S, m) curves, one solid line per label (m <= 8: distinct colours), against the denoising step.
+
+    ``spread``: (S, m) drawn as a band of +-spread around each line (e.g. the std over seeds).
+    """
     x = np.arange(curves.shape[0])
-    cmap = _palette(len(labels))
+    lines = []
     for j, label in enumerate(labels):
-        style = "-" if j < 10 else "--"
-        ax.plot(x, curves[:, j], style, color=cmap[j], lw=1.6, marker="o" if len(x) == 1 else None, label=label)
-    step_axis(ax, curves.shape[0], timesteps)
-    ax.set_ylabel(CURVE_LABEL)
+        colour = LINE_COLOURS[j % len(LINE_COLOURS)]
+        (line,) = ax.plot(x, curves[:, j], "-", color=colour, lw=1.6, marker="o" if len(x) < 3 else None, ms=3, label=label)
+        lines.append(line)
+        if spread is not None:
+            ax.fill_between(x, curves[:, j] - spread[:, j], curves[:, j] + spread[:, j], color=colour, alpha=0.2, lw=0)
+    step_axis(ax, timesteps, S=S if timesteps is None else None)
+    ax.set_ylabel(CURVE_LABEL, fontsize=8)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
+    return lines
 
 
-def curves_figure(curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], title: str) -> Figure:
-    """(S, m) curves with a legend outside the axes."""
-    fig = new_figure(8.0, 4.2)
-    ax = fig.subplots()
-    draw_curves(ax, curves, labels, timesteps)
-    ax.set_title(title)
-    if labels:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
+def curves_figure(
+    curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], title: str, *, ymax: Optional[float] = None,
+    spread: Optional[np.ndarray] = None, scale_text: str = "", facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """(S, m) curves, at most :data:`MAX_LINES` per axis (further lines on further axes below), legends outside.
+
+    ``ymax``: a y scale shared with other figures (stated by ``scale_text``).
+    """
+    chunks = line_chunks(len(labels))
+    fig = new_figure(8.5, 3.4 * len(chunks) + 0.4, facts=facts)
+    axes = fig.subplots(len(chunks), 1, squeeze=False, sharex=True, sharey=True)[:, 0]
+    for ax, chunk in zip(axes, chunks):
+        sub = list(chunk)
+        draw_curves(ax, curves[:, sub], [labels[j] for j in sub], timesteps,
+                    spread=None if spread is None else spread[:, sub], S=curves.shape[0])
+        if sub and labels:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        if ymax is not None:
+            ax.set_ylim(0.0, ymax)
+    for ax in axes[:-1]:
+        ax.set_xlabel("")
+    fig.suptitle(title + (f"\n{scale_text}" if scale_text else ""), fontsize=10)
     return fig
 
 
@@ -180,36 +275,80 @@ def save_curves_per_block(
     fmt: str = "png",
     dpi: int = 100,
     on_saved: Optional[Callable[[], None]] = None,
+    facts: Optional[FigureFacts] = None,
 ) -> None:
     """One curves figure per block, drawn once and updated per block (much faster than a figure each).
+
+    Every block's figure has the same y scale (0 to the largest value of any block), so that flipping
+    through blocks compares like with like.
 
     Args:
         curves: (Bk, S, m); block b's figure shows ``curves[b]``, titled ``titles[b]``, saved to ``paths[b]``.
     """
-    fig = curves_figure(curves[0], labels, timesteps, titles[0])
-    ax = fig.axes[0]
-    lines = ax.get_lines()
+    top = float(np.max(curves, initial=0.0))
+    ymax = top * 1.05 if top > 0 else 1.0
+    fig = curves_figure(curves[0], labels, timesteps, titles[0], ymax=ymax,
+                        scale_text="same y scale for every block", facts=facts)
+    chunks = line_chunks(len(labels))
+    axes = [ax for ax in fig.axes if ax.get_lines()]
+    fig.draw_without_rendering()  # lay out once (constrained layout), then keep the positions for every block
+    fig.set_layout_engine("none")
+    lines = [(ax, j, line) for ax, chunk in zip(axes, chunks) for j, line in zip(chunk, ax.get_lines())]
     try:
+        if fmt == "png":
+            _blit_blocks(fig, curves, lines, titles, paths, dpi, on_saved, facts)
+            return
         for b, path in enumerate(paths):
-            for j, line in enumerate(lines):
+            for _, j, line in lines:
                 line.set_ydata(curves[b][:, j])
-            top = float(curves[b].max(initial=0.0))
-            ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
-            ax.set_title(titles[b])
-            write_figure(fig, path, fmt, dpi)
+            fig.suptitle(titles[b] + "\nsame y scale for every block", fontsize=10)
+            write_figure(fig, path, fmt, dpi, facts)
             if on_saved is not None:
                 on_saved()
     finally:
         fig.clear()
 
 
+def _blit_blocks(fig: Figure, curves: np.ndarray, lines: list, titles: Sequence[str], paths: Sequence[str], dpi: int,
+                 on_saved: Optional[Callable[[], None]], facts: Optional[FigureFacts]) -> None:
+    """PNGs of one figure whose lines and title change: the rest (axes, ticks, legend, footer) is
+    rendered once and each block only draws its lines and title over a copy (Agg blitting)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    canvas = fig.canvas
+    fig.set_dpi(dpi)
+    title = fig.suptitle(titles[0] + "\nsame y scale for every block", fontsize=10)
+    for _, _, line in lines:
+        line.set_visible(False)
+    title.set_visible(False)
+    canvas.draw()
+    background = canvas.copy_from_bbox(fig.bbox)
+    for _, _, line in lines:
+        line.set_visible(True)
+    title.set_visible(True)
+    for b, path in enumerate(paths):
+        canvas.restore_region(background)
+        for ax, j, line in lines:
+            line.set_ydata(curves[b][:, j])
+            ax.draw_artist(line)
+        title.set_text(titles[b] + "\nsame y scale for every block")
+        fig.draw_artist(title)
+        info = PngInfo()
+        meta = facts.png_text() if facts is not None else {}
+        meta["Title"] = title.get_text()
+        for k, v in meta.items():
+            info.add_itxt(k, v) if any(ord(c) > 255 for c in v) else info.add_text(k, v)
+        rgba = np.asarray(canvas.buffer_rgba())
+        img = Image.fromarray(np.ascontiguousarray(rgba[..., :3]))
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG", compress_level=1, pnginfo=info, dpi=(dpi, dpi))
+        if on_saved is not None:
+            on_saved()
+
+
 def overview_figure(
-    stepavg: np.ndarray,
-    blockavg: np.ndarray,
-    labels: Sequence[str],
-    block_ids: Sequence[int],
-    timesteps: Optional[np.ndarray],
-    title: str,
+    stepavg: np.ndarray, blockavg: np.ndarray, labels: Sequence[str], block_ids: Sequence[int], timesteps: Optional[np.ndarray],
+    title: str, facts: Optional[FigureFacts] = None,
 ) -> Figure:
     """Word x block (step-averaged) and word x step (block-averaged) attention side by side.
 
@@ -218,25 +357,228 @@ def overview_figure(
         blockavg: (S, n) each word's curve averaged over the blocks.
     """
     n = len(labels)
-    fig = new_figure(12.0, min(60.0, 2.2 + 0.22 * max(n, 1)), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(block_ids), 1), max(blockavg.shape[0], 1) * 0.6]})
+    S = blockavg.shape[0]
+    fig = new_figure(12.0, min(60.0, 3.6 + 0.2 * max(n, 1)), facts=facts)
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(block_ids), 1), max(S, 1) * 0.6]})
     vmax = float(max(stepavg.max(initial=0.0), blockavg.max(initial=0.0))) or 1.0
     im = ax1.imshow(stepavg.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
     ax1.set_yticks(range(n))
     ax1.set_yticklabels(labels, fontsize=8)
     stride = max(1, math.ceil(len(block_ids) / 24))
     ax1.set_xticks(range(0, len(block_ids), stride))
-    ax1.set_xticklabels([str(b) for b in block_ids][::stride], fontsize=8)
-    ax1.set_xlabel("block (transformer_blocks.i)")
-    ax1.set_title("averaged over steps")
+    ax1.set_xticklabels([str(b) for b in block_ids][::stride], fontsize=7)
+    ax1.set_xlabel("block (transformer_blocks.i)", fontsize=8)
+    ax1.set_title("averaged over steps", fontsize=9)
     ax2.imshow(blockavg.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
     ax2.set_yticks(range(n))
     ax2.set_yticklabels([])
-    step_axis(ax2, blockavg.shape[0], timesteps, max_ticks=6)
-    ax2.set_xlabel("denoising step" + (" / timestep" if timesteps is not None else ""))
-    ax2.set_title("averaged over blocks")
+    step_axis(ax2, timesteps, max_ticks=6, S=S)
+    ax2.set_title("averaged over blocks", fontsize=9)
     cbar = fig.colorbar(im, ax=[ax1, ax2], fraction=0.03, pad=0.01)
-    cbar.set_label(CURVE_LABEL)
+    cbar.set_label("mean attention\n(share of all text positions)", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def word_grid_figure(
+    grids: np.ndarray, labels: Sequence[str], block_ids: Sequence[int], timesteps: Optional[np.ndarray], title: str,
+    facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """One small panel per word: blocks on y (top = first block), steps on x (denoising order), one colour scale.
+
+    Args:
+        grids: (m, Bk, S) each word's curves.
+    """
+    m, Bk, S = grids.shape
+    cols = max(1, min(4, m))
+    rows = max(1, math.ceil(m / cols))
+    fig = new_figure(3.2 * cols + 0.8, 2.6 * rows + 0.6, layout=None, facts=facts)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    manual_layout(fig, top=0.6, bottom=0.5 + (FOOTER_HEIGHT if facts else 0), left=0.55, right=0.2, wspace=0.12, hspace=0.3)
+    vmax = float(grids.max(initial=0.0)) or 1.0
+    im = None
+    for k, ax in enumerate(axes.ravel()):
+        if k >= m:
+            ax.set_axis_off()
+            continue
+        im = ax.imshow(grids[k], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_title(labels[k], fontsize=9)
+        stride = max(1, math.ceil(Bk / 6))
+        ax.set_yticks(range(0, Bk, stride))
+        ax.set_yticklabels([str(b) for b in block_ids][::stride], fontsize=7)
+        sstride = max(1, math.ceil(S / 5))
+        ax.set_xticks(range(0, S, sstride))
+        ax.set_xticklabels([str(i) for i in range(0, S, sstride)], fontsize=7)
+        if k % cols == 0:
+            ax.set_ylabel("block", fontsize=8)
+        if k // cols == rows - 1 or k + cols >= m:
+            ax.set_xlabel("step (0 = noisiest)", fontsize=8)
+    if im is not None:
+        cbar = fig.colorbar(im, ax=list(axes.ravel()), fraction=0.03, pad=0.01)
+        cbar.set_label(CURVE_LABEL + "\n(one scale for every panel)", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def segmentation_figure(
+    image: Optional[np.ndarray], labels: np.ndarray, top: np.ndarray, threshold: float, names: Sequence[str],
+    shown: Sequence[int], title: str, facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """Each pixel coloured by its dominant word; pixels whose top share is below ``threshold`` in grey.
+
+    Args:
+        labels: (H, W) position of each pixel's dominant word; top: (H, W) its share.
+        names: the labels of all words; shown: positions (at most 8) that get a colour, the rest is "other word".
+    """
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
+
+    colour = {p: to_rgb(LINE_COLOURS[k % len(LINE_COLOURS)]) for k, p in enumerate(shown[:MAX_LINES])}
+    other = to_rgb("#333333")
+    grey = (0.8, 0.8, 0.8)
+    lut = np.array([colour.get(v, other) for v in range(max(int(labels.max(initial=0)) + 1, 1))])
+    rgb = lut[np.clip(labels, 0, None)]
+    rgb[top < threshold] = grey
+    panels = 2 if image is not None else 1
+    fig = new_figure(4.0 * panels + 2.2, 4.3, facts=facts)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes[0].imshow(rgb, interpolation="nearest")
+    _bare(axes[0], "dominant word per cell")
+    if image is not None:
+        h, w = image.shape[:2]
+        extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+        axes[1].imshow(image, interpolation="antialiased", extent=extent)
+        big = np.asarray(Image.fromarray((rgb * 255).astype(np.uint8)).resize((w, h), Image.NEAREST))
+        axes[1].imshow(big, alpha=0.55, interpolation="nearest", extent=extent)
+        _bare(axes[1], "over the image")
+    handles = [Patch(color=colour[p], label=names[p]) for p in shown[:MAX_LINES]]
+    if any(int(v) not in colour for v in np.unique(labels[top >= threshold])):
+        handles.append(Patch(color=other, label="another word"))
+    handles.append(Patch(color=grey, label=f"undecided: top share < {threshold:.2f}"))
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
+    fig.suptitle(title)
+    return fig
+
+
+def clip_vs_t5_figure(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequence[str], mass_clip: np.ndarray, mass_t5: np.ndarray,
+    scatter_labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """Per word, its CLIP and T5 heatmaps side by side on one shared scale, and CLIP mass against T5 mass."""
+    m = len(pairs)
+    rows = max(1, m)
+    fig = new_figure(10.0, 2.2 * rows + 0.8, facts=facts)
+    gs = fig.add_gridspec(rows, 3, width_ratios=[1, 1, 2.2])
+    vmax = max([float(max(a.max(initial=0), b.max(initial=0))) for a, b in pairs] + [0.0]) or 1.0
+    im = None
+    for r, ((a, b), name) in enumerate(zip(pairs, labels)):
+        ax_a = fig.add_subplot(gs[r, 0])
+        ax_b = fig.add_subplot(gs[r, 1])
+        im = draw_heatmap(ax_a, a, vmax=vmax)
+        draw_heatmap(ax_b, b, vmax=vmax)
+        ax_a.set_ylabel(name, fontsize=9)
+        if r == 0:
+            ax_a.set_title("CLIP", fontsize=9)
+            ax_b.set_title("T5", fontsize=9)
+    ax = fig.add_subplot(gs[:, 2])
+    ax.scatter(mass_clip, mass_t5, s=18, color=LINE_COLOURS[0])
+    for x, y, t in zip(mass_clip, mass_t5, scatter_labels):
+        ax.annotate(t, (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    top = float(max(np.max(mass_clip, initial=0), np.max(mass_t5, initial=0))) * 1.1 or 1.0
+    ax.plot([0, top], [0, top], color="#999999", lw=0.8, ls=":")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_aspect("equal")
+    ax.set_xlabel("CLIP mass (share of the heatmap mass)", fontsize=8)
+    ax.set_ylabel("T5 mass", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("every word: CLIP vs T5 mass (dotted: equal)", fontsize=9)
+    if im is not None:
+        cbar = fig.colorbar(im, ax=fig.axes[:-1], fraction=0.05, pad=0.02, location="right", shrink=0.6)
+        cbar.set_label(SHARE_LABEL + " (one scale)", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+GROUP_COLOURS = {"words": "#1f77b4", "other prompt tokens": "#17becf", "special tokens": "#ff7f0e", "padding": "#bbbbbb", "other encoder": "#9467bd"}
+
+
+def token_groups_figure(
+    shares: np.ndarray, names: Sequence[str], group_labels: Sequence[str], timesteps: Optional[np.ndarray], title: str,
+    facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """Stacked areas over the steps, one axis per block group.
+
+    Args:
+        shares: (Gb, G, S) per block group, each token group's share of the text attention per step.
+    """
+    Gb, G, S = shares.shape
+    fig = new_figure(4.2 * Gb + 2.0, 3.8, facts=facts)
+    axes = fig.subplots(1, Gb, squeeze=False, sharey=True)[0]
+    x = np.arange(S)
+    for ax, s, label in zip(axes, shares, group_labels):
+        if S == 1:
+            x2, s2 = np.array([-0.5, 0.5]), np.repeat(s, 2, axis=1)
+        else:
+            x2, s2 = x, s
+        ax.stackplot(x2, s2, colors=[GROUP_COLOURS.get(n, "#333333") for n in names], labels=list(names))
+        step_axis(ax, timesteps, max_ticks=5, label="step (0 = noisiest)", S=S)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylim(0, max(1.0, float(s.sum(axis=0).max(initial=0))))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of the text attention\n(all T positions)", fontsize=8)
+    handles, lbls = axes[0].get_legend_handles_labels()
+    fig.legend(handles[::-1], lbls[::-1], loc="outside right center", fontsize=8, frameon=False)
+    fig.suptitle(title)
+    return fig
+
+
+def strip_figure(
+    maps: np.ndarray, labels: Sequence[str], frame_labels: Sequence[str], title: str, *, vmaxes: Optional[Sequence[float]] = None,
+    facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """Rows: words; columns: frames (steps or blocks); each row on one colour scale.
+
+    Args:
+        maps: (m, K, H, W).
+    """
+    m, K = maps.shape[:2]
+    side = 1.5  # inches per panel
+    fig = new_figure(K * side * 1.06 + 1.4, m * side * 1.12 + 0.8, layout=None, facts=facts)
+    axes = fig.subplots(m, K, squeeze=False)
+    manual_layout(fig, top=0.7, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.35, right=0.15, wspace=0.06, hspace=0.12)
+    for r in range(m):
+        vmax = vmaxes[r] if vmaxes is not None else None
+        im = None
+        for c in range(K):
+            im = draw_heatmap(axes[r, c], maps[r, c], vmax=vmax, title=frame_labels[c] if r == 0 else None)
+        axes[r, 0].set_ylabel(labels[r], fontsize=9)
+        cbar = fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01)
+        cbar.ax.tick_params(labelsize=6)
+    fig.suptitle(title)
+    return fig
+
+
+def spread_figure(
+    mean: np.ndarray, std: np.ndarray, labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """Per word (rows), the mean map over runs and its per-pixel std, each column on one scale.
+
+    Args:
+        mean, std: (m, H, W).
+    """
+    m = mean.shape[0]
+    fig = new_figure(7.0, 2.6 * max(m, 1) + 0.6, facts=facts)
+    axes = fig.subplots(max(m, 1), 2, squeeze=False)
+    vm = float(mean.max(initial=0)) or 1.0
+    vs = float(std.max(initial=0)) or 1.0
+    for r in range(m):
+        im1 = draw_heatmap(axes[r, 0], mean[r], vmax=vm, title="mean over runs" if r == 0 else None)
+        im2 = draw_heatmap(axes[r, 1], std[r], vmax=vs, title="std over runs (per pixel)" if r == 0 else None, cmap="magma")
+        axes[r, 0].set_ylabel(labels[r], fontsize=9)
+    if m:
+        fig.colorbar(im1, ax=list(axes[:, 0]), fraction=0.04, pad=0.01).set_label(SHARE_LABEL, fontsize=8)
+        fig.colorbar(im2, ax=list(axes[:, 1]), fraction=0.04, pad=0.01).set_label("std of the share", fontsize=8)
     fig.suptitle(title)
     return fig
 
@@ -250,12 +592,20 @@ def _bare(ax, title: Optional[str]) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
 
 
-def _palette(n: int) -> list:
+def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256) -> None:
+    """A bare (Hc, Wc) map as a PNG of ``side`` pixels on its longer side (colour map applied, no axes, no figure).
+
+    Used for the report's slider frames: hundreds of these take milliseconds, not a figure each.
+    """
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"] if n <= 10 else colormaps["tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
+    norm = np.clip(np.asarray(heat, dtype=np.float64) / (vmax if vmax > 0 else 1.0), 0.0, 1.0)
+    rgb = (colormaps[HEAT_CMAP](norm)[..., :3] * 255).astype(np.uint8)
+    h, w = rgb.shape[:2]
+    s = side / max(h, w)
+    img = Image.fromarray(rgb).resize((max(1, round(w * s)), max(1, round(h * s))), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", compress_level=1)

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..atomic import write_text
 from .stats import EncoderResult, table_values, word_summary
+from .views import word_labels
 
 
 def fmt(value: float) -> str:
@@ -34,9 +35,13 @@ def block_table(block_ids: Sequence[int], names: Sequence[str], values: np.ndarr
 
 
 def summary_table(result: EncoderResult) -> str:
-    """``word,mass,peak_block,peak_step``, one row per word in prompt order."""
-    rows = [[w, fmt(m), b, s] for w, m, b, s in word_summary(result)]
-    return csv_text(["word", "mass", "peak_block", "peak_step"], rows)
+    """``word,mass,peak_block,peak_step,word_index``, one row per word in prompt order.
+
+    ``word_index`` is the word's number in the prompt (tells repeated words apart); it comes last so
+    that readers of the earlier four columns keep working.
+    """
+    rows = [[w, fmt(m), b, s, wd.index] for wd, (w, m, b, s) in zip(result.words, word_summary(result))]
+    return csv_text(["word", "mass", "peak_block", "peak_step", "word_index"], rows)
 
 
 def write_tables(folder: str, result: EncoderResult, with_phrases: bool) -> list[str]:
@@ -49,6 +54,8 @@ def write_tables(folder: str, result: EncoderResult, with_phrases: bool) -> list
     kinds = ["words", "phrases"] if with_phrases else ["words"]
     for kind in kinds:
         names, auc_values, mean_values = table_values(result, kind)
+        if kind == "words":
+            names = word_labels(result.words)  # repeated words numbered: "a #6"
         for stat, values in (("auc", auc_values), ("stepavg", mean_values)):
             rel = f"tables/{kind}_{stat}.csv"
             write_text(os.path.join(folder, rel), block_table(result.block_ids, names, values))
@@ -57,3 +64,22 @@ def write_tables(folder: str, result: EncoderResult, with_phrases: bool) -> list
     write_text(os.path.join(folder, rel), summary_table(result))
     written.append(rel)
     return written
+
+
+def write_group_tables(folder: str, group) -> list[str]:
+    """Tables of an aggregated group (:class:`~.aggregate_runs.GroupResult`) into ``folder/tables``.
+
+    ``words_summary.csv``: word,mass_mean,mass_std,n_runs,word_index; ``words_auc.csv`` and
+    ``words_stepavg.csv``: per block, each word's mean over runs and ``<word> std``.
+    """
+    os.makedirs(os.path.join(folder, "tables"), exist_ok=True)
+    labels = word_labels(group.words)
+    rows = [[w.text, fmt(group.mass_mean[j]), fmt(group.mass_std[j]), group.n_runs, w.index] for j, w in enumerate(group.words)]
+    written = {"tables/words_summary.csv": csv_text(["word", "mass_mean", "mass_std", "n_runs", "word_index"], rows)}
+    header = ["block"] + [c for name in labels for c in (name, f"{name} std")]
+    for stat, mean, std in (("auc", group.auc_mean, group.auc_std), ("stepavg", group.stepavg_mean, group.stepavg_std)):
+        body = [[b] + [fmt(v) for j in range(len(labels)) for v in (mean[i, j], std[i, j])] for i, b in enumerate(group.block_ids)]
+        written[f"tables/words_{stat}.csv"] = csv_text(header, body)
+    for rel, text in written.items():
+        write_text(os.path.join(folder, rel), text)
+    return list(written)

@@ -5,20 +5,25 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..atomic import write_bytes, write_text
+from ..atomic import write_bytes, write_npz, write_text
 from ..contract import UserError, slugify
-from . import outdir
-from .dumpfile import format_ranges
-from .fonts import use_fonts
+from . import framemaps, outdir
+from .aggregate_runs import RunSummary, aggregate, group_runs
+from .dumpfile import Dump, format_ranges
+from .fonts import FontChoice, use_fonts
 from .options import ENCODER_TITLES, AnalysisOptions
 from .plan import Plan, RunPlan, index_rows, plan_run
-from .report import EncoderPage, ItemPage, index_page, run_page
+from .report import EncoderPage, GroupPage, ItemPage, Slider, group_page, index_page, run_page
 from .stats import EncoderResult, step_average
-from .tables import write_tables
+from .tables import write_group_tables, write_tables
+from .views import (
+    MAX_LINES, FigureFacts, block_groups, common_words, dominant_words, frame_word_maps, pick_frames, robust_vmax, segmentation_threshold,
+    token_group_masks, token_groups, word_labels, word_maps_arrays,
+)
 
 
 @dataclass
@@ -31,17 +36,53 @@ class FigureFiles:
     overview: str = ""
     word_curves: list[str] = field(default_factory=list)  # per block
     phrase_curves: list[str] = field(default_factory=list)  # per block, when there are phrases
+    word_grids: str = ""
+    segmentation: str = ""
+    word_maps: str = ""  # word_maps.npz (not a figure, counted with them)
+    token_groups: str = ""
+    strips: dict[str, str] = field(default_factory=dict)  # "step" / "block" -> file
+    frames: dict[str, list[list[str]]] = field(default_factory=dict)  # kind -> per frame, per top word: file
 
     def __len__(self) -> int:
-        singles = int(bool(self.summary)) + int(bool(self.overview))
-        return len(self.words) + len(self.phrases) + singles + len(self.word_curves) + len(self.phrase_curves)
+        singles = [self.summary, self.overview, self.word_grids, self.segmentation, self.word_maps, self.token_groups]
+        return (len(self.words) + len(self.phrases) + sum(bool(x) for x in singles) + len(self.word_curves)
+                + len(self.phrase_curves) + len(self.strips) + len(self.frames))
 
 
-def figure_files(res: EncoderResult, options: AnalysisOptions) -> FigureFiles:
+@dataclass
+class Frames:
+    """The steps (or blocks) of the optional per-step (per-block) maps that strips and sliders show."""
+
+    kind: str  # "step" or "block"
+    indices: list[int]  # positions on the dump's S (or Bk) axis
+    labels: list[str]  # "step 0 (t=1000)" / "block 3"
+
+
+def frame_plan(run: RunPlan, options: AnalysisOptions) -> list[Frames]:
+    """Which frames the run's dump can give (none with --tables-only or without per-step/per-block maps)."""
+    dump = run.dump
+    if options.tables_only or not os.path.isdir(dump.folder):
+        return []
+    have = framemaps.available(dump.folder)
+    out = []
+    if framemaps.STEP_KEY in have:
+        S = dump.step_mean.shape[2]
+        idx = pick_frames(S)
+        ts = _timesteps(dump.timesteps)
+        out.append(Frames("step", idx, [f"step {s}" + (f" (t={ts[s]:.0f})" if ts is not None else "") for s in idx]))
+    if framemaps.BLOCK_KEY in have:
+        pos = dump.select_blocks(options.block_ranges)
+        idx = [pos[k] for k in pick_frames(len(pos))]
+        out.append(Frames("block", idx, [f"block {dump.block_ids[p]}" for p in idx]))
+    return out
+
+
+def figure_files(res: EncoderResult, options: AnalysisOptions, frames: Sequence[Frames] = ()) -> FigureFiles:
     """The figures :func:`write_encoder` draws for ``res`` (none with --tables-only or without words)."""
     if options.tables_only or not res.words:
         return FigureFiles()
     fmt = options.fmt
+    top = res.top[:MAX_LINES]
     return FigureFiles(
         words=[(j, f"heatmaps/words/{res.words[j].index:03d}-{slugify(res.words[j].text, 60)}.{fmt}") for j in res.top],
         phrases=[(k, f"heatmaps/phrases/{ph.index:03d}-{slugify(ph.phrase, 60)}.{fmt}") for k, ph in enumerate(res.phrases)],
@@ -49,78 +90,223 @@ def figure_files(res: EncoderResult, options: AnalysisOptions) -> FigureFiles:
         overview=f"overview.{fmt}",
         word_curves=[f"curves/words_mean_block{bid}.{fmt}" for bid in res.block_ids],
         phrase_curves=[f"curves/phrases_mean_block{bid}.{fmt}" for bid in res.block_ids] if res.phrases else [],
+        word_grids=f"word_grids.{fmt}",
+        segmentation=f"segmentation.{fmt}",
+        word_maps="word_maps.npz",
+        token_groups=f"token_groups.{fmt}",
+        strips={f.kind: f"strips/{f.kind}s.{fmt}" for f in frames},
+        frames={
+            f.kind: [[f"frames/{f.kind}{i:03d}-{res.words[j].index:03d}.png" for j in top] for i in f.indices] for f in frames
+        },
     )
 
 
 def count_files(run: RunPlan, options: AnalysisOptions) -> int:
-    """Progress-bar units of a run: one per encoder's tables, one per figure."""
-    return sum(1 + len(figure_files(res, options)) for per_item in run.results for res in per_item)
+    """Progress-bar units of a run: one per encoder's tables, one per figure (and per item, CLIP vs T5)."""
+    frames = frame_plan(run, options)
+    n = sum(1 + len(figure_files(res, options, frames)) for per_item in run.results for res in per_item)
+    return n + sum(1 for per_item in run.results if _pair(per_item, options) is not None)
 
 
-def write_encoder(folder: str, rel: str, res: EncoderResult, image, options: AnalysisOptions, tick: Callable[[], None]) -> EncoderPage:
+@dataclass
+class ItemContext:
+    """What one batch item's figures need besides the encoder's result."""
+
+    dump: Dump
+    item: int
+    image: object  # (path, display array) or None
+    facts: FigureFacts
+    positions: list[int]  # selected blocks, on the Bk axis
+    frames: list[Frames]
+    frame_maps: dict[str, np.ndarray]  # kind -> (K, Hc, Wc, T) for this item
+
+
+def _timesteps(ts) -> Optional[np.ndarray]:
+    """The timesteps as an array, or None when the dump has none."""
+    if ts is None:
+        return None
+    ts = np.asarray(ts)
+    return ts if ts.ndim == 1 and ts.size else None
+
+
+def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, options: AnalysisOptions, tick: Callable[[], None]) -> EncoderPage:
     """Tables and figures of one encoder into ``folder`` (= ``rel`` relative to the run's page)."""
     page = EncoderPage(result=res, tables=[f"{rel}/{t}" for t in write_tables(folder, res, bool(options.phrases))])
     tick()
-    files = figure_files(res, options)
+    files = figure_files(res, options, ctx.frames)
     if not len(files):
         return page
     from . import plots
 
-    fmt, dpi = options.fmt, options.dpi
+    fmt, dpi, facts, pct = options.fmt, options.dpi, ctx.facts, options.vmax_percentile
     title = ENCODER_TITLES[res.encoder]
+    image = ctx.image
     disp = image[1] if image is not None else None
     over = disp if options.overlay else None
     words = res.words
-    for sub in {os.path.dirname(n) for _, n in files.words + files.phrases}:
+    labels = word_labels(words)
+    ts = _timesteps(res.timesteps)
+    scale = plots.scale_note(pct)
+    page.scale = scale
+
+    def save(fig, name):
+        plots.save_figure(fig, os.path.join(folder, name), fmt, dpi, facts)
+        tick()
+
+    # only the folders that get files: an empty one would not be in the output's manifest
+    names = [n for _, n in files.words + files.phrases] + files.word_curves + files.phrase_curves
+    names += list(files.strips.values()) + [n for per_frame in files.frames.values() for row in per_frame for n in row]
+    for sub in {os.path.dirname(n) for n in names} - {""}:
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     for j, name in files.words:
-        w = words[j]
-        fig = plots.heatmap_figure(res.shares[:, :, j], f"{title}: \u201c{w.text}\u201d (word {w.index}, mass {res.mass[j]:.1%})", over)
-        plots.save_figure(fig, os.path.join(folder, name), fmt, dpi)
-        page.word_heatmaps.append((f"{w.text} ({res.mass[j]:.1%})", f"{rel}/{name}"))
-        tick()
+        heat = res.shares[:, :, j]
+        save(plots.heatmap_figure(heat, f"{title}: \u201c{labels[j]}\u201d (word {words[j].index}, mass {res.mass[j]:.1%})", over,
+                                  vmax=robust_vmax(heat, pct), scale=scale, facts=facts), name)
+        page.word_heatmaps.append((f"{labels[j]} (mass {res.mass[j]:.1%})", f"{rel}/{name}"))
     for k, name in files.phrases:
         ph = res.phrases[k]
         occ = f"{len(ph.occurrences)} occurrence" + ("s" if len(ph.occurrences) > 1 else "")
-        fig = plots.heatmap_figure(ph.map, f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights)", over)
-        plots.save_figure(fig, os.path.join(folder, name), fmt, dpi)
+        save(plots.heatmap_figure(ph.map, f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights)", over,
+                                  vmax=robust_vmax(ph.map, pct), scale=scale, facts=facts), name)
         page.phrase_heatmaps.append((f"{ph.phrase} ({occ})", f"{rel}/{name}"))
-        tick()
 
-    labels = [f"{words[j].text} ({res.mass[j]:.1%})" for j in res.top]
-    fig = plots.summary_figure(disp, [res.shares[:, :, j] for j in res.top], labels, overlay=options.overlay,
-                               title=f"{title}: top {len(res.top)} words by mass (each map on its own colour scale)")
-    plots.save_figure(fig, os.path.join(folder, files.summary), fmt, dpi)
+    heats = [res.shares[:, :, j] for j in res.top]
+    save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%})" for j in res.top], overlay=options.overlay,
+                              title=f"{title}: top {len(res.top)} words by mass; each map on its own {scale}",
+                              vmaxes=[robust_vmax(h, pct) for h in heats], facts=facts), files.summary)
     page.summary = f"{rel}/{files.summary}"
-    tick()
 
-    fig = plots.overview_figure(
-        step_average(res.curves, axis=1), res.curves.mean(axis=0), [w.text for w in words], res.block_ids,
-        res.timesteps, f"{title}: attention per word",
-    )
-    plots.save_figure(fig, os.path.join(folder, files.overview), fmt, dpi)
+    save(plots.overview_figure(step_average(res.curves, axis=1), res.curves.mean(axis=0), labels, res.block_ids, ts,
+                               f"{title}: attention per word", facts=facts), files.overview)
     page.overview = f"{rel}/{files.overview}"
+
+    top8 = res.top[:MAX_LINES]
+    grids = np.moveaxis(res.curves[:, :, res.top], -1, 0)  # (m, Bk, S)
+    save(plots.word_grid_figure(grids, [labels[j] for j in res.top], res.block_ids, ts,
+                                f"{title}: each top word over blocks (y) and denoising steps (x)", facts=facts), files.word_grids)
+    page.word_grids = f"{rel}/{files.word_grids}"
+
+    dom, top_share = dominant_words(res.shares)
+    thr = segmentation_threshold(len(words))
+    save(plots.segmentation_figure(disp if options.overlay else None, dom, top_share, thr, labels, top8,
+                                   f"{title}: the word each pixel attends to most (shares over the words)", facts=facts),
+         files.segmentation)
+    page.segmentation = f"{rel}/{files.segmentation}"
+    page.segmentation_threshold = thr
+    size = ctx.dump.metadata.get("image_size")
+    write_npz(os.path.join(folder, files.word_maps), word_maps_arrays(res.shares, words, size if isinstance(size, list) else None))
+    page.word_maps = f"{rel}/{files.word_maps}"
     tick()
 
-    os.makedirs(os.path.join(folder, "curves"), exist_ok=True)
-    kinds = [(files.word_curves, res.curves[:, :, res.top], [words[j].text for j in res.top], "top words", page.word_curves)]
+    enc = ctx.dump.encoders[res.encoder]
+    i = ctx.item
+    T = ctx.dump.step_mean.shape[-1]
+    masks = token_group_masks(T, enc.span, len(enc.tokens[i]), enc.special[i], res.wordmap.weights)
+    groups = token_groups(ctx.dump.step_mean[i][ctx.positions], masks)
+    bgroups = block_groups(res.block_ids)
+    shares = np.stack([groups.shares[:, pos].mean(axis=1) for _, pos in bgroups])  # (Gb, G, S)
+    save(plots.token_groups_figure(shares, groups.names, [g for g, _ in bgroups], ts,
+                                   f"{title}: where the pixels' text attention goes ({title} positions; the rest: the other encoder)",
+                                   facts=facts), files.token_groups)
+    page.token_groups = f"{rel}/{files.token_groups}"
+
+    for fr in ctx.frames:
+        maps = ctx.frame_maps.get(fr.kind)
+        if maps is None:
+            continue
+        a, b = enc.span
+        fw = frame_word_maps(maps[..., a:b], res.wordmap.weights)  # (K, H, W, n)
+        sel = np.moveaxis(fw[..., top8], -1, 0)  # (m, K, H, W)
+        vmaxes = [robust_vmax(sel[r], pct) for r in range(len(top8))]
+        name = files.strips[fr.kind]
+        save(plots.strip_figure(sel, [labels[j] for j in top8], fr.labels,
+                                f"{title}: top words per {fr.kind} (each row on one {scale})", vmaxes=vmaxes, facts=facts), name)
+        for k, per_word in enumerate(files.frames[fr.kind]):
+            for r, fname in enumerate(per_word):
+                plots.write_heat_png(os.path.join(folder, fname), sel[r, k], vmaxes[r])
+        tick()
+        page.strips.append((fr.kind, f"{rel}/{name}"))
+        page.sliders.append(Slider(
+            kind=fr.kind, labels=list(fr.labels), words=[f"{labels[j]} (0 to {vmaxes[r]:.3g})" for r, j in enumerate(top8)],
+            frames=[[f"{rel}/{f}" for f in per_word] for per_word in files.frames[fr.kind]],
+        ))
+
+    kinds = [(files.word_curves, res.curves[:, :, res.top], [labels[j] for j in res.top], "top words", page.word_curves)]
     if files.phrase_curves:
         curves = np.stack([p.curves for p in res.phrases], axis=-1)
         kinds.append((files.phrase_curves, curves, [p.phrase for p in res.phrases], "phrases", page.phrase_curves))
-    for names, curves, labels, what, listing in kinds:
+    for names, curves, lbls, what, listing in kinds:
         titles = [f"{title}: {what}, transformer_blocks.{bid}" for bid in res.block_ids]
         plots.save_curves_per_block(
-            curves, labels, res.timesteps, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick
+            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts
         )
         listing.extend((f"block {bid}", f"{rel}/{n}") for bid, n in zip(res.block_ids, names))
     return page
 
 
-def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[[], None]) -> None:
-    """A run's image copy, per-encoder outputs and ``index.html`` into ``dest``."""
+def _pair(per_item: Sequence[EncoderResult], options: AnalysisOptions):
+    """The (CLIP, T5) results of an item when both have words and figures are drawn."""
+    if options.tables_only:
+        return None
+    by = {r.encoder: r for r in per_item}
+    c, t = by.get("clip"), by.get("t5")
+    if c is None or t is None or not c.words or not t.words or not common_words(c.words, t.words):
+        return None
+    return c, t
+
+
+def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions) -> str:
+    """``clip_vs_t5.{fmt}`` of one item; returns its path relative to the page."""
+    from . import plots
+
+    c, t = pair
+    common = common_words(c.words, t.words)
+    labels = word_labels(c.words)
+    where = dict(common)
+    top = [j for j in c.top if j in where][:6]
+    pairs = [(c.shares[:, :, j], t.shares[:, :, where[j]]) for j in top]
+    name = f"clip_vs_t5.{options.fmt}"
+    fig = plots.clip_vs_t5_figure(
+        pairs, [labels[j] for j in top], np.array([c.mass[i] for i, _ in common]), np.array([t.mass[k] for _, k in common]),
+        [labels[i] for i, _ in common], "CLIP vs T5: heatmaps of the top CLIP words (one scale) and every word's mass", facts=facts,
+    )
+    plots.save_figure(fig, os.path.join(dest, name), options.fmt, options.dpi, facts)
+    return f"{rel}/{name}" if rel else name
+
+
+def run_facts(dump: Dump, item: int) -> FigureFacts:
+    """The facts a run's figures carry: prompt, seed, model and whether the weights were random."""
+    meta = dump.metadata
+    seeds = meta.get("seeds")
+    seed = seeds[item] if isinstance(seeds, list) and item < len(seeds) else meta.get("seed")
+    return FigureFacts(prompt=dump.prompts[item], seed=seed, model=str(meta.get("model_id") or ""),
+                       random_weights=bool(meta.get("random_weights")) or meta.get("model_id") == "tiny-random")
+
+
+@dataclass
+class RunOutcome:
+    """What the index and the aggregation need of a written run."""
+
+    summaries: list[RunSummary]
+    thumbnail: Optional[str]  # relative to the run's page
+    model: str
+    seeds: list
+    random_weights: bool
+
+
+def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[[], None], back: Optional[str] = None) -> RunOutcome:
+    """A run's image copy, per-encoder outputs and ``index.html`` into ``dest``.
+
+    ``back``: a link from the run's page to the page listing it (several runs).
+    """
     dump = run.dump
     B = dump.batch_size
     items = []
+    frames = frame_plan(run, options)
+    positions = dump.select_blocks(options.block_ranges)
+    flip = dump.steps_flipped
+    summaries: list[RunSummary] = []
+    thumbnail = None
     for i in range(B):
         base = f"item{i}" if B > 1 else ""
         image_rel = None
@@ -131,11 +317,30 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
             os.makedirs(os.path.join(dest, base), exist_ok=True)
             with open(image[0], "rb") as fh:
                 write_bytes(os.path.join(dest, image_rel), fh.read())
+        frame_maps = {}
+        for fr in frames:
+            m = framemaps.read_frames(dump.folder, framemaps.STEP_KEY if fr.kind == "step" else framemaps.BLOCK_KEY, i,
+                                      fr.indices, flip=flip and fr.kind == "step")
+            if m is not None:
+                frame_maps[fr.kind] = m
+        facts = run_facts(dump, i)
+        ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps)
         pages = []
         for res in run.results[i]:
             rel = f"{base}/{res.encoder}" if base else res.encoder
-            pages.append(write_encoder(os.path.join(dest, rel), rel, res, image, options, tick))
-        items.append(ItemPage(i, dump.prompts[i], image_rel, pages))
+            pages.append(write_encoder(os.path.join(dest, rel), rel, res, ctx, options, tick))
+            summaries.append(RunSummary(run.folder or "", i, facts.seed, res.encoder, dump.prompts[i], tuple(res.words),
+                                        tuple(res.block_ids), res.mass, res.curves, res.shares.astype(np.float32),
+                                        _timesteps(res.timesteps), facts.model, facts.random_weights))
+        del frame_maps
+        pair = _pair(run.results[i], options)
+        compare = None
+        if pair is not None:
+            compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options)
+            tick()
+        if thumbnail is None:
+            thumbnail = image_rel or next((p.summary for p in pages if p.summary), None)
+        items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts))
     settings = {
         "encoders": ",".join(options.encoders),
         "top-k": options.topk,
@@ -145,11 +350,55 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         "steps": "denoising order (0 = first)"
         + (", flipped from the original tool's order" if dump.steps_flipped else "")
         + ("; the dump has no timesteps" if dump.timesteps is None else ""),
+        "heatmap colour scale": ("0 to the maximum of each map" if options.vmax_percentile >= 100
+                                 else f"0 to the {options.vmax_percentile:g}th percentile of each map (--vmax-percentile)"),
         "dump": dump.folder,
     }
     title = f"Attention analysis: {run.folder or os.path.basename(dump.folder) or dump.folder}"
-    html = run_page(title, items, dump.metadata, [str(n) for n in run.notes], "png" if options.tables_only else options.fmt, settings)
+    random = any(it.facts.random_weights for it in items)
+    html = run_page(title, items, dump.metadata, [str(n) for n in run.notes], "png" if options.tables_only else options.fmt, settings,
+                    back=back, random_weights=random)
     write_text(os.path.join(dest, "index.html"), html)
+    seeds = [it.facts.seed for it in items]
+    return RunOutcome(summaries, thumbnail, str(dump.metadata.get("model_id") or ""), seeds, random)
+
+
+def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOptions) -> list[GroupPage]:
+    """Aggregate runs that share a prompt (two or more) into ``aggregate/<NNN-slug>/{enc}/``; returns their pages."""
+    from . import plots
+
+    groups = group_runs(summaries)
+    prompts = list(dict.fromkeys(g[0].prompt for g in groups))
+    pages: list[GroupPage] = []
+    for members in groups:
+        res = aggregate(members)
+        k = prompts.index(res.prompt)
+        rel = f"aggregate/{k:03d}-{slugify(res.prompt, 40)}"
+        folder = os.path.join(tmp, rel, res.encoder)
+        os.makedirs(folder, exist_ok=True)
+        tables = [f"{rel}/{res.encoder}/{t}" for t in write_group_tables(folder, res)]
+        page = GroupPage(res, rel, tables)
+        if not options.tables_only and res.words:
+            labels = word_labels(res.words)
+            order = [int(j) for j in np.argsort(-res.mass_mean, kind="stable")[: options.topk]]
+            facts = FigureFacts(prompt=res.prompt, seed=", ".join(str(s) for s in res.seeds) + f" ({res.n_runs} runs)",
+                                model=members[0].model, random_weights=any(m.random_weights for m in members))
+            title = ENCODER_TITLES[res.encoder]
+            ts = res.timesteps
+            fmt = options.fmt
+            top8 = order[:MAX_LINES]
+            fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
+                                      f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
+                                      spread=res.curves_std.mean(axis=0)[:, top8], facts=facts)
+            plots.save_figure(fig, os.path.join(folder, f"curves_mean.{fmt}"), fmt, options.dpi, facts)
+            page.curves = f"{rel}/{res.encoder}/curves_mean.{fmt}"
+            fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
+                                      [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
+                                      f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts)
+            plots.save_figure(fig, os.path.join(folder, f"heatmaps_mean.{fmt}"), fmt, options.dpi, facts)
+            page.heatmaps = f"{rel}/{res.encoder}/heatmaps_mean.{fmt}"
+        pages.append(page)
+    return pages
 
 
 def write_plan(plan: Plan) -> int:
@@ -168,22 +417,116 @@ def write_plan(plan: Plan) -> int:
         from tqdm import tqdm
 
         total = sum(r.n_files for r in plan.runs)
+        outcomes: dict[str, RunOutcome] = {}
+        summaries: list[RunSummary] = []
+        jobs = _jobs(plan)
         with use_fonts(plan.fonts), tqdm(total=total, desc="analysing", unit="file", disable=None, file=sys.stderr) as bar:
-            for spec in plan.runs:
-                try:
-                    run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
-                except UserError as exc:
-                    if spec.entry is None:
-                        raise
-                    spec.entry.problem = str(exc)
-                    continue
-                dest = os.path.join(tmp, run.folder) if run.folder else tmp
-                os.makedirs(dest, exist_ok=True)
-                write_run(dest, run, options, lambda: bar.update(1))
-                del run
+            if jobs > 1:
+                outcomes = _write_runs_parallel(plan, tmp, jobs, bar)
+            else:
+                for spec in plan.runs:
+                    try:
+                        run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
+                    except UserError as exc:
+                        if spec.entry is None:
+                            raise
+                        spec.entry.problem = str(exc)
+                        continue
+                    dest = os.path.join(tmp, run.folder) if run.folder else tmp
+                    os.makedirs(dest, exist_ok=True)
+                    outcomes[run.folder] = write_run(dest, run, options, lambda: bar.update(1), back=_back(plan, run.folder))
+                    del run
+        for spec in plan.runs:  # in the order of the runs, so that groups are numbered by first appearance
+            outcome = outcomes.get(spec.folder)
+            if plan.multi and outcome is not None:
+                summaries.extend(outcome.summaries)
+                outcome.summaries = []
         if plan.multi:
-            write_text(os.path.join(tmp, "index.html"), index_page(f"Attention analysis: {os.path.basename(plan.root)}", index_rows(plan)))
+            groups = write_groups(tmp, summaries, options)
+            by_rel: dict[str, list] = {}
+            for g in groups:
+                by_rel.setdefault(g.rel, []).append(g)
+            for rel, pages in by_rel.items():
+                up = "../" * (rel.count("/") + 1)
+                links = [(r, f"{up}{r}/index.html") for r in dict.fromkeys(pages[0].result.runs)]
+                html = group_page(f"Runs of one prompt: {rel.rsplit('/', 1)[-1]}", pages, f"{up}index.html", links,
+                                  "png" if options.tables_only else options.fmt)
+                write_text(os.path.join(tmp, rel, "index.html"), html)
+            member_of: dict[str, list[str]] = {}
+            for g in groups:
+                for r in g.result.runs:
+                    member_of.setdefault(r, [])
+                    if g.rel not in member_of[r]:
+                        member_of[r].append(g.rel)
+            rows = index_rows(plan)
+            for row in rows:
+                o = outcomes.get(row["folder"])
+                row.update(
+                    seed=o.seeds[0] if o is not None and o.seeds else None,
+                    model=o.model if o is not None else "",
+                    random_weights=bool(o is not None and o.random_weights),
+                    thumbnail=f"{row['folder']}/{o.thumbnail}" if o is not None and o.thumbnail else None,
+                    groups=member_of.get(row["folder"], []),
+                )
+            write_text(os.path.join(tmp, "index.html"), index_page(f"Attention analysis: {os.path.basename(plan.root)}", rows, groups))
         return outdir.commit(tmp, plan.out)
     except BaseException:
         outdir.remove([tmp])
         raise
+
+
+MAX_JOBS = 4  # processes writing runs at once (several runs only)
+
+
+def _jobs(plan: Plan) -> int:
+    """Processes for writing the runs: one per CPU (at most :data:`MAX_JOBS`) when there are several
+    runs, each re-planned from its folder anyway; one for a single run or a --t5-tokenizer (not sent
+    to other processes)."""
+    if not plan.multi or len(plan.runs) < 2 or plan.t5_loader is not None:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_JOBS, cpus, len(plan.runs)))
+
+
+def _back(plan: Plan, folder: Optional[str]) -> Optional[str]:
+    """The link from a run's page back to the index of several runs."""
+    if not plan.multi or not folder:
+        return None
+    return "../" * (folder.replace("\\", "/").count("/") + 1) + "index.html"
+
+
+def _write_one(folder: str, run_dir: str, dest: str, options: AnalysisOptions, back: Optional[str],
+               fonts: Optional[FontChoice]) -> "RunOutcome":
+    """One run of several, in a worker process: planned again from its folder and written into ``dest``."""
+    with use_fonts(fonts):
+        run = plan_run(folder, run_dir, options, None)
+        os.makedirs(dest, exist_ok=True)
+        return write_run(dest, run, options, lambda: None, back=back)
+
+
+def _write_runs_parallel(plan: Plan, tmp: str, jobs: int, bar) -> dict:
+    """Write the runs in ``jobs`` processes (spawned: no state of this one is shared); returns folder ->
+    outcome. A run that fails (changed on disk since it was planned) gets its entry's ``problem``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    outcomes = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_write_one, spec.folder, spec.run_dir, os.path.join(tmp, spec.folder), plan.options,
+                        _back(plan, spec.folder), plan.fonts): spec
+            for spec in plan.runs
+        }
+        for fut in as_completed(futures):
+            spec = futures[fut]
+            try:
+                outcomes[spec.folder] = fut.result()  # a worker's UserError / OSError is raised here
+            except UserError as exc:
+                if spec.entry is None:
+                    raise
+                spec.entry.problem = str(exc)
+            bar.update(spec.n_files)
+    return outcomes
