@@ -30,6 +30,12 @@ RENORM_EPS = 1e-8
 #: ``transformer_blocks.{i}.attn`` (SD3's joint-attention modules); group 1 is the block index.
 JOINT_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.attn")
 
+#: ``single_transformer_blocks.{j}.attn`` (FLUX.1's single-stream blocks, recorded after the joint ones).
+SINGLE_BLOCK = re.compile(r"single_transformer_blocks\.(\d+)\.attn")
+
+#: The model families a dump may come from (metadata ``model_family``).
+MODEL_FAMILIES = ("sd3", "flux")
+
 #: The statuses of a ``runs.jsonl`` line. It lists finished runs only: a run still to do (or cut
 #: off by a kill) has no line, so every line whose status is not "failed" names a complete folder.
 RUN_STATUSES = ("done", "skipped", "failed")
