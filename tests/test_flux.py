@@ -132,3 +132,13 @@ def test_attn_maps(flux_pipe):
             assert tuple(m.shape) == (2, heads, 4, 6, 16)
             np.testing.assert_allclose(m.numpy(), flux_probs(call, b).reshape(m.shape), rtol=2e-4, atol=1e-6)
     attn_maps.clear()
+
+
+def test_schnell_like_model_without_guidance_embedding():
+    from attention_map_diffusers.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline(TinyFluxConfig(guidance_embeds=False, num_single_layers=1))
+    pipe.set_progress_bar_config(disable=True)
+    res, tap, _ = record(pipe, "a red bicycle", num_inference_steps=1, guidance_scale=0.0)
+    assert res.blocks[-1] == "single_transformer_blocks.0.attn" and res.num_steps == 1
+    assert_matches(res, flux_reference_aggregate(tap, true_cfg=False))

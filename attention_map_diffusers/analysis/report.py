@@ -130,7 +130,7 @@ def run_page(
     title: str, items: Sequence[ItemPage], metadata: dict, notes: Sequence[str], fmt: str, settings: dict
 ) -> str:
     """HTML of one run's report."""
-    keys = ("model_id", "scheduler", "steps", "num_steps", "guidance_scale", "seed", "image_size", "canonical_size", "num_blocks", "store_dtype", "timestamp")
+    keys = ("model_family", "model_id", "scheduler", "steps", "num_steps", "guidance_scale", "seed", "image_size", "canonical_size", "num_blocks", "store_dtype", "timestamp")
     facts = "".join(f"<tr><td>{_e(k)}</td><td>{_e(json.dumps(metadata[k]))}</td></tr>" for k in keys if k in metadata)
     setting_rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in settings.items())
     body = [f"<h1>{_e(title)}</h1>"]
