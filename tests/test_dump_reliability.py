@@ -245,7 +245,7 @@ def test_runs_jsonl_lists_finished_runs_while_running_and_after_ctrl_c(sd3_dir, 
         if run.index == 2:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the third run
             time.sleep(5)
-        real(pipe, run, settings, placement, folder)
+        return real(pipe, run, settings, placement, folder)
 
     monkeypatch.setattr(run_mod, "run_one", run_one)
     handler = signal.getsignal(signal.SIGINT)
