@@ -142,3 +142,27 @@ def test_schnell_like_model_without_guidance_embedding():
     res, tap, _ = record(pipe, "a red bicycle", num_inference_steps=1, guidance_scale=0.0)
     assert res.blocks[-1] == "single_transformer_blocks.0.attn" and res.num_steps == 1
     assert_matches(res, flux_reference_aggregate(tap, true_cfg=False))
+
+
+def test_active_backend_from_the_context_manager_is_refused(flux_pipe):
+    from diffusers.models.attention_dispatch import attention_backend
+
+    with attention_backend("flex"):
+        with pytest.raises(RuntimeError, match=r"attention backend 'flex'"):
+            record(flux_pipe, "a cat", num_inference_steps=1)
+
+
+def test_native_math_backend_is_recorded(flux_pipe):
+    """The native variants end in F.scaled_dot_product_attention (under an sdpa_kernel restriction):
+    recorded, on the path that restriction leaves (math gives no lse: the side path)."""
+    before = dict(flux_pipe.transformer.attn_processors)
+    for p in before.values():
+        p._attention_backend = "_native_math"
+    try:
+        plain = generate(flux_pipe, "a cat", num_inference_steps=1)
+        res, tap, images = record(flux_pipe, "a cat", num_inference_steps=1)
+    finally:
+        for p in before.values():
+            del p._attention_backend
+    assert np.array_equal(plain, images) and res.capture_path == "sdpa+side-lse"
+    assert_matches(res, flux_reference_aggregate(tap, true_cfg=False))
