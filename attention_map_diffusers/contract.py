@@ -27,8 +27,15 @@ FORMAT_VERSION = 2
 #: Added to the per-pixel sum over text tokens (capture) or words (analysis) before renormalising.
 RENORM_EPS = 1e-8
 
-#: ``transformer_blocks.{i}.attn`` (SD3's joint-attention modules); group 1 is the block index.
-JOINT_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.attn")
+#: ``transformer_blocks.{i}.attn`` (SD3's and FLUX.1's joint-attention modules); group 1 is the block
+#: index. Not the tail of FLUX.1's ``single_transformer_blocks.{j}.attn``.
+JOINT_BLOCK = re.compile(r"(?<!single_)transformer_blocks\.(\d+)\.attn")
+
+#: ``single_transformer_blocks.{j}.attn`` (FLUX.1's single-stream blocks, recorded after the joint ones).
+SINGLE_BLOCK = re.compile(r"single_transformer_blocks\.(\d+)\.attn")
+
+#: The model families a dump may come from (metadata ``model_family``).
+MODEL_FAMILIES = ("sd3", "flux")
 
 #: The statuses of a ``runs.jsonl`` line. It lists finished runs only: a run still to do (or cut
 #: off by a kill) has no line, so every line whose status is not "failed" names a complete folder.
@@ -49,7 +56,8 @@ class UserError(ValueError):
 
 
 def block_index(name: str) -> Optional[int]:
-    """``"transformer_blocks.7.attn"`` -> 7; None for any other name."""
+    """``"transformer_blocks.7.attn"`` -> 7; None for any other name (FLUX.1's single blocks included:
+    a FLUX.1 dump's blocks are then numbered by position, joint blocks first)."""
     m = JOINT_BLOCK.search(str(name))
     return int(m.group(1)) if m else None
 

@@ -24,6 +24,11 @@ restriction and dtype, and the path and self-check verdicts the capture gets the
     python benchmarks/bench_capture.py --preset cpu-small            # ~1-2 min on 2 CPU cores
     python benchmarks/bench_capture.py --preset cpu-small-4096       # 4096 image tokens
     python benchmarks/bench_capture.py --preset sd35-medium --kernel-report --json m.json   # on a GPU
+    python benchmarks/bench_capture.py --preset flux-small           # FLUX.1 shapes scaled down, CPU
+    python benchmarks/bench_capture.py --preset flux-dev --skip-fullmatrix   # FLUX.1-dev shapes, GPU
+
+FLUX.1 presets: no CFG batch (the guidance embedding, batch 1), joint then single blocks, text first;
+the full-matrix baseline is SD3's joint processor and is not run for them.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from attention_map_diffusers.capture.blocks import joint_attention_blocks  # noq
 from attention_map_diffusers.capture.kernels import backend_name, sdpa_backend  # noqa: E402
 from attention_map_diffusers.capture.paths import KernelPaths  # noqa: E402
 from attention_map_diffusers.models.tiny import TinySD3Config, build_tiny_sd3_pipeline  # noqa: E402
+from attention_map_diffusers.models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline  # noqa: E402
 from timing import interleaved, median  # noqa: E402
 
 PROMPT = "A rusty bicycle in front of a barn, golden hour, detailed photograph"
@@ -58,13 +64,18 @@ PROMPT = "A rusty bicycle in front of a barn, golden hour, detailed photograph"
 
 @dataclass(frozen=True)
 class Preset:
-    model: TinySD3Config
+    model: "TinySD3Config | TinyFluxConfig"
     size: int  # image height = width in pixels
     steps: int
     repeats: int
     device: str
     dtype: torch.dtype
     max_sequence_length: int = 256  # T = 77 + 256 = 333, the pipeline default
+    guidance_scale: float = 5.0  # SD3: CFG (batch 2); FLUX.1-dev: the guidance embedding (batch 1)
+
+    @property
+    def flux(self) -> bool:
+        return isinstance(self.model, TinyFluxConfig)
 
 
 _CPU_MODEL = TinySD3Config(
@@ -81,11 +92,29 @@ _SD35_MEDIUM = TinySD3Config(
 )
 _SD35_LARGE = replace(_SD35_MEDIUM, num_layers=38, num_attention_heads=38, dual_attention_layers=(), pos_embed_max_size=192)
 
+# FLUX.1-dev's transformer: 19 joint + 38 single blocks, 24 heads x 128, RoPE axes (16, 56, 56),
+# 4096-wide T5 embeddings, 768-wide pooled CLIP, 16 latent channels; tiny text encoders and VAE.
+_FLUX_DEV = TinyFluxConfig(
+    num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128,
+    axes_dims_rope=(16, 56, 56), t5_d_model=4096, t5_layers=1, clip_hidden_size=768, clip_layers=1, qk_gain=1.0,
+)
+# scaled down for a CPU: the shapes of cpu-small (8 heads x 64), 2 joint + 4 single blocks
+_FLUX_SMALL = TinyFluxConfig(
+    num_layers=2, num_single_layers=4, num_attention_heads=8, attention_head_dim=64, axes_dims_rope=(8, 28, 28),
+    t5_d_model=64, qk_gain=1.0,
+)
+
 PRESETS = {
     "cpu-small": Preset(_CPU_MODEL, size=512, steps=3, repeats=5, device="cpu", dtype=torch.float32),
     "cpu-small-4096": Preset(_CPU_MODEL, size=1024, steps=2, repeats=3, device="cpu", dtype=torch.float32),
     "sd35-medium": Preset(_SD35_MEDIUM, size=1024, steps=8, repeats=3, device="cuda", dtype=torch.bfloat16),
     "sd35-large": Preset(_SD35_LARGE, size=1024, steps=8, repeats=3, device="cuda", dtype=torch.bfloat16),
+    "flux-small": Preset(_FLUX_SMALL, size=512, steps=3, repeats=5, device="cpu", dtype=torch.float32,
+                         guidance_scale=3.5),
+    "flux-dev": Preset(_FLUX_DEV, size=1024, steps=8, repeats=3, device="cuda", dtype=torch.bfloat16,
+                       max_sequence_length=512, guidance_scale=3.5),
+    "flux-toy": Preset(TinyFluxConfig(), size=64, steps=2, repeats=1, device="cpu", dtype=torch.float32,
+                       max_sequence_length=16, guidance_scale=3.5),
     # a seconds-long size for the smoke test that keeps this script from rotting
     "toy": Preset(TinySD3Config(), size=64, steps=2, repeats=1, device="cpu", dtype=torch.float32,
                   max_sequence_length=16),
@@ -147,6 +176,11 @@ def projections() -> dict:
         out[f"capture_state_bytes_{name}_1024_50"] = capture_state_bytes(1, grid, grid, T, blocks, S, 2)
         out[f"capture_state_bytes_{name}_1024_50_float32_stats"] = capture_state_bytes(1, grid, grid, T, blocks, S, 4)
         out[f"fullmatrix_host_bytes_{name}_1024_50"] = fullmatrix_host_bytes(S, blocks, 2, heads, grid * grid, T, 2)
+    # FLUX.1-dev at 1024x1024, 28 steps: 19 + 38 blocks, T = 512 (T5 only), no CFG batch (batch 1)
+    blocks, T, S = 19 + 38, 512, 28
+    out["capture_state_bytes_flux_dev_1024_28"] = capture_state_bytes(1, grid, grid, T, blocks, S, 2)
+    out["capture_state_bytes_flux_dev_1024_28_float32_stats"] = capture_state_bytes(1, grid, grid, T, blocks, S, 4)
+    out["fullmatrix_host_bytes_flux_dev_1024_28"] = fullmatrix_host_bytes(S, blocks, 1, 24, grid * grid, T, 2)
     return out
 
 
@@ -198,7 +232,7 @@ class PeakMemory:
 def build(preset: Preset):
     # random init straight on the device: an SD3.5-large-sized transformer takes minutes on a CPU
     with torch.device(preset.device):
-        pipe = build_tiny_sd3_pipeline(preset.model)
+        pipe = (build_tiny_flux_pipeline if preset.flux else build_tiny_sd3_pipeline)(preset.model)
     pipe = pipe.to(preset.device, preset.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -210,7 +244,8 @@ PATHS = {"kernel": "kernel-lse", "side": "side-lse", "chunked": "chunked"}
 
 def pipeline_call(pipe, preset: Preset, steps: int):
     g = torch.Generator(device=preset.device).manual_seed(0)
-    return pipe(PROMPT, num_inference_steps=steps, height=preset.size, width=preset.size, guidance_scale=5.0,
+    return pipe(PROMPT, num_inference_steps=steps, height=preset.size, width=preset.size,
+                guidance_scale=preset.guidance_scale,
                 max_sequence_length=preset.max_sequence_length, generator=g, output_type="latent").images
 
 
@@ -283,14 +318,17 @@ def make_methods(pipe, preset: Preset, info: dict, paths: KernelPaths, names):
 
 
 def attention_shape(pipe, preset: Preset) -> tuple[int, int, int, int, int]:
-    """(B, H, N, T, D) of the joint attention calls of this preset (CFG: B = 2)."""
+    """(B, H, N, T, D) of the joint attention calls of this preset (SD3 with CFG: B = 2; FLUX.1: 1)."""
     cfg = pipe.transformer.config
+    if preset.flux:  # packed 2x2 latents, T5 only
+        grid = preset.size // (pipe.vae_scale_factor * 2)
+        return 1, cfg.num_attention_heads, grid * grid, preset.max_sequence_length, cfg.attention_head_dim
     grid = preset.size // (pipe.vae_scale_factor * cfg.patch_size)
     T = pipe.tokenizer_max_length + preset.max_sequence_length
     return 2, cfg.num_attention_heads, grid * grid, T, cfg.attention_head_dim
 
 
-def kernel_report(device: str, shape) -> list[dict]:
+def kernel_report(device: str, shape, text_first: bool = False) -> list[dict]:
     """For each dtype and SDPA backend restriction: SDPA's pick, and the path "auto" takes with its
     verdicts, on random q / k / v of ``shape`` (B, H, N, T, D); the lse of the second half is used."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -306,7 +344,8 @@ def kernel_report(device: str, shape) -> list[dict]:
     def auto_path(q, k, v) -> dict:
         paths = KernelPaths()
         try:
-            att = paths.attend("auto", q, k, v, None, N, B // 2, lambda: F.scaled_dot_product_attention(q, k, v))
+            att = paths.attend("auto", q, k, v, None, N, B // 2, lambda: F.scaled_dot_product_attention(q, k, v),
+                               text_first=text_first)
         except RuntimeError as exc:  # SDPA itself cannot run under this restriction
             return {"path": None, "note": str(exc).strip().splitlines()[0][:160], "verdicts": []}
         return {"path": att.path, "verdicts": paths.report()}
@@ -394,7 +433,7 @@ def main(argv=None) -> int:
         level, quiet.level = quiet.level, logging.ERROR  # the report prints every verdict itself
         try:
             with torch.no_grad():
-                report = kernel_report(preset.device, shape)
+                report = kernel_report(preset.device, shape, text_first=preset.flux)
         finally:
             quiet.setLevel(level)
         print_kernel_report(preset.device, shape, report)
@@ -406,7 +445,7 @@ def main(argv=None) -> int:
         probes = probe_paths(pipe, preset, paths, names)
         timed_names = [n for n in names if probes[n]["available"]]
         methods = make_methods(pipe, preset, info, paths, timed_names)
-        if args.skip_fullmatrix:
+        if args.skip_fullmatrix or preset.flux:  # the baseline is SD3's joint processor
             methods.pop("fullmatrix")
         times = interleaved(methods, preset.repeats, warmup=1)
         peaks = {}
@@ -436,7 +475,10 @@ def main(argv=None) -> int:
         "TORCH_CUDNN_SDPA_DEPRIORITIZED": os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED"),
         "dtype": str(preset.dtype).replace("torch.", ""),
         "layers": cfg.num_layers, "heads": cfg.num_attention_heads, "head_dim": cfg.attention_head_dim,
-        "dual_attention_layers": len(cfg.dual_attention_layers), "qk_norm": cfg.qk_norm,
+        "model_family": "flux" if preset.flux else "sd3",
+        "single_layers": getattr(cfg, "num_single_layers", 0),
+        "dual_attention_layers": len(getattr(cfg, "dual_attention_layers", ())),
+        "qk_norm": getattr(cfg, "qk_norm", "rms_norm"),
         "image_size": preset.size, "image_tokens": N, "text_tokens": T, "steps": preset.steps,
         "repeats": preset.repeats,
         "seconds": times,
@@ -463,8 +505,10 @@ def main(argv=None) -> int:
         result["fullmatrix_host_bytes"] = info["fullmatrix_host_bytes"]
     result.update(projections())
 
-    print(f"{args.preset}: {cfg.num_layers} layers, {cfg.num_attention_heads} heads x {cfg.attention_head_dim}, "
-          f"{preset.size}x{preset.size} ({N} image tokens), T={T}, {preset.steps} steps with CFG, "
+    layers = f"{cfg.num_layers} + {cfg.num_single_layers} single" if preset.flux else f"{cfg.num_layers}"
+    guidance = "guidance embedding, batch 1" if preset.flux else "with CFG"
+    print(f"{args.preset}: {layers} layers, {cfg.num_attention_heads} heads x {cfg.attention_head_dim}, "
+          f"{preset.size}x{preset.size} ({N} image tokens), T={T}, {preset.steps} steps {guidance}, "
           f"{result['dtype']} on {result['device']} ({result['threads']} threads), torch {torch.__version__}, "
           f"TORCH_CUDNN_SDPA_DEPRIORITIZED={result['TORCH_CUDNN_SDPA_DEPRIORITIZED'] or '(unset)'}")
     print(results_table(times, paths_of, same))
@@ -495,6 +539,10 @@ def main(argv=None) -> int:
           f"{pr['capture_state_bytes_sd35_large_1024_50'] / mib:.2f} MiB (float16 stats, the dump's default; "
           f"{pr['capture_state_bytes_sd35_large_1024_50_float32_stats'] / mib:.2f} MiB with float32 stats), "
           f"full-matrix host maps {pr['fullmatrix_host_bytes_sd35_large_1024_50'] / 1e9:.0f} GB")
+    print("computed for FLUX.1-dev, 1024x1024, 28 steps, T=512, 57 blocks: capture state "
+          f"{pr['capture_state_bytes_flux_dev_1024_28'] / mib:.2f} MiB (float16 stats; "
+          f"{pr['capture_state_bytes_flux_dev_1024_28_float32_stats'] / mib:.2f} MiB with float32 stats), "
+          f"full-matrix host maps {pr['fullmatrix_host_bytes_flux_dev_1024_28'] / 1e9:.0f} GB")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)

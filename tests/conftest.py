@@ -82,3 +82,29 @@ def sd3_pipe(sd3_dir):
 @pytest.fixture(scope="session")
 def sd35m_pipe(sd35m_dir):
     return load_pipeline(sd35m_dir)
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    """A tiny FLUX.1-dev-like checkpoint folder: joint and single blocks, RoPE, guidance embedding."""
+    from attention_map_diffusers.models.tiny_flux import save_tiny_flux_pipeline
+
+    _quiet_libraries()
+    path = tmp_path_factory.mktemp("tiny-flux")
+    save_tiny_flux_pipeline(path)
+    return str(path)
+
+
+def load_flux_pipeline(path, dtype=None):
+    import torch
+    from diffusers import FluxPipeline
+
+    _quiet_libraries()
+    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(flux_dir):
+    return load_flux_pipeline(flux_dir)

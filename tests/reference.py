@@ -100,7 +100,14 @@ def reference_aggregate(tap: ReferenceTap, cfg: bool, canonical_size=None) -> di
     """The recorder's outputs, computed from their definitions in float64."""
     steps = tap.steps()
     n_blocks = len(tap.transformer.transformer_blocks)
-    grid = steps[0]["grid"]
+    probs = [[reference_probs(st["blocks"][b]) for b in range(n_blocks)] for st in steps]
+    return aggregate_probs(probs, [st["timestep"] for st in steps], steps[0]["grid"], cfg, canonical_size)
+
+
+def aggregate_probs(probs: list, timesteps: list, grid, cfg: bool, canonical_size=None) -> dict:
+    """The recorder's outputs from per-step, per-block (B, H, N, T) float64 probabilities
+    (image rows in row-major grid order), by their definitions."""
+    n_blocks = len(probs[0])
     Hc, Wc = canonical_size or grid
     sums = None
     per_block = None
@@ -108,10 +115,10 @@ def reference_aggregate(tap: ReferenceTap, cfg: bool, canonical_size=None) -> di
     means = []
     maxes = []
     n = 0
-    for st in steps:
+    for step_probs in probs:
         m_step, x_step, s_step = [], [], 0.0
         for b in range(n_blocks):
-            p = reference_probs(st["blocks"][b])
+            p = step_probs[b]
             if cfg:
                 p = p[p.shape[0] // 2 :]
             p = p.mean(axis=1)  # heads
@@ -135,7 +142,7 @@ def reference_aggregate(tap: ReferenceTap, cfg: bool, canonical_size=None) -> di
         "N": n,
         "per_block_step_token_mean": np.stack(means, axis=2),  # (B, Bk, S, T)
         "per_block_step_token_max": np.stack(maxes, axis=2),
-        "timesteps": np.array([st["timestep"] for st in steps]),
+        "timesteps": np.array(timesteps),
         "per_block_token_map": per_block,
         "per_step_token_map": np.stack(per_step, axis=1),
         "grid": grid,

@@ -45,6 +45,19 @@ def test_bench_capture_toy(tmp_path, capsys):
     assert "capture / stock" in printed and "side / stock" in printed and "kernel report" in printed
 
 
+def test_bench_capture_flux_toy(tmp_path):
+    import bench_capture
+
+    out = tmp_path / "flux.json"
+    assert bench_capture.main(["--preset", "flux-toy", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["model_family"] == "flux" and res["capture_output_identical_to_stock"] is True
+    assert res["output_identical_to_stock"] == {"kernel": True, "side": True, "chunked": True}
+    assert "ratio_fullmatrix_vs_capture" not in res  # the baseline is SD3's processor
+    # 64*64*512*4 + 2*57*28*512*2 + 28*4: sum map, per-(block, step) mean and max, timesteps
+    assert res["capture_state_bytes_flux_dev_1024_28"] == 64 * 64 * 512 * 4 + 2 * 57 * 28 * 512 * 2 + 112
+
+
 def _word_masses(folder):
     """Per encoder, the word masses the benchmark's dump should give, recomputed here from its npz and
     offsets (float64): per pixel each word's share of the words' attention, averaged, normalised."""

@@ -411,7 +411,9 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     if pbm is not None and pbm.shape != expected:
         raise UserError(f"{where}: per_block_token_map has shape {pbm.shape}, expected {expected}; re-run the dump")
     if meta.get("random_weights"):
-        notes.append(Note("note", "this run used random weights (--model tiny-random): its maps say nothing about SD3.5"))
+        family = "FLUX.1" if meta.get("model_family") == "flux" else "SD3.5"
+        model = meta.get("model_id") if isinstance(meta.get("model_id"), str) else "tiny-random"
+        notes.append(Note("note", f"this run used random weights (--model {model}): its maps say nothing about {family}"))
     return Dump(
         folder=folder,
         format_version=int(version),
@@ -567,9 +569,11 @@ def _read_encoders(meta: dict, version: int, shape: _Shape, prompts: list[str], 
     T, B = shape.T, shape.B
     spans = meta.get("text_spans")
     if version >= 2 or spans is not None:
-        if not isinstance(spans, dict) or "clip" not in spans:
-            raise UserError(f"{where}: metadata text_spans is missing or has no clip range; re-run the dump")
-        clip_span = _check_span(spans["clip"], T, "clip", where)
+        if not isinstance(spans, dict) or not ("clip" in spans or "t5" in spans):
+            raise UserError(f"{where}: metadata text_spans is missing or has neither a clip nor a t5 range; "
+                            "re-run the dump")
+        # FLUX.1's sequence is T5 only: no clip range
+        clip_span = _check_span(spans["clip"], T, "clip", where) if spans.get("clip") is not None else (0, 0)
         t5_span = _check_span(spans["t5"], T, "t5", where) if spans.get("t5") is not None else (T, T)
         if max(clip_span[0], t5_span[0]) < min(clip_span[1], t5_span[1]):
             raise UserError(
@@ -582,7 +586,7 @@ def _read_encoders(meta: dict, version: int, shape: _Shape, prompts: list[str], 
     truncated = meta.get("truncated") if isinstance(meta.get("truncated"), list) else None
     if truncated is not None and len(truncated) != B:
         raise UserError(f"{where}: metadata truncated has {len(truncated)} entries, expected B={B}; re-run the dump")
-    if "tokens" not in meta:
+    if "tokens" not in meta and clip_span[1] > clip_span[0]:
         raise UserError(f"{where}: metadata has no CLIP tokens (key 'tokens'); re-run the dump")
 
     encoders: dict[str, EncoderTokens] = {}
@@ -590,7 +594,7 @@ def _read_encoders(meta: dict, version: int, shape: _Shape, prompts: list[str], 
     prompts_equal = len(set(prompts)) == 1
     for name, span in (("clip", clip_span), ("t5", t5_span)):
         tok_key, sp_key, off_key = _TOKEN_KEYS[name]
-        if name == "t5" and span[1] <= span[0]:
+        if span[1] <= span[0]:
             continue
         if tok_key in meta:
             tok = _per_item(meta[tok_key], B, tok_key, where, prompts_equal)

@@ -144,7 +144,8 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
         for name in options.encoders:
             enc = dump.encoders.get(name)
             if enc is None:
-                if i == 0 and not any(ENCODER_TITLES[name] + " not analysed" in n.text for n in notes):
+                flux_clip = name == "clip" and dump.metadata.get("model_family") == "flux"  # T5 only, by design
+                if i == 0 and not flux_clip and not any(ENCODER_TITLES[name] + " not analysed" in n.text for n in notes):
                     notes.append(Note("note", f"{ENCODER_TITLES[name]} not analysed: the dump has no text positions for it"))
                 continue
             offs = enc.offsets[i] if enc.offsets is not None else None

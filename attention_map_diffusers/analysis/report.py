@@ -299,7 +299,7 @@ def run_page(
     back: Optional[str] = None, random_weights: bool = False,
 ) -> str:
     """HTML of one run's report: a table of contents, then per item and encoder the figures, at full width."""
-    keys = ("model_id", "scheduler", "steps", "num_steps", "guidance_scale", "seed", "seeds", "image_size", "canonical_size", "num_blocks", "store_dtype", "random_weights", "timestamp")
+    keys = ("model_family", "model_id", "scheduler", "steps", "num_steps", "guidance_scale", "seed", "seeds", "image_size", "canonical_size", "num_blocks", "store_dtype", "random_weights", "timestamp")
     facts = [[_e(k), _e(json.dumps(metadata[k]))] for k in keys if k in metadata]
     setting_rows = [[_e(k), _e(v)] for k, v in settings.items()]
     head = [f"<h1>{_e(title)}</h1>"]

@@ -66,6 +66,7 @@ class CaptureResult:
     text_spans: Optional[dict[str, list[int]]] = None
     capture_path: str = ""  # the path that gave the row log-sum-exp
     capture_verdicts: list[dict] = field(default_factory=list)  # the self-checks behind it
+    model_family: str = "sd3"  # "sd3" or "flux" (FLUX.1: text_spans holds only "t5")
 
     @property
     def num_steps(self) -> int:

@@ -1,10 +1,10 @@
-"""Finding SD3's joint-attention blocks and swapping their processors through diffusers' API."""
+"""Finding the attention blocks to record and swapping their processors through diffusers' API."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from ..contract import JOINT_BLOCK
+from .family import SD3, Block, Family, family_of
 from .processor import CaptureProcessor
 
 # Keys of ``transformer.attn_processors`` are "<module path>.processor". SD3.5 medium's MMDiT-X
@@ -13,30 +13,26 @@ _SUFFIX = ".processor"
 
 
 def joint_attention_blocks(transformer) -> list[tuple[int, str]]:
-    """``[(i, "transformer_blocks.{i}.attn"), ...]`` in index order, from the model itself."""
-    found = []
-    for key in transformer.attn_processors:
-        m = JOINT_BLOCK.fullmatch(key[: -len(_SUFFIX)]) if key.endswith(_SUFFIX) else None
-        if m:
-            found.append((int(m.group(1)), m.group(0)))
-    if not found:
-        raise ValueError(
-            f"{type(transformer).__name__} has no transformer_blocks.{{i}}.attn modules: "
-            "expected an SD3-family transformer (SD3Transformer2DModel)"
-        )
-    return sorted(found)
+    """``[(i, "transformer_blocks.{i}.attn"), ...]`` of an SD3 transformer, in index order."""
+    return [(b.position, b.name) for b in SD3.blocks(transformer)]
 
 
-def install_capture(transformer, make_sink_for: Callable[[int], Any]) -> dict:
-    """Wrap every joint-attention processor in a :class:`CaptureProcessor`.
+def attention_blocks(transformer, family: Optional[Family] = None) -> list[Block]:
+    """The blocks to record, in recording order (FLUX.1: joint blocks, then single blocks)."""
+    return (family or family_of(transformer)).blocks(transformer)
+
+
+def install_capture(transformer, make_sink_for: Callable[[int], Any], family: Optional[Family] = None) -> dict:
+    """Wrap every recorded block's processor in a :class:`CaptureProcessor`.
 
     Args:
-        make_sink_for: block index -> the sink its processor reports to.
+        make_sink_for: block position -> the sink its processor reports to.
     Returns:
         the processors the transformer had (``attn_processors``), for :func:`restore_processors`.
     Raises:
         RuntimeError: when a capture is already installed on this transformer.
     """
+    family = family or family_of(transformer)
     saved = dict(transformer.attn_processors)
     if any(isinstance(p, CaptureProcessor) for p in saved.values()):
         raise RuntimeError(
@@ -44,11 +40,13 @@ def install_capture(transformer, make_sink_for: Callable[[int], Any]) -> dict:
             "or init_pipeline(pipe) was called): leave the other `with` block, or call "
             "restore_pipeline(pipe), first"
         )
-    blocks = {name + ".processor": i for i, name in joint_attention_blocks(transformer)}
-    new = {
-        key: CaptureProcessor(proc, make_sink_for(blocks[key]), blocks[key]) if key in blocks else proc
-        for key, proc in saved.items()
-    }
+    blocks = {b.name + _SUFFIX: b for b in family.blocks(transformer)}
+    new = {}
+    for key, proc in saved.items():
+        b = blocks.get(key)
+        new[key] = proc if b is None else CaptureProcessor(
+            proc, make_sink_for(b.position), b.position, b.name, single=b.single, text_first=family.text_first
+        )
     transformer.set_attn_processor(new)
     return saved
 

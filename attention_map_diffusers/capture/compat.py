@@ -6,6 +6,7 @@ For code written against attention-map-diffusers::
     pipe = init_pipeline(pipe)
     pipe(prompt)
     attn_maps[timestep]["transformer_blocks.0.attn"]  # (B_total, heads, h, w, T), float32, CPU
+    # FLUX.1 also has "single_transformer_blocks.{j}.attn"; B_total is the positive pass only
 
 Built on the same capture machinery as :class:`StepAverageRecorder` (exact probabilities, the
 original processors wrapped, never patched), but, like upstream, it keeps every raw per-head map of
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import install_capture, joint_attention_blocks, restore_processors
+from .blocks import attention_blocks, install_capture, restore_processors
 from .calls import TransformerCalls
+from .family import family_of
 from .paths import KernelPaths
 from .processor import JointAttention
 from .recorder import recorded_probs, resolve_transformer
@@ -37,12 +39,13 @@ class _RawMapSink:
 
     def __init__(self, pipe, scratch_bytes: int = 64 << 20):
         self.transformer = resolve_transformer(pipe)
-        self.names = dict(joint_attention_blocks(self.transformer))
+        self.family = family_of(self.transformer)
+        self.names = {b.position: b.name for b in attention_blocks(self.transformer, self.family)}
         self.scratch_bytes = scratch_bytes
         self.paths = KernelPaths()  # checks each configuration once while init_pipeline is in effect
         self.method = "auto"
         # The whole batch is kept, as upstream did: no CFG split.
-        self.calls = TransformerCalls(self.transformer, lambda: False, self._begin)
+        self.calls = TransformerCalls(self.transformer, lambda: False, self._begin, self.family)
         self.saved: dict = {}
         self.key = None
         self.grid = (0, 0)
@@ -58,6 +61,9 @@ class _RawMapSink:
 
     def first_recorded_item(self, batch_size: int) -> int:
         return 0
+
+    def text_tokens(self) -> int:
+        return self.calls.text_tokens
 
     def on_attention(self, block_index: int, att: JointAttention) -> None:
         probs = recorded_probs(att, mean_heads=False, budget_bytes=self.scratch_bytes)
@@ -75,7 +81,7 @@ def init_pipeline(pipe):
     if getattr(transformer, _SINK_ATTR, None) is not None:
         return pipe
     sink = _RawMapSink(pipe)
-    sink.saved = install_capture(transformer, lambda i: sink)
+    sink.saved = install_capture(transformer, lambda i: sink, sink.family)
     sink.calls.attach()
     setattr(transformer, _SINK_ATTR, sink)
     return pipe

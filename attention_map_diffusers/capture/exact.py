@@ -69,6 +69,7 @@ def image_text_probs_from_keys(
     *,
     mean_heads: bool = True,
     budget_bytes: int = 64 << 20,
+    text: Optional[slice] = None,
 ):
     """Like :func:`image_text_probs`, with the log-sum-exp computed here (the fallback path).
 
@@ -78,13 +79,15 @@ def image_text_probs_from_keys(
 
     Args:
         q_img: (B, H, N, D) image queries.
-        key: (B, H, L, D) all keys, image first; the last T = L - N are the text keys.
+        key: (B, H, L, D) all keys.
+        text: where the T = L - N text keys lie on L; default ``slice(N, L)`` (SD3: image first).
     Returns:
         (B, N, T) or (B, H, N, T) float32.
     """
     B, H, N, D = q_img.shape
     L = key.shape[-2]
     T = L - N
+    text = slice(N, L) if text is None else text
     rows = max(1, min(N, budget_bytes // max(1, B * L * 4)))
     out_shape = (B, N, T) if mean_heads else (B, H, N, T)
     out = torch.zeros(out_shape, dtype=torch.float32, device=q_img.device)
@@ -95,7 +98,7 @@ def image_text_probs_from_keys(
             r1 = min(N, r0 + rows)
             e = torch.bmm(q_h[:, r0:r1], k_t)  # (B, r, L) scaled logits
             e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
-            p = e[..., N:].div_(e.sum(dim=-1, keepdim=True))
+            p = e[..., text].div_(e.sum(dim=-1, keepdim=True))
             if mean_heads:
                 out[:, r0:r1] += p
             else:

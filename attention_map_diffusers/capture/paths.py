@@ -33,6 +33,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .exact import default_scale
+from .layout import Layout
 from .kernels import (
     CUDNN,
     KERNEL_PATHS,
@@ -68,6 +69,7 @@ class Configuration(NamedTuple):
     first_item: int  # first batch item whose lse is used (B // 2 when CFG's first half is dropped)
     scale: Optional[float]  # as given to SDPA
     sdpa_backend: int  # torch._fused_sdp_choice's answer (an SDPBackend value)
+    text_first: bool = False  # image rows last ([text, image], FLUX.1) instead of first (SD3)
 
 
 @dataclass
@@ -90,11 +92,18 @@ class _Call:
     first: int
     sdpa: Callable[[], torch.Tensor]
     backend: int
+    text_first: bool = False
+
+    @property
+    def image(self) -> slice:
+        """The image rows on L (see :class:`~.layout.Layout`)."""
+        L = self.query.shape[-2]
+        return Layout(self.n, L - self.n, self.text_first).image
 
     def image_inputs(self):
         """(q_img (R, H, N, D), key (R, H, L, D), value (R, H, L, D)) of the recorded items."""
         f = self.first
-        return self.query[f:, :, : self.n], self.key[f:], self.value[f:]
+        return self.query[f:, :, self.image], self.key[f:], self.value[f:]
 
 
 class _Once:
@@ -141,17 +150,18 @@ class KernelPaths:
         self._chosen: dict[tuple, tuple] = {}  # (configuration, method) -> candidate in use
 
     def attend(self, method: str, query, key, value, scale: Optional[float], num_image_tokens: int,
-               first_item: int, sdpa: Callable[[], torch.Tensor]) -> Attended:
+               first_item: int, sdpa: Callable[[], torch.Tensor], *, text_first: bool = False) -> Attended:
         """Answer one joint SDPA call.
 
         Args:
             method: "auto" (the best path that passes its checks), "kernel-lse" (a), "side-lse" (b)
                 or "chunked" (c).
-            query, key, value: (B, H, L, D), image tokens first.
+            query, key, value: (B, H, L, D), image tokens first (last with ``text_first``).
             scale: the scale passed to SDPA (None: 1/sqrt(D)).
             num_image_tokens: N.
             first_item: the first batch item whose lse is wanted.
             sdpa: () -> SDPA's own output for this call (the call diffusers made).
+            text_first: the sequence is ``[text, image]`` (FLUX.1): the image rows are the last N.
         Raises:
             RuntimeError: ``method`` is "kernel-lse" or "side-lse" and that path fails here.
         """
@@ -159,8 +169,9 @@ class KernelPaths:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         backend = sdpa_backend(query, key, value, scale)
         config = Configuration(str(query.device), str(query.dtype).replace("torch.", ""), tuple(query.shape),
-                               int(num_image_tokens), int(first_item), scale, backend)
-        call = _Call(query, key, value, scale, int(num_image_tokens), int(first_item), sdpa, backend)
+                               int(num_image_tokens), int(first_item), scale, backend, bool(text_first))
+        call = _Call(query, key, value, scale, int(num_image_tokens), int(first_item), sdpa, backend,
+                     bool(text_first))
         chosen = self._chosen.get((config, method))
         if chosen is None:
             return self._choose(method, config, call)
@@ -228,7 +239,7 @@ class KernelPaths:
                 verdict["kernel"] = "aten." + kernel_op(call.backend, call.query)
                 out, lse = kernel_with_lse(call.backend, call.query, call.key, call.value, call.scale)
                 B, _, L, _ = call.query.shape
-                image_lse = lse_rows(lse, B, H, L)[call.first :, :, :N]
+                image_lse = lse_rows(lse, B, H, L)[call.first :, :, call.image]
         except Unavailable as exc:
             verdict["reason"] = str(exc)
             return verdict, None
@@ -267,7 +278,7 @@ class KernelPaths:
             return Attended(call.sdpa(), lse_rows(lse, R, H, N), path, config)
         out, lse = kernel_with_lse(call.backend, call.query, call.key, call.value, call.scale)
         B, H, L, _ = call.query.shape
-        return Attended(out, lse_rows(lse, B, H, L)[call.first :, :, : call.n], path, config)
+        return Attended(out, lse_rows(lse, B, H, L)[call.first :, :, call.image], path, config)
 
     def _announce(self, method: str, config: Configuration, tried: list) -> None:
         verdicts = [self._verdicts[(config, c)] for c in tried]
@@ -305,6 +316,7 @@ def _describe(config: Configuration) -> dict:
         "dtype": config.dtype,
         "shape": list(config.shape),
         "image_tokens": config.image_tokens,
+        "image_rows": "last" if config.text_first else "first",
         "recorded_items": config.shape[0] - config.first_item,
         "scale": config.scale,
         "sdpa_backend": backend_name(config.sdpa_backend),

@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 
 from .aggregate import CaptureResult, StepAverageAccumulator
-from .blocks import install_capture, joint_attention_blocks, restore_processors
+from .blocks import attention_blocks, install_capture, restore_processors
 from .calls import TransformerCalls
+from .family import family_of
 from .exact import image_text_probs, image_text_probs_from_keys
 from .paths import METHODS, KernelPaths
 from .processor import JointAttention
@@ -29,12 +30,14 @@ def recorded_probs(att: JointAttention, *, mean_heads: bool, budget_bytes: int) 
     Returns:
         (R, N, T) head-averaged, or (R, H, N, T) with ``mean_heads=False``.
     """
-    n = att.num_image_tokens
+    lay = att.layout
     q, k = att.query, att.key
     if att.image_lse is None:
-        return image_text_probs_from_keys(q[:, :, :n], k, att.scale, mean_heads=mean_heads, budget_bytes=budget_bytes)
+        return image_text_probs_from_keys(q[:, :, lay.image], k, att.scale, mean_heads=mean_heads,
+                                          budget_bytes=budget_bytes, text=lay.text)
     return image_text_probs(
-        q[:, :, :n], k[:, :, n:], att.image_lse, att.scale, mean_heads=mean_heads, budget_bytes=budget_bytes
+        q[:, :, lay.image], k[:, :, lay.text], att.image_lse, att.scale, mean_heads=mean_heads,
+        budget_bytes=budget_bytes,
     )
 
 
@@ -44,42 +47,25 @@ def path_summary(used: dict) -> str:
 
 
 def resolve_transformer(pipe):
-    """The SD3 transformer of a pipeline (or the transformer itself)."""
+    """The transformer of an SD3 / FLUX.1 pipeline (or the transformer itself)."""
     transformer = getattr(pipe, "transformer", pipe)
     if not hasattr(transformer, "attn_processors") or not hasattr(transformer, "config"):
         raise TypeError(
-            f"expected a StableDiffusion3Pipeline or an SD3Transformer2DModel, got {type(pipe).__name__}"
+            "expected a StableDiffusion3Pipeline / FluxPipeline or its transformer, got "
+            f"{type(pipe).__name__}"
         )
     return transformer
 
 
 def text_spans(pipe, num_tokens: int) -> Optional[dict[str, list[int]]]:
-    """Where each text encoder's positions lie on the T axis, read from the pipeline.
-
-    SD3 concatenates the CLIP sequence (``pipe.tokenizer_max_length`` positions, 77 for SD3) and the
-    T5 sequence after it. None for a bare transformer (no tokenizer to read).
-    """
-    clip = getattr(pipe, "tokenizer_max_length", None)
-    if clip is None:
-        return None
-    clip = min(int(clip), num_tokens)
-    spans = {"clip": [0, clip]}
-    if num_tokens > clip:
-        spans["t5"] = [clip, num_tokens]
-    return spans
+    """Where each text encoder's positions lie on the T axis, read from the pipeline (see
+    :meth:`~.family.Family.text_spans`). None for a bare transformer."""
+    return family_of(pipe).text_spans(pipe, num_tokens)
 
 
 def cfg_source(pipe, cfg):
     """A callable telling whether the current transformer batch has an unconditional half."""
-    if cfg != "auto":
-        value = bool(cfg)
-        return lambda: value
-    if not hasattr(type(pipe), "do_classifier_free_guidance"):
-        raise ValueError(
-            "cannot tell whether classifier-free guidance is on: pass the pipeline, or cfg=True/False "
-            "when recording a bare transformer"
-        )
-    return lambda: pipe.do_classifier_free_guidance
+    return family_of(pipe).cfg_source(pipe, cfg)
 
 
 class StepAverageRecorder:
@@ -138,7 +124,8 @@ class StepAverageRecorder:
             raise ValueError(f"stats_dtype must be torch.float32, float16 or bfloat16, got {stats_dtype}")
         self.pipe = pipe
         self.transformer = resolve_transformer(pipe)
-        self.blocks = joint_attention_blocks(self.transformer)
+        self.family = family_of(self.transformer)
+        self.blocks = [(b.position, b.name) for b in attention_blocks(self.transformer, self.family)]
         self.method = method
         self.paths = paths if paths is not None else KernelPaths()
         self._used: dict = {}  # configuration -> path, in order of first use
@@ -151,7 +138,8 @@ class StepAverageRecorder:
             stats_dtype=stats_dtype,
         )
         self._position = {i: pos for pos, (i, _) in enumerate(self.blocks)}
-        self._calls = TransformerCalls(self.transformer, cfg_source(pipe, cfg), self._begin_step)
+        self._calls = TransformerCalls(self.transformer, self.family.cfg_source(pipe, cfg), self._begin_step,
+                                       self.family)
         self._saved: Optional[dict] = None
         self._entered = False
         self._grid: tuple[int, int] = (0, 0)
@@ -164,7 +152,7 @@ class StepAverageRecorder:
                 "this StepAverageRecorder was already entered; create a new one for each recording"
             )
         self._entered = True
-        self._saved = install_capture(self.transformer, lambda i: self)
+        self._saved = install_capture(self.transformer, lambda i: self, self.family)
         try:
             self._calls.attach()
         except BaseException:
@@ -187,6 +175,9 @@ class StepAverageRecorder:
     def first_recorded_item(self, batch_size: int) -> int:
         return batch_size // 2 if self._calls.cfg else 0
 
+    def text_tokens(self) -> int:
+        return self._calls.text_tokens
+
     def _begin_step(self, timestep: torch.Tensor, grid: tuple[int, int], cfg: bool) -> None:
         if self._cfg_seen is not None and cfg != self._cfg_seen:
             raise RuntimeError("classifier-free guidance changed within one recording; use one recorder per call")
@@ -198,7 +189,7 @@ class StepAverageRecorder:
         h, w = self._grid
         if att.num_image_tokens != h * w:
             raise RuntimeError(
-                f"transformer_blocks.{block_index}.attn saw {att.num_image_tokens} image tokens, but the "
+                f"{self.blocks[self._position[block_index]][1]} saw {att.num_image_tokens} image tokens, but the "
                 f"latent patch grid is {h}x{w}"
             )
         self._used.setdefault(att.configuration, att.path)
@@ -231,7 +222,8 @@ class StepAverageRecorder:
             batch_size=int(acc.batch_size),
             cfg=bool(self._cfg_seen),
             state_bytes=acc.state_bytes(),
-            text_spans=text_spans(self.pipe, int(acc.num_tokens)) if self.pipe is not self.transformer else None,
+            text_spans=self.family.text_spans(self.pipe, int(acc.num_tokens)) if self.pipe is not self.transformer else None,
+            model_family=self.family.name,
             capture_path=path_summary(self._used),
             capture_verdicts=[v for c in self._used for v in self.paths.verdicts(c, self.method)],
         )

@@ -24,13 +24,15 @@ from ..contract import IMAGES_DIR, RUN_STATUSES, RUNS_NAME, RunRecord, UserError
 from .interrupts import Interrupted, interrupts
 from .journal import RunsJournal, remove_leftovers
 from .loading import (
-    TINY_RANDOM,
+    TINY_MODELS,
     Geometry,
     check_model_reference,
     load_pipeline,
+    guess_family,
     model_geometry,
     native_max_sequence_length,
     native_size,
+    pipeline_family,
     resolve_placement,
 )
 from .resume import COMPLETE, OTHER, REDO, check_out_kind, existing_run, refuse_other_settings
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG,
         allow_abbrev=False,
-        description="Generate images with an SD3 / SD3.5 pipeline and record where each text token is "
+        description="Generate images with an SD3 / SD3.5 or FLUX.1 pipeline and record where each text token is "
         "attended to, per denoising step and per transformer block (exact, streaming capture).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -71,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--neg", "--negative-prompt", dest="neg", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=50, help="number of denoising steps")
     g.add_argument("--guidance_scale", "--guidance-scale", dest="guidance_scale", type=float, default=7.5,
-                   help="classifier-free guidance scale; <= 1 disables CFG (e.g. SD3.5 large turbo)")
+                   help="SD3: classifier-free guidance scale, <= 1 disables CFG (e.g. SD3.5 large turbo); "
+                   "FLUX.1-dev: the distilled guidance embedding (e.g. 3.5; schnell ignores it)")
+    g.add_argument("--true-cfg-scale", type=float, default=1.0,
+                   help="FLUX.1 only: > 1 with --neg runs true classifier-free guidance, a second transformer "
+                   "call per step on the negative prompt (not recorded)")
     g.add_argument("--seed", type=int, nargs="+", action=_Extend, default=[DEFAULT_SEED],
                    help="seed(s), as several values or repeated flags; each seed is one run per prompt batch; "
                    "image j of a prompt uses seed + j")
@@ -85,17 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("model and device")
     m.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id or local diffusers folder; 'tiny-random' builds a tiny random-weight SD3 "
-                   "pipeline offline (demonstrates the flow in seconds, no GPU, no download)")
+                   help="hub id or local diffusers folder (SD3 / SD3.5, or FLUX.1 e.g. "
+                   "black-forest-labs/FLUX.1-dev); 'tiny-random' / 'tiny-random-flux' build a tiny "
+                   "random-weight SD3 / FLUX.1 pipeline offline (demonstrates the flow in seconds, no GPU, "
+                   "no download)")
     m.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     m.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp16 on MPS, fp32 on CPU), bf16, fp16, fp32")
     m.add_argument("--cpu-offload", action="store_true",
                    help="enable_model_cpu_offload(): keep only the active model on the GPU (less memory)")
     m.add_argument("--max-sequence-length", type=int, default=None,
-                   help=f"T5 tokens (at most {T5_MAX_LENGTH}); the text length T is 77 + this; default: the "
-                   "length the model was trained with when its folder records it (toy-shapes), else 256")
+                   help=f"T5 tokens (at most {T5_MAX_LENGTH}); the text length T is 77 + this for SD3, this for "
+                   "FLUX.1; default: the length the model was trained with when its folder records it "
+                   "(toy-shapes), else 256")
     m.add_argument("--skip-guidance-layers", type=int, nargs="+", action=_Extend, default=None, metavar="I",
-                   help="skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium); "
+                   help="SD3 / SD3.5 only: skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium); "
                    "its extra transformer call is not recorded")
 
     c = p.add_argument_group("capture and files")
@@ -192,6 +201,11 @@ def _validate(args) -> tuple[list[str], list[int], RunSettings]:
         raise UserError(f"--canonical-size must be two positive integers H W, got {args.canonical_size}")
     if args.skip_guidance_layers is not None and min(args.skip_guidance_layers) < 0:
         raise UserError(f"--skip-guidance-layers must be block indices >= 0, got {args.skip_guidance_layers}")
+    if not math.isfinite(args.true_cfg_scale) or args.true_cfg_scale < 1:
+        raise UserError(f"--true-cfg-scale must be a finite number >= 1, got {args.true_cfg_scale}")
+    family = guess_family(args.model)
+    if family is not None:
+        check_family_flags(family, args.skip_guidance_layers, args.true_cfg_scale)
     prompts = list(args.prompt or [])
     for p in prompts:
         _check_text("--prompt", p)
@@ -219,6 +233,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         width=args.width,
         max_sequence_length=args.max_sequence_length,
         skip_guidance_layers=tuple(args.skip_guidance_layers) if args.skip_guidance_layers else None,
+        true_cfg_scale=args.true_cfg_scale,
         num_images_per_prompt=args.num_images_per_prompt,
         canonical_size=tuple(args.canonical_size) if args.canonical_size else None,
         store_dtype=args.store_dtype,
@@ -227,13 +242,26 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         save_image=not args.no_image,
         image_format=args.image_format,
         embed_metadata=not args.no_embed_metadata,
-        random_weights=args.model == TINY_RANDOM,
+        random_weights=args.model in TINY_MODELS,
     )
+
+
+def check_family_flags(family: str, skip_guidance_layers, true_cfg_scale: float) -> None:
+    """Refuse the flags that do not apply to the model family. Raises UserError."""
+    if family == "flux" and skip_guidance_layers:
+        raise UserError("--skip-guidance-layers applies to SD3 / SD3.5 only: FLUX.1 has no skip-layer guidance "
+                        "(leave the flag out)")
+    if family == "sd3" and true_cfg_scale != 1.0:
+        raise UserError(f"--true-cfg-scale applies to FLUX.1 only, got {true_cfg_scale}: SD3 / SD3.5 take "
+                        "classifier-free guidance from --guidance-scale")
 
 
 def _check_model_limits(pipe, settings: RunSettings) -> None:
     """The checks that need the loaded model (a hub id whose configs were not in the cache)."""
-    multiple = int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size)
+    family = pipeline_family(pipe)
+    check_family_flags(family, settings.skip_guidance_layers, settings.true_cfg_scale)
+    patch = 2 if family == "flux" else int(pipe.transformer.config.patch_size)  # FLUX.1 packs 2x2 latents
+    multiple = int(pipe.vae_scale_factor) * patch
     max_patches = getattr(pipe.transformer.config, "pos_embed_max_size", None)
     Geometry(multiple, int(max_patches) * multiple if max_patches else None).check(
         settings.height, settings.width, " for this model")
@@ -361,9 +389,9 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
     is_main = state is None or state.is_main_process
     pipe = None
     if need_model:
-        if args.model == TINY_RANDOM:
-            print("note: --model tiny-random has RANDOM weights: its images are noise and its maps say nothing "
-                  "about SD3.5 (the outputs say so too); it demonstrates the flow", file=sys.stderr)
+        if args.model in TINY_MODELS:
+            print(f"note: --model {args.model} has RANDOM weights: its images are noise and its maps say nothing "
+                  "about SD3.5 or FLUX.1 (the outputs say so too); it demonstrates the flow", file=sys.stderr)
         try:
             pipe = load_pipeline(args.model, placement, cpu_offload=args.cpu_offload)
             _check_model_limits(pipe, settings)

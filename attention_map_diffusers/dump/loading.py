@@ -1,4 +1,4 @@
-"""Loading an SD3-family pipeline for the dump command: model ids, devices, dtypes, clear errors."""
+"""Loading an SD3-family or FLUX.1 pipeline for the dump command: model ids, devices, dtypes, clear errors."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from ..contract import UserError
 
 TINY_RANDOM = "tiny-random"
 TOY_SHAPES = "toy-shapes"  # trained here by models/toy_shapes/train.py into models/toy_shapes/weights
+TINY_RANDOM_FLUX = "tiny-random-flux"
+TINY_MODELS = (TINY_RANDOM, TINY_RANDOM_FLUX)
+
+# model_index.json's _class_name -> model family (contract.MODEL_FAMILIES)
+_PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
            "fp32": "float32", "float32": "float32"}
@@ -72,7 +77,7 @@ def _local_folder(model: str) -> str:
 
 def check_model_reference(model: str) -> None:
     """Cheap checks before any loading: a folder must exist and be a diffusers pipeline folder."""
-    if model == TINY_RANDOM:
+    if model in TINY_MODELS:
         return
     if model == TOY_SHAPES:
         if not os.path.isfile(os.path.join(toy_shapes_path(), "model_index.json")):
@@ -114,9 +119,17 @@ class Geometry:
                 )
 
 
+def is_flux_config(transformer: dict) -> bool:
+    """A FLUX.1 transformer config (single-stream blocks)."""
+    return "num_single_layers" in transformer
+
+
 def geometry_from_configs(vae: dict, transformer: dict) -> Geometry:
-    """:class:`Geometry` from a pipeline's ``vae/config.json`` and ``transformer/config.json`` contents."""
-    multiple = 2 ** (len(vae["block_out_channels"]) - 1) * int(transformer.get("patch_size", 2))
+    """:class:`Geometry` from a pipeline's ``vae/config.json`` and ``transformer/config.json`` contents.
+
+    FLUX.1 packs 2x2 latents into one token (its transformer's own patch_size is 1)."""
+    patch = 2 if is_flux_config(transformer) else int(transformer.get("patch_size", 2))
+    multiple = 2 ** (len(vae["block_out_channels"]) - 1) * patch
     max_patches = transformer.get("pos_embed_max_size")
     return Geometry(multiple, int(max_patches) * multiple if max_patches else None)
 
@@ -130,6 +143,10 @@ def model_geometry(model: str) -> Optional[Geometry]:
         cfg = demo_config()
         multiple = 2 ** (len(cfg.vae_block_out_channels) - 1) * cfg.patch_size
         return Geometry(multiple, cfg.pos_embed_max_size * multiple)
+    if model == TINY_RANDOM_FLUX:
+        from ..models.tiny_flux import TinyFluxConfig
+
+        return Geometry(2 ** (len(TinyFluxConfig().vae_block_out_channels) - 1) * 2, None)
     path = _local_folder(model)
     try:
         if os.path.isdir(path):
@@ -147,12 +164,12 @@ def model_geometry(model: str) -> Optional[Geometry]:
         return None
 
 
-def _cached_config(model: str, sub: str) -> Optional[str]:
-    """The path of ``{sub}/config.json`` of hub id ``model`` in the local cache (no network), or None."""
+def _cached_config(model: str, sub: str, name: str = "config.json") -> Optional[str]:
+    """The path of ``{sub}/{name}`` of hub id ``model`` in the local cache (no network), or None."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(model, f"{sub}/config.json")
+        found = try_to_load_from_cache(model, f"{sub}/{name}" if sub else name)
     except Exception:  # noqa: BLE001 - an odd id or cache: the check after loading still runs
         return None
     return found if isinstance(found, str) else None
@@ -162,7 +179,7 @@ def native_size(model: str) -> Optional[tuple[int, int]]:
     """(height, width) the model was trained at, when it can be read without loading weights: the
     transformer's ``sample_size`` (latent patches x patch size) times the VAE's scale factor, as the
     pipeline's own default. None for ``tiny-random`` (random weights have no native size) and hub ids."""
-    if model == TINY_RANDOM:
+    if model in TINY_MODELS:
         return None
     path = _local_folder(model)
     try:
@@ -189,21 +206,57 @@ def native_max_sequence_length(model: str) -> Optional[int]:
         return None
 
 
+def model_family(model: str) -> Optional[str]:
+    """"sd3" or "flux" when it can be told without loading weights (the tiny models, a local folder or
+    a cached hub id: model_index.json's pipeline class); None otherwise (told after loading)."""
+    if model in TINY_MODELS:
+        return "flux" if model == TINY_RANDOM_FLUX else "sd3"
+    path = _local_folder(model)
+    name = os.path.join(path, "model_index.json") if os.path.isdir(path) else _cached_config(model, "model_index.json", "")
+    if not name:
+        return None
+    try:
+        with open(name, encoding="utf-8") as fh:
+            return _PIPELINE_FAMILIES.get(json.load(fh).get("_class_name"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def guess_family(model: str) -> Optional[str]:
+    """:func:`model_family`, else "flux" for a hub id whose name says FLUX (e.g. black-forest-labs/FLUX.1-dev)
+    and None (not known before loading) for any other."""
+    family = model_family(model)
+    if family is None and "flux" in model.rsplit("/", 1)[-1].lower():
+        family = "flux"
+    return family
+
+
+def pipeline_family(pipe) -> str:
+    """"flux" for a FLUX.1 pipeline (single-stream blocks), else "sd3"."""
+    return "flux" if hasattr(getattr(pipe, "transformer", None), "single_transformer_blocks") else "sd3"
+
+
 def load_pipeline(model: str, placement: Placement, *, cpu_offload: bool = False, tiny_config=None):
-    """Load ``model`` (hub id, local folder, ``tiny-random`` or ``toy-shapes``) as a ``StableDiffusion3Pipeline``.
+    """Load ``model`` (hub id, local folder, ``tiny-random``, ``tiny-random-flux`` or ``toy-shapes``) as a
+    ``StableDiffusion3Pipeline`` or a ``FluxPipeline``.
 
     Raises:
-        UserError: unknown id or folder, gated model without a token, not an SD3 pipeline.
+        UserError: unknown id or folder, gated model without a token, neither an SD3 nor a FLUX.1 pipeline.
     """
     import torch
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     dtype = getattr(torch, placement.dtype)
     check_model_reference(model)
-    if model == TINY_RANDOM:
-        from ..models.tiny import build_tiny_sd3_pipeline, demo_config
+    if model in TINY_MODELS:
+        if model == TINY_RANDOM:
+            from ..models.tiny import build_tiny_sd3_pipeline, demo_config
 
-        pipe = build_tiny_sd3_pipeline(tiny_config or demo_config())  # float32
+            pipe = build_tiny_sd3_pipeline(tiny_config or demo_config())  # float32
+        else:
+            from ..models.tiny_flux import TinyFluxConfig, build_tiny_flux_pipeline
+
+            pipe = build_tiny_flux_pipeline(tiny_config or TinyFluxConfig())  # float32
         if dtype != torch.float32:
             from diffusers.utils import logging as dlog
 
@@ -216,7 +269,9 @@ def load_pipeline(model: str, placement: Placement, *, cpu_offload: bool = False
     elif model == TOY_SHAPES:
         pipe = _from_pretrained(StableDiffusion3Pipeline, toy_shapes_path(), dtype)
     else:
-        pipe = _from_pretrained(StableDiffusion3Pipeline, model, dtype)
+        # a hub id not in the cache: its name decides (FLUX.1 ids say "flux"); the type is checked after
+        cls = FluxPipeline if guess_family(model) == "flux" else StableDiffusion3Pipeline
+        pipe = _from_pretrained(cls, model, dtype)
     if cpu_offload:  # resolve_placement(..., cpu_offload=True) refused the CPU
         pipe.enable_model_cpu_offload(device=placement.device)
     else:
@@ -275,5 +330,14 @@ def _from_pretrained(cls, model: str, dtype):
             first = first[:300] + "..."
         raise UserError(f"--model {model!r} could not be loaded: {first}") from None
     if not hasattr(pipe, "transformer") or not hasattr(pipe.transformer, "transformer_blocks"):
-        raise UserError(f"--model {model!r} is a {type(pipe).__name__}, not an SD3 / SD3.5 pipeline")
+        raise UserError(f"--model {model!r} is a {type(pipe).__name__}, not an SD3 / SD3.5 or FLUX.1 pipeline")
+    if pipeline_family(pipe) == "flux" and not isinstance(pipe, _flux_pipeline_class()):
+        raise UserError(f"--model {model!r} is a {type(pipe).__name__}: of FLUX.1 only the text-to-image "
+                        "FluxPipeline is supported (Kontext / FLUX.2 feed reference-image tokens)")
     return pipe
+
+
+def _flux_pipeline_class():
+    from diffusers import FluxPipeline
+
+    return FluxPipeline

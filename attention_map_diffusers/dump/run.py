@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..contract import IMAGES_DIR, PromptTokens, prompt_tokens
-from .loading import Placement
+from .loading import Placement, pipeline_family
 from .runs import Run
 from .settings import RunSettings
 from .writer import build_metadata, image_name, write_run
@@ -21,12 +21,19 @@ def versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
-def _tokens(pipe, prompts, settings: RunSettings):
-    """Per prompt, the CLIP and T5 tokens as the pipeline feeds them (truncation warned about)."""
-    clip_len = int(pipe.tokenizer_max_length)
-    clip = [prompt_tokens(pipe.tokenizer, p, clip_len) for p in prompts]
-    if pipe.tokenizer_3 is not None:
-        t5 = [prompt_tokens(pipe.tokenizer_3, p, settings.max_sequence_length) for p in prompts]
+def _tokens(pipe, prompts, settings: RunSettings, family: str):
+    """Per prompt, the CLIP and T5 tokens in the text sequence, as the pipeline feeds them (truncation
+    warned about). FLUX.1's sequence is T5 only (its CLIP gives a pooled vector): no CLIP tokens."""
+    empty = PromptTokens([], [], [], False)
+    if family == "flux":
+        clip_len, clip = 0, [empty for _ in prompts]
+        t5_tokenizer = pipe.tokenizer_2
+    else:
+        clip_len = int(pipe.tokenizer_max_length)
+        clip = [prompt_tokens(pipe.tokenizer, p, clip_len) for p in prompts]
+        t5_tokenizer = pipe.tokenizer_3
+    if t5_tokenizer is not None:
+        t5 = [prompt_tokens(t5_tokenizer, p, settings.max_sequence_length) for p in prompts]
     else:
         t5 = [PromptTokens([], [], [], False) for _ in prompts]
     for p, c, t in zip(prompts, clip, t5):
@@ -54,13 +61,15 @@ def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir
     seeds = [run.seed + j for _ in run.prompts for j in range(n_img)]
     device = pipe._execution_device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    clip_len, clip, t5 = _tokens(pipe, run.prompts, settings)
+    family = pipeline_family(pipe)
+    clip_len, clip, t5 = _tokens(pipe, run.prompts, settings, family)
     clip = [c for c in clip for _ in range(n_img)]
     t5 = [t for t in t5 for _ in range(n_img)]
 
     kwargs = dict(
         prompt=list(run.prompts),
-        negative_prompt=settings.negative_prompt,
+        # FLUX.1 runs true CFG whenever a negative prompt is given (even "") and true_cfg_scale > 1
+        negative_prompt=(settings.negative_prompt or None) if family == "flux" else settings.negative_prompt,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale,
         height=settings.height,
@@ -72,6 +81,8 @@ def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir
     )
     if settings.skip_guidance_layers:
         kwargs["skip_guidance_layers"] = list(settings.skip_guidance_layers)
+    if family == "flux":
+        kwargs["true_cfg_scale"] = settings.true_cfg_scale
     t0 = time.perf_counter()
     with StepAverageRecorder(
         pipe,

@@ -20,7 +20,7 @@ class RunSettings:
     height: int  # image size in pixels
     width: int
     max_sequence_length: int  # T5 tokens
-    skip_guidance_layers: Optional[tuple[int, ...]]  # skip-layer guidance blocks, or None
+    skip_guidance_layers: Optional[tuple[int, ...]]  # skip-layer guidance blocks, or None (SD3 only)
     num_images_per_prompt: int
     canonical_size: Optional[tuple[int, int]]  # grid of the stored maps; None: the latent patch grid
     store_dtype: str  # "float16" or "float32": the stored maps and per-(block, step) statistics
@@ -30,6 +30,7 @@ class RunSettings:
     image_format: str  # "png" or "jpg"
     embed_metadata: bool  # metadata in the images' text chunks / JPEG comment
     random_weights: bool  # the model has random weights (tiny-random): said in every output
+    true_cfg_scale: float = 1.0  # FLUX.1's true CFG (> 1 with a negative prompt: a second, unrecorded call)
 
     @property
     def image_size(self) -> list[int]:
@@ -63,7 +64,8 @@ class RunSettings:
             "save_image": self.save_image,
             "image_format": self.image_format,
             "embed_metadata": self.embed_metadata,
-        }
+        } | ({"true_cfg_scale": float(self.true_cfg_scale)} if self.true_cfg_scale != 1.0 else {})
+        # (only when set, so that the fingerprints of earlier SD3 dumps stay what they were)
 
     def fingerprint(self, prompts: Sequence[str], seed: int) -> str:
         """The settings fingerprint of a run (see :func:`~attention_map_diffusers.contract.settings_fingerprint`)."""

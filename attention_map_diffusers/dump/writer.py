@@ -79,12 +79,13 @@ def build_metadata(
         "num_blocks": len(result.blocks),
         "blocks": list(result.blocks),
         "block_latent_sizes": [list(map(int, s)) for s in result.block_latent_sizes],
-        "tokens": [c.tokens for c in clip],
+        "tokens": [c.tokens for c in clip],  # CLIP's (left out for FLUX.1, below)
         "T_from_model": T,
         "special_mask": [c.special for c in clip],
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         # format 2
         "format_version": FORMAT_VERSION,
+        "model_family": result.model_family,
         "step_order": "denoising",
         "timesteps": [float(t) for t in result.timesteps],
         "text_spans": result.text_spans or {"clip": [0, int(clip_length)], "t5": [int(clip_length), T]},
@@ -95,6 +96,7 @@ def build_metadata(
         "truncated": [{"clip": c.truncated, "t5": t.truncated} for c, t in zip(clip, t5)],
         "max_sequence_length": int(settings.max_sequence_length),
         "skip_guidance_layers": list(settings.skip_guidance_layers) if settings.skip_guidance_layers else None,
+        "true_cfg_scale": float(settings.true_cfg_scale),
         "cfg": bool(result.cfg),
         "capture_path": result.capture_path,
         "capture_verdicts": list(result.capture_verdicts),
@@ -110,11 +112,16 @@ def build_metadata(
         "num_tokens_clip": int(clip_length),
         "num_tokens_t5": T - int(clip_length),
     }
+    if result.model_family == "flux":  # T5 only in the sequence: no CLIP tokens to describe
+        for key in ("tokens", "special_mask", "token_offsets_clip"):
+            del meta[key]
+        meta["truncated"] = [{"t5": t.truncated} for t in t5]
     recorded = settings.recorded(list(prompts)[:: max(1, int(settings.num_images_per_prompt))], base_seed)
     meta[SETTINGS_KEY] = recorded
     meta[FINGERPRINT_KEY] = settings.fingerprint(recorded["prompt"], base_seed)
     if meta["random_weights"]:
-        meta["note"] = "RANDOM WEIGHTS (--model tiny-random): these maps demonstrate the tool, not SD3.5"
+        meta["note"] = (f"RANDOM WEIGHTS (--model {settings.model_id}): these maps demonstrate the tool, not "
+                        + ("FLUX.1" if result.model_family == "flux" else "SD3.5"))
     return meta
 
 
