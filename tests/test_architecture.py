@@ -77,7 +77,7 @@ def test_pip_install_gives_both_commands(tmp_path):
                     ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(src)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(src)],
         check=True, capture_output=True,
     )
     env = dict(os.environ, PYTHONPATH=str(target))
