@@ -1,2 +1,2 @@
-"""Pipelines built in this repository: ``tiny-random`` (random weights, for tests and demos) and
-``toy-shapes`` (a small SD3 trained here on flat coloured shapes, whose maps mean something)."""
+"""Pipelines built in this repository: ``tiny-random`` and ``tiny-random-flux`` (random weights, for tests
+and demos), and ``toy-shapes`` (a small SD3 trained here on synthetic shapes)."""
