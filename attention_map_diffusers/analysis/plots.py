@@ -58,6 +58,12 @@ def add_footer(fig: Figure, facts: FigureFacts) -> None:
             pass
 
 
+def _suptitle(fig: Figure) -> str:
+    """The figure's suptitle text ("" when none); Figure.get_suptitle is matplotlib >= 3.8 only."""
+    text = getattr(fig, "_suptitle", None)
+    return text.get_text() if text is not None else ""
+
+
 def write_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts: Optional[FigureFacts] = None) -> None:
     """Write ``fig`` to ``path`` (temp name, then rename); the figure stays usable.
 
@@ -67,7 +73,7 @@ def write_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts
     kwargs: dict = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
     if fmt == "png":
         meta = facts.png_text() if facts is not None else {}
-        title = fig.get_suptitle()
+        title = _suptitle(fig)
         if title:
             meta["Title"] = title
         if meta:
