@@ -244,11 +244,35 @@ def t5_text_encoder(vocab_size: int, d_model: int, num_layers: int, *, seed: int
     return T5EncoderModel(cfg).eval()
 
 
+def tiny_vae(block_out_channels, latent_channels: int, *, seed: int, shift_factor: float, scaling_factor: float):
+    """A random ``AutoencoderKL`` (one layer per block, no quant convs), in eval mode; the scale factor
+    is 2 ** (len(block_out_channels) - 1)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(4, min(block_out_channels)),
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    ).eval()
+
+
 def build_tiny_sd3_pipeline(config: TinySD3Config = TinySD3Config()):
     """A ``StableDiffusion3Pipeline`` with random weights, built in memory (float32, CPU)."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -286,23 +310,8 @@ def build_tiny_sd3_pipeline(config: TinySD3Config = TinySD3Config()):
     ).eval()
     _sharpen_attention(transformer, config.qk_gain)
 
-    torch.manual_seed(config.seed + 5)
-    n = len(config.vae_block_out_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(config.vae_block_out_channels),
-        layers_per_block=1,
-        latent_channels=config.latent_channels,
-        norm_num_groups=min(4, min(config.vae_block_out_channels)),
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    ).eval()
+    vae = tiny_vae(config.vae_block_out_channels, config.latent_channels, seed=config.seed + 5,
+                   shift_factor=0.0609, scaling_factor=1.5035)
 
     return StableDiffusion3Pipeline(
         transformer=transformer,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .tiny import CLIP_BOS, CLIP_EOS, _sharpen_attention, build_clip_tokenizer, build_t5_tokenizer
+from .tiny import CLIP_BOS, CLIP_EOS, _sharpen_attention, build_clip_tokenizer, build_t5_tokenizer, tiny_vae
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class TinyFluxConfig:
 def build_tiny_flux_pipeline(config: TinyFluxConfig = TinyFluxConfig()):
     """A ``FluxPipeline`` with random weights, built in memory (float32, CPU)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if sum(config.axes_dims_rope) != config.attention_head_dim:
@@ -89,23 +89,8 @@ def build_tiny_flux_pipeline(config: TinyFluxConfig = TinyFluxConfig()):
     ).eval()
     _sharpen_attention(transformer, config.qk_gain)
 
-    torch.manual_seed(config.seed + 4)
-    n = len(config.vae_block_out_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(config.vae_block_out_channels),
-        layers_per_block=1,
-        latent_channels=config.latent_channels,
-        norm_num_groups=min(4, min(config.vae_block_out_channels)),
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,  # FLUX.1's VAE
-        scaling_factor=0.3611,
-    ).eval()
+    vae = tiny_vae(config.vae_block_out_channels, config.latent_channels, seed=config.seed + 4,
+                   shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE factors
 
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
