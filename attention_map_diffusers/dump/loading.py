@@ -147,21 +147,33 @@ def model_geometry(model: str) -> Optional[Geometry]:
         from ..models.tiny_flux import TinyFluxConfig
 
         return Geometry(2 ** (len(TinyFluxConfig().vae_block_out_channels) - 1) * 2, None)
-    path = _local_folder(model)
+    configs = _vae_and_transformer_configs(model, cached=True)
     try:
-        if os.path.isdir(path):
-            files = [os.path.join(path, sub, "config.json") for sub in ("vae", "transformer")]
-        else:
-            files = [_cached_config(model, sub) for sub in ("vae", "transformer")]
-            if None in files:
-                return None
+        return geometry_from_configs(*configs) if configs else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _vae_and_transformer_configs(model: str, *, cached: bool) -> Optional[tuple[dict, dict]]:
+    """The contents of ``vae/config.json`` and ``transformer/config.json`` of a local folder (and, with
+    ``cached``, of a hub id in the local cache), or None when they cannot be read."""
+    path = _local_folder(model)
+    if os.path.isdir(path):
+        files = [os.path.join(path, sub, "config.json") for sub in ("vae", "transformer")]
+    elif cached:
+        files = [_cached_config(model, sub) for sub in ("vae", "transformer")]
+        if None in files:
+            return None
+    else:
+        return None
+    try:
         configs = []
         for name in files:
             with open(name, encoding="utf-8") as fh:
                 configs.append(json.load(fh))
-        return geometry_from_configs(*configs)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
+    return configs[0], configs[1]
 
 
 def _cached_config(model: str, sub: str, name: str = "config.json") -> Optional[str]:
@@ -179,16 +191,13 @@ def native_size(model: str) -> Optional[tuple[int, int]]:
     """(height, width) the model was trained at, when it can be read without loading weights: the
     transformer's ``sample_size`` (latent patches x patch size) times the VAE's scale factor, as the
     pipeline's own default. None for ``tiny-random`` (random weights have no native size) and hub ids."""
-    if model in TINY_MODELS:
+    configs = None if model in TINY_MODELS else _vae_and_transformer_configs(model, cached=False)
+    if configs is None:
         return None
-    path = _local_folder(model)
+    vae, transformer = configs
     try:
-        with open(os.path.join(path, "vae", "config.json"), encoding="utf-8") as fh:
-            vae = json.load(fh)
-        with open(os.path.join(path, "transformer", "config.json"), encoding="utf-8") as fh:
-            transformer = json.load(fh)
         side = int(transformer["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
     return (side, side)
 
