@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 # torch-free imports only here, so that --help and bad input answer at once
 from ..cli import OneLineParser, fail, parse
@@ -36,12 +37,14 @@ from .loading import (
     resolve_placement,
 )
 from .resume import COMPLETE, OTHER, REDO, check_out_kind, existing_run, refuse_other_settings
-from .runs import plan_runs, read_prompts_file
+from .runs import plan_image_runs, plan_runs, read_prompts_file
+from .source_images import check_noise_levels, open_checked, pair_images, read_images_csv
 from .settings import RunSettings
 
 PROG = "sd_35_stepavg_dump.py"
 DEFAULT_PROMPT = "A furry cat beneath a table"
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+DEFAULT_NOISE_LEVELS = (0.3, 0.5, 0.7)
 T5_MAX_LENGTH = 512  # the longest T5 sequence SD3 pipelines accept
 DEFAULT_SIZE = 1024  # the original tool's --height / --width, for models whose native size is unknown
 DEFAULT_T5_LENGTH = 256  # the pipeline's max_sequence_length default
@@ -123,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true",
                    help="redo runs whose folder is already complete, or was made with other settings "
                    "(default: skip complete runs, i.e. resume, and refuse folders made with other settings)")
+
+    i = p.add_argument_group(
+        "attention on given images (SD3 / SD3.5; instead of generating)",
+        "Each image is resized to cover --height x --width (default: the model's native size; bicubic, aspect "
+        "ratio kept) and its centre is cropped to it (metadata 'source_image' records the crop box); the run's "
+        "steps are the noise levels, noisiest first, and the analysis reads the folder like any other.")
+    i.add_argument("--image", nargs="+", action=_Extend, default=None, metavar="PATH",
+                   help="image file(s) (PNG, JPEG, ...; alpha is composited over white); with one --prompt for all "
+                   "images, or one --prompt (or --prompts-file line) per image in order")
+    i.add_argument("--images-csv", default=None, metavar="FILE",
+                   help="UTF-8 CSV with a header line and the columns image,prompt (paths relative to the CSV's folder)")
+    i.add_argument("--noise-levels", type=float, nargs="+", default=None, metavar="SIGMA",
+                   help="flow-matching noise levels in [0, 1]: the image latent x0 becomes (1 - sigma) x0 + sigma "
+                   "noise (one noise per image, from --seed) and the transformer runs once per level "
+                   f"(default with --image: {' '.join(map(str, DEFAULT_NOISE_LEVELS))}); per-level maps are kept")
+    i.add_argument("--timesteps", type=float, nargs="+", default=None, metavar="T",
+                   help="the same levels as timesteps in [0, 1000] (timestep = 1000 x sigma)")
+    i.add_argument("--strength", type=float, default=None, metavar="S",
+                   help="instead of noise levels: img2img (StableDiffusion3Img2ImgPipeline) from level S in (0, 1], "
+                   "int(--steps x S) denoising steps recorded like generation; the run's image is the output")
 
     r = p.add_argument_group("several runs")
     r.add_argument("--prompts-file", default=None,
@@ -222,6 +245,60 @@ def _validate(args) -> tuple[list[str], list[int], RunSettings]:
     return prompts, seeds, settings_from_args(args)
 
 
+def _validate_images(args) -> Optional[list]:
+    """Image mode's checks (before the model loads). Returns the (image, prompt) jobs, or None
+    without --image / --images-csv. Sets ``args.noise_levels`` to the levels used."""
+    given = args.image is not None or args.images_csv is not None
+    levels = check_noise_levels(args.noise_levels, args.timesteps)
+    if not given:
+        for flag, value in (("--noise-levels", args.noise_levels), ("--timesteps", args.timesteps),
+                            ("--strength", args.strength)):
+            if value is not None:
+                raise UserError(f"{flag} applies to given images: add --image (or --images-csv)")
+        return None
+    if args.image is not None and args.images_csv is not None:
+        raise UserError("give --image or --images-csv, not both")
+    if guess_family(args.model) == "flux":
+        raise UserError("--image supports SD3 / SD3.5 models for now, not FLUX.1")
+    for flag, value in (("--batch-size", args.batch_size), ("--num-images-per-prompt", args.num_images_per_prompt)):
+        if value != 1:
+            raise UserError(f"{flag} applies to generation; with --image each run is one image (got {value})")
+    if args.strength is not None:
+        if levels is not None:
+            raise UserError("--strength (img2img) and --noise-levels / --timesteps are two ways of noising the image: "
+                            "give one")
+        if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+            raise UserError(f"--strength must lie in (0, 1], got {args.strength}")
+        if int(args.steps * args.strength) < 1:
+            raise UserError(f"--strength {args.strength} with --steps {args.steps} runs no denoising step "
+                            f"(int(steps x strength) = 0); raise one of them")
+    else:
+        levels = levels or tuple(sorted(DEFAULT_NOISE_LEVELS, reverse=True))
+        args.save_step_maps = True  # one map per level: what the segmentation evaluation selects from
+        args.steps = len(levels)
+    args.noise_levels = levels
+    if args.images_csv is not None:
+        if args.prompt or args.prompts_file:
+            raise UserError("--images-csv holds the prompts: leave out --prompt / --prompts-file")
+        jobs = read_images_csv(args.images_csv)
+    else:
+        for path in args.image:
+            _check_text("--image", path)
+        prompts = list(args.prompt or [])
+        if args.prompts_file:
+            prompts += read_prompts_file(args.prompts_file)
+        if not prompts:
+            raise UserError("--image needs the prompt(s) to read the image with: --prompt (one for all images, or one "
+                            "per image) or --prompts-file")
+        jobs = pair_images(list(args.image), prompts)
+    for job in jobs:
+        _check_text("--prompt", job.prompt)
+        if not job.prompt.strip():
+            raise UserError(f"empty prompt for image {job.path!r}")
+        open_checked(job.path)  # unreadable, too small, wrong mode: refused before the model loads
+    return jobs
+
+
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The parsed flags as :class:`RunSettings`."""
     return RunSettings(
@@ -243,6 +320,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         image_format=args.image_format,
         embed_metadata=not args.no_embed_metadata,
         random_weights=args.model in TINY_MODELS,
+        noise_levels=getattr(args, "noise_levels", None) if getattr(args, "strength", None) is None else None,
+        strength=getattr(args, "strength", None),
     )
 
 
@@ -260,6 +339,8 @@ def _check_model_limits(pipe, settings: RunSettings) -> None:
     """The checks that need the loaded model (a hub id whose configs were not in the cache)."""
     family = pipeline_family(pipe)
     check_family_flags(family, settings.skip_guidance_layers, settings.true_cfg_scale)
+    if settings.image_mode and family == "flux":
+        raise UserError("--image supports SD3 / SD3.5 models for now, not FLUX.1")
     patch = 2 if family == "flux" else int(pipe.transformer.config.patch_size)  # FLUX.1 packs 2x2 latents
     multiple = int(pipe.vae_scale_factor) * patch
     max_patches = getattr(pipe.transformer.config, "pos_embed_max_size", None)
@@ -277,8 +358,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.perf_counter()
     try:
+        jobs = _validate_images(args)
+        if jobs is not None and not args.prompt:
+            args.prompt = [jobs[0].prompt]  # the prompts come with the images
         prompts, seeds, settings = _validate(args)
-        runs = plan_runs(prompts, seeds, args.batch_size)
+        runs = plan_image_runs(jobs, seeds) if jobs is not None else plan_runs(prompts, seeds, args.batch_size)
         check_out_kind(args.out, single=len(runs) == 1)
     except UserError as exc:
         return fail(PROG, str(exc))
@@ -406,6 +490,7 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
         from tqdm.auto import tqdm
 
         from ..capture.paths import KernelPaths
+        from .image_run import run_image
         from .run import run_one
 
         kernel_paths = KernelPaths()  # one self-check per configuration for all runs of this process
@@ -413,7 +498,8 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
 
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
-                path = run_one(pipe, run, settings, placement, folder_of(run), kernel_paths)
+                run_fn = run_image if run.image is not None else run_one
+                path = run_fn(pipe, run, settings, placement, folder_of(run), kernel_paths)
             except WriteError as exc:  # a full disk fails every later run too: stop here
                 journal.record(_record(run, "failed", journal.process, str(exc)))
                 message = (f"{exc}; free some space (or fix the permissions) and run the same command again: "

@@ -35,6 +35,19 @@ class Existing:
     reason: str = ""
 
 
+def image_hash(run: Run) -> Optional[str]:
+    """The sha256 of an image-mode run's image (None for generation, or when it cannot be read: the
+    image checks report that)."""
+    if run.image is None:
+        return None
+    from .source_images import file_sha256
+
+    try:
+        return file_sha256(run.image)
+    except OSError:
+        return None
+
+
 def existing_run(folder: str, settings: RunSettings, run: Run) -> Existing:
     """The state of ``folder`` for ``run`` made with ``settings``."""
     meta_path = os.path.join(folder, METADATA_NAME)
@@ -49,11 +62,12 @@ def existing_run(folder: str, settings: RunSettings, run: Run) -> Existing:
         return Existing(REDO, f"{METADATA_NAME} is damaged ({type(exc).__name__})")
     if not isinstance(meta, dict):
         return Existing(REDO, f"{METADATA_NAME} is damaged (not a JSON object)")
-    wanted = settings.recorded(run.prompts, run.seed)
+    sha = image_hash(run)
+    wanted = settings.recorded(run.prompts, run.seed, sha)
     found = meta.get(FINGERPRINT_KEY)
     if found is None:
         return Existing(OTHER, "it records no settings fingerprint: written by an older version or another tool")
-    if found != settings.fingerprint(run.prompts, run.seed):
+    if found != settings.fingerprint(run.prompts, run.seed, sha):
         return Existing(OTHER, _difference(meta.get(SETTINGS_KEY), wanted))
     problem = npz_problem(os.path.join(folder, NPZ_NAME))
     if problem:

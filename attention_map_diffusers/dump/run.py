@@ -21,7 +21,7 @@ def versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
-def _tokens(pipe, prompts, settings: RunSettings, family: str):
+def prompt_token_lists(pipe, prompts, settings: RunSettings, family: str):
     """Per prompt, the CLIP and T5 tokens in the text sequence, as the pipeline feeds them (truncation
     warned about). FLUX.1's sequence is T5 only (its CLIP gives a pooled vector): no CLIP tokens."""
     empty = PromptTokens([], [], [], False)
@@ -62,7 +62,7 @@ def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir
     device = pipe._execution_device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     family = pipeline_family(pipe)
-    clip_len, clip, t5 = _tokens(pipe, run.prompts, settings, family)
+    clip_len, clip, t5 = prompt_token_lists(pipe, run.prompts, settings, family)
     clip = [c for c in clip for _ in range(n_img)]
     t5 = [t for t in t5 for _ in range(n_img)]
 

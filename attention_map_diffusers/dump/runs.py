@@ -5,8 +5,9 @@ Standard library only (no torch): unit-testable in isolation.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..contract import UserError, slugify
 
@@ -20,12 +21,14 @@ class Run:
         prompts: the batch of prompts (each gets ``num_images_per_prompt`` images).
         seed: base seed; image j of each prompt uses ``seed + j``.
         folder: the run folder relative to ``--out`` (``""``: ``--out`` itself).
+        image: image mode: the given image's path (its one prompt in ``prompts``).
     """
 
     index: int
     prompts: tuple[str, ...]
     seed: int
     folder: str
+    image: Optional[str] = None
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -60,4 +63,19 @@ def plan_runs(prompts: Sequence[str], seeds: Sequence[int], batch_size: int) -> 
     for r, (batch, seed) in enumerate(combos):
         suffix = f"-s{seed}" if len(seeds) > 1 else ""
         runs.append(Run(r, batch, int(seed), f"{r:04d}-{slugify(batch[0].lower())}{suffix}"))
+    return runs
+
+
+def plan_image_runs(jobs: Sequence, seeds: Sequence[int]) -> list[Run]:
+    """Image mode: one run per (image, prompt) pair (``ImageJob``) and seed, pairs outer. One run
+    writes into ``--out`` itself; otherwise run r goes to ``NNNN-<slug of the image's name>[-s<seed>]``."""
+    combos = [(job, s) for job in jobs for s in seeds]
+    if len(combos) == 1:
+        job, seed = combos[0]
+        return [Run(0, (job.prompt,), int(seed), "", job.path)]
+    runs = []
+    for r, (job, seed) in enumerate(combos):
+        stem = os.path.splitext(os.path.basename(job.path))[0]
+        suffix = f"-s{seed}" if len(seeds) > 1 else ""
+        runs.append(Run(r, (job.prompt,), int(seed), f"{r:04d}-{slugify(stem.lower())}{suffix}", job.path))
     return runs

@@ -31,16 +31,24 @@ class RunSettings:
     embed_metadata: bool  # metadata in the images' text chunks / JPEG comment
     random_weights: bool  # the model has random weights (tiny-random): said in every output
     true_cfg_scale: float = 1.0  # FLUX.1's true CFG (> 1 with a negative prompt: a second, unrecorded call)
+    noise_levels: Optional[tuple[float, ...]] = None  # image mode: the flow-matching levels, noisiest first
+    strength: Optional[float] = None  # image mode: img2img from this level instead of noise levels
+
+    @property
+    def image_mode(self) -> bool:
+        """Attention on given images (--image) rather than on generated ones."""
+        return self.noise_levels is not None or self.strength is not None
 
     @property
     def image_size(self) -> list[int]:
         return [self.height, self.width]
 
-    def recorded(self, prompts: Sequence[str], seed: int) -> dict:
+    def recorded(self, prompts: Sequence[str], seed: int, image_sha256: Optional[str] = None) -> dict:
         """What a run of ``prompts`` (its batch) and base ``seed`` stores in metadata.json under
         ``settings``: everything that decides its files. Placement (device, dtype, CPU offload) is
         left out, so that a job resumed on another machine keeps its finished runs; each run's
-        metadata records its own device and dtype."""
+        metadata records its own device and dtype. ``image_sha256``: image mode, the given image's
+        hash (another file under the same name is another run)."""
         model = self.model_id
         if os.path.isdir(os.path.expanduser(model)):  # the same folder however it is spelled
             model = os.path.realpath(os.path.expanduser(model))
@@ -64,9 +72,12 @@ class RunSettings:
             "save_image": self.save_image,
             "image_format": self.image_format,
             "embed_metadata": self.embed_metadata,
-        } | ({"true_cfg_scale": float(self.true_cfg_scale)} if self.true_cfg_scale != 1.0 else {})
-        # (only when set, so that the fingerprints of earlier SD3 dumps stay what they were)
+        } | ({"true_cfg_scale": float(self.true_cfg_scale)} if self.true_cfg_scale != 1.0 else {}) | (
+            {"mode": "image", "image_sha256": image_sha256,
+             "noise_levels": list(self.noise_levels) if self.noise_levels is not None else None,
+             "strength": self.strength} if self.image_mode else {})
+        # (only when set, so that the fingerprints of earlier dumps stay what they were)
 
-    def fingerprint(self, prompts: Sequence[str], seed: int) -> str:
+    def fingerprint(self, prompts: Sequence[str], seed: int, image_sha256: Optional[str] = None) -> str:
         """The settings fingerprint of a run (see :func:`~attention_map_diffusers.contract.settings_fingerprint`)."""
-        return settings_fingerprint(self.recorded(prompts, seed))
+        return settings_fingerprint(self.recorded(prompts, seed, image_sha256))

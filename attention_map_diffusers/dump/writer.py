@@ -48,6 +48,7 @@ def build_metadata(
     images: Sequence[Optional[str]],
     elapsed_s: float,
     versions: dict,
+    source: Optional[dict] = None,
 ) -> dict:
     """metadata.json for one run. Per-item lists follow the batch order of ``result``.
 
@@ -57,6 +58,7 @@ def build_metadata(
         clip_length: number of CLIP text positions (the tokenizer's model_max_length, 77 for SD3).
         settings: the command's :class:`~attention_map_diffusers.dump.settings.RunSettings`.
         scheduler / device / dtype: the pipeline's scheduler class name, device and dtype.
+        source: image mode: the given image's record (``SourceImage.record()``, plus ``saved``).
     """
     T = int(result.num_tokens)
     n_items = int(result.batch_size)
@@ -116,9 +118,17 @@ def build_metadata(
         for key in ("tokens", "special_mask", "token_offsets_clip"):
             del meta[key]
         meta["truncated"] = [{"t5": t.truncated} for t in t5]
-    recorded = settings.recorded(list(prompts)[:: max(1, int(settings.num_images_per_prompt))], base_seed)
+    meta["mode"] = "image" if settings.image_mode else "generate"
+    if settings.image_mode:
+        if source is None:
+            raise ValueError("an image-mode run needs its source image's record")
+        meta["source_image"] = dict(source)
+        meta["noise_levels"] = list(settings.noise_levels) if settings.noise_levels is not None else None
+        meta["strength"] = settings.strength
+    sha = source["sha256"] if source else None
+    recorded = settings.recorded(list(prompts)[:: max(1, int(settings.num_images_per_prompt))], base_seed, sha)
     meta[SETTINGS_KEY] = recorded
-    meta[FINGERPRINT_KEY] = settings.fingerprint(recorded["prompt"], base_seed)
+    meta[FINGERPRINT_KEY] = settings.fingerprint(recorded["prompt"], base_seed, sha)
     if meta["random_weights"]:
         meta["note"] = (f"RANDOM WEIGHTS (--model {settings.model_id}): these maps demonstrate the tool, not "
                         + ("FLUX.1" if result.model_family == "flux" else "SD3.5"))

@@ -1,0 +1,95 @@
+"""Attention on a given image: encode it, noise it at chosen flow-matching levels, run the
+transformer once per level under the recorder. The maps say where the model, reading the prompt,
+finds each word in *that* image (the way DAAM-style and ConceptAttention-style segmentation use
+real images).
+
+    from PIL import Image
+    from attention_map_diffusers.capture.on_image import record_on_image
+    res = record_on_image(pipe, Image.open("cat.png").convert("RGB").resize((1024, 1024)),
+                          "a cat on a sofa", noise_levels=(0.7, 0.5, 0.3))
+    res.mean_token_map          # (1, Hc, Wc, T), averaged over the levels and blocks
+
+Flow matching (SD3): ``x_t = (1 - sigma) x_0 + sigma eps`` at timestep ``1000 sigma``, with ``x_0``
+the VAE latent's mean (``latent_dist.mode()``, shifted and scaled as the pipeline does) and one
+noise ``eps`` per image drawn from ``seed``, shared by the levels. With classifier-free guidance
+the batch is ``[negative, prompt]`` as in the pipeline and the prompt half is recorded; an image's
+attention in the prompt half does not depend on it (the items of a batch do not interact), so
+guidance only costs time here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .aggregate import CaptureResult
+from .recorder import StepAverageRecorder
+
+
+def encode_image(pipe, image) -> torch.Tensor:
+    """(1, C, h, w) latent of a PIL image whose size is a multiple of the model's, as the
+    transformer sees it: the mean of the VAE posterior, shifted and scaled."""
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
+    pixels = pixels.to(device=pipe._execution_device, dtype=vae.dtype)
+    with torch.no_grad():
+        latent = vae.encode(pixels).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latent - shift) * vae.config.scaling_factor
+
+
+def noised(latent: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The flow-matching interpolation at noise level ``sigma`` (computed in float32)."""
+    return ((1.0 - sigma) * latent.float() + sigma * noise.float()).to(latent.dtype)
+
+
+def record_on_image(
+    pipe,
+    image,
+    prompt: str,
+    noise_levels: Sequence[float] = (0.7, 0.5, 0.3),
+    *,
+    seed: int = 0,
+    guidance_scale: float = 1.0,
+    negative_prompt: str = "",
+    max_sequence_length: int = 256,
+    recorder: Optional[dict] = None,
+) -> CaptureResult:
+    """Record the attention of ``prompt`` on ``image`` at each noise level (noisiest first).
+
+    Args:
+        pipe: a StableDiffusion3Pipeline (any SD3 / SD3.5 checkpoint).
+        image: PIL RGB image, its sides multiples of ``vae_scale_factor x patch_size`` (16 for SD3).
+        noise_levels: sigmas in [0, 1]; the steps of the result, in the order given.
+        seed: seeds the one noise tensor shared by the levels (a torch.Generator on the pipeline's
+            device, as the dump's generation does).
+        guidance_scale: > 1 runs the pipeline's CFG batch (negative + prompt).
+        recorder: keyword arguments of :class:`StepAverageRecorder` (canonical_size, keep_step_maps, ...).
+    """
+    if getattr(pipe, "transformer", None) is None or not hasattr(pipe.transformer.config, "patch_size") \
+            or type(pipe.transformer).__name__.startswith("Flux"):
+        raise ValueError("record_on_image supports StableDiffusion3Pipeline (SD3 / SD3.5) pipelines")
+    device = pipe._execution_device
+    cfg = guidance_scale > 1.0
+    latent = encode_image(pipe, image).to(pipe.transformer.dtype)
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    noise = torch.randn(latent.shape, generator=generator, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=[prompt], prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=cfg,
+            negative_prompt=[negative_prompt] if cfg else None, max_sequence_length=max_sequence_length,
+        )
+        if cfg:
+            embeds = torch.cat([neg_embeds, embeds])
+            pooled = torch.cat([neg_pooled, pooled])
+        dtype = pipe.transformer.dtype
+        embeds, pooled = embeds.to(dtype), pooled.to(dtype)
+        with StepAverageRecorder(pipe, cfg=cfg, **(recorder or {})) as rec:
+            for sigma in noise_levels:
+                x = noised(latent, noise, float(sigma))
+                x = torch.cat([x, x]) if cfg else x
+                t = torch.full((x.shape[0],), 1000.0 * float(sigma), device=device, dtype=torch.float32)
+                pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds,
+                                 pooled_projections=pooled, return_dict=False)
+    return rec.result()

@@ -1,0 +1,182 @@
+"""Given images for the dump's image mode (``--image``): reading, checking and fitting them to the
+model's size. PIL and the standard library only (no torch), so that bad images are refused before
+the model loads.
+
+Every image is resized so that it covers the target size (bicubic, aspect ratio kept) and the
+centre is cropped to it. ``crop_box`` records which source pixels that is, so that ground-truth
+masks given in source coordinates can be cut and resized the same way (the segmentation
+evaluation does).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from ..contract import UserError
+
+MIN_SIDE = 32  # px: smaller images hold too little to be worth a map
+RESAMPLE = "bicubic"
+# PIL modes converted to RGB as they are; alpha is composited over white
+_CONVERTIBLE = {"1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV"}
+_WITH_ALPHA = {"LA", "PA", "RGBA", "RGBa", "La"}
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One given image and its prompt (a run per seed)."""
+
+    path: str
+    prompt: str
+
+
+@dataclass
+class SourceImage:
+    """A given image, checked and fitted.
+
+    Attributes:
+        path: as given. name: its file name. sha256: of its bytes (the run's settings record it,
+        so that resuming with another file under the same name is refused).
+        size: (width, height) of the source. crop_box: (left, top, right, bottom) in source
+        pixels: the region resized to ``fitted``'s size. fitted: RGB PIL image of the target size.
+    """
+
+    path: str
+    name: str
+    sha256: str
+    size: tuple[int, int]
+    crop_box: tuple[float, float, float, float]
+    fitted: object  # PIL.Image.Image
+
+    def record(self) -> dict:
+        """metadata.json's ``source_image`` (without ``saved``, added by the writer)."""
+        return {
+            "name": self.name,
+            "path": self.path,
+            "sha256": self.sha256,
+            "size": [int(self.size[0]), int(self.size[1])],
+            "crop_box": [round(float(v), 4) for v in self.crop_box],
+            "resample": RESAMPLE,
+        }
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cover_crop_box(src_w: int, src_h: int, width: int, height: int) -> tuple[float, float, float, float]:
+    """The centred region of a ``src_w`` x ``src_h`` image with the aspect ratio of ``width`` x
+    ``height``, as large as fits: what is resized to the target (left, top, right, bottom)."""
+    scale = max(width / src_w, height / src_h)
+    crop_w, crop_h = width / scale, height / scale
+    left, top = (src_w - crop_w) / 2.0, (src_h - crop_h) / 2.0
+    return (left, top, left + crop_w, top + crop_h)
+
+
+def open_checked(path: str):
+    """The image at ``path`` as RGB, or UserError saying what is wrong with it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise UserError(f"--image {path!r} does not exist (or is not a file)")
+    try:
+        with Image.open(path) as img:
+            if getattr(img, "n_frames", 1) > 1:
+                raise UserError(f"--image {path!r} has {img.n_frames} frames (animation or multi-page); save the "
+                                "frame you want as a PNG and give that")
+            mode = img.mode
+            if mode not in _CONVERTIBLE and mode not in _WITH_ALPHA:
+                raise UserError(f"--image {path!r} has pixel mode {mode!r} (e.g. 16-bit or float), which has no "
+                                "faithful 8-bit RGB form here; convert it to 8-bit RGB first")
+            img.load()
+            w, h = img.size
+            if min(w, h) < MIN_SIDE:
+                raise UserError(f"--image {path!r} is {w}x{h} px: too small (at least {MIN_SIDE} px each side)")
+            if mode in _WITH_ALPHA:
+                rgba = img.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(white, rgba).convert("RGB")
+            return img.convert("RGB")
+    except UserError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"--image {path!r} cannot be read as an image ({type(exc).__name__}: {exc})") from None
+
+
+def read_source(path: str, height: int, width: int) -> SourceImage:
+    """Open, check and fit one image to ``height`` x ``width`` (cover + centre crop, bicubic)."""
+    from PIL import Image
+
+    rgb = open_checked(path)
+    box = cover_crop_box(rgb.width, rgb.height, width, height)
+    fitted = rgb.resize((width, height), Image.Resampling.BICUBIC, box=box)
+    return SourceImage(path, os.path.basename(path), file_sha256(path), rgb.size, box, fitted)
+
+
+def read_images_csv(path: str) -> list[ImageJob]:
+    """``image,prompt`` rows (a header naming those columns; image paths relative to the CSV's folder)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"cannot read --images-csv {path!r}: {reason}") from None
+    if "image" not in fields or "prompt" not in fields:
+        raise UserError(f"--images-csv {path!r} needs a header line with the columns image,prompt (found: "
+                        f"{','.join(fields) or 'nothing'})")
+    base = os.path.dirname(os.path.abspath(path))
+    jobs = []
+    for line, row in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if not row.get("image") and not row.get("prompt"):
+            continue
+        if not row.get("image") or not row.get("prompt"):
+            raise UserError(f"--images-csv {path!r} line {line}: needs both an image and a prompt")
+        image = os.path.expanduser(row["image"])
+        jobs.append(ImageJob(image if os.path.isabs(image) else os.path.join(base, image), row["prompt"]))
+    if not jobs:
+        raise UserError(f"--images-csv {path!r} lists no image")
+    return jobs
+
+
+def pair_images(images: list[str], prompts: list[str]) -> list[ImageJob]:
+    """``--image`` paths with the ``--prompt`` flags: one prompt for every image, or one each in order."""
+    if len(prompts) == 1:
+        return [ImageJob(p, prompts[0]) for p in images]
+    if len(prompts) == len(images):
+        return [ImageJob(i, p) for i, p in zip(images, prompts)]
+    raise UserError(f"{len(images)} --image with {len(prompts)} --prompt: give one prompt for all images, or one "
+                    "per image in the same order (or an --images-csv of image,prompt rows)")
+
+
+def check_noise_levels(levels: Optional[list[float]], timesteps: Optional[list[float]]) -> Optional[tuple[float, ...]]:
+    """The noise levels sigma in [0, 1], noisiest first (denoising order), from --noise-levels or
+    --timesteps (flow matching: timestep = 1000 sigma). None when neither is given."""
+    if levels is not None and timesteps is not None:
+        raise UserError("give --noise-levels or --timesteps, not both (timestep = 1000 x noise level)")
+    if timesteps is not None:
+        bad = [t for t in timesteps if not (math.isfinite(t) and 0 <= t <= 1000)]
+        if bad:
+            raise UserError(f"--timesteps must lie in [0, 1000], got {bad[0]}")
+        levels = [t / 1000.0 for t in timesteps]
+        flag = "--timesteps"
+    elif levels is not None:
+        flag = "--noise-levels"
+        bad = [s for s in levels if not (math.isfinite(s) and 0 <= s <= 1)]
+        if bad:
+            raise UserError(f"--noise-levels must lie in [0, 1] (0 = the clean image, 1 = pure noise), got {bad[0]}")
+    else:
+        return None
+    if len(set(levels)) != len(levels):
+        raise UserError(f"{flag}: each value once, got {levels}")
+    return tuple(sorted((float(s) for s in levels), reverse=True))
