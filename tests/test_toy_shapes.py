@@ -147,8 +147,9 @@ def _weights_present() -> bool:
     return os.path.isfile(os.path.join(toy_shapes_path(), "model_index.json"))
 
 
-# The weights are committed once, when final (issue #11); until then these tests need a local training
-# run: python -m attention_map_diffusers.models.toy_shapes.train --out attention_map_diffusers/models/toy_shapes/weights
+# The weights are committed (attention_map_diffusers/models/toy_shapes/weights); a checkout without them
+# (e.g. a sparse clone) skips these tests. Retrain with:
+# python -m attention_map_diffusers.models.toy_shapes.train --out attention_map_diffusers/models/toy_shapes/weights
 needs_weights = pytest.mark.skipif(not _weights_present(), reason="no trained toy-shapes weights in this checkout (see issue #11)")
 
 

@@ -74,7 +74,7 @@ class TrainSettings:
     lr: float = 1e-3
     warmup: int = 200
     ema: float = 0.999
-    adaln_zero: bool = True  # DiT's adaLN-Zero: every block starts as the identity (see zero_init_modulation)
+    adaln_zero: bool = False  # DiT's adaLN-Zero: every block starts as the identity (see zero_init_modulation)
     cfg_dropout: float = 0.1  # share of empty captions (classifier-free guidance)
     guidance_scale: float = 4.0  # of the monitoring samples
     sample_every: int = 1500
