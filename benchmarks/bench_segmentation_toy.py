@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Zero-shot segmentation with toy-shapes, offline: the tables the README quotes.
+
+Two sets, each through the project's own commands (sd_35_stepavg_dump.py, then
+evaluate_segmentation.py), with the committed toy-shapes model:
+
+- rendered: ``--n`` scenes rendered from evaluation seeds (never trained on; the held-out
+  colour-shape pairs are among them) with their true masks, read through ``--image`` at the noise
+  levels 0.7, 0.5 and 0.3; scored per level and over all levels;
+- generated: ``--n`` images the model generates (``--n // 5`` held-out captions x 5 seeds, 20
+  steps, guidance 4), masks detected from colour: each object's mask is the largest connected
+  region of its hue (models/toy_shapes/evaluate.py), none when the model did not draw that hue.
+
+Each object's colour word and shape word both name its mask (a word repeated in the caption names
+the union of its objects). Methods: DAAM's threshold, ConceptAttention-style argmax, and the
+whole-image, centred and random baselines, for CLIP and for T5.
+
+    python benchmarks/bench_segmentation_toy.py --n 200 --out seg_toy      # a few minutes on 2 cores
+    python benchmarks/bench_segmentation_toy.py --n 10 --out /tmp/s       # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT]
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from attention_map_diffusers.models.toy_shapes.data import eval_seeds, render  # noqa: E402
+from attention_map_diffusers.models.toy_shapes.evaluate import HUES, hue_labels, largest_component, prompt_objects  # noqa: E402
+
+LEVELS = (0.7, 0.5, 0.3)  # noisiest first: step i of the image-mode dumps is LEVELS[i]
+SEEDS_PER_PROMPT = 5
+
+
+def _quiet(fn, *args):
+    """Call a command's main(argv) with its output kept; raise with that output when it fails."""
+    sink = io.StringIO()
+    with redirect_stdout(sink), redirect_stderr(sink):
+        code = fn(*args)
+    if code not in (0, None):
+        raise SystemExit(f"{getattr(fn, '__module__', fn)} returned {code}:\n{sink.getvalue()[-3000:]}")
+    return sink.getvalue()
+
+
+def _save_word_masks(folder: str, caption: str, masks: list) -> int:
+    """One PNG per word of each object (colour and shape) into ``folder``; a repeated word gets the
+    union of its objects' masks. ``masks[k]`` is object k's (H, W) bool mask or None (not drawn)."""
+    words: dict[str, np.ndarray] = {}
+    for (color, shape, _, _), mask in zip(prompt_objects(caption), masks):
+        if mask is None or not mask.any():
+            continue
+        for w in (color, shape):
+            words[w] = mask if w not in words else (words[w] | mask)
+    os.makedirs(folder, exist_ok=True)
+    for w, m in words.items():
+        Image.fromarray(m.astype(np.uint8) * 255).save(os.path.join(folder, f"{w}.png"))
+    return len(words)
+
+
+def prepare_rendered(root: str, n: int) -> tuple[str, str, str]:
+    """Rendered scenes + true masks + the image-mode dumps. Returns (dumps, masks, images folder)."""
+    import sd_35_stepavg_dump
+
+    images, masks, dumps = (os.path.join(root, "rendered", d) for d in ("images", "masks", "dumps"))
+    os.makedirs(images, exist_ok=True)
+    rows = []
+    for seed in eval_seeds(n):
+        s = render(seed, held_out=None)
+        key = f"scene{seed}"
+        Image.fromarray(s.image).save(os.path.join(images, key + ".png"))
+        _save_word_masks(os.path.join(masks, key), s.caption, list(s.masks))
+        rows.append((key + ".png", s.caption))
+    table = os.path.join(images, "images.csv")
+    with open(table, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "prompt"])
+        w.writerows(rows)
+    _quiet(sd_35_stepavg_dump.main, ["--model", "toy-shapes", "--images-csv", table, "--guidance-scale", "1",
+                                     "--noise-levels", *map(str, LEVELS), "--device", "cpu", "--out", dumps])
+    return dumps, masks, images
+
+
+def prepare_generated(root: str, n: int) -> tuple[str, str, dict]:
+    """Generated images + colour-detected masks. Returns (dumps, masks, drawn counts)."""
+    import sd_35_stepavg_dump
+
+    dumps, masks = (os.path.join(root, "generated", d) for d in ("dumps", "masks"))
+    prompts = []
+    for seed in eval_seeds(10 * n):  # distinct held-out captions, in a fixed order
+        c = render(seed, held_out=None).caption
+        if c not in prompts:
+            prompts.append(c)
+        if len(prompts) == max(1, n // SEEDS_PER_PROMPT):
+            break
+    pfile = os.path.join(root, "generated", "prompts.txt")
+    os.makedirs(os.path.dirname(pfile), exist_ok=True)
+    with open(pfile, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(prompts) + "\n")
+    seeds = [str(s) for s in range(SEEDS_PER_PROMPT)]
+    _quiet(sd_35_stepavg_dump.main, ["--model", "toy-shapes", "--prompts-file", pfile, "--seed", *seeds,
+                                     "--steps", "20", "--guidance-scale", "4", "--device", "cpu", "--out", dumps])
+    counts = {"objects": 0, "with_mask": 0}
+    for folder in sorted(os.listdir(dumps)):
+        meta_path = os.path.join(dumps, folder, "metadata.json")
+        if not os.path.isfile(meta_path):
+            continue
+        meta = json.load(open(meta_path, encoding="utf-8"))
+        image = np.asarray(Image.open(os.path.join(dumps, folder, meta["images"][0])).convert("RGB"))
+        labels = hue_labels(image)
+        caption = meta["prompt"][0]
+        found = []
+        for color, _, _, _ in prompt_objects(caption):
+            blob = largest_component(labels == HUES.index(color))
+            found.append(blob if blob.sum() >= 50 else None)  # a few stray pixels are not an object
+        counts["objects"] += len(found)
+        counts["with_mask"] += sum(m is not None for m in found)
+        _save_word_masks(os.path.join(masks, folder), caption, found)
+    return dumps, masks, counts
+
+
+def evaluate(dumps: str, masks: str, out: str, extra: list[str]) -> list[dict]:
+    """evaluate_segmentation.py on one set; its summary.csv rows."""
+    import evaluate_segmentation
+
+    _quiet(evaluate_segmentation.main, ["--dumps", dumps, "--masks", masks, "--out", out, "--encoder", "clip",
+                                        "--encoder", "t5", *extra])
+    with open(os.path.join(out, "summary.csv"), encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=200, help="images per set (default 200)")
+    p.add_argument("--out", required=True, help="folder for the data, dumps, evaluations and results.json")
+    p.add_argument("--json", default=None, help="results file (default: OUT/results.json)")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    results: dict = {"n": args.n, "levels": list(LEVELS)}
+    dumps, masks, _ = prepare_rendered(args.out, args.n)
+    results["rendered"] = {"all levels": evaluate(dumps, masks, os.path.join(args.out, "eval", "rendered-all"), [])}
+    for i, level in enumerate(LEVELS):
+        results["rendered"][f"level {level}"] = evaluate(
+            dumps, masks, os.path.join(args.out, "eval", f"rendered-{level}"), ["--steps", str(i)])
+    gdumps, gmasks, counts = prepare_generated(args.out, args.n)
+    results["generated_masks"] = counts
+    results["generated"] = {"all steps": evaluate(gdumps, gmasks, os.path.join(args.out, "eval", "generated"), [])}
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    path = args.json or os.path.join(args.out, "results.json")
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1)
+    for name, sets in (("rendered", results["rendered"]), ("generated", results["generated"])):
+        for selection, rows in sets.items():
+            print(f"\n{name}, {selection}")
+            for r in rows:
+                print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
+    print(f"\ngenerated: {counts['with_mask']} of {counts['objects']} objects have a colour mask; "
+          f"{results['seconds']} s in all; {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
