@@ -195,16 +195,18 @@ def load_truth(options: SegmentationOptions, key: str, prompt: str, size_hw, cro
         return None
     concepts, skipped = [], []
     for word, path in gtmod.word_mask_files(folder):
-        if not find_phrase(words, word):
+        occ = find_phrase(words, word)
+        if not occ:
             raise UserError(
                 f"the mask {path} is for {word!r}, which is not a word of the prompt {prompt!r}; name each "
                 "mask after a word of its image's prompt"
             )
         gt = gtmod.fit_mask(gtmod.read_binary_mask(path), size_hw, crop_box, path, source_hw)
         if not gt.any():
-            skipped.append(Skip(key, word, "empty mask"))
+            skipped.append(Skip(key, word, "empty mask (no nonzero pixel)"))
             continue
-        concepts.append(Concept(word, (word,), gt))
+        name = " ".join(words[i].text for i in occ[0])  # as the prompt spells it
+        concepts.append(Concept(name, (word,), gt))
     return GroundTruth(concepts, None, skipped)
 
 

@@ -27,7 +27,7 @@ def build_outputs(ev: Evaluation, tmp: str) -> str:
     files["summary.csv"] = summary_csv(rows)
     files["skipped.csv"] = skipped_csv(ev.skipped)
     write_all(tmp, files)
-    title = f"zero-shot segmentation: {len(ev.images)} images, tau {o.tau:g}, maps of {"all blocks and steps" if o.selection == "all" else o.selection}"
+    title = f"zero-shot segmentation: {len(ev.images)} images, tau {o.tau:g}, maps of {'all blocks and steps' if o.selection == 'all' else o.selection}"
     save_figure(summary_figure(rows, title), os.path.join(tmp, "summary.png"), dpi=150)
     best = best_method(rows)
     cases = pick_cases(ev, best.method, best.encoder, o.cases) if best is not None and o.cases else []
