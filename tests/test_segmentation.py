@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from conftest import ROOT
 from synthetic_dump import make_layout, random_arrays, write_dump, write_runs
 
 from attention_map_diffusers.analysis.dumpfile import load_dump
-from attention_map_diffusers.analysis.words import find_words
 from attention_map_diffusers.contract import UserError
 from attention_map_diffusers.segmentation import masks as gtmod
 from attention_map_diffusers.segmentation.cli import build_parser, main

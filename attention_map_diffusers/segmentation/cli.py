@@ -12,7 +12,6 @@ baselines (the whole image, a centred Gaussian, a random map). No model is loade
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional
 

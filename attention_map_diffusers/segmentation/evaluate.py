@@ -6,7 +6,6 @@ disk. Any bad input raises :class:`UserError` before a file is written.
 
 from __future__ import annotations
 
-import logging
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from .maps import centre_prior, encoder_word_maps, phrase_map, random_grids, ups
 from .metrics import argmax_labels, average_precision, iou, minmax, multiclass_accuracy, pixel_accuracy
 from .options import SegmentationOptions
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

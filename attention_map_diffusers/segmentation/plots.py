@@ -93,8 +93,9 @@ def cases_figure(cases: Sequence[Case], title: str) -> Figure:
         pred_rgb[case.pred] = 0.45 * pred_rgb[case.pred] + 0.55 * np.array(PRED_COLOUR)
         heat_rgb = 0.4 * base + 0.6 * cmap(np.clip(case.heat, 0, 1))[..., :3]
         panels = (
-            (base, f"{case.label}: {case.key}\n\u201c{case.word}\u201d (cyan = ground truth)"),
-            (pred_rgb, f"predicted mask (pink)\nIoU {100 * case.iou:.1f}"),
+            (base, f"{case.label}: {case.key}\n\u201c{case.word}\u201d (cyan = ground truth)"
+                   + ("\nvoid pixels washed out" if case.valid is not None and not case.valid.all() else "")),
+            (pred_rgb, f"predicted mask (pink, outlined)\nIoU {100 * case.iou:.1f}"),
             (heat_rgb, f"normalised map\nAP {100 * case.ap:.1f}"),
         )
         for c, (img, text) in enumerate(panels):
@@ -103,6 +104,8 @@ def cases_figure(cases: Sequence[Case], title: str) -> Figure:
                 img = img.copy()
                 img[~case.valid] = 0.5 * img[~case.valid] + 0.5  # void pixels washed out
             ax.imshow(img, interpolation="nearest")
+            if c == 1:
+                _outline(ax, case.pred, colour=PRED_COLOUR)
             _outline(ax, case.gt)
             ax.set_title(text, fontsize=8)
             ax.set_xticks([])
