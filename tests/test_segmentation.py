@@ -194,6 +194,8 @@ def test_encoder_word_maps_are_the_dumps_word_maps_and_phrases_sum_occurrences(t
         pot, plant = texts.index("potted"), texts.index("plant")
         np.testing.assert_allclose(phrase_map(words, maps, ["pottedplant", "potted plant"]), (maps[pot] + maps[plant]) / 2)
         assert phrase_map(words, maps, ["dog"]) is None
+        # a mask file named potted_plant.png names the phrase
+        np.testing.assert_array_equal(phrase_map(words, maps, ["potted_plant"]), phrase_map(words, maps, ["potted plant"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +345,7 @@ def test_voc_masks_void_ignored_class_phrases_and_skipped_classes(tmp_path, caps
     assert int(whole["pred_px"]) == valid and int(whole["gt_px"]) == 32 * 24
     assert float(whole["iou"]) == pytest.approx(32 * 24 / valid, abs=1e-6)
     assert float(whole["ap"]) == pytest.approx(32 * 24 / valid, abs=1e-6)
+    assert float(whole["pixel_acc"]) == pytest.approx(32 * 24 / valid, abs=1e-6)
     assert float(rows[("daam", "pottedplant")]["iou"]) > float(whole["iou"]) + 0.4
     skipped = read_csv(tmp_path / "o" / "skipped.csv")
     assert [(r["key"], r["name"], r["reason"]) for r in skipped] == [("img1", "dog", "in the mask, not in the prompt")]
@@ -439,10 +442,13 @@ def test_flux_dump_has_t5_only(tmp_path, capsys):
         ("bad method", ["--methods", "daam,grabcut"], "'grabcut' is not one of"),
         ("classes without voc", ["--classes", "x.txt"], "add --voc"),
         ("bad blocks", ["--blocks", "3-1"], "--blocks: '3-1'"),
+        ("image mode without source_image", [], "mode \"image\" but has no source_image"),
+        ("key from image of a generated image", ["--key-from", "image"], "is not a dump of a given image"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, capsys, case, flags, message):
-    make_run(tmp_path / "r", "a cat on a sofa", [("cat", REGION[0], REGION[1])])
+    meta = {"mode": "image"} if case == "image mode without source_image" else None
+    make_run(tmp_path / "r", "a cat on a sofa", [("cat", REGION[0], REGION[1])], meta=meta)
     if case == "mask size":
         box_mask(str(tmp_path / "m" / "r" / "cat.png"), shape=(32, 32), pixels=(slice(0, 8), slice(0, 8)))
     else:
@@ -495,3 +501,22 @@ def test_script_runs_as_a_subprocess(tmp_path):
                           "--masks", str(tmp_path / "m"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "mIoU" in res.stdout and (tmp_path / "o" / "summary.csv").is_file()
+
+
+def test_summary_means_pairs_classes_and_argmax_images():
+    from attention_map_diffusers.segmentation.evaluate import Score
+    from attention_map_diffusers.segmentation.tables import summarise
+
+    S = lambda key, method, word, v, acc: Score(key, "t5", method, word, v, v / 2, acc, 1, 1)  # noqa: E731
+    scores = [S("a", "daam", "cat", 0.9, 0.5), S("b", "daam", "cat", 0.7, 0.7), S("b", "daam", "Dog", 0.1, 0.9),
+              S("a", "argmax", "cat", 0.8, 0.6), S("b", "argmax", "cat", 0.4, 0.2), S("b", "argmax", "dog", 0.0, 0.2)]
+    rows = {r.method: r for r in summarise(scores, ("daam", "argmax", "whole"), ("t5",), "all")}
+    assert set(rows) == {"daam", "argmax"}
+    d, a = rows["daam"], rows["argmax"]
+    assert (d.n, d.images) == (3, 2)
+    assert d.miou == pytest.approx((0.9 + 0.7 + 0.1) / 3)
+    assert d.class_miou == pytest.approx(((0.9 + 0.7) / 2 + 0.1) / 2)  # words compared case-insensitively
+    assert d.map == pytest.approx((0.45 + 0.35 + 0.05) / 3)
+    assert d.pixel_acc == pytest.approx((0.5 + 0.7 + 0.9) / 3)
+    assert a.pixel_acc == pytest.approx((0.6 + 0.2) / 2)  # one multi-class accuracy per image
+    assert a.class_miou == pytest.approx(((0.8 + 0.4) / 2 + 0.0) / 2)
