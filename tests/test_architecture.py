@@ -39,6 +39,16 @@ def test_analysis_layer_imports_neither_torch_nor_the_capture_and_dump_layers():
     assert not {m for m in mods if m.startswith(("attention_map_diffusers.capture", "attention_map_diffusers.dump"))}
 
 
+def test_segmentation_layer_imports_neither_torch_nor_the_capture_and_dump_layers():
+    mods = _modules_after_import(
+        "import importlib, pkgutil, attention_map_diffusers.segmentation as s\n"
+        "for m in pkgutil.iter_modules(s.__path__): importlib.import_module('attention_map_diffusers.segmentation.' + m.name)"
+    )
+    assert "attention_map_diffusers.segmentation.report" in mods  # the walk did import the layer
+    assert "torch" not in mods
+    assert not {m for m in mods if m.startswith(("attention_map_diffusers.capture", "attention_map_diffusers.dump"))}
+
+
 def test_public_names_are_the_real_objects():
     import attention_map_diffusers as amd
     from attention_map_diffusers.analysis.dumpfile import Dump
@@ -56,7 +66,7 @@ def test_project_scripts_point_at_the_commands(capsys):
     import importlib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"sd35-stepavg-dump", "sd35-analyse-stepavg"}
+    assert set(scripts) == {"sd35-stepavg-dump", "sd35-analyse-stepavg", "sd35-evaluate-segmentation"}
     for target in scripts.values():
         module, func = target.split(":")
         main = getattr(importlib.import_module(module), func)
@@ -81,7 +91,7 @@ def test_pip_install_gives_both_commands(tmp_path):
         check=True, capture_output=True,
     )
     env = dict(os.environ, PYTHONPATH=str(target))
-    for cmd in ("sd35-stepavg-dump", "sd35-analyse-stepavg"):
+    for cmd in ("sd35-stepavg-dump", "sd35-analyse-stepavg", "sd35-evaluate-segmentation"):
         exe = target / "bin" / cmd
         res = subprocess.run([sys.executable, str(exe), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
