@@ -13,7 +13,7 @@ evaluate_segmentation.py), with the committed toy-shapes model:
 
 Each object's colour word and shape word both name its mask (a word repeated in the caption names
 the union of its objects). Methods: DAAM's threshold, ConceptAttention-style argmax, and the
-whole-image, centred and random baselines, for CLIP and for T5.
+whole-image, centred and random baselines, for CLIP, T5 and both.
 
     python benchmarks/bench_segmentation_toy.py --n 200 --out seg_toy      # a few minutes on 2 cores
     python benchmarks/bench_segmentation_toy.py --n 10 --out /tmp/s       # a quick look
@@ -134,8 +134,7 @@ def evaluate(dumps: str, masks: str, out: str, extra: list[str]) -> list[dict]:
     """evaluate_segmentation.py on one set; its summary.csv rows."""
     import evaluate_segmentation
 
-    _quiet(evaluate_segmentation.main, ["--dumps", dumps, "--masks", masks, "--out", out, "--encoder", "clip",
-                                        "--encoder", "t5", *extra])
+    _quiet(evaluate_segmentation.main, ["--dumps", dumps, "--masks", masks, "--out", out, "--no-progress", *extra])
     with open(os.path.join(out, "summary.csv"), encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
