@@ -88,7 +88,8 @@ def prepare_rendered(root: str, n: int) -> tuple[str, str, str]:
         w.writerow(["image", "prompt"])
         w.writerows(rows)
     _quiet(sd_35_stepavg_dump.main, ["--model", "toy-shapes", "--images-csv", table, "--guidance-scale", "1",
-                                     "--noise-levels", *map(str, LEVELS), "--device", "cpu", "--out", dumps])
+                                     "--noise-levels", *map(str, LEVELS), "--save-block-maps", "--device", "cpu",
+                                     "--out", dumps])
     return dumps, masks, images
 
 
@@ -97,18 +98,19 @@ def prepare_generated(root: str, n: int) -> tuple[str, str, dict]:
     import sd_35_stepavg_dump
 
     dumps, masks = (os.path.join(root, "generated", d) for d in ("dumps", "masks"))
+    per_prompt = min(SEEDS_PER_PROMPT, n)
     prompts = []
     for seed in eval_seeds(10 * n):  # distinct held-out captions, in a fixed order
         c = render(seed, held_out=None).caption
         if c not in prompts:
             prompts.append(c)
-        if len(prompts) == max(1, n // SEEDS_PER_PROMPT):
+        if len(prompts) == max(1, n // per_prompt):
             break
     pfile = os.path.join(root, "generated", "prompts.txt")
     os.makedirs(os.path.dirname(pfile), exist_ok=True)
     with open(pfile, "w", encoding="utf-8") as fh:
         fh.write("\n".join(prompts) + "\n")
-    seeds = [str(s) for s in range(SEEDS_PER_PROMPT)]
+    seeds = [str(s) for s in range(per_prompt)]
     _quiet(sd_35_stepavg_dump.main, ["--model", "toy-shapes", "--prompts-file", pfile, "--seed", *seeds,
                                      "--steps", "20", "--guidance-scale", "4", "--device", "cpu", "--out", dumps])
     counts = {"objects": 0, "with_mask": 0}
@@ -130,13 +132,30 @@ def prepare_generated(root: str, n: int) -> tuple[str, str, dict]:
     return dumps, masks, counts
 
 
-def evaluate(dumps: str, masks: str, out: str, extra: list[str]) -> list[dict]:
-    """evaluate_segmentation.py on one set; its summary.csv rows."""
+def by_word_kind(out: str) -> list[dict]:
+    """mIoU and mAP of colour words and of shape words, per method and encoder, from the
+    evaluation's per-image CSVs."""
+    from attention_map_diffusers.models.toy_shapes.data import COLORS, SHAPES
+
+    acc: dict = {}
+    folder = os.path.join(out, "per_image")
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), encoding="utf-8") as fh:
+            for r in csv.DictReader(fh):
+                kind = "color" if r["word"] in COLORS else "shape" if r["word"] in SHAPES else None
+                if kind is not None:
+                    acc.setdefault((r["method"], r["encoder"], kind), []).append((float(r["iou"]), float(r["ap"])))
+    return [{"method": m, "encoder": e, "words": k, "n": len(v), "mIoU": round(float(np.mean([x[0] for x in v])), 6),
+             "mAP": round(float(np.mean([x[1] for x in v])), 6)} for (m, e, k), v in sorted(acc.items())]
+
+
+def evaluate(dumps: str, masks: str, out: str, extra: list[str]) -> dict:
+    """evaluate_segmentation.py on one set: its summary.csv rows, and the colour / shape split."""
     import evaluate_segmentation
 
     _quiet(evaluate_segmentation.main, ["--dumps", dumps, "--masks", masks, "--out", out, "--no-progress", *extra])
     with open(os.path.join(out, "summary.csv"), encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+        return {"summary": list(csv.DictReader(fh)), "by_word_kind": by_word_kind(out)}
 
 
 def main(argv=None) -> int:
@@ -152,6 +171,11 @@ def main(argv=None) -> int:
     for i, level in enumerate(LEVELS):
         results["rendered"][f"level {level}"] = evaluate(
             dumps, masks, os.path.join(args.out, "eval", f"rendered-{level}"), ["--steps", str(i)])
+    num_blocks = json.load(open(os.path.join(dumps, sorted(d for d in os.listdir(dumps) if d[:1].isdigit())[0],
+                                             "metadata.json"), encoding="utf-8"))["num_blocks"]
+    for b in range(num_blocks):
+        results["rendered"][f"block {b}"] = evaluate(
+            dumps, masks, os.path.join(args.out, "eval", f"rendered-block{b}"), ["--blocks", str(b)])
     gdumps, gmasks, counts = prepare_generated(args.out, args.n)
     results["generated_masks"] = counts
     results["generated"] = {"all steps": evaluate(gdumps, gmasks, os.path.join(args.out, "eval", "generated"), [])}
@@ -160,10 +184,14 @@ def main(argv=None) -> int:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=1)
     for name, sets in (("rendered", results["rendered"]), ("generated", results["generated"])):
-        for selection, rows in sets.items():
-            print(f"\n{name}, {selection}")
-            for r in rows:
-                print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
+        for selection, res in sets.items():
+            print(f"\n{name}, {selection}: mIoU / mAP (%)")
+            for r in res["summary"]:
+                if r["encoder"] in ("t5", "clip") or r["method"] not in ("whole", "centre", "random"):
+                    print(f"  {r['method']:>7} {r['encoder']:>5}  {100 * float(r['mIoU']):5.1f}  {100 * float(r['mAP']):5.1f}")
+            for r in res["by_word_kind"]:
+                if r["method"] == "daam":
+                    print(f"  daam {r['encoder']:>5} {r['words']:>5} words (n={r['n']}): {100 * r['mIoU']:5.1f}  {100 * r['mAP']:5.1f}")
     print(f"\ngenerated: {counts['with_mask']} of {counts['objects']} objects have a colour mask; "
           f"{results['seconds']} s in all; {path}")
     return 0

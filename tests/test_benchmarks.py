@@ -126,3 +126,35 @@ def test_bench_analysis_small(tmp_path, monkeypatch):
         assert z["per_block_step_token_mean"].shape == (1, 24, 50, 333)
     meta = json.loads((full / "metadata.json").read_text())
     assert meta["image_size"] == [1024, 1024] and meta["text_spans"] == {"clip": [0, 77], "t5": [77, 333]}
+
+
+def test_bench_segmentation_toy_small(tmp_path):
+    """Two scenes per set through the benchmark: the rendered set's true masks are written per word,
+    both sets are scored per method / encoder, per level for the rendered one, and the whole-image
+    baseline's IoU equals the masks' area share (recomputed here from the mask files)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from test_toy_shapes import _weights_present
+
+    if not _weights_present():
+        pytest.skip("no trained toy-shapes weights in this checkout")
+    import bench_segmentation_toy as bench
+
+    assert bench.main(["--n", "2", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["rendered"]) == {"all levels", "level 0.7", "level 0.5", "level 0.3", *(f"block {b}" for b in range(4))}
+    rows = res["rendered"]["all levels"]["summary"]
+    assert {r["method"] for r in rows} == {"daam", "argmax", "whole", "centre", "random"}
+    assert {r["encoder"] for r in rows} == {"clip", "t5", "both"}
+    shares = [np.asarray(Image.open(p)).astype(bool).mean() for p in sorted((tmp_path / "rendered" / "masks").glob("*/*.png"))]
+    whole = next(r for r in rows if r["method"] == "whole" and r["encoder"] == "t5")
+    assert float(whole["mIoU"]) == pytest.approx(np.mean(shares), abs=1e-5)
+    assert res["generated_masks"]["objects"] >= 2 and res["generated"]["all steps"]["summary"]
+    kinds = res["rendered"]["all levels"]["by_word_kind"]
+    assert {(r["words"], r["encoder"]) for r in kinds if r["method"] == "daam"} == {
+        (k, e) for k in ("color", "shape") for e in ("clip", "t5", "both")}
+    n_words = sum(r["n"] for r in kinds if r["method"] == "daam" and r["encoder"] == "t5")
+    assert n_words == len(shares)  # every mask is a colour or a shape word
