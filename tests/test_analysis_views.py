@@ -134,6 +134,8 @@ def test_aggregate_matches_numpy_over_runs():
     np.testing.assert_allclose(g.mass_mean, np.mean([r.mass for r in runs], axis=0))
     np.testing.assert_allclose(g.mass_std, np.std([r.mass for r in runs], axis=0, ddof=1))
     np.testing.assert_allclose(g.curves_std, np.std([r.curves for r in runs], axis=0, ddof=1))
+    # the band of the block-averaged curves: the spread of each run's block average, not an average of spreads
+    np.testing.assert_allclose(g.blockavg_std, np.std([r.curves.mean(axis=0) for r in runs], axis=0, ddof=1))
     np.testing.assert_allclose(g.map_mean, np.mean([r.shares for r in runs], axis=0), rtol=1e-6)
     aucs = [((r.curves[:, 1:] + r.curves[:, :-1]) / 2).sum(axis=1) for r in runs]
     np.testing.assert_allclose(g.auc_mean, np.mean(aucs, axis=0))

@@ -48,6 +48,7 @@ class GroupResult:
     mass_std: np.ndarray  # (n,)
     curves_mean: np.ndarray  # (Bk, S, n)
     curves_std: np.ndarray  # (Bk, S, n)
+    blockavg_std: np.ndarray  # (S, n) std over runs of each run's block-averaged curve (not the mean of per-block stds)
     auc_mean: np.ndarray  # (Bk, n) mean over runs of each run's AUC
     auc_std: np.ndarray
     stepavg_mean: np.ndarray  # (Bk, n)
@@ -85,6 +86,7 @@ def aggregate(members: Sequence[RunSummary]) -> GroupResult:
         words=first.words, block_ids=first.block_ids, timesteps=first.timesteps,
         mass_mean=mass.mean(axis=0), mass_std=mass.std(axis=0, ddof=ddof),
         curves_mean=curves.mean(axis=0), curves_std=curves.std(axis=0, ddof=ddof),
+        blockavg_std=curves.mean(axis=1).std(axis=0, ddof=ddof),
         auc_mean=aucs.mean(axis=0), auc_std=aucs.std(axis=0, ddof=ddof),
         stepavg_mean=means.mean(axis=0), stepavg_std=means.std(axis=0, ddof=ddof),
         map_mean=shares.mean(axis=0), map_std=shares.std(axis=0, ddof=ddof),

@@ -389,7 +389,7 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
             top8 = order[:MAX_LINES]
             fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
                                       f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
-                                      spread=res.curves_std.mean(axis=0)[:, top8], facts=facts)
+                                      spread=res.blockavg_std[:, top8], facts=facts)
             plots.save_figure(fig, os.path.join(folder, f"curves_mean.{fmt}"), fmt, options.dpi, facts)
             page.curves = f"{rel}/{res.encoder}/curves_mean.{fmt}"
             fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
