@@ -110,6 +110,7 @@ class GroupPage:
     rel: str  # the group's folder, aggregate/NNN-slug
     tables: list[str]
     curves: Optional[str] = None
+    blocks: Optional[str] = None  # per-block curves with bands
     heatmaps: Optional[str] = None
 
 
@@ -362,6 +363,8 @@ def group_page(title: str, pages: Sequence[GroupPage], back: str, run_links: Seq
         strip = gp.rel + "/"
         if gp.curves:
             body.append(_figure(gp.curves[len(strip):], "curves averaged over blocks: mean \u00b1 std over runs (bands)", fmt))
+        if gp.blocks:
+            body.append(_figure(gp.blocks[len(strip):], "the same per block, on one y scale: mean \u00b1 std over runs", fmt))
         if gp.heatmaps:
             body.append(_figure(gp.heatmaps[len(strip):], "mean heatmap over runs and its per-pixel std", fmt))
         labels = word_labels(r.words)
@@ -372,11 +375,13 @@ def group_page(title: str, pages: Sequence[GroupPage], back: str, run_links: Seq
     return _page(title, "\n".join(body[:5] + [_toc(toc)] + body[5:]))
 
 
-def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = ()) -> str:
+def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (),
+               cross_figures: Sequence[str] = (), fmt: str = "png") -> str:
     """HTML of the top-level page of several runs.
 
     ``runs`` items have folder, prompt, status, link, error and optionally seed, model, random_weights,
-    thumbnail, groups (folders of the aggregated groups the run is in).
+    thumbnail, groups (folders of the aggregated groups the run is in). ``cross_figures``: figures of
+    the words several prompts share (paths relative to the index).
     """
     body = [f"<h1>{_e(title)}</h1>"]
     if any(r.get("random_weights") for r in runs):
@@ -427,6 +432,8 @@ def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (
         if cross:
             toc.append(("cross", "Words in several prompts", 0))
             body.append('<h2 id="cross">Words in several prompts</h2><p>Mass of the same word (any case) in each prompt\'s group.</p>'
+                        + "".join(_figure(f, "the same word's mass in each prompt: mean \u00b1 std over the group's runs", fmt)
+                                  for f in cross_figures)
                         + _table(["encoder", "word", "prompt (word #): mass mean &plusmn; std (%)"], cross))
     return _page(title, "\n".join(body[:2 if len(body) > 1 and 'class="warn"' in body[1] else 1] + [_toc(toc)]
                                   + body[2 if len(body) > 1 and 'class="warn"' in body[1] else 1:]))

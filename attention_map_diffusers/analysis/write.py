@@ -363,9 +363,39 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
     return RunOutcome(summaries, thumbnail, str(dump.metadata.get("model_id") or ""), seeds, random)
 
 
+def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequence[RunSummary],
+                       options: AnalysisOptions) -> list[str]:
+    """Per encoder, a figure of the words that two or more prompts' groups share (their mass in each
+    prompt), ``aggregate/words_across_prompts_{enc}``; returns the paths relative to ``tmp``."""
+    from . import group_plots, plots
+    from .aggregate_runs import words_across_prompts
+
+    written = []
+    for enc in ("clip", "t5"):
+        gs = [gp.result for gp in groups if gp.result.encoder == enc]
+        shared = words_across_prompts(gs)
+        if not shared:
+            continue
+        def label(prompt: str) -> str:
+            return prompt if len(prompt) <= 60 else prompt[:59] + "\u2026"
+
+        rows = [(word, [(label(gs[g].prompt), f"{gs[g].words[j].text} #{gs[g].words[j].index}", m, sd)
+                        for g, j, m, sd in hits]) for word, hits in shared.items()]
+        members = [m for m in summaries if m.encoder == enc and m.prompt in {g.prompt for g in gs}]
+        facts = FigureFacts(prompt=" | ".join(dict.fromkeys(g.prompt for g in gs)), seed="several (see the groups)",
+                            model=", ".join(sorted({m.model for m in members} - {""})),
+                            random_weights=any(m.random_weights for m in members))
+        fig = group_plots.cross_prompt_figure(rows, f"{ENCODER_TITLES[enc]}: words in several prompts", facts=facts)
+        rel = f"aggregate/words_across_prompts_{enc}.{options.fmt}"
+        os.makedirs(os.path.join(tmp, "aggregate"), exist_ok=True)
+        plots.save_figure(fig, os.path.join(tmp, rel), options.fmt, options.dpi, facts)
+        written.append(rel)
+    return written
+
+
 def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOptions) -> list[GroupPage]:
     """Aggregate runs that share a prompt (two or more) into ``aggregate/<NNN-slug>/{enc}/``; returns their pages."""
-    from . import plots
+    from . import group_plots, plots
 
     groups = group_runs(summaries)
     prompts = list(dict.fromkeys(g[0].prompt for g in groups))
@@ -392,6 +422,11 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
                                       spread=res.blockavg_std[:, top8], facts=facts)
             plots.save_figure(fig, os.path.join(folder, f"curves_mean.{fmt}"), fmt, options.dpi, facts)
             page.curves = f"{rel}/{res.encoder}/curves_mean.{fmt}"
+            fig = group_plots.blocks_bands_figure(
+                res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
+                f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts)
+            plots.save_figure(fig, os.path.join(folder, f"curves_blocks.{fmt}"), fmt, options.dpi, facts)
+            page.blocks = f"{rel}/{res.encoder}/curves_blocks.{fmt}"
             fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
                                       [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
                                       f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts)
@@ -468,7 +503,13 @@ def write_plan(plan: Plan) -> int:
                     thumbnail=f"{row['folder']}/{o.thumbnail}" if o is not None and o.thumbnail else None,
                     groups=member_of.get(row["folder"], []),
                 )
-            write_text(os.path.join(tmp, "index.html"), index_page(f"Attention analysis: {os.path.basename(plan.root)}", rows, groups))
+            first = {}  # runs of one prompt together, prompts in order of first appearance
+            for row in rows:
+                first.setdefault(" | ".join(row.get("prompt") or []), len(first))
+            rows.sort(key=lambda row: first[" | ".join(row.get("prompt") or [])])
+            cross = [] if options.tables_only else write_cross_prompt(tmp, groups, summaries, options)
+            write_text(os.path.join(tmp, "index.html"), index_page(
+                f"Attention analysis: {os.path.basename(plan.root)}", rows, groups, cross, options.fmt))
         return outdir.commit(tmp, plan.out)
     except BaseException:
         outdir.remove([tmp])

@@ -1,0 +1,83 @@
+"""Figures of groups of runs (matplotlib): per-block curves with bands over seeds, and the words that
+several prompts share. The numbers come from :mod:`.aggregate_runs`; nothing is computed here but
+the layout."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .plots import CURVE_LABEL, LINE_COLOURS, draw_curves, new_figure
+from .views import MAX_LINES, FigureFacts
+
+BLOCK_COLUMNS = 6  # panels per row of the per-block figure
+
+
+def blocks_bands_figure(
+    curves_mean: np.ndarray, curves_std: np.ndarray, labels: Sequence[str], block_ids: Sequence[int],
+    timesteps: Optional[np.ndarray], title: str, *, facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """One panel per block: (Bk, S, m) mean curves with their +- std bands (m <= :data:`MAX_LINES`),
+    one y scale for every block (stated), one legend."""
+    Bk, S, m = curves_mean.shape
+    if m > MAX_LINES:
+        raise ValueError(f"at most {MAX_LINES} lines per panel, got {m}")
+    cols = min(BLOCK_COLUMNS, Bk)
+    rows = -(-Bk // cols)
+    fig = new_figure(2.3 * cols + 1.6, 1.75 * rows + 0.9, facts=facts)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    top = float(np.nanmax(curves_mean + curves_std)) if curves_mean.size else 1.0
+    lines = []
+    for k, ax in enumerate(axes.flat):
+        if k >= Bk:
+            ax.set_axis_off()
+            continue
+        lines = draw_curves(ax, curves_mean[k], labels, timesteps, spread=curves_std[k], S=S)
+        ax.set_title(f"block {block_ids[k]}", fontsize=8)
+        ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        if timesteps is not None:  # the step / timestep labels of draw_curves are too long for small panels
+            ax.set_xticks([0, S - 1] if S > 1 else [0])
+            ax.set_xticklabels(["first" if S > 1 else "step 0"] + (["last"] if S > 1 else []), fontsize=6)
+    fig.supylabel(CURVE_LABEL, fontsize=8)
+    if lines:
+        fig.legend(lines, labels, loc="outside right upper", fontsize=7, frameon=False)
+    fig.suptitle(f"{title}\nx: denoising step, first (noisiest) to last; one y scale for every block; "
+                 "bands: mean \u00b1 sample std over the runs", fontsize=9)
+    return fig
+
+
+def cross_prompt_figure(rows: Sequence[tuple[str, Sequence[tuple[str, str, float, float]]]], title: str, *,
+                        facts: Optional[FigureFacts] = None) -> Figure:
+    """Words found in several prompts: per word a group of horizontal bars, one per occurrence in
+    each prompt (coloured by prompt, labelled with the word's number there), its mass mean with a
+    +- std error bar. ``rows``: (word, [(prompt label, bar label, mean, std), ...])."""
+    prompts = list(dict.fromkeys(p for _, hits in rows for p, _, _, _ in hits))
+    colour = {p: LINE_COLOURS[i % len(LINE_COLOURS)] for i, p in enumerate(prompts)}
+    n_bars = sum(len(h) for _, h in rows)
+    fig = new_figure(8.5, 0.26 * n_bars + 0.3 * len(rows) + 1.4 + 0.2 * len(prompts), facts=facts)
+    ax = fig.add_subplot(1, 1, 1)
+    y, ticks, names = 0.0, [], []
+    seen = set()
+    for word, hits in rows:
+        for p, bar, mean, std in hits:
+            ax.barh(y, 100 * mean, xerr=100 * std, color=colour[p], height=0.8, capsize=2,
+                    label=p if p not in seen else None)
+            seen.add(p)
+            ticks.append(y)
+            names.append(bar)
+            y += 1
+        y += 0.7
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the prompt's word attention (%): mean \u00b1 sample std over the group's runs")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.09 - 0.6 / max(fig.get_figheight(), 1)), fontsize=8,
+              frameon=False, title="prompt", title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
