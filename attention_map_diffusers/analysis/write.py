@@ -158,17 +158,18 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     names += list(files.strips.values()) + [n for per_frame in files.frames.values() for row in per_frame for n in row]
     for sub in {os.path.dirname(n) for n in names} - {""}:
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    for j, name in files.words:
-        heat = res.shares[:, :, j]
-        save(plots.heatmap_figure(heat, f"{title}: \u201c{labels[j]}\u201d (word {words[j].index}, mass {res.mass[j]:.1%})", over,
-                                  vmax=robust_vmax(heat, pct), scale=scale, facts=facts), name)
-        page.word_heatmaps.append((f"{labels[j]} (mass {res.mass[j]:.1%})", f"{rel}/{name}"))
+    heat_maps = [res.shares[:, :, j] for j, _ in files.words] + [res.phrases[k].map for k, _ in files.phrases]
+    heat_titles = [f"{title}: \u201c{labels[j]}\u201d (word {words[j].index}, mass {res.mass[j]:.1%})" for j, _ in files.words]
     for k, name in files.phrases:
         ph = res.phrases[k]
         occ = f"{len(ph.occurrences)} occurrence" + ("s" if len(ph.occurrences) > 1 else "")
-        save(plots.heatmap_figure(ph.map, f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights)", over,
-                                  vmax=robust_vmax(ph.map, pct), scale=scale, facts=facts), name)
+        heat_titles.append(f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights)")
         page.phrase_heatmaps.append((f"{ph.phrase} ({occ})", f"{rel}/{name}"))
+    page.word_heatmaps.extend((f"{labels[j]} (mass {res.mass[j]:.1%})", f"{rel}/{name}") for j, name in files.words)
+    plots.save_heatmap_figures(
+        heat_maps, heat_titles, [os.path.join(folder, n) for _, n in files.words + files.phrases], over,
+        vmaxes=[robust_vmax(h, pct) for h in heat_maps], scale=scale, fmt=fmt, dpi=dpi, on_saved=tick, facts=facts,
+    )
 
     heats = [res.shares[:, :, j] for j in res.top]
     save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%})" for j in res.top], overlay=options.overlay,
