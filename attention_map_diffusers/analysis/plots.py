@@ -424,7 +424,7 @@ def word_grid_figure(
     rows = max(1, math.ceil(m / cols))
     fig = new_figure(3.2 * cols + 0.8, 2.6 * rows + 0.6, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
-    manual_layout(fig, top=0.6, bottom=0.5 + (FOOTER_HEIGHT if facts else 0), left=0.55, right=0.2, wspace=0.12, hspace=0.3)
+    manual_layout(fig, top=0.6, bottom=0.5 + (FOOTER_HEIGHT if facts else 0), left=0.55, right=1.0, wspace=0.12, hspace=0.3)  # the colour bar's ticks and label
     vmax = float(grids.max(initial=0.0)) or 1.0
     im = None
     for k, ax in enumerate(axes.ravel()):
