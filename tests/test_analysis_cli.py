@@ -392,3 +392,49 @@ def test_subprocess_imports_no_model_libraries(bicycle):
     assert res.returncode == 0, res.stderr
     assert "RC 0 HEAVY []" in res.stdout
     assert (folder / "analysis" / "clip" / "summary.png").is_file()
+
+
+def _tree_bytes(root):
+    out = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+def test_encoders_written_in_parallel_give_the_same_files(tmp_path, monkeypatch, capsys):
+    """A single run on two or more cores writes its second encoder in a forked process: the files are
+    byte for byte those of the serial path, and an error in that process reaches the command."""
+    from attention_map_diffusers.analysis import write as W
+
+    if "fork" not in __import__("multiprocessing").get_all_start_methods() or sys.platform != "linux":
+        pytest.skip("the parallel path needs fork (Linux)")
+    layout = make_layout(["A rusty bicycle in front of a barn"], clip_len=77, t5_len=16)
+    arrays = random_arrays(layout, num_blocks=3, num_steps=5, grid=(6, 6), seed=3)
+    write_dump(tmp_path / "run", layout, arrays, image_size=(48, 48))
+    forks = []
+    real_fork = W._fork_encoder
+    monkeypatch.setattr(W, "_fork_encoder", lambda *a: forks.append(a[2].encoder) or real_fork(*a))
+    trees = {}
+    for cpus in (1, 2):
+        monkeypatch.setattr(W, "_cpus", lambda cpus=cpus: cpus)
+        assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--out", str(tmp_path / f"out{cpus}"), "--dpi", "60"]) == 0
+        trees[cpus] = _tree_bytes(tmp_path / f"out{cpus}")
+    assert forks == ["t5"]  # only the run on 2 cores forked, for its second encoder
+    assert trees[1].keys() == trees[2].keys() and len(trees[1]) > 20
+    assert [k for k in trees[1] if trees[1][k] != trees[2][k]] == []
+
+    def broken(folder, rel, res, *a):
+        if res.encoder == "t5":
+            raise OSError(28, "No space left on device")
+        return real_write(folder, rel, res, *a)
+
+    real_write = W.write_encoder
+    monkeypatch.setattr(W, "write_encoder", broken)
+    capsys.readouterr()
+    assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--out", str(tmp_path / "out3"), "--dpi", "60"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert not (tmp_path / "out3").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out3")]

@@ -295,10 +295,13 @@ class RunOutcome:
     random_weights: bool
 
 
-def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[[], None], back: Optional[str] = None) -> RunOutcome:
+def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[[], None], back: Optional[str] = None,
+              parallel: bool = False) -> RunOutcome:
     """A run's image copy, per-encoder outputs and ``index.html`` into ``dest``.
 
-    ``back``: a link from the run's page to the page listing it (several runs).
+    ``back``: a link from the run's page to the page listing it (several runs). ``parallel``: write
+    the second encoder in a forked process while this one writes the first (a single run on a
+    machine with two or more cores; see :func:`_fork_encoder`).
     """
     dump = run.dump
     B = dump.batch_size
@@ -327,9 +330,16 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         facts = run_facts(dump, i)
         ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps)
         pages = []
-        for res in run.results[i]:
+        results = run.results[i]
+        forked = _fork_encoder(dest, base, results[1], ctx, options) if parallel and len(results) == 2 else None
+        for res in results:
             rel = f"{base}/{res.encoder}" if base else res.encoder
-            pages.append(write_encoder(os.path.join(dest, rel), rel, res, ctx, options, tick))
+            if forked is not None and res is results[1]:
+                pages.append(forked.join(res))
+                for _ in range(forked.files):
+                    tick()
+            else:
+                pages.append(write_encoder(os.path.join(dest, rel), rel, res, ctx, options, tick))
             summaries.append(RunSummary(run.folder or "", i, facts.seed, res.encoder, dump.prompts[i], tuple(res.words),
                                         tuple(res.block_ids), res.mass, res.curves, res.shares.astype(np.float32),
                                         _timesteps(res.timesteps), facts.model, facts.random_weights))
@@ -470,7 +480,8 @@ def write_plan(plan: Plan) -> int:
                         continue
                     dest = os.path.join(tmp, run.folder) if run.folder else tmp
                     os.makedirs(dest, exist_ok=True)
-                    outcomes[run.folder] = write_run(dest, run, options, lambda: bar.update(1), back=_back(plan, run.folder))
+                    outcomes[run.folder] = write_run(dest, run, options, lambda: bar.update(1), back=_back(plan, run.folder),
+                                                     parallel=len(plan.runs) == 1 and _cpus() > 1 and not options.tables_only)
                     del run
         for spec in plan.runs:  # in the order of the runs, so that groups are numbered by first appearance
             outcome = outcomes.get(spec.folder)
@@ -517,6 +528,68 @@ def write_plan(plan: Plan) -> int:
         raise
 
 
+class _ForkedEncoder:
+    """One encoder's tables and figures being written by a forked child process."""
+
+    def __init__(self, process, conn, files: int):
+        self.process, self.conn, self.files = process, conn, files
+
+    def join(self, res: EncoderResult) -> EncoderPage:
+        """Wait for the child; its page (with ``res`` put back), or the child's error raised here."""
+        try:
+            kind, value = self.conn.recv()
+        except EOFError:
+            kind, value = "crash", None
+        finally:
+            self.conn.close()
+            self.process.join()
+        if kind == "page":
+            value.result = res
+            return value
+        if kind == "error":
+            raise value
+        raise RuntimeError(f"the process writing the {res.encoder} figures stopped (exit code {self.process.exitcode})")
+
+
+def _fork_encoder(dest: str, base: str, res: EncoderResult, ctx: ItemContext, options: AnalysisOptions):
+    """Start writing ``res``'s folder in a forked child (it shares this process's memory, so nothing
+    large is copied or pickled); None where fork is not available (then the caller writes it)."""
+    import multiprocessing
+
+    if sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    rel = f"{base}/{res.encoder}" if base else res.encoder
+    frames = ctx.frames
+    files = 1 + len(figure_files(res, options, frames))
+    parent, child = multiprocessing.Pipe(duplex=False)
+
+    def work():
+        parent.close()
+        try:
+            page = write_encoder(os.path.join(dest, rel), rel, res, ctx, options, lambda: None)
+            page.result = None  # the parent has it
+            child.send(("page", page))
+        except BaseException as exc:  # reported to the parent, which raises it
+            try:
+                child.send(("error", exc))
+            except Exception:
+                child.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        finally:
+            child.close()
+
+    process = multiprocessing.get_context("fork").Process(target=work, daemon=True)
+    process.start()
+    child.close()
+    return _ForkedEncoder(process, parent, files)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 MAX_JOBS = 4  # processes writing runs at once (several runs only)
 
 
@@ -526,11 +599,7 @@ def _jobs(plan: Plan) -> int:
     to other processes)."""
     if not plan.multi or len(plan.runs) < 2 or plan.t5_loader is not None:
         return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_JOBS, cpus, len(plan.runs)))
+    return max(1, min(MAX_JOBS, _cpus(), len(plan.runs)))
 
 
 def _back(plan: Plan, folder: Optional[str]) -> Optional[str]:
