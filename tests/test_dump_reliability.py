@@ -387,7 +387,7 @@ def test_undecodable_prompt_byte_in_a_subprocess(tmp_path):
 
 
 def test_abbreviated_flags_are_rejected(tmp_path, capsys):
-    for argv in (["--image", "x.png"], ["--image-f", "png"], ["--over"]):
+    for argv in (["--image-f", "png"], ["--images-c", "x.csv"], ["--noise", "0.5"], ["--over"]):
         assert dump.main(argv + ["--out", str(tmp_path / "o")]) == 2
         assert "unrecognized arguments" in one_line(capsys.readouterr().err)
     for argv in (["--tables"], ["--t5", "x"], ["--enc", "clip"]):
