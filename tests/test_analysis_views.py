@@ -215,3 +215,27 @@ def test_across_seeds_aggregation(tmp_path):
     assert "A furry cat (#0)" in cross and "A rusty bicycle in front of a barn (#6)" in cross  # "a" is in both prompts
     assert "../index.html" in (out / "0000-s1" / "index.html").read_text(encoding="utf-8")
     assert (g / "index.html").is_file()
+
+
+def test_slider_frame_has_its_colour_bar():
+    """A slider frame: the map in the colour map (nearest neighbour, 0 to vmax, clipped), then a
+    bar running from vmax (top) to 0 (bottom) in the same colours, labelled."""
+    from matplotlib import colormaps
+
+    from attention_map_diffusers.analysis.plots import BAR_GAP, BAR_WIDTH, HEAT_CMAP, heat_frame
+
+    heat = np.array([[0.0, 0.1], [0.2, 0.4]])
+    img = np.asarray(heat_frame(heat, vmax=0.2, side=64))
+    cmap = colormaps[HEAT_CMAP]
+
+    def colour(v):
+        return (np.asarray(cmap(v)[:3]) * 255).astype(np.uint8)
+
+    assert img.shape[0] == 64
+    for (i, j), v in np.ndenumerate(heat):  # the centre of each cell: its value / vmax, clipped to 1
+        np.testing.assert_array_equal(img[16 + 32 * i, 16 + 32 * j], colour(min(v / 0.2, 1.0)))
+    bar = img[:, 64 + BAR_GAP: 64 + BAR_GAP + BAR_WIDTH]
+    np.testing.assert_array_equal(bar[0, 0], colour(1.0))
+    np.testing.assert_array_equal(bar[-1, 0], colour(0.0))
+    labels = img[:, 64 + BAR_GAP + BAR_WIDTH:]
+    assert (labels[:12].min(axis=-1) < 100).any() and (labels[-12:].min(axis=-1) < 100).any()  # "0.2" and "0" drawn

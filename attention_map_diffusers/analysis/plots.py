@@ -625,17 +625,38 @@ def _bare(ax, title: Optional[str]) -> None:
         ax.set_title(title, fontsize=9)
 
 
-def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256) -> None:
-    """A bare (Hc, Wc) map as a PNG of ``side`` pixels on its longer side (colour map applied, no axes, no figure).
+BAR_WIDTH = 12  # px of the colour bar beside a slider frame
+BAR_GAP = 6
+BAR_TEXT = 44  # px kept right of the bar for its two labels
 
-    Used for the report's slider frames: hundreds of these take milliseconds, not a figure each.
-    """
+
+def heat_frame(heat: np.ndarray, vmax: float, side: int = 256) -> Image.Image:
+    """A bare (Hc, Wc) map with a colour bar: the map (colour map applied, nearest-neighbour, ``side``
+    pixels on its longer side) on white, then a vertical bar from 0 (bottom) to ``vmax`` (top),
+    labelled with both values. Used for the report's slider frames: hundreds take milliseconds."""
     from matplotlib import colormaps
+    from PIL import ImageDraw, ImageFont
 
+    cmap = colormaps[HEAT_CMAP]
     norm = np.clip(np.asarray(heat, dtype=np.float64) / (vmax if vmax > 0 else 1.0), 0.0, 1.0)
-    rgb = (colormaps[HEAT_CMAP](norm)[..., :3] * 255).astype(np.uint8)
+    rgb = (cmap(norm)[..., :3] * 255).astype(np.uint8)
     h, w = rgb.shape[:2]
     s = side / max(h, w)
-    img = Image.fromarray(rgb).resize((max(1, round(w * s)), max(1, round(h * s))), Image.NEAREST)
+    W, H = max(1, round(w * s)), max(1, round(h * s))
+    img = Image.new("RGB", (W + BAR_GAP + BAR_WIDTH + BAR_TEXT, H), (255, 255, 255))
+    img.paste(Image.fromarray(rgb).resize((W, H), Image.NEAREST), (0, 0))
+    ramp = np.linspace(1.0, 0.0, H)[:, None].repeat(BAR_WIDTH, axis=1)  # top = vmax
+    img.paste(Image.fromarray((cmap(ramp)[..., :3] * 255).astype(np.uint8)), (W + BAR_GAP, 0))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    x = W + BAR_GAP + BAR_WIDTH + 3
+    draw.text((x, 0), f"{vmax:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((x, H - 12), "0", fill=(0, 0, 0), font=font)
+    return img
+
+
+def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256) -> None:
+    """:func:`heat_frame` written as a PNG."""
+    img = heat_frame(heat, vmax, side)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", compress_level=1)
