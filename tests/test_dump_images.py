@@ -144,7 +144,7 @@ BAD_IMAGES = {
     "missing": (["--image", "{tmp}/none.png", "--prompt", "a"], "does not exist"),
     "not an image": (["--image", "{tmp}/text.png", "--prompt", "a"], "cannot be read as an image"),
     "too small": (["--image", "{tmp}/tiny.png", "--prompt", "a"], "too small"),
-    "16-bit": (["--image", "{tmp}/deep.png", "--prompt", "a"], "pixel mode 'I;16'"),
+    "16-bit": (["--image", "{tmp}/deep.png", "--prompt", "a"], "has pixel mode 'I"),  # 'I;16' ('I' in Pillow < 10)
     "animation": (["--image", "{tmp}/anim.gif", "--prompt", "a"], "has 2 frames"),
     "no prompt": (["--image", "{tmp}/ok.png"], "--image needs the prompt"),
     "csv columns": (["--images-csv", "{tmp}/nocols.csv"], "columns image,prompt"),
