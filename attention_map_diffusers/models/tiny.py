@@ -244,39 +244,65 @@ def t5_text_encoder(vocab_size: int, d_model: int, num_layers: int, *, seed: int
     return T5EncoderModel(cfg).eval()
 
 
-def tiny_vae(block_out_channels, latent_channels: int, *, seed: int, shift_factor: float, scaling_factor: float):
-    """A random ``AutoencoderKL`` (one layer per block, no quant convs), in eval mode; the scale factor
-    is 2 ** (len(block_out_channels) - 1)."""
+def tiny_vae(block_out_channels, latent_channels: int, *, seed: int, shift_factor: Optional[float] = None,
+             scaling_factor: Optional[float] = None, layers_per_block: int = 1, norm_num_groups: Optional[int] = None,
+             sample_size: int = 32, mid_block_add_attention: bool = True):
+    """A random ``AutoencoderKL`` (no quant convs), in eval mode; the scale factor is
+    2 ** (len(block_out_channels) - 1). ``norm_num_groups`` defaults to min(4, narrowest block);
+    shift / scaling factors left out keep diffusers' defaults (set them after training)."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     n = len(block_out_channels)
+    factors = {k: v for k, v in (("shift_factor", shift_factor), ("scaling_factor", scaling_factor)) if v is not None}
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         latent_channels=latent_channels,
-        norm_num_groups=min(4, min(block_out_channels)),
-        sample_size=32,
+        norm_num_groups=norm_num_groups if norm_num_groups is not None else min(4, min(block_out_channels)),
+        sample_size=sample_size,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=shift_factor,
-        scaling_factor=scaling_factor,
+        mid_block_add_attention=mid_block_add_attention,
+        **factors,
     ).eval()
+
+
+def sd3_transformer(*, seed: int, sample_size: int, patch_size: int, latent_channels: int, num_layers: int,
+                    attention_head_dim: int, num_attention_heads: int, t5_d_model: int, clip_hidden_size: int,
+                    pos_embed_max_size: int, **extra):
+    """A random ``SD3Transformer2DModel`` (train mode, as constructed) whose text widths match the
+    tiny text encoders: joint attention over the T5 width, pooled vector of the two CLIPs.
+    ``extra``: further config (``dual_attention_layers``, ``qk_norm``)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=patch_size,
+        in_channels=latent_channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=t5_d_model,
+        caption_projection_dim=num_attention_heads * attention_head_dim,
+        pooled_projection_dim=2 * clip_hidden_size,
+        out_channels=latent_channels,
+        pos_embed_max_size=pos_embed_max_size,
+        **extra,
+    )
 
 
 def build_tiny_sd3_pipeline(config: TinySD3Config = TinySD3Config()):
     """A ``StableDiffusion3Pipeline`` with random weights, built in memory (float32, CPU)."""
-    import torch
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
     if config.t5_d_model < 2 * config.clip_hidden_size:
         raise ValueError(
             f"t5_d_model ({config.t5_d_model}) must be >= 2 * clip_hidden_size ({config.clip_hidden_size}): "
@@ -292,21 +318,12 @@ def build_tiny_sd3_pipeline(config: TinySD3Config = TinySD3Config()):
                                        seed=config.seed + 2)
     text_encoder_3 = t5_text_encoder(len(tokenizer_3), config.t5_d_model, config.t5_layers, seed=config.seed + 3)
 
-    torch.manual_seed(config.seed + 4)
-    transformer = SD3Transformer2DModel(
-        sample_size=64,
-        patch_size=config.patch_size,
-        in_channels=config.latent_channels,
-        num_layers=config.num_layers,
-        attention_head_dim=config.attention_head_dim,
-        num_attention_heads=config.num_attention_heads,
-        joint_attention_dim=config.t5_d_model,
-        caption_projection_dim=config.num_attention_heads * config.attention_head_dim,
-        pooled_projection_dim=2 * config.clip_hidden_size,
-        out_channels=config.latent_channels,
-        pos_embed_max_size=config.pos_embed_max_size,
-        dual_attention_layers=tuple(config.dual_attention_layers),
-        qk_norm=config.qk_norm,
+    transformer = sd3_transformer(
+        seed=config.seed + 4, sample_size=64, patch_size=config.patch_size, latent_channels=config.latent_channels,
+        num_layers=config.num_layers, attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads, t5_d_model=config.t5_d_model,
+        clip_hidden_size=config.clip_hidden_size, pos_embed_max_size=config.pos_embed_max_size,
+        dual_attention_layers=tuple(config.dual_attention_layers), qk_norm=config.qk_norm,
     ).eval()
     _sharpen_attention(transformer, config.qk_gain)
 

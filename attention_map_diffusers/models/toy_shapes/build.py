@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..tiny import build_clip_tokenizer, build_t5_tokenizer, clip_text_encoder, t5_text_encoder
+from ..tiny import build_clip_tokenizer, build_t5_tokenizer, clip_text_encoder, sd3_transformer, t5_text_encoder, tiny_vae
 from .data import COLORS, CONNECTIVES, SHAPES, SIZE
 
 
@@ -84,44 +84,20 @@ def build_text_encoders(config: ToyShapesConfig, tokenizer, tokenizer_3):
 
 def build_vae(config: ToyShapesConfig):
     """An untrained ``AutoencoderKL`` (scaling and shift factors are set after training)."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(config.seed + 5)
-    n = len(config.vae_block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(config.vae_block_out_channels),
-        layers_per_block=config.vae_layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=8,
-        sample_size=SIZE,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+    return tiny_vae(
+        config.vae_block_out_channels, config.latent_channels, seed=config.seed + 5,
+        layers_per_block=config.vae_layers_per_block, norm_num_groups=8, sample_size=SIZE,
         mid_block_add_attention=False,  # flat shapes need no global context; saves a third of the time
-    )
+    ).train()
 
 
 def build_transformer(config: ToyShapesConfig):
     """An untrained ``SD3Transformer2DModel`` whose native sample is the 128 px image's latent."""
-    import torch
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(config.seed + 4)
-    return SD3Transformer2DModel(
-        sample_size=config.latent_size,
-        patch_size=config.patch_size,
-        in_channels=config.latent_channels,
-        num_layers=config.num_layers,
-        attention_head_dim=config.attention_head_dim,
-        num_attention_heads=config.num_attention_heads,
-        joint_attention_dim=config.t5_d_model,
-        caption_projection_dim=config.num_attention_heads * config.attention_head_dim,
-        pooled_projection_dim=2 * config.clip_hidden_size,
-        out_channels=config.latent_channels,
+    return sd3_transformer(
+        seed=config.seed + 4, sample_size=config.latent_size, patch_size=config.patch_size,
+        latent_channels=config.latent_channels, num_layers=config.num_layers,
+        attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads,
+        t5_d_model=config.t5_d_model, clip_hidden_size=config.clip_hidden_size,
         pos_embed_max_size=2 * config.latent_size // config.patch_size,  # up to 256 px images
     )
 
