@@ -64,14 +64,19 @@ def sd35m_dir(tmp_path_factory):
     return _saved_pipeline(tmp_path_factory, "tiny-sd35m", cfg)
 
 
-def load_pipeline(path, dtype=None):
+def _load(pipeline_class: str, path, dtype=None):
+    """``diffusers.<pipeline_class>.from_pretrained(path)`` in ``dtype`` (float32), quiet."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusion3Pipeline
 
     _quiet_libraries()
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(path, torch_dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_pipeline(path, dtype=None):
+    return _load("StableDiffusion3Pipeline", path, dtype)
 
 
 @pytest.fixture(scope="session")
@@ -96,13 +101,7 @@ def flux_dir(tmp_path_factory):
 
 
 def load_flux_pipeline(path, dtype=None):
-    import torch
-    from diffusers import FluxPipeline
-
-    _quiet_libraries()
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype or torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _load("FluxPipeline", path, dtype)
 
 
 @pytest.fixture(scope="session")
