@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from .aggregate import CaptureResult
+from .family import SD3, family_of
 from .recorder import StepAverageRecorder
 
 
@@ -67,8 +68,7 @@ def record_on_image(
         guidance_scale: > 1 runs the pipeline's CFG batch (negative + prompt).
         recorder: keyword arguments of :class:`StepAverageRecorder` (canonical_size, keep_step_maps, ...).
     """
-    if getattr(pipe, "transformer", None) is None or not hasattr(pipe.transformer.config, "patch_size") \
-            or type(pipe.transformer).__name__.startswith("Flux"):
+    if getattr(pipe, "transformer", None) is None or family_of(pipe) is not SD3:
         raise ValueError("record_on_image supports StableDiffusion3Pipeline (SD3 / SD3.5) pipelines")
     device = pipe._execution_device
     cfg = guidance_scale > 1.0

@@ -198,8 +198,10 @@ def _seeds(args) -> list[int]:
     return seeds
 
 
-def _validate(args) -> tuple[list[str], list[int], RunSettings]:
-    """Checks that need no model. Returns the prompts, the seeds and the settings. Raises UserError."""
+def _validate(args, jobs: Optional[list] = None) -> tuple[list[str], list[int], RunSettings]:
+    """Checks that need no model. Returns the prompts, the seeds and the settings. Raises UserError.
+
+    ``jobs``: image mode's (image, prompt) pairs, whose prompts :func:`_validate_images` read and checked."""
     _check_text("--model", args.model)
     check_model_reference(args.model)
     native = native_size(args.model)
@@ -229,18 +231,21 @@ def _validate(args) -> tuple[list[str], list[int], RunSettings]:
     family = guess_family(args.model)
     if family is not None:
         check_family_flags(family, args.skip_guidance_layers, args.true_cfg_scale)
-    prompts = list(args.prompt or [])
-    for p in prompts:
-        _check_text("--prompt", p)
     _check_text("--neg", args.neg)
-    if args.prompts_file:
-        prompts += read_prompts_file(args.prompts_file)
-        if not prompts:
-            raise UserError(f"--prompts-file {args.prompts_file!r} holds no prompt (only blank or # lines)")
-    elif not prompts:
-        prompts = [DEFAULT_PROMPT]
-    if any(not p.strip() for p in prompts):
-        raise UserError("empty prompt: every --prompt must have some text")
+    if jobs is not None:
+        prompts = [job.prompt for job in jobs]
+    else:
+        prompts = list(args.prompt or [])
+        for p in prompts:
+            _check_text("--prompt", p)
+        if args.prompts_file:
+            prompts += read_prompts_file(args.prompts_file)
+            if not prompts:
+                raise UserError(f"--prompts-file {args.prompts_file!r} holds no prompt (only blank or # lines)")
+        elif not prompts:
+            prompts = [DEFAULT_PROMPT]
+        if any(not p.strip() for p in prompts):
+            raise UserError("empty prompt: every --prompt must have some text")
     _check_out(args.out)
     return prompts, seeds, settings_from_args(args)
 
@@ -320,8 +325,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         image_format=args.image_format,
         embed_metadata=not args.no_embed_metadata,
         random_weights=args.model in TINY_MODELS,
-        noise_levels=getattr(args, "noise_levels", None) if getattr(args, "strength", None) is None else None,
-        strength=getattr(args, "strength", None),
+        noise_levels=args.noise_levels if args.strength is None else None,
+        strength=args.strength,
     )
 
 
@@ -359,9 +364,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     try:
         jobs = _validate_images(args)
-        if jobs is not None and not args.prompt:
-            args.prompt = [jobs[0].prompt]  # the prompts come with the images
-        prompts, seeds, settings = _validate(args)
+        prompts, seeds, settings = _validate(args, jobs)
         runs = plan_image_runs(jobs, seeds) if jobs is not None else plan_runs(prompts, seeds, args.batch_size)
         check_out_kind(args.out, single=len(runs) == 1)
     except UserError as exc:

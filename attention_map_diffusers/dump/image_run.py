@@ -20,12 +20,12 @@ from .run import prompt_token_lists, versions
 from .runs import Run
 from .settings import RunSettings
 from .source_images import read_source
-from .writer import WriteError, build_metadata, image_name, save_image, write_run
+from .writer import WriteError, build_metadata, image_ext, image_name, save_image, write_run
 
 
 def source_image_name(stem: str, width: int, height: int, fmt: str) -> str:
-    ext = "jpg" if fmt in ("jpg", "jpeg") else "png"
-    return f"source-{stem}-{width}x{height}.{ext}"
+    """``source-{stem}-{w}x{h}.png``: the fitted source image in a run's ``images/``."""
+    return f"source-{stem}-{width}x{height}.{image_ext(fmt)}"
 
 
 def run_image(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir: str, paths=None) -> str:

@@ -26,10 +26,14 @@ class WriteError(Exception):
         super().__init__(f"cannot write {folder}: {self.reason}")
 
 
+def image_ext(fmt: str) -> str:
+    """The file extension of an --image-format."""
+    return {"png": "png", "jpg": "jpg", "jpeg": "jpg"}[fmt]
+
+
 def image_name(seed: int, width: int, height: int, index: int, fmt: str) -> str:
     """The original tool's pattern: ``seed{seed}-{w}x{h}-idx{i}.png``."""
-    ext = {"png": "png", "jpg": "jpg", "jpeg": "jpg"}[fmt]
-    return f"seed{seed}-{width}x{height}-idx{index}.{ext}"
+    return f"seed{seed}-{width}x{height}-idx{index}.{image_ext(fmt)}"
 
 
 def build_metadata(
