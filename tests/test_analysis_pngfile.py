@@ -35,3 +35,17 @@ def test_refuses_other_arrays():
         png_bytes(np.zeros((2, 2, 3)))
     with pytest.raises(ValueError, match=r"uint8 \(2, 2\)"):
         png_bytes(np.zeros((2, 2), np.uint8))
+
+
+def test_both_deflate_backends_decode_to_the_data():
+    """ISA-L (the requirement, the fast path) and zlib (the fallback) both write a valid zlib stream."""
+    import zlib
+
+    from attention_map_diffusers.analysis import pngfile
+
+    assert pngfile._fast_compress is not None, "isal is a requirement: pip install -r requirements.txt"
+    rng = np.random.default_rng(2)
+    data = (np.repeat(rng.integers(0, 4, 5000, dtype=np.uint8), 7)).tobytes()  # runs, as in figures
+    for fast in (True, False):
+        for level in (1, 6):
+            assert zlib.decompress(pngfile.deflate(data, level, fast=fast)) == data

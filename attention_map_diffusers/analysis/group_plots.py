@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from .plots import CURVE_LABEL, LINE_COLOURS, draw_curves, new_figure
+from .plots import CURVE_LABEL, LINE_COLOURS, new_figure
 from .views import MAX_LINES, FigureFacts
 
 BLOCK_COLUMNS = 6  # panels per row of the per-block figure
@@ -27,22 +27,39 @@ def blocks_bands_figure(
     cols = min(BLOCK_COLUMNS, Bk)
     rows = -(-Bk // cols)
     fig = new_figure(2.3 * cols + 1.6, 1.75 * rows + 0.9, facts=facts)
-    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    # no sharex / sharey: with 24 panels, matplotlib's shared-limit bookkeeping alone costs seconds;
+    # every panel gets the same limits and ticks instead, labelled on the outer panels only
+    axes = fig.subplots(rows, cols, squeeze=False)
     top = float(np.nanmax(curves_mean + curves_std)) if curves_mean.size else 1.0
+    ymax = top * 1.05 if top > 0 else 1.0
+    x = np.arange(S)
+    ticks = [0, S - 1] if S > 1 else [0]
+    names = (["first", "last"] if S > 1 else ["step 0"]) if timesteps is not None else [str(t) for t in ticks]
     lines = []
     for k, ax in enumerate(axes.flat):
         if k >= Bk:
             ax.set_axis_off()
             continue
-        lines = draw_curves(ax, curves_mean[k], labels, timesteps, spread=curves_std[k], S=S)
+        lines = []
+        for j in range(m):
+            colour = LINE_COLOURS[j % len(LINE_COLOURS)]
+            (line,) = ax.plot(x, curves_mean[k, :, j], "-", color=colour, lw=1.6, marker="o" if S < 3 else None, ms=3)
+            lines.append(line)
+            ax.fill_between(x, curves_mean[k, :, j] - curves_std[k, :, j], curves_mean[k, :, j] + curves_std[k, :, j],
+                            color=colour, alpha=0.2, lw=0)
         ax.set_title(f"block {block_ids[k]}", fontsize=8)
-        ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
+        ax.set_xlim(-0.5, S - 0.5)
+        ax.set_ylim(0.0, ymax)
+        ax.grid(alpha=0.3)
         ax.tick_params(labelsize=6)
-        ax.set_xlabel("")
-        ax.set_ylabel("")
-        if timesteps is not None:  # the step / timestep labels of draw_curves are too long for small panels
-            ax.set_xticks([0, S - 1] if S > 1 else [0])
-            ax.set_xticklabels(["first" if S > 1 else "step 0"] + (["last"] if S > 1 else []), fontsize=6)
+        ax.set_xticks(ticks)
+        row, col = divmod(k, cols)
+        if row == rows - 1 or k + cols >= Bk:  # the lowest panel of its column
+            ax.set_xticklabels(names, fontsize=6)
+        else:
+            ax.set_xticklabels([])
+        if col:
+            ax.set_yticklabels([])
     fig.supylabel(CURVE_LABEL, fontsize=8)
     if lines:
         fig.legend(lines, labels, loc="outside right upper", fontsize=7, frameon=False)

@@ -1,10 +1,15 @@
-"""Writing 8-bit RGB(A) arrays as PNG files fast: one filter for the whole image, zlib at level 1.
+"""Writing 8-bit RGB(A) arrays as PNG files fast: one filter for the whole image, deflate at level 1.
 
 Pillow chooses a filter per row by trying four of them, which costs more than compressing: for a
-figure at 200 dpi (1700 x 1484) it takes ~120 ms where this takes ~55 ms. The "up" filter
-(each row minus the row above) suits figures well, being mostly rows of one colour, so the files
-stay about the size Pillow writes at the same zlib level (within ~10 %). The pixels are the
+figure at 200 dpi (1700 x 1484) it takes ~120 ms where this takes ~55 ms with zlib. The "up"
+filter (each row minus the row above) suits figures well, being mostly rows of one colour, so the
+files stay about the size Pillow writes at the same zlib level (within ~10 %). The pixels are the
 same: PNG is lossless; only the file's bytes differ.
+
+The deflate stream comes from ISA-L (the ``isal`` package, a requirement) when it is installed:
+at its level 1 it compresses a figure ~5x faster than zlib's level 1 (9 ms against 47 ms for the
+figure above) into a slightly smaller file. Without it, zlib does the same job more slowly; the
+files decode to the same pixels either way.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from typing import Mapping, Optional
 import numpy as np
 
 from ..atomic import write_bytes
+
+try:
+    from isal.isal_zlib import compress as _fast_compress
+except ImportError:  # pragma: no cover - isal is a requirement; zlib is the slower fallback
+    _fast_compress = None
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOUR_TYPES = {3: 2, 4: 6}  # channels -> PNG colour type (RGB, RGBA)
@@ -47,7 +57,7 @@ def png_bytes(pixels: np.ndarray, text: Optional[Mapping[str, str]] = None, dpi:
             out.append(_chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1")))
         except UnicodeEncodeError:  # iTXt: uncompressed, no language, no translated keyword
             out.append(_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8")))
-    out.append(_chunk(b"IDAT", zlib.compress(rows, level)))
+    out.append(_chunk(b"IDAT", deflate(rows, level)))
     out.append(_chunk(b"IEND", b""))
     return b"".join(out)
 
@@ -56,6 +66,16 @@ def write_png(path: str, pixels: np.ndarray, text: Optional[Mapping[str, str]] =
               level: int = 1) -> None:
     """:func:`png_bytes` of ``pixels`` into ``path`` (temp name, then rename)."""
     write_bytes(path, png_bytes(pixels, text, dpi, level))
+
+
+def deflate(data, level: int = 1, fast: bool = True) -> bytes:
+    """``data`` as a zlib stream (what a PNG's IDAT holds): ISA-L when installed and ``fast``, else zlib.
+
+    ISA-L has levels 0-3; a zlib level above 3 is read as 3 there.
+    """
+    if fast and _fast_compress is not None:
+        return _fast_compress(data, min(level, 3))
+    return zlib.compress(data, level)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -404,13 +405,17 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
     return written
 
 
-def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOptions) -> list[GroupPage]:
-    """Aggregate runs that share a prompt (two or more) into ``aggregate/<NNN-slug>/{enc}/``; returns their pages."""
-    from . import group_plots, plots
+def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOptions, pool=None,
+                 fonts: Optional[FontChoice] = None) -> list[GroupPage]:
+    """Aggregate runs that share a prompt (two or more) into ``aggregate/<NNN-slug>/{enc}/``; returns their pages.
 
+    The numbers and tables are computed here; each group's figures are drawn in ``pool`` (a process
+    pool, with ``fonts``) when one is given, else here.
+    """
     groups = group_runs(summaries)
     prompts = list(dict.fromkeys(g[0].prompt for g in groups))
     pages: list[GroupPage] = []
+    pending = []
     for members in groups:
         res = aggregate(members)
         k = prompts.index(res.prompt)
@@ -420,31 +425,50 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
         tables = [f"{rel}/{res.encoder}/{t}" for t in write_group_tables(folder, res)]
         page = GroupPage(res, rel, tables)
         if not options.tables_only and res.words:
-            labels = word_labels(res.words)
-            order = [int(j) for j in np.argsort(-res.mass_mean, kind="stable")[: options.topk]]
             facts = FigureFacts(prompt=res.prompt, seed=", ".join(str(s) for s in res.seeds) + f" ({res.n_runs} runs)",
                                 model=members[0].model, random_weights=any(m.random_weights for m in members))
-            title = ENCODER_TITLES[res.encoder]
-            ts = res.timesteps
             fmt = options.fmt
-            top8 = order[:MAX_LINES]
-            fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
-                                      f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
-                                      spread=res.blockavg_std[:, top8], facts=facts)
-            plots.save_figure(fig, os.path.join(folder, f"curves_mean.{fmt}"), fmt, options.dpi, facts)
             page.curves = f"{rel}/{res.encoder}/curves_mean.{fmt}"
-            fig = group_plots.blocks_bands_figure(
-                res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
-                f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts)
-            plots.save_figure(fig, os.path.join(folder, f"curves_blocks.{fmt}"), fmt, options.dpi, facts)
             page.blocks = f"{rel}/{res.encoder}/curves_blocks.{fmt}"
-            fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
-                                      [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
-                                      f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts)
-            plots.save_figure(fig, os.path.join(folder, f"heatmaps_mean.{fmt}"), fmt, options.dpi, facts)
             page.heatmaps = f"{rel}/{res.encoder}/heatmaps_mean.{fmt}"
+            if pool is None:
+                _group_figures(folder, res, facts, options)
+            else:
+                pending.append(pool.submit(_group_figures_with_fonts, fonts, folder, res, facts, options))
         pages.append(page)
+    for fut in pending:
+        fut.result()  # a worker's error is raised here
     return pages
+
+
+def _group_figures_with_fonts(fonts: Optional[FontChoice], *args) -> None:
+    with use_fonts(fonts):
+        _group_figures(*args)
+
+
+def _group_figures(folder: str, res, facts: FigureFacts, options: AnalysisOptions) -> None:
+    """A group's three figures into ``folder``: block-averaged curves with bands, curves per block
+    with bands, and the mean heatmaps with their spread."""
+    from . import group_plots, plots
+
+    labels = word_labels(res.words)
+    order = [int(j) for j in np.argsort(-res.mass_mean, kind="stable")[: options.topk]]
+    title = ENCODER_TITLES[res.encoder]
+    ts = res.timesteps
+    fmt = options.fmt
+    top8 = order[:MAX_LINES]
+    fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
+                              f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
+                              spread=res.blockavg_std[:, top8], facts=facts)
+    plots.save_figure(fig, os.path.join(folder, f"curves_mean.{fmt}"), fmt, options.dpi, facts)
+    fig = group_plots.blocks_bands_figure(
+        res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
+        f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts)
+    plots.save_figure(fig, os.path.join(folder, f"curves_blocks.{fmt}"), fmt, options.dpi, facts)
+    fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
+                              [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
+                              f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts)
+    plots.save_figure(fig, os.path.join(folder, f"heatmaps_mean.{fmt}"), fmt, options.dpi, facts)
 
 
 def write_plan(plan: Plan) -> int:
@@ -456,76 +480,99 @@ def write_plan(plan: Plan) -> int:
     Returns:
         the number of files written.
     """
-    options = plan.options
     outdir.remove(plan.leftovers)
     tmp = outdir.new_folder(plan.out)
     try:
-        from tqdm import tqdm
-
-        total = sum(r.n_files for r in plan.runs)
-        outcomes: dict[str, RunOutcome] = {}
-        summaries: list[RunSummary] = []
         jobs = _jobs(plan)
-        with use_fonts(plan.fonts), tqdm(total=total, desc="analysing", unit="file", disable=None, file=sys.stderr) as bar:
-            if jobs > 1:
-                outcomes = _write_runs_parallel(plan, tmp, jobs, bar)
-            else:
-                for spec in plan.runs:
-                    try:
-                        run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
-                    except UserError as exc:
-                        if spec.entry is None:
-                            raise
-                        spec.entry.problem = str(exc)
-                        continue
-                    dest = os.path.join(tmp, run.folder) if run.folder else tmp
-                    os.makedirs(dest, exist_ok=True)
-                    outcomes[run.folder] = write_run(dest, run, options, lambda: bar.update(1), back=_back(plan, run.folder),
-                                                     parallel=len(plan.runs) == 1 and _cpus() > 1 and not options.tables_only)
-                    del run
-        for spec in plan.runs:  # in the order of the runs, so that groups are numbered by first appearance
-            outcome = outcomes.get(spec.folder)
-            if plan.multi and outcome is not None:
-                summaries.extend(outcome.summaries)
-                outcome.summaries = []
-        if plan.multi:
-            groups = write_groups(tmp, summaries, options)
-            by_rel: dict[str, list] = {}
-            for g in groups:
-                by_rel.setdefault(g.rel, []).append(g)
-            for rel, pages in by_rel.items():
-                up = "../" * (rel.count("/") + 1)
-                links = [(r, f"{up}{r}/index.html") for r in dict.fromkeys(pages[0].result.runs)]
-                html = group_page(f"Runs of one prompt: {rel.rsplit('/', 1)[-1]}", pages, f"{up}index.html", links,
-                                  "png" if options.tables_only else options.fmt)
-                write_text(os.path.join(tmp, rel, "index.html"), html)
-            member_of: dict[str, list[str]] = {}
-            for g in groups:
-                for r in g.result.runs:
-                    member_of.setdefault(r, [])
-                    if g.rel not in member_of[r]:
-                        member_of[r].append(g.rel)
-            rows = index_rows(plan)
-            for row in rows:
-                o = outcomes.get(row["folder"])
-                row.update(
-                    seed=o.seeds[0] if o is not None and o.seeds else None,
-                    model=o.model if o is not None else "",
-                    random_weights=bool(o is not None and o.random_weights),
-                    thumbnail=f"{row['folder']}/{o.thumbnail}" if o is not None and o.thumbnail else None,
-                    groups=member_of.get(row["folder"], []),
-                )
-            first = {}  # runs of one prompt together, prompts in order of first appearance
-            for row in rows:
-                first.setdefault(" | ".join(row.get("prompt") or []), len(first))
-            rows.sort(key=lambda row: first[" | ".join(row.get("prompt") or [])])
-            cross = [] if options.tables_only else write_cross_prompt(tmp, groups, summaries, options)
-            write_text(os.path.join(tmp, "index.html"), index_page(
-                f"Attention analysis: {os.path.basename(plan.root)}", rows, groups, cross, options.fmt))
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(_pool(jobs)) if jobs > 1 else None
+            stack.enter_context(use_fonts(plan.fonts))
+            outcomes = _write_runs(plan, tmp, pool)
+            if plan.multi:
+                _write_index(plan, tmp, outcomes, pool)
         return outdir.commit(tmp, plan.out)
     except BaseException:
         outdir.remove([tmp])
         raise
+
+
+def _pool(jobs: int):
+    """``jobs`` worker processes (spawned: no state of this one is shared) for the runs and the groups."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _write_runs(plan: Plan, tmp: str, pool) -> dict[str, RunOutcome]:
+    """Every run's folder (in ``pool`` when given); returns folder -> outcome."""
+    from tqdm import tqdm
+
+    options = plan.options
+    total = sum(r.n_files for r in plan.runs)
+    with tqdm(total=total, desc="analysing", unit="file", disable=None, file=sys.stderr) as bar:
+        if pool is not None:
+            return _write_runs_parallel(plan, tmp, pool, bar)
+        outcomes: dict[str, RunOutcome] = {}
+        for spec in plan.runs:
+            try:
+                run = spec.plan or plan_run(spec.folder, spec.run_dir, options, plan.t5_loader)
+            except UserError as exc:
+                if spec.entry is None:
+                    raise
+                spec.entry.problem = str(exc)
+                continue
+            dest = os.path.join(tmp, run.folder) if run.folder else tmp
+            os.makedirs(dest, exist_ok=True)
+            outcomes[run.folder] = write_run(dest, run, options, lambda: bar.update(1), back=_back(plan, run.folder),
+                                             parallel=len(plan.runs) == 1 and _cpus() > 1 and not options.tables_only)
+            del run
+        return outcomes
+
+
+def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) -> None:
+    """Several runs: the groups of runs that share a prompt (figures in ``pool`` when given), the
+    cross-prompt figures and the index page."""
+    options = plan.options
+    summaries: list[RunSummary] = []
+    for spec in plan.runs:  # in the order of the runs, so that groups are numbered by first appearance
+        outcome = outcomes.get(spec.folder)
+        if outcome is not None:
+            summaries.extend(outcome.summaries)
+            outcome.summaries = []
+    groups = write_groups(tmp, summaries, options, pool, plan.fonts)
+    by_rel: dict[str, list] = {}
+    for g in groups:
+        by_rel.setdefault(g.rel, []).append(g)
+    for rel, pages in by_rel.items():
+        up = "../" * (rel.count("/") + 1)
+        links = [(r, f"{up}{r}/index.html") for r in dict.fromkeys(pages[0].result.runs)]
+        html = group_page(f"Runs of one prompt: {rel.rsplit('/', 1)[-1]}", pages, f"{up}index.html", links,
+                          "png" if options.tables_only else options.fmt)
+        write_text(os.path.join(tmp, rel, "index.html"), html)
+    member_of: dict[str, list[str]] = {}
+    for g in groups:
+        for r in g.result.runs:
+            member_of.setdefault(r, [])
+            if g.rel not in member_of[r]:
+                member_of[r].append(g.rel)
+    rows = index_rows(plan)
+    for row in rows:
+        o = outcomes.get(row["folder"])
+        row.update(
+            seed=o.seeds[0] if o is not None and o.seeds else None,
+            model=o.model if o is not None else "",
+            random_weights=bool(o is not None and o.random_weights),
+            thumbnail=f"{row['folder']}/{o.thumbnail}" if o is not None and o.thumbnail else None,
+            groups=member_of.get(row["folder"], []),
+        )
+    first = {}  # runs of one prompt together, prompts in order of first appearance
+    for row in rows:
+        first.setdefault(" | ".join(row.get("prompt") or []), len(first))
+    rows.sort(key=lambda row: first[" | ".join(row.get("prompt") or [])])
+    cross = [] if options.tables_only else write_cross_prompt(tmp, groups, summaries, options)
+    write_text(os.path.join(tmp, "index.html"), index_page(
+        f"Attention analysis: {os.path.basename(plan.root)}", rows, groups, cross, options.fmt))
 
 
 class _ForkedEncoder:
@@ -618,26 +665,24 @@ def _write_one(folder: str, run_dir: str, dest: str, options: AnalysisOptions, b
         return write_run(dest, run, options, lambda: None, back=back)
 
 
-def _write_runs_parallel(plan: Plan, tmp: str, jobs: int, bar) -> dict:
-    """Write the runs in ``jobs`` processes (spawned: no state of this one is shared); returns folder ->
-    outcome. A run that fails (changed on disk since it was planned) gets its entry's ``problem``."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+def _write_runs_parallel(plan: Plan, tmp: str, pool, bar) -> dict:
+    """Write the runs in ``pool``'s processes; returns folder -> outcome. A run that fails (changed on
+    disk since it was planned) gets its entry's ``problem``."""
+    from concurrent.futures import as_completed
 
     outcomes = {}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {
-            pool.submit(_write_one, spec.folder, spec.run_dir, os.path.join(tmp, spec.folder), plan.options,
-                        _back(plan, spec.folder), plan.fonts): spec
-            for spec in plan.runs
-        }
-        for fut in as_completed(futures):
-            spec = futures[fut]
-            try:
-                outcomes[spec.folder] = fut.result()  # a worker's UserError / OSError is raised here
-            except UserError as exc:
-                if spec.entry is None:
-                    raise
-                spec.entry.problem = str(exc)
-            bar.update(spec.n_files)
+    futures = {
+        pool.submit(_write_one, spec.folder, spec.run_dir, os.path.join(tmp, spec.folder), plan.options,
+                    _back(plan, spec.folder), plan.fonts): spec
+        for spec in plan.runs
+    }
+    for fut in as_completed(futures):
+        spec = futures[fut]
+        try:
+            outcomes[spec.folder] = fut.result()  # a worker's UserError / OSError is raised here
+        except UserError as exc:
+            if spec.entry is None:
+                raise
+            spec.entry.problem = str(exc)
+        bar.update(spec.n_files)
     return outcomes
