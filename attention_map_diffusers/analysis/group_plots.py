@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from .plots import CURVE_LABEL, LINE_COLOURS, new_figure
+from .plots import CURVE_LABEL, FOOTER_HEIGHT, LINE_COLOURS, manual_layout, new_figure
 from .views import MAX_LINES, FigureFacts
 
 BLOCK_COLUMNS = 6  # panels per row of the per-block figure
@@ -26,10 +26,14 @@ def blocks_bands_figure(
         raise ValueError(f"at most {MAX_LINES} lines per panel, got {m}")
     cols = min(BLOCK_COLUMNS, Bk)
     rows = -(-Bk // cols)
-    fig = new_figure(2.3 * cols + 1.6, 1.75 * rows + 0.9, facts=facts)
-    # no sharex / sharey: with 24 panels, matplotlib's shared-limit bookkeeping alone costs seconds;
-    # every panel gets the same limits and ticks instead, labelled on the outer panels only
+    # fixed margins in inches, no layout engine and no sharex / sharey: with 24 panels, constrained
+    # layout and matplotlib's shared-limit bookkeeping cost seconds; every panel gets the same limits
+    # and ticks instead, labelled on the outer panels only
+    legend_width = 0.45 + 0.06 * max((len(t) for t in labels), default=0)
+    fig = new_figure(2.3 * cols + 0.8 + legend_width, 1.75 * rows + 0.9, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False)
+    manual_layout(fig, top=0.75, bottom=0.3 + (FOOTER_HEIGHT if facts else 0.0), left=0.75, right=legend_width + 0.1,
+                  wspace=0.12, hspace=0.38)
     top = float(np.nanmax(curves_mean + curves_std)) if curves_mean.size else 1.0
     ymax = top * 1.05 if top > 0 else 1.0
     x = np.arange(S)
@@ -62,7 +66,8 @@ def blocks_bands_figure(
             ax.set_yticklabels([])
     fig.supylabel(CURVE_LABEL, fontsize=8)
     if lines:
-        fig.legend(lines, labels, loc="outside right upper", fontsize=7, frameon=False)
+        W, H = fig.get_size_inches()
+        fig.legend(lines, labels, loc="upper left", bbox_to_anchor=(1 - legend_width / W, 1 - 0.7 / H), fontsize=7, frameon=False)
     fig.suptitle(f"{title}\nx: denoising step, first (noisiest) to last; one y scale for every block; "
                  "bands: mean \u00b1 sample std over the runs", fontsize=9)
     return fig
