@@ -333,9 +333,14 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         pages = []
         results = run.results[i]
         forked = _fork_encoder(dest, base, results[1], ctx, options) if parallel and len(results) == 2 else None
+        pair = _pair(results, options)
+        compare = None
         for res in results:
             rel = f"{base}/{res.encoder}" if base else res.encoder
             if forked is not None and res is results[1]:
+                if pair is not None:  # drawn while the child finishes its encoder
+                    compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options)
+                    tick()
                 pages.append(forked.join(res))
                 for _ in range(forked.files):
                     tick()
@@ -345,9 +350,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
                                         tuple(res.block_ids), res.mass, res.curves, res.shares.astype(np.float32),
                                         _timesteps(res.timesteps), facts.model, facts.random_weights))
         del frame_maps
-        pair = _pair(run.results[i], options)
-        compare = None
-        if pair is not None:
+        if pair is not None and compare is None:
             compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options)
             tick()
         if thumbnail is None:
