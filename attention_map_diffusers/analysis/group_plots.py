@@ -57,12 +57,11 @@ def blocks_bands_figure(
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=6)
         ax.set_xticks(ticks)
-        row, col = divmod(k, cols)
-        if row == rows - 1 or k + cols >= Bk:  # the lowest panel of its column
+        if k + cols >= Bk:  # the lowest panel of its column
             ax.set_xticklabels(names, fontsize=6)
         else:
             ax.set_xticklabels([])
-        if col:
+        if k % cols:  # not in the first column
             ax.set_yticklabels([])
     fig.supylabel(CURVE_LABEL, fontsize=8)
     if lines:

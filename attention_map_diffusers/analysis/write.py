@@ -335,12 +335,12 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         forked = _fork_encoder(dest, base, results[1], ctx, options) if parallel and len(results) == 2 else None
         pair = _pair(results, options)
         compare = None
+        if pair is not None:  # drawn first: with a forked child, while it writes its encoder
+            compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options)
+            tick()
         for res in results:
             rel = f"{base}/{res.encoder}" if base else res.encoder
             if forked is not None and res is results[1]:
-                if pair is not None:  # drawn while the child finishes its encoder
-                    compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options)
-                    tick()
                 pages.append(forked.join(res))
                 for _ in range(forked.files):
                     tick()
@@ -350,9 +350,6 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
                                         tuple(res.block_ids), res.mass, res.curves, res.shares.astype(np.float32),
                                         _timesteps(res.timesteps), facts.model, facts.random_weights))
         del frame_maps
-        if pair is not None and compare is None:
-            compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options)
-            tick()
         if thumbnail is None:
             thumbnail = image_rel or next((p.summary for p in pages if p.summary), None)
         items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts))
@@ -430,14 +427,13 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
         if not options.tables_only and res.words:
             facts = FigureFacts(prompt=res.prompt, seed=", ".join(str(s) for s in res.seeds) + f" ({res.n_runs} runs)",
                                 model=members[0].model, random_weights=any(m.random_weights for m in members))
-            fmt = options.fmt
-            page.curves = f"{rel}/{res.encoder}/curves_mean.{fmt}"
-            page.blocks = f"{rel}/{res.encoder}/curves_blocks.{fmt}"
-            page.heatmaps = f"{rel}/{res.encoder}/heatmaps_mean.{fmt}"
+            names = [f"{kind}.{options.fmt}" for kind in GROUP_FIGURES]
+            page.curves, page.blocks, page.heatmaps = (f"{rel}/{res.encoder}/{n}" for n in names)
+            paths = [os.path.join(folder, n) for n in names]
             if pool is None:
-                _group_figures(folder, res, facts, options)
+                _group_figures(paths, res, facts, options)
             else:
-                pending.append(pool.submit(_group_figures_with_fonts, fonts, folder, res, facts, options))
+                pending.append(pool.submit(_group_figures_with_fonts, fonts, paths, res, facts, options))
         pages.append(page)
     for fut in pending:
         fut.result()  # a worker's error is raised here
@@ -449,9 +445,12 @@ def _group_figures_with_fonts(fonts: Optional[FontChoice], *args) -> None:
         _group_figures(*args)
 
 
-def _group_figures(folder: str, res, facts: FigureFacts, options: AnalysisOptions) -> None:
-    """A group's three figures into ``folder``: block-averaged curves with bands, curves per block
-    with bands, and the mean heatmaps with their spread."""
+GROUP_FIGURES = ("curves_mean", "curves_blocks", "heatmaps_mean")  # a group's figures, in the order _group_figures draws them
+
+
+def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: AnalysisOptions) -> None:
+    """A group's figures (:data:`GROUP_FIGURES`) into ``paths``: block-averaged curves with bands,
+    curves per block with bands, and the mean heatmaps with their spread."""
     from . import group_plots, plots
 
     labels = word_labels(res.words)
@@ -460,18 +459,19 @@ def _group_figures(folder: str, res, facts: FigureFacts, options: AnalysisOption
     ts = res.timesteps
     fmt = options.fmt
     top8 = order[:MAX_LINES]
+    curves_path, blocks_path, heatmaps_path = paths
     fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
                               f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
                               spread=res.blockavg_std[:, top8], facts=facts)
-    plots.save_figure(fig, os.path.join(folder, f"curves_mean.{fmt}"), fmt, options.dpi, facts)
+    plots.save_figure(fig, curves_path, fmt, options.dpi, facts)
     fig = group_plots.blocks_bands_figure(
         res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
         f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts)
-    plots.save_figure(fig, os.path.join(folder, f"curves_blocks.{fmt}"), fmt, options.dpi, facts)
+    plots.save_figure(fig, blocks_path, fmt, options.dpi, facts)
     fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
                               [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
                               f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts)
-    plots.save_figure(fig, os.path.join(folder, f"heatmaps_mean.{fmt}"), fmt, options.dpi, facts)
+    plots.save_figure(fig, heatmaps_path, fmt, options.dpi, facts)
 
 
 def write_plan(plan: Plan) -> int:
