@@ -29,22 +29,13 @@ def test_contract_is_standard_library_only():
     assert not third_party
 
 
-def test_analysis_layer_imports_neither_torch_nor_the_capture_and_dump_layers():
+@pytest.mark.parametrize("layer, known", [("analysis", "write"), ("segmentation", "report")])
+def test_layer_imports_neither_torch_nor_the_capture_and_dump_layers(layer, known):
     mods = _modules_after_import(
-        "import importlib, pkgutil, attention_map_diffusers.analysis as a\n"
-        "for m in pkgutil.iter_modules(a.__path__): importlib.import_module('attention_map_diffusers.analysis.' + m.name)"
+        f"import importlib, pkgutil, attention_map_diffusers.{layer} as a\n"
+        f"for m in pkgutil.iter_modules(a.__path__): importlib.import_module('attention_map_diffusers.{layer}.' + m.name)"
     )
-    assert "attention_map_diffusers.analysis.write" in mods  # the walk did import the layer
-    assert "torch" not in mods
-    assert not {m for m in mods if m.startswith(("attention_map_diffusers.capture", "attention_map_diffusers.dump"))}
-
-
-def test_segmentation_layer_imports_neither_torch_nor_the_capture_and_dump_layers():
-    mods = _modules_after_import(
-        "import importlib, pkgutil, attention_map_diffusers.segmentation as s\n"
-        "for m in pkgutil.iter_modules(s.__path__): importlib.import_module('attention_map_diffusers.segmentation.' + m.name)"
-    )
-    assert "attention_map_diffusers.segmentation.report" in mods  # the walk did import the layer
+    assert f"attention_map_diffusers.{layer}.{known}" in mods  # the walk did import the layer
     assert "torch" not in mods
     assert not {m for m in mods if m.startswith(("attention_map_diffusers.capture", "attention_map_diffusers.dump"))}
 

@@ -192,8 +192,9 @@ def word_summary(result: EncoderResult) -> list[tuple[str, float, int, int]]:
     ]
 
 
-def parse_blocks(spec: Optional[str]) -> Optional[tuple[tuple[int, int], ...]]:
+def parse_blocks(spec: Optional[str], flag: str = "--blocks", noun: str = "a block index") -> Optional[tuple[tuple[int, int], ...]]:
     """``"0-5,12"`` -> ``((0, 5), (12, 12))``: inclusive ranges, sorted and merged; None for None/empty.
+    ``flag`` and ``noun`` name the option and what it lists in the error message.
 
     Ranges stay ranges (``0-99999999999`` is one pair, not a list of 10^11 indices); a dump checks
     them with :meth:`~attention_map_diffusers.analysis.dumpfile.Dump.select_blocks`.
@@ -210,7 +211,7 @@ def parse_blocks(spec: Optional[str]) -> Optional[tuple[tuple[int, int], ...]]:
                 raise ValueError
         except ValueError:
             raise UserError(
-                f"--blocks: {part!r} is not a block index or range; use comma-separated indices and "
+                f"{flag}: {part!r} is not {noun} or range; use comma-separated indices and "
                 "ranges like 0-5,12"
             ) from None
         ranges.append((first, last))

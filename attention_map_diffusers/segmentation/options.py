@@ -79,7 +79,4 @@ def parse_ranges(spec: Optional[str], flag: str) -> Optional[tuple[tuple[int, in
     """``"0-5,8"`` -> ``((0, 5), (8, 8))``: inclusive ranges, sorted and merged; None for None/empty."""
     from ..analysis.stats import parse_blocks
 
-    try:
-        return parse_blocks(spec)
-    except UserError as exc:
-        raise UserError(str(exc).replace("--blocks", flag).replace("block index", "index")) from None
+    return parse_blocks(spec, flag, "an index")
