@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from .plots import CURVE_LABEL, FOOTER_HEIGHT, LINE_COLOURS, manual_layout, new_figure
+from .layout import EDGE, fixed_layout, fontsize_of, legend_height, suptitle_band, suptitle_height, x_axis_band, y_axis_band
+from .plots import CURVE_LABEL, FOOTER_HEIGHT, LINE_COLOURS, footer_band, new_figure
 from .views import MAX_LINES, FigureFacts
 
 BLOCK_COLUMNS = 6  # panels per row of the per-block figure
@@ -32,7 +33,7 @@ def blocks_bands_figure(
     legend_width = 0.45 + 0.06 * max((len(t) for t in labels), default=0)
     fig = new_figure(2.3 * cols + 0.8 + legend_width, 1.75 * rows + 0.9, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False)
-    manual_layout(fig, top=0.75, bottom=0.3 + (FOOTER_HEIGHT if facts else 0.0), left=0.75, right=legend_width + 0.1,
+    fixed_layout(fig, top=0.75, bottom=0.3 + (FOOTER_HEIGHT if facts else 0.0), left=0.75, right=legend_width + 0.1,
                   wspace=0.12, hspace=0.38)
     top = float(np.nanmax(curves_mean + curves_std)) if curves_mean.size else 1.0
     ymax = top * 1.05 if top > 0 else 1.0
@@ -80,9 +81,18 @@ def cross_prompt_figure(rows: Sequence[tuple[str, Sequence[tuple[str, str, float
     prompts = list(dict.fromkeys(p for _, hits in rows for p, _, _, _ in hits))
     colour = {p: LINE_COLOURS[i % len(LINE_COLOURS)] for i, p in enumerate(prompts)}
     n_bars = sum(len(h) for _, h in rows)
-    fig = new_figure(8.5, 0.26 * n_bars + 0.3 * len(rows) + 1.4 + 0.2 * len(prompts), facts=facts)
+    names = [bar for _, hits in rows for _, bar, _, _ in hits]
+    plot_h = 0.26 * n_bars + 0.3 * len(rows) + 0.2
+    top = suptitle_height(title, 10)
+    legend = legend_height(len(prompts), 8, title=True)
+    xlabel = "share of the prompt's word attention (%): mean \u00b1 sample std over the group's runs"
+    bottom = EDGE + footer_band(facts) + legend + 0.1 + x_axis_band(fontsize_of("medium"), 1, 10)
+    left = EDGE + y_axis_band(names, 8)
+    fig = new_figure(8.5, top + plot_h + bottom - footer_band(facts), layout=None, facts=facts)
+    suptitle_band(fig, title, 10)
     ax = fig.add_subplot(1, 1, 1)
-    y, ticks, names = 0.0, [], []
+    fixed_layout(fig, top=top, bottom=bottom, left=left, right=0.3)
+    y, ticks = 0.0, []
     seen = set()
     for word, hits in rows:
         for p, bar, mean, std in hits:
@@ -90,15 +100,13 @@ def cross_prompt_figure(rows: Sequence[tuple[str, Sequence[tuple[str, str, float
                     label=p if p not in seen else None)
             seen.add(p)
             ticks.append(y)
-            names.append(bar)
             y += 1
         y += 0.7
     ax.set_yticks(ticks)
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("share of the prompt's word attention (%): mean \u00b1 sample std over the group's runs")
+    ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.09 - 0.6 / max(fig.get_figheight(), 1)), fontsize=8,
-              frameon=False, title="prompt", title_fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -(x_axis_band(fontsize_of("medium"), 1, 10) + 0.1) / plot_h), fontsize=8,
+              frameon=False, title="prompt", title_fontsize=8, borderaxespad=0.0)
     return fig

@@ -17,6 +17,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..atomic import atomic_path
+from .layout import (
+    EDGE, LABEL_PAD, fontsize_of, text_height, tick_labels, tick_size, colorbar_band, fixed_layout, legend_width, new_colorbar, place_colorbar, suptitle_band, suptitle_height, title_band,
+    text_width, x_axis_band, y_axis_band,
+)
 from .pngfile import write_png
 from .views import MAX_LINES, FigureFacts  # noqa: F401 - FigureFacts is part of this API
 
@@ -30,6 +34,7 @@ OVERLAY_MIN_SIDE = 384  # overlays are upsampled to at least this many pixels on
 # Eight colours that stay distinct (tab10 without its grey and olive)
 LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 FOOTER_HEIGHT = 0.22  # inches kept free at the bottom of a figure for its footer
+CBAR_GAP, CBAR_WIDTH = 0.12, 0.16  # inches between panels and their colour bar, and its width
 
 
 def new_figure(width: float, height: float, layout: Optional[str] = "constrained", facts: Optional[FigureFacts] = None) -> Figure:
@@ -45,19 +50,53 @@ def new_figure(width: float, height: float, layout: Optional[str] = "constrained
     return fig
 
 
+def footer_band(facts: Optional[FigureFacts]) -> float:
+    """Inches the footer takes at the bottom of a figure (none without facts)."""
+    return FOOTER_HEIGHT if facts is not None else 0.0
+
+
 def add_footer(fig: Figure, facts: FigureFacts) -> None:
-    """The run's facts in small type at the bottom (red when the weights are random); PNG text chunks too."""
-    text = facts.footer()
+    """The run's facts in small type at the bottom (red when the weights are random); PNG text chunks too.
+
+    Fitted to the figure's width: the prompt is cut shorter, the type made smaller (down to 5 pt),
+    the prompt left out, and failing all that the line is broken in two.
+    """
+    weight = "bold" if facts.random_weights else "normal"
+    room = 0.95 * fig.get_figwidth() - 0.05  # glyphs drawn at low dpi come out a few per cent wider than measured
+    # the first that fits: the prompt cut shorter and shorter, then in smaller type, then without the prompt
+    tries = [(p, 6.5) for p in range(110, 29, -10)] + [(p, 5.5) for p in (50, 40, 30)] + [(0, 6.5), (0, 5.5), (0, 5.0)]
+    for cut, size in tries:
+        text = facts.footer(max_prompt=cut)
+        if text_width([text], size, weight) <= room:
+            break
+    else:  # still too wide: two lines, split at the separator nearest the middle
+        cuts = [i for i in range(len(text)) if text.startswith(" | ", i)]
+        if cuts:
+            mid = min(cuts, key=lambda i: abs(i - len(text) / 2))
+            text = text[:mid] + "\n" + text[mid + 3 :]
     frac = FOOTER_HEIGHT / fig.get_figheight()
+    for old in [t for t in fig.texts if t.get_gid() == "footer"]:
+        old.remove()
     if text:
-        fig.text(0.005, 0.25 * frac, text, fontsize=6.5, ha="left", va="bottom",
-                 color="#b00000" if facts.random_weights else "#555555", fontweight="bold" if facts.random_weights else None)
+        fig.text(0.005, 0.25 * frac, text, fontsize=size, ha="left", va="bottom", gid="footer",
+                 color="#b00000" if facts.random_weights else "#555555", fontweight=weight)
     engine = fig.get_layout_engine()
     if engine is not None and hasattr(engine, "set"):
         try:
             engine.set(rect=(0.0, frac, 1.0, 1.0 - frac))
         except TypeError:  # tight layout: no rect parameter in set()
             pass
+
+
+def set_width(fig: Figure, width: float, facts: Optional[FigureFacts]) -> None:
+    """Make ``fig`` ``width`` inches wide, its footer fitted again; the axes keep their places and sizes in inches."""
+    ratio = fig.get_figwidth() / width
+    for ax in fig.axes:
+        pos = ax.get_position(original=True)
+        ax.set_position((pos.x0 * ratio, pos.y0, pos.width * ratio, pos.height))
+    fig.set_figwidth(width)
+    if facts is not None:
+        add_footer(fig, facts)
 
 
 def _suptitle(fig: Figure) -> str:
@@ -146,35 +185,41 @@ def draw_overlay(ax, image: np.ndarray, heat: np.ndarray, *, title: Optional[str
     return ScalarMappable(Normalize(0.0, top), HEAT_CMAP)
 
 
-def manual_layout(fig: Figure, *, top: float = 0.55, bottom: float = 0.15, left: float = 0.15, right: float = 0.1,
-                  wspace: float = 0.3, hspace: float = 0.3) -> None:
-    """Fixed margins in inches (no layout engine: constrained layout costs a full extra draw per figure)."""
-    W, H = fig.get_size_inches()
-    fig.subplots_adjust(left=left / W, right=1 - right / W, top=1 - top / H, bottom=bottom / H, wspace=wspace, hspace=hspace)
-
-
 def scale_note(percentile: float) -> str:
     return "colour scale: 0 to the maximum" if percentile >= 100 else f"colour scale: 0 to the {percentile:g}th percentile"
 
 
 def heatmap_figure(
     heat: np.ndarray, title: str, image: Optional[np.ndarray] = None, *, vmax: Optional[float] = None,
-    scale: str = "", facts: Optional[FigureFacts] = None,
+    scale: str = "", facts: Optional[FigureFacts] = None, room_for: Sequence[float] = (),
 ) -> Figure:
     """One map: the grid alone, and beside it the map over the image when one is given, with a colour bar.
 
     ``vmax`` is the colour scale's top (values above it saturate), ``scale`` says how it was chosen.
+    ``room_for``: further scale tops the figure will be redrawn with (the colour bar's labels get room for each).
     """
     panels = 1 if image is None else 2
-    fig = new_figure(3.3 * panels + 1.3, 3.8, layout=None, facts=facts)
+    side, gap = 3.2, 0.1  # inches
+    top = suptitle_height(title) + title_band(9)
+    bottom = EDGE + footer_band(facts)
+    fig = new_figure(10.0, top + side + bottom, layout=None)  # its width and footer once the colour bar is measured
+    suptitle_band(fig, title)
     axes = fig.subplots(1, panels, squeeze=False)[0]
-    manual_layout(fig, top=0.6, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.1, right=0.6, wspace=0.08)
     im = draw_heatmap(axes[0], heat, title="attention map", vmax=vmax)
     if image is not None:
         draw_overlay(axes[1], image, heat, title="over the image", vmax=vmax)
-    cbar = fig.colorbar(im, ax=list(axes), fraction=0.035, pad=0.02, extend="max" if vmax is not None else "neither")
-    cbar.set_label(SHARE_LABEL + (f"\n({scale})" if scale else ""), fontsize=8)
-    fig.suptitle(title)
+    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label=SHARE_LABEL + (f"\n({scale})" if scale else ""),
+                        extend="max" if vmax is not None else "neither")
+    band = colorbar_band(cbar)
+    clim = im.get_clim()
+    for v in room_for:
+        im.set_clim(0.0, v)
+        band = max(band, colorbar_band(cbar))
+    im.set_clim(*clim)
+    right = CBAR_GAP + CBAR_WIDTH + band + EDGE
+    set_width(fig, EDGE + panels * side + (panels - 1) * gap + right, facts)
+    fixed_layout(fig, top=top, bottom=bottom, left=EDGE, right=right, wspace=gap / side)
+    place_colorbar(fig, cbar.ax, list(axes), gap=CBAR_GAP, width=CBAR_WIDTH)
     return fig
 
 
@@ -191,7 +236,8 @@ def save_heatmap_figures(
     """
     if not heats:
         return
-    fig = heatmap_figure(heats[0], titles[0], image, vmax=vmaxes[0], scale=scale, facts=facts)
+    fig = heatmap_figure(heats[0], titles[0], image, vmax=vmaxes[0], scale=scale, facts=facts,
+                         room_for=[_vmax(h, v) for h, v in zip(heats, vmaxes)])
     grid = fig.axes[0].images[0]
     over = fig.axes[1].images[0] if image is not None else None
     for heat, title, vmax, path in zip(heats, titles, vmaxes, paths):
@@ -200,7 +246,7 @@ def save_heatmap_figures(
         grid.set_clim(0.0, top)  # the colour bar follows its mappable
         if over is not None:
             over.set_data(overlay_rgb(image, heat, top))
-        fig.suptitle(title)
+        suptitle_band(fig, title)
         write_figure(fig, path, fmt, dpi, facts)
         if on_saved is not None:
             on_saved()
@@ -220,7 +266,7 @@ def summary_figure(
     rows = max(1, math.ceil(cells / cols))
     fig = new_figure(3.2 * cols, 3.0 * rows + 0.5, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    manual_layout(fig, top=0.75, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.05, right=0.5, wspace=0.3, hspace=0.22)
+    fixed_layout(fig, top=0.75, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.05, right=0.5, wspace=0.3, hspace=0.22)
     k = 0
     if show_image:
         axes[0].imshow(image, interpolation="antialiased")
@@ -257,6 +303,11 @@ def step_axis(ax, timesteps: Optional[np.ndarray], max_ticks: int = 8, label: st
     ax.set_xlabel(label, fontsize=8)
 
 
+def _step_tick_lines(timesteps: Optional[np.ndarray]) -> int:
+    """Lines of :func:`step_axis`'s tick labels."""
+    return 2 if timesteps is not None and len(timesteps) else 1
+
+
 def line_chunks(m: int, per_axis: int = MAX_LINES) -> list[range]:
     """Lines 0..m-1 in chunks of at most ``per_axis`` (one axis each)."""
     return [range(a, min(m, a + per_axis)) for a in range(0, max(m, 1), per_axis)]
@@ -291,19 +342,30 @@ def curves_figure(
     ``ymax``: a y scale shared with other figures (stated by ``scale_text``).
     """
     chunks = line_chunks(len(labels))
-    fig = new_figure(8.5, 3.4 * len(chunks) + 0.4, facts=facts)
+    panel_w, panel_h, vgap = 5.6, 2.7, 0.3  # inches
+    head = title + (f"\n{scale_text}" if scale_text else "")
+    top = suptitle_height(head, 10)
+    bottom = EDGE + footer_band(facts) + x_axis_band(7, _step_tick_lines(timesteps), 8)
+    right = legend_width(labels, 8) + EDGE
+    h = len(chunks) * panel_h + (len(chunks) - 1) * vgap
+    fig = new_figure(8.5, top + h + bottom - footer_band(facts), layout=None, facts=facts)
+    suptitle_band(fig, head, 10)
     axes = fig.subplots(len(chunks), 1, squeeze=False, sharex=True, sharey=True)[:, 0]
     for ax, chunk in zip(axes, chunks):
         sub = list(chunk)
         draw_curves(ax, curves[:, sub], [labels[j] for j in sub], timesteps,
                     spread=None if spread is None else spread[:, sub], S=curves.shape[0])
         if sub and labels:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
         if ymax is not None:
             ax.set_ylim(0.0, ymax)
     for ax in axes[:-1]:
         ax.set_xlabel("")
-    fig.suptitle(title + (f"\n{scale_text}" if scale_text else ""), fontsize=10)
+    left = 1.0  # provisional, to measure the y tick labels at the panels' final height
+    fixed_layout(fig, top=top, bottom=bottom, left=left, right=right, hspace=vgap / panel_h)
+    left = EDGE + y_axis_band(tick_labels(axes[0].yaxis), tick_size(axes[0].yaxis), 8)
+    set_width(fig, left + max(panel_w, 8.5 - left - right) + right, facts)
+    fixed_layout(fig, top=top, bottom=bottom, left=left, right=right, hspace=vgap / panel_h)
     return fig
 
 
@@ -332,8 +394,6 @@ def save_curves_per_block(
                         scale_text="same y scale for every block", facts=facts)
     chunks = line_chunks(len(labels))
     axes = [ax for ax in fig.axes if ax.get_lines()]
-    fig.draw_without_rendering()  # lay out once (constrained layout), then keep the positions for every block
-    fig.set_layout_engine("none")
     lines = [(ax, j, line) for ax, chunk in zip(axes, chunks) for j, line in zip(chunk, ax.get_lines())]
     if fmt == "png":
         _blit_blocks(fig, curves, lines, titles, paths, dpi, on_saved, facts)
@@ -341,7 +401,7 @@ def save_curves_per_block(
     for b, path in enumerate(paths):
         for _, j, line in lines:
             line.set_ydata(curves[b][:, j])
-        fig.suptitle(titles[b] + "\nsame y scale for every block", fontsize=10)
+        suptitle_band(fig, titles[b] + "\nsame y scale for every block", 10)
         write_figure(fig, path, fmt, dpi, facts)
         if on_saved is not None:
             on_saved()
@@ -353,7 +413,8 @@ def _blit_blocks(fig: Figure, curves: np.ndarray, lines: list, titles: Sequence[
     rendered once and each block only draws its lines and title over a copy (Agg blitting)."""
     canvas = fig.canvas
     fig.set_dpi(dpi)
-    title = fig.suptitle(titles[0] + "\nsame y scale for every block", fontsize=10)
+    suptitle_band(fig, titles[0] + "\nsame y scale for every block", 10)
+    title = fig._suptitle
     for _, _, line in lines:
         line.set_visible(False)
     title.set_visible(False)
@@ -388,7 +449,7 @@ def overview_figure(
     """
     n = len(labels)
     S = blockavg.shape[0]
-    fig = new_figure(12.0, min(60.0, 3.6 + 0.2 * max(n, 1)), facts=facts)
+    fig = new_figure(12.0, min(60.0, 3.6 + 0.2 * max(n, 1)), layout=None, facts=facts)
     ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(block_ids), 1), max(S, 1) * 0.6]})
     vmax = float(max(stepavg.max(initial=0.0), blockavg.max(initial=0.0))) or 1.0
     im = ax1.imshow(stepavg.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
@@ -404,9 +465,12 @@ def overview_figure(
     ax2.set_yticklabels([])
     step_axis(ax2, timesteps, max_ticks=6, S=S)
     ax2.set_title("averaged over blocks", fontsize=9)
-    cbar = fig.colorbar(im, ax=[ax1, ax2], fraction=0.03, pad=0.01)
-    cbar.set_label("mean attention\n(share of all text positions)", fontsize=8)
-    fig.suptitle(title)
+    top = suptitle_band(fig, title) + title_band(9)
+    bottom = EDGE + footer_band(facts) + x_axis_band(7, _step_tick_lines(timesteps), 8)
+    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label="mean attention\n(share of all text positions)")
+    fixed_layout(fig, top=top, bottom=bottom, left=EDGE + y_axis_band(labels, 8),
+                 right=EDGE + CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar), wspace=0.04)
+    place_colorbar(fig, cbar.ax, [ax1, ax2], gap=CBAR_GAP, width=CBAR_WIDTH)
     return fig
 
 
@@ -424,7 +488,7 @@ def word_grid_figure(
     rows = max(1, math.ceil(m / cols))
     fig = new_figure(3.2 * cols + 0.8, 2.6 * rows + 0.6, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
-    manual_layout(fig, top=0.6, bottom=0.5 + (FOOTER_HEIGHT if facts else 0), left=0.55, right=1.0, wspace=0.12, hspace=0.3)  # the colour bar's ticks and label
+    fixed_layout(fig, top=0.6, bottom=0.5 + (FOOTER_HEIGHT if facts else 0), left=0.55, right=1.0, wspace=0.12, hspace=0.3)  # the colour bar's ticks and label
     vmax = float(grids.max(initial=0.0)) or 1.0
     im = None
     for k, ax in enumerate(axes.ravel()):
@@ -469,9 +533,19 @@ def segmentation_figure(
     lut = np.array([colour.get(v, other) for v in range(max(int(labels.max(initial=0)) + 1, 1))])
     rgb = lut[np.clip(labels, 0, None)]
     rgb[top < threshold] = grey
+    handles = [Patch(color=colour[p], label=names[p]) for p in shown[:MAX_LINES]]
+    if any(int(v) not in colour for v in np.unique(labels[top >= threshold])):
+        handles.append(Patch(color=other, label="another word"))
+    handles.append(Patch(color=grey, label=f"undecided: top share < {threshold:.2f}"))
     panels = 2 if image is not None else 1
-    fig = new_figure(4.0 * panels + 2.2, 4.3, facts=facts)
+    side = 4.0  # inches per panel
+    legend = legend_width([h.get_label() for h in handles], 8)
+    head = suptitle_height(title) + title_band(9)
+    fig = new_figure(EDGE + (side + 0.15) * panels + legend + EDGE, head + side + EDGE, layout=None, facts=facts)
+    suptitle_band(fig, title)
+    bottom = EDGE + footer_band(facts)
     axes = fig.subplots(1, panels, squeeze=False)[0]
+    fixed_layout(fig, top=head, bottom=bottom, left=EDGE, right=legend + EDGE, wspace=0.15 / side)
     axes[0].imshow(rgb, interpolation="nearest")
     _bare(axes[0], "dominant word per cell")
     if image is not None:
@@ -481,12 +555,8 @@ def segmentation_figure(
         big = np.asarray(Image.fromarray((rgb * 255).astype(np.uint8)).resize((w, h), Image.NEAREST))
         axes[1].imshow(big, alpha=0.55, interpolation="nearest", extent=extent)
         _bare(axes[1], "over the image")
-    handles = [Patch(color=colour[p], label=names[p]) for p in shown[:MAX_LINES]]
-    if any(int(v) not in colour for v in np.unique(labels[top >= threshold])):
-        handles.append(Patch(color=other, label="another word"))
-    handles.append(Patch(color=grey, label=f"undecided: top share < {threshold:.2f}"))
-    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
-    fig.suptitle(title)
+    W, H = fig.get_size_inches()
+    fig.legend(handles=handles, loc="center right", bbox_to_anchor=(1.0 - EDGE / W, 1.0 - (head + side / 2) / H), fontsize=8, frameon=False)
     return fig
 
 
@@ -497,36 +567,56 @@ def clip_vs_t5_figure(
     """Per word, its CLIP and T5 heatmaps side by side on one shared scale, and CLIP mass against T5 mass."""
     m = len(pairs)
     rows = max(1, m)
-    fig = new_figure(10.0, 2.2 * rows + 0.8, facts=facts)
-    gs = fig.add_gridspec(rows, 3, width_ratios=[1, 1, 2.2])
+    side, vgap, hgap, scat = 1.9, 0.3, 0.08, 4.2  # inches: a map, between rows, between the two maps, the scatter
+    top = suptitle_height(title) + title_band(9)
+    bottom = EDGE + footer_band(facts)
+    left = EDGE + LABEL_PAD + text_height(9)
+    maps_h = rows * side + (rows - 1) * vgap
+    scat = min(scat, max(maps_h, 2.5))
+    body = max(maps_h, scat + x_axis_band(8, 1, 8))
+    top_mass = float(max(np.max(mass_clip, initial=0), np.max(mass_t5, initial=0))) * 1.1 or 1.0
+    # the width is known at the end: the footer is added then, to fit it
+    fig = new_figure(10.0, top + body + bottom, layout=None)
+    suptitle_band(fig, title)
+    W, H = fig.get_size_inches()
+
+    def rect(x, y_top, w, h):  # inches from the left and from the top -> figure fractions
+        return (x / W, 1.0 - (y_top + h) / H, w / W, h / H)
+
     vmax = max([float(max(a.max(initial=0), b.max(initial=0))) for a, b in pairs] + [0.0]) or 1.0
     im = None
+    map_axes = []
     for r, ((a, b), name) in enumerate(zip(pairs, labels)):
-        ax_a = fig.add_subplot(gs[r, 0])
-        ax_b = fig.add_subplot(gs[r, 1])
+        y = top + r * (side + vgap)
+        ax_a = fig.add_axes(rect(left, y, side, side))
+        ax_b = fig.add_axes(rect(left + side + hgap, y, side, side))
+        map_axes += [ax_a, ax_b]
         im = draw_heatmap(ax_a, a, vmax=vmax)
         draw_heatmap(ax_b, b, vmax=vmax)
         ax_a.set_ylabel(name, fontsize=9)
         if r == 0:
             ax_a.set_title("CLIP", fontsize=9)
             ax_b.set_title("T5", fontsize=9)
-    ax = fig.add_subplot(gs[:, 2])
+    x = left + 2 * side + hgap
+    if im is not None:
+        cbar = new_colorbar(fig, im, bottom=H - top - maps_h, top=top, label=SHARE_LABEL + " (one scale)")
+        place_colorbar(fig, cbar.ax, map_axes, gap=CBAR_GAP, width=CBAR_WIDTH)
+        x += CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar)
+    ax = fig.add_axes(rect(x, top, scat, scat))
     ax.scatter(mass_clip, mass_t5, s=18, color=LINE_COLOURS[0])
-    for x, y, t in zip(mass_clip, mass_t5, scatter_labels):
-        ax.annotate(t, (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
-    top = float(max(np.max(mass_clip, initial=0), np.max(mass_t5, initial=0))) * 1.1 or 1.0
-    ax.plot([0, top], [0, top], color="#999999", lw=0.8, ls=":")
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
-    ax.set_aspect("equal")
+    ax.tick_params(labelsize=8)
+    for xm, ym, t in zip(mass_clip, mass_t5, scatter_labels):
+        ax.annotate(t, (xm, ym), fontsize=7, xytext=(3, 2), textcoords="offset points", clip_on=True)  # labels stay in the axes
+    ax.plot([0, top_mass], [0, top_mass], color="#999999", lw=0.8, ls=":")
+    ax.set_xlim(0, top_mass)
+    ax.set_ylim(0, top_mass)
     ax.set_xlabel("CLIP mass (share of the heatmap mass)", fontsize=8)
     ax.set_ylabel("T5 mass", fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title("every word: CLIP vs T5 mass (dotted: equal)", fontsize=9)
-    if im is not None:
-        cbar = fig.colorbar(im, ax=fig.axes[:-1], fraction=0.05, pad=0.02, location="right", shrink=0.6)
-        cbar.set_label(SHARE_LABEL + " (one scale)", fontsize=8)
-    fig.suptitle(title)
+    x += 0.3 + y_axis_band(tick_labels(ax.yaxis), tick_size(ax.yaxis), 8)
+    ax.set_position(rect(x, top, scat, scat))
+    set_width(fig, x + scat + 0.35 + EDGE, facts)  # the last x tick label reaches past the axes
     return fig
 
 
@@ -543,8 +633,18 @@ def token_groups_figure(
         shares: (Gb, G, S) per block group, each token group's share of the text attention per step.
     """
     Gb, G, S = shares.shape
-    fig = new_figure(4.2 * Gb + 2.0, 3.8, facts=facts)
+    legend = legend_width(list(names), 8)
+    panel_w, panel_h, gap = 3.9, 2.6, 0.3  # inches
+    ylabel = "share of the text attention\n(all T positions)"
+    top = suptitle_height(title) + title_band(9)
+    bottom = EDGE + footer_band(facts) + x_axis_band(7, _step_tick_lines(timesteps), 8)
+    ymax = max(1.0, float(shares.sum(axis=1).max(initial=0)))
+    left = EDGE + y_axis_band(["0.0", f"{ymax:.1f}"], fontsize_of("medium"), 8, 2)
+    fig = new_figure(left + Gb * panel_w + (Gb - 1) * gap + 0.15 + legend + EDGE, top + panel_h + bottom - footer_band(facts),
+                     layout=None, facts=facts)
+    suptitle_band(fig, title)
     axes = fig.subplots(1, Gb, squeeze=False, sharey=True)[0]
+    fixed_layout(fig, top=top, bottom=bottom, left=left, right=0.15 + legend + EDGE, wspace=gap / panel_w)
     x = np.arange(S)
     for ax, s, label in zip(axes, shares, group_labels):
         if S == 1:
@@ -556,10 +656,11 @@ def token_groups_figure(
         ax.set_title(label, fontsize=9)
         ax.set_ylim(0, max(1.0, float(s.sum(axis=0).max(initial=0))))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("share of the text attention\n(all T positions)", fontsize=8)
+    axes[0].set_ylabel(ylabel, fontsize=8)
     handles, lbls = axes[0].get_legend_handles_labels()
-    fig.legend(handles[::-1], lbls[::-1], loc="outside right center", fontsize=8, frameon=False)
-    fig.suptitle(title)
+    W, H = fig.get_size_inches()
+    fig.legend(handles[::-1], lbls[::-1], loc="center right", bbox_to_anchor=(1.0 - EDGE / W, 1.0 - (top + panel_h / 2) / H),
+               fontsize=8, frameon=False)
     return fig
 
 
@@ -576,7 +677,7 @@ def strip_figure(
     side = 1.5  # inches per panel
     fig = new_figure(K * side * 1.06 + 1.4, m * side * 1.12 + 0.8, layout=None, facts=facts)
     axes = fig.subplots(m, K, squeeze=False)
-    manual_layout(fig, top=0.7, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.35, right=0.15, wspace=0.06, hspace=0.12)
+    fixed_layout(fig, top=0.7, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.35, right=0.15, wspace=0.06, hspace=0.12)
     for r in range(m):
         vmax = vmaxes[r] if vmaxes is not None else None
         im = None
@@ -598,18 +699,34 @@ def spread_figure(
         mean, std: (m, H, W).
     """
     m = mean.shape[0]
-    fig = new_figure(7.0, 2.6 * max(m, 1) + 0.6, facts=facts)
-    axes = fig.subplots(max(m, 1), 2, squeeze=False)
+    rows = max(m, 1)
+    side, vgap = 2.3, 0.3  # inches: a map, between rows
+    top = suptitle_height(title) + title_band(9)
+    bottom = EDGE + footer_band(facts)
+    left = EDGE + LABEL_PAD + text_height(9)
+    maps_h = rows * side + (rows - 1) * vgap
+    fig = new_figure(7.0, top + maps_h + bottom, layout=None)  # the footer once the width is known
+    suptitle_band(fig, title)
+    W, H = fig.get_size_inches()
     vm = float(mean.max(initial=0)) or 1.0
     vs = float(std.max(initial=0)) or 1.0
-    for r in range(m):
-        im1 = draw_heatmap(axes[r, 0], mean[r], vmax=vm, title="mean over runs" if r == 0 else None)
-        im2 = draw_heatmap(axes[r, 1], std[r], vmax=vs, title="std over runs (per pixel)" if r == 0 else None, cmap="magma")
-        axes[r, 0].set_ylabel(labels[r], fontsize=9)
-    if m:
-        fig.colorbar(im1, ax=list(axes[:, 0]), fraction=0.04, pad=0.01).set_label(SHARE_LABEL, fontsize=8)
-        fig.colorbar(im2, ax=list(axes[:, 1]), fraction=0.04, pad=0.01).set_label("std of the share", fontsize=8)
-    fig.suptitle(title)
+    columns = [[], []]
+    images = [None, None]
+    x = left
+    for c, (data, vmax, name, cmap) in enumerate(((mean, vm, "mean over runs", HEAT_CMAP), (std, vs, "std over runs (per pixel)", "magma"))):
+        for r in range(m):
+            ax = fig.add_axes((x / W, 1.0 - (top + r * (side + vgap) + side) / H, side / W, side / H))
+            images[c] = draw_heatmap(ax, data[r], vmax=vmax, title=name if r == 0 else None, cmap=cmap)
+            if c == 0:
+                ax.set_ylabel(labels[r], fontsize=9)
+            columns[c].append(ax)
+        x += side
+        if images[c] is not None:
+            label = SHARE_LABEL if c == 0 else "std of the share"
+            cbar = new_colorbar(fig, images[c], bottom=H - top - maps_h, top=top, label=label)
+            place_colorbar(fig, cbar.ax, columns[c], gap=CBAR_GAP, width=CBAR_WIDTH)
+            x += CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar) + (0.25 if c == 0 else 0.0)
+    set_width(fig, x + EDGE, facts)
     return fig
 
 

@@ -28,7 +28,8 @@ class FigureFacts:
     model: str = ""
     random_weights: bool = False
 
-    def footer(self) -> str:
+    def footer(self, max_prompt: int = 110) -> str:
+        """One line: the warning (random weights), model, seed, the prompt cut to ``max_prompt`` characters."""
         parts = []
         if self.random_weights:
             parts.append(RANDOM_WARNING)
@@ -36,7 +37,8 @@ class FigureFacts:
             parts.append(f"model {self.model}")
         if self.seed is not None:
             parts.append(f"seed {self.seed}")
-        prompt = self.prompt if len(self.prompt) <= 110 else self.prompt[:107] + "..."
+        prompt = self.prompt if len(self.prompt) <= max_prompt else self.prompt[: max(max_prompt - 3, 0)] + "..."
+        prompt = "" if prompt == "..." else prompt
         if prompt:
             parts.append(f"\u201c{prompt}\u201d")
         return " | ".join(parts)

@@ -1,0 +1,156 @@
+"""Fixed figure margins measured from the figure's own texts, instead of a layout engine.
+
+matplotlib's constrained layout measures every artist of a figure (each tick label of each axis)
+twice before the figure is drawn: for a figure of a few panels that is about as long as drawing it.
+Here the few texts that decide a margin (the longest word on a y axis, a colour bar's tick labels,
+the number of lines of a title) are measured with FreeType's metrics, without drawing, and the
+panels are placed with :meth:`Figure.subplots_adjust`. Every size is in inches.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+PT = 1.0 / 72.0  # inches per point
+LINE_SPACING = 1.2  # matplotlib's default line spacing of a text
+TICK_BAND = (3.5 + 3.5 + 1.0) * PT  # tick length + pad of its label (rc defaults), and a point of slack
+LABEL_PAD = 4.0 * PT  # between tick labels and an axis label (rc default)
+TITLE_PAD = 6.0 * PT  # between an axes and its title (rc default)
+EDGE = 0.08  # free space kept at each edge of the figure
+
+
+def text_width(texts: Iterable[str], fontsize: float, weight: str = "normal") -> float:
+    """Width of the widest line of ``texts`` at ``fontsize`` points in the current font family."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import text_to_path
+
+    prop = FontProperties(size=fontsize, weight=weight)
+    widest = 0.0
+    for text in texts:
+        for line in str(text).split("\n"):
+            if line:
+                widest = max(widest, text_to_path.get_text_width_height_descent(line, prop, ismath=False)[0])
+    return widest * PT * 1.04 + 1.0 * PT  # hinting at draw time makes glyphs up to a few % wider
+
+
+def text_height(fontsize: float, lines: int = 1) -> float:
+    """Height of ``lines`` lines of text at ``fontsize`` points."""
+    return lines * fontsize * LINE_SPACING * PT if lines > 0 else 0.0
+
+
+def lines_of(text: str) -> int:
+    return text.count("\n") + 1 if text else 0
+
+
+def fontsize_of(size) -> float:
+    """Points of a matplotlib font size ("large", 10, ...)."""
+    from matplotlib.font_manager import FontProperties
+
+    return FontProperties(size=size).get_size_in_points()
+
+
+def _title_points(fontsize) -> float:
+    import matplotlib as mpl
+
+    return fontsize_of(fontsize if fontsize is not None else mpl.rcParams["figure.titlesize"])
+
+
+def suptitle_height(text: str, fontsize=None) -> float:
+    """The band a figure title of ``text`` takes at the top (:func:`suptitle_band` puts it there)."""
+    return EDGE + text_height(_title_points(fontsize), lines_of(text)) + 0.06 if text else EDGE
+
+
+def suptitle_band(fig, text: str, fontsize=None) -> float:
+    """Put ``text`` as the figure's title, its top :data:`EDGE` below the figure's top; the band it takes."""
+    if text:
+        fig.suptitle(text, y=1.0 - EDGE / fig.get_figheight(), va="top", fontsize=_title_points(fontsize))
+    return suptitle_height(text, fontsize)
+
+
+def x_axis_band(tick_size: float, tick_lines: int = 1, label_size: Optional[float] = None, label_lines: int = 1) -> float:
+    """Height below an axes taken by its x tick labels and its x label."""
+    band = TICK_BAND + text_height(tick_size, tick_lines)
+    if label_size is not None and label_lines:
+        band += LABEL_PAD + text_height(label_size, label_lines)
+    return band
+
+
+def y_axis_band(tick_labels: Sequence[str], tick_size: float, label_size: Optional[float] = None, label_lines: int = 1) -> float:
+    """Width left of an axes taken by its y tick labels and its (rotated) y label."""
+    band = TICK_BAND + text_width(tick_labels, tick_size)
+    if label_size is not None and label_lines:
+        band += LABEL_PAD + text_height(label_size, label_lines)
+    return band
+
+
+def title_band(fontsize: float, lines: int = 1) -> float:
+    """Height above an axes taken by its title."""
+    return TITLE_PAD + text_height(fontsize, lines) if lines else 0.0
+
+
+def fixed_layout(fig, *, top: float = 0.55, bottom: float = 0.15, left: float = 0.15, right: float = 0.1, wspace: float = 0.3,
+                 hspace: float = 0.3) -> None:
+    """Margins in inches (no layout engine: constrained layout costs a full extra draw per figure)."""
+    W, H = fig.get_size_inches()
+    fig.subplots_adjust(left=left / W, right=1 - right / W, top=1 - top / H, bottom=bottom / H, wspace=wspace, hspace=hspace)
+
+
+def colorbar_band(cbar) -> float:
+    """Width right of a vertical colour bar's axes taken by its tick labels (as the locator and
+    formatter will write them at the bar's current height) and its label."""
+    axis = cbar.ax.yaxis
+    band = TICK_BAND + text_width(tick_labels(axis), tick_size(axis))
+    label = axis.get_label()
+    if label.get_text():
+        band += LABEL_PAD + text_height(label.get_fontsize(), lines_of(label.get_text()))
+    return band
+
+
+def tick_size(axis) -> float:
+    """Points of ``axis``'s tick labels."""
+    return axis.get_major_ticks()[0].label1.get_fontsize()
+
+
+def place_colorbar(fig, cax, axes: Sequence, *, gap: float, width: float) -> None:
+    """Put ``cax`` ``gap`` inches right of ``axes`` (their common right edge), ``width`` inches wide,
+    as high as they are together."""
+    W, H = fig.get_size_inches()
+    boxes = [ax.get_position() for ax in axes]
+    x1 = max(b.x1 for b in boxes)
+    y0 = min(b.y0 for b in boxes)
+    y1 = max(b.y1 for b in boxes)
+    cax.set_position((x1 + gap / W, y0, width / W, y1 - y0))
+
+
+def new_colorbar(fig, mappable, *, bottom: float, top: float, label: str = "", label_size: float = 8, tick_size: float = 8,
+                 **kwargs):
+    """A vertical colour bar in its own axes, first as high as the panels will be (``bottom`` and
+    ``top`` margins in inches), so that :func:`colorbar_band` measures the ticks it will have.
+    ``kwargs`` go to :meth:`Figure.colorbar` (e.g. ``extend``)."""
+    H = fig.get_figheight()
+    cax = fig.add_axes((0.0, bottom / H, 0.01, max(1.0 - (top + bottom) / H, 0.01)))
+    cbar = fig.colorbar(mappable, cax=cax, **kwargs)
+    cbar.ax.tick_params(labelsize=tick_size)
+    if label:
+        cbar.set_label(label, fontsize=label_size)
+    return cbar
+
+
+def legend_width(labels: Sequence[str], fontsize: float) -> float:
+    """Width of a frameless legend of ``labels`` (handles of the default length), with its pad to the anchor."""
+    em = fontsize * PT
+    return (0.5 + 0.4 + 2.0 + 0.8 + 0.4) * em + text_width(labels, fontsize)  # borderaxespad, borderpad, handle, its gap, borderpad
+
+
+def legend_height(rows: int, fontsize: float, title: bool = False) -> float:
+    """Height of a frameless one-column legend of ``rows`` entries."""
+    em = fontsize * PT
+    n = rows + (1 if title else 0)
+    return (0.5 + 2 * 0.4) * em + n * text_height(fontsize) + max(n - 1, 0) * 0.5 * em
+
+
+def tick_labels(axis) -> list[str]:
+    """The tick labels ``axis`` will draw at its current size and limits (locator + formatter, no drawing)."""
+    lo, hi = sorted(axis.get_view_interval())
+    locs = [v for v in axis.get_majorticklocs() if lo - 1e-12 * max(abs(lo), abs(hi), 1) <= v <= hi + 1e-12 * max(abs(lo), abs(hi), 1)]
+    return list(axis.get_major_formatter().format_ticks(locs)) if locs else []
