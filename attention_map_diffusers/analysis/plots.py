@@ -487,7 +487,9 @@ def word_grid_figure(
     cols = max(1, min(4, m))
     rows = max(1, math.ceil(m / cols))
     fig = new_figure(3.2 * cols + 0.8, 2.6 * rows + 0.6, layout=None, facts=facts)
-    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    # no sharex / sharey (their bookkeeping costs more than drawing): every panel gets the same
+    # limits and ticks, labelled on the outer panels only
+    axes = fig.subplots(rows, cols, squeeze=False)
     fixed_layout(fig, top=0.6, bottom=0.5 + (FOOTER_HEIGHT if facts else 0), left=0.55, right=1.0, wspace=0.12, hspace=0.3)  # the colour bar's ticks and label
     vmax = float(grids.max(initial=0.0)) or 1.0
     im = None
@@ -502,10 +504,13 @@ def word_grid_figure(
         ax.set_yticklabels([str(b) for b in block_ids][::stride], fontsize=7)
         sstride = max(1, math.ceil(S / 5))
         ax.set_xticks(range(0, S, sstride))
-        ax.set_xticklabels([str(i) for i in range(0, S, sstride)], fontsize=7)
+        lowest = k + cols >= m  # the lowest panel of its column
+        ax.set_xticklabels([str(i) for i in range(0, S, sstride)] if lowest else [], fontsize=7)
         if k % cols == 0:
             ax.set_ylabel("block", fontsize=8)
-        if k // cols == rows - 1 or k + cols >= m:
+        else:
+            ax.set_yticklabels([])
+        if lowest:
             ax.set_xlabel("step (0 = noisiest)", fontsize=8)
     if im is not None:
         cbar = fig.colorbar(im, ax=list(axes.ravel()), fraction=0.03, pad=0.01)
