@@ -9,7 +9,13 @@ runs (without per-step / per-block maps): 2 prompts x 4 seeds, aggregated per pr
 Each repeat runs every mode (order alternating between repeats) in-process via ``main([...])``
 into a temporary folder, after one warm-up of each. Prints medians and min-max.
 
+With ``--baseline DIR`` (another checkout of this repository, e.g. ``git worktree add /tmp/base
+<commit>``), each mode is run by both checkouts' ``analyse_stepavg.py`` as subprocesses, interleaved
+round by round, and the ratio this / baseline is printed per mode (the median of the rounds'
+ratios): on a machine whose speed drifts, a ratio of neighbouring runs is the number to trust.
+
     python benchmarks/bench_analysis.py --repeats 5 --json bench.json
+    python benchmarks/bench_analysis.py --modes runs8_aggregated --baseline /tmp/base --repeats 3
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import io
 import itertools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +91,21 @@ def run(dump: str, out: str, extra: list[str]) -> float:
     return elapsed
 
 
+def run_script(script: str, root: str, out: str, extra: list[str]) -> float:
+    """Wall seconds of ``python script --root root --out out extra`` (interpreter start included)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, script, "--root", root, "--out", out, *extra], capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{script} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def ratios(times: dict[str, list[float]], modes, suffix: str) -> dict[str, float]:
+    """Per mode, the median over rounds of (this checkout's time / the baseline's time in the same round)."""
+    return {m: median([a / b for a, b in zip(times[m], times[m + suffix])]) for m in modes}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each mode (default: 3)")
@@ -91,11 +113,22 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="full", help="dump size (default: full)")
     p.add_argument("--modes", default="with_plots,tables_only,runs8_aggregated",
                    help="comma-separated modes to time (default: all three)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="another checkout of this repository: time both, as subprocesses, and print this / baseline")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     p_modes = ["with_plots", "tables_only", "runs8_aggregated"]
+    unknown = [m for m in args.modes if m not in p_modes]
+    if unknown or not args.modes:
+        p.error(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(p_modes)}")
+    base_script = None
+    if args.baseline is not None:
+        base_script = os.path.join(os.path.abspath(args.baseline), "analyse_stepavg.py")
+        if not os.path.isfile(base_script):
+            p.error(f"--baseline: no analyse_stepavg.py in {args.baseline}; give a checkout of this repository")
+    suffix = " @baseline"
     with tempfile.TemporaryDirectory() as tmp:
         dump = os.path.join(tmp, "run")
         build_dump(dump, args.size)
@@ -108,9 +141,20 @@ def main(argv=None) -> int:
         def method(root, extra):
             return lambda: run(root, os.path.join(tmp, f"out-{next(counter)}"), extra)
 
+        if base_script is not None:
+            this_script = os.path.join(ROOT, "analyse_stepavg.py")
+            pairs = {}
+            for m, (root, extra) in modes.items():
+                pairs[m] = (lambda r=root, e=extra: run_script(this_script, r, os.path.join(tmp, f"out-{next(counter)}"), e))
+                pairs[m + suffix] = (lambda r=root, e=extra: run_script(base_script, r, os.path.join(tmp, f"out-{next(counter)}"), e))
+            times = interleaved(pairs, args.repeats, warmup=1)
+            modes = {}  # nothing more to time
+        else:
+            times = {}
         # warm-up: imports, font cache, page cache (the single-run modes warm up the 8 runs too: same code)
         single = {m: method(*v) for m, v in modes.items() if m != "runs8_aggregated"}
-        times = interleaved(single, args.repeats, warmup=1) if single else {}
+        if single:
+            times.update(interleaved(single, args.repeats, warmup=1))
         if "runs8_aggregated" in modes:
             times.update(interleaved({"runs8_aggregated": method(*modes["runs8_aggregated"])}, args.repeats,
                                      warmup=0 if single else 1))
@@ -118,9 +162,13 @@ def main(argv=None) -> int:
     print(f"B=1, {sz['grid'][0]}x{sz['grid'][1]}, T=333, {sz['num_blocks']} blocks, {sz['num_steps']} steps, "
           "both encoders, top-k 12, every view (per-step and per-block maps kept); 8 runs: 2 prompts x 4 seeds")
     print(table(times))
+    ratio = ratios(times, [m for m in args.modes if m + suffix in times], suffix) if base_script else {}
+    for m, r in ratio.items():
+        print(f"{m}: this checkout / baseline ({args.baseline}) = {r:.3f} (median of {args.repeats} rounds' ratios)")
     if args.json:
         result = {
             **{f"seconds_{m}": median(t) for m, t in times.items()},
+            **{f"ratio_{m}": r for m, r in ratio.items()},
             "runs": times,
             "repeats": args.repeats,
             "size": args.size,

@@ -158,3 +158,35 @@ def test_bench_segmentation_toy_small(tmp_path):
         (k, e) for k in ("color", "shape") for e in ("clip", "t5", "both")}
     n_words = sum(r["n"] for r in kinds if r["method"] == "daam" and r["encoder"] == "t5")
     assert n_words == len(shares)  # every mask is a colour or a shape word
+
+
+def test_bench_analysis_baseline_ratio(tmp_path, monkeypatch):
+    """--baseline times both checkouts' scripts in the same rounds and reports the median of the
+    rounds' ratios; both really analyse the dump; an unknown mode or a folder without the script is
+    refused."""
+    import bench_analysis
+
+    calls = []
+    fake = iter([2.0, 4.0, 3.0, 3.0, 1.0, 4.0])  # warm-up (this, baseline), then 2 rounds: (this, baseline), (baseline, this)
+
+    def run_script(script, root, out, extra):
+        assert extra == ["--tables-only"]
+        real = bench_analysis.subprocess.run([sys.executable, script, "--root", root, "--out", out, *extra], capture_output=True)
+        assert real.returncode == 0 and os.path.isfile(os.path.join(out, "t5", "tables", "words_summary.csv"))
+        calls.append(script)
+        return next(fake)
+
+    monkeypatch.setattr(bench_analysis, "run_script", run_script)
+    out = tmp_path / "ratio.json"
+    base = str(ROOT)  # this checkout as its own baseline
+    assert bench_analysis.main(["--size", "small", "--repeats", "2", "--modes", "tables_only", "--baseline", base,
+                                "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(calls) == 6
+    # round 1: this 3.0, baseline 3.0 -> 1.0; round 2 (reversed order): baseline 1.0, this 4.0 -> 4.0
+    assert res["runs"]["tables_only"] == [3.0, 4.0] and res["runs"]["tables_only @baseline"] == [3.0, 1.0]
+    assert res["ratio_tables_only"] == pytest.approx(2.5)
+    with pytest.raises(SystemExit):
+        bench_analysis.main(["--modes", "runs8"])
+    with pytest.raises(SystemExit):
+        bench_analysis.main(["--modes", "tables_only", "--baseline", str(tmp_path)])
