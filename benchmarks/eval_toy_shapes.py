@@ -33,7 +33,9 @@ sys.path[:0] = [ROOT]
 import numpy as np  # noqa: E402
 
 from attention_map_diffusers.models.toy_shapes.data import HELD_OUT_PAIRS, SIZE, eval_seeds, render  # noqa: E402
-from attention_map_diffusers.models.toy_shapes.evaluate import PointingRecord, pointing_records, score_image  # noqa: E402
+from attention_map_diffusers.models.toy_shapes.evaluate import (  # noqa: E402
+    MISSES, PointingRecord, misses, pointing_records, score_image,
+)
 
 ENCODERS = ("clip", "t5")
 KINDS = ("color", "shape")
@@ -128,6 +130,9 @@ def summarise(prompts, scores, records: list[PointingRecord]) -> dict:
     }
     shape_of_drawn = [o for o, *_ in objs if o.drawn]
     fidelity["right_shape_of_drawn"] = sum(o.shape_correct for o in shape_of_drawn) / max(len(shape_of_drawn), 1)
+    missed = [misses(o, s.foreign_share) for s in scores for o in s.objects]
+    # share of all objects that miss each criterion (an object can miss several)
+    fidelity["missing"] = {m: sum(m in x for x in missed) / max(len(missed), 1) for m in MISSES}
     pointing = {}
     for enc in ENCODERS:
         for kind in KINDS:
@@ -154,6 +159,8 @@ def print_tables(summary: dict) -> None:
         print(f"{key:<22}{r['objects']:>6}{100 * r['drawn']:>8.1f}%{100 * r['right_shape']:>12.1f}%")
     print(f"images with every object drawn: {100 * f['clean_images']:.1f}%   right shape among drawn objects: "
           f"{100 * f['right_shape_of_drawn']:.1f}%")
+    print("objects missing a criterion (one can miss several): "
+          + ", ".join(f"{m} {100 * v:.1f}%" for m, v in f["missing"].items()))
     print("\nPointing game on drawn objects (hottest cell of the word's step- and block-averaged map on the object)")
     print(f"{'encoder/word':<14}{'n':>6}{'word map':>10}{'all-words map':>15}{'chance':>9}{'held-out pairs':>16}")
     for key, r in summary["pointing"].items():

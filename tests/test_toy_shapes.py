@@ -4,11 +4,13 @@ end-to-end check of the committed trained model (its word maps point at the draw
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from attention_map_diffusers.models.toy_shapes.data import (
+    BACKGROUND,
     COLORS,
     EVAL_SEED_BASE,
     HELD_OUT_PAIRS,
@@ -23,6 +25,7 @@ from attention_map_diffusers.models.toy_shapes.evaluate import (
     chance_rate,
     dilate,
     largest_component,
+    misses,
     pointing_hit,
     pointing_records,
     prompt_objects,
@@ -94,6 +97,40 @@ def test_true_renders_score_perfectly_and_noise_fails():
     img = s.image.copy()
     img[y : y + 20, x : x + 20] = COLORS[next(c for c in COLORS if c not in s.caption)]
     assert not any(o.drawn for o in score_image(img, s.caption).objects)
+
+
+def test_misses_name_the_criteria_an_object_fails():
+    # a scene of two objects each large enough that either half of it still holds >= 300 px
+    s = next(r for r in map(render, eval_seeds(200)) if len(r.objects) == 2 and r.masks.sum(axis=(1, 2)).min() >= 800)
+    score = score_image(s.image, s.caption)
+    assert [misses(o, score.foreign_share) for o in score.objects] == [(), ()]
+    (c0, _), (c1, _) = [o.words for o in s.objects]
+    # the first object cut in two by a background band through its middle: fragmented (each half < 70 %)
+    img = s.image.copy()
+    ys, xs = np.nonzero(s.masks[0])
+    mid = (ys.min() + ys.max()) // 2
+    img[mid - 1 : mid + 2, xs.min() : xs.max() + 1][s.masks[0][mid - 1 : mid + 2, xs.min() : xs.max() + 1]] = BACKGROUND
+    score = score_image(img, s.caption)
+    assert misses(score.objects[0], score.foreign_share) == ("fragmented",) and not score.objects[0].drawn
+    assert misses(score.objects[1], score.foreign_share) == ()
+    # the second object shrunk to a 10x10 patch of its colour: too small
+    img = s.image.copy()
+    img[s.masks[1]] = BACKGROUND
+    free = ~dilate(s.masks.any(axis=0), 2)
+    y, x = next((y, x) for y in range(0, SIZE - 10) for x in range(0, SIZE - 10) if free[y : y + 10, x : x + 10].all())
+    img[y : y + 10, x : x + 10] = COLORS[c1]
+    score = score_image(img, s.caption)
+    assert misses(score.objects[1], score.foreign_share) == ("too small",)
+    # a patch of a colour the prompt does not name: every object misses "foreign colours"
+    other = next(c for c in COLORS if c not in (c0, c1))
+    img = s.image.copy()
+    img[y : y + 14, x : x + 14] = COLORS[other]
+    score = score_image(img, s.caption)
+    assert all(misses(o, score.foreign_share) == ("foreign colours",) for o in score.objects)
+    # a colour flooding most of the image: too large
+    img = np.full_like(s.image, COLORS[c0])
+    score = score_image(img, s.caption)
+    assert "too large" in misses(score.objects[0], score.foreign_share)
 
 
 def test_largest_component_and_dilation():
@@ -266,3 +303,28 @@ def test_segmentation_of_rendered_scenes_beats_the_baselines(tmp_path):
         miou = {r["method"]: float(r["mIoU"]) for r in csv.DictReader(fh)}
     best_baseline = max(miou["whole"], miou["centre"], miou["random"])
     assert miou["daam"] >= 0.2 and miou["daam"] >= 1.5 * best_baseline, miou
+
+
+def test_eval_summary_counts_the_missed_criteria():
+    """benchmarks/eval_toy_shapes.py's fidelity table: shares of objects missing each criterion,
+    counted over the same scores by hand."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import eval_toy_shapes
+
+    samples = [render(sd) for sd in eval_seeds(12)]
+    images = [smp.image.copy() for smp in samples]
+    images[0][:] = BACKGROUND  # nothing drawn: its objects are too small (and fragmented: no pixels at all)
+    images[1] = np.random.default_rng(0).integers(0, 256, images[1].shape).astype(np.uint8)  # noise
+    scores = [score_image(im, smp.caption) for im, smp in zip(images, samples)]
+    summary = eval_toy_shapes.summarise([smp.caption for smp in samples], scores, [])
+    n = sum(len(s.objects) for s in scores)
+    by_hand = {"foreign colours": 0, "fragmented": 0, "too small": 0, "too large": 0}
+    for s in scores:
+        for o in s.objects:
+            by_hand["foreign colours"] += s.foreign_share >= 0.01
+            by_hand["fragmented"] += o.blob_share < 0.7
+            by_hand["too small"] += o.blob_px < 300
+            by_hand["too large"] += o.blob_px > 3000
+    assert summary["fidelity"]["missing"] == pytest.approx({k: v / n for k, v in by_hand.items()})
+    assert summary["fidelity"]["missing"]["too small"] >= len(samples[0].objects) / n > 0
+    assert summary["fidelity"]["all"]["drawn"] == pytest.approx(1 - (len(samples[0].objects) + len(samples[1].objects)) / n)

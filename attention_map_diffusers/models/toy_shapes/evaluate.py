@@ -149,6 +149,26 @@ def score_image(image: np.ndarray, prompt: str) -> ImageScore:
     return ImageScore(tuple(scores), foreign)
 
 
+#: The strict criteria an object can miss, as :func:`misses` names them.
+MISSES = ("foreign colours", "fragmented", "too small", "too large")
+
+
+def misses(obj: ObjectScore, foreign_share: float) -> tuple[str, ...]:
+    """The criteria ``obj`` misses (empty when it is drawn), in :data:`MISSES` order: colours the
+    prompt does not name cover >= 1 % of the image; its colour's largest region holds < 70 % of the
+    colour's pixels; that region is under 300 px; or over 3000 px. Tells a trainer what to fix."""
+    out = []
+    if foreign_share >= MAX_FOREIGN:
+        out.append("foreign colours")
+    if obj.blob_share < BLOB_SHARE:
+        out.append("fragmented")
+    if obj.blob_px < BLOB_MIN_PX:
+        out.append("too small")
+    if obj.blob_px > BLOB_MAX_PX:
+        out.append("too large")
+    return tuple(out)
+
+
 def dilate(mask: np.ndarray, radius: int = DILATE_PX) -> np.ndarray:
     """(H, W) bool ``mask`` grown by a disk of ``radius`` px."""
     h, w = mask.shape
