@@ -142,3 +142,23 @@ def test_footer_fits_narrow_figures_by_cutting_the_prompt():
     wide = plots.new_figure(8.0, 2.0, layout=None, facts=FACTS)
     text = [t for t in wide.texts if t.get_gid() == "footer"][0].get_text()
     assert "\n" not in text and "\u201cA rusty bicycle" in text and text.endswith("...\u201d")
+
+
+def test_dollar_signs_in_a_prompt_are_drawn_as_text(tmp_path):
+    """A prompt with two "$" (and a brace between them) is drawn literally: matplotlib would read
+    the text between as mathtext, and the unbalanced brace would stop the whole analysis."""
+    from PIL import Image
+    from synthetic_dump import make_layout, random_arrays, write_dump
+
+    import analyse_stepavg
+
+    prompt = "a $5 bill {next to a $10 note"
+    layout = make_layout([prompt], clip_len=16, t5_len=16)
+    write_dump(tmp_path / "run", layout, random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4), seed=1),
+               image_size=(32, 32))
+    assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--dpi", "30", "--topk", "2"]) == 0
+    with Image.open(tmp_path / "run" / "analysis" / "t5" / "overview.png") as im:
+        assert im.text["Prompt"] == prompt
+    with pytest.raises(ValueError):  # what the analysis would meet without its own text settings
+        fig = plots.overview_figure(np.ones((2, 1)), np.ones((3, 1)), ["$x_{"], [0, 1], None, "a $x_{ b$")
+        plots.render_rgba(fig, 30)

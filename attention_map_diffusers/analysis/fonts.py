@@ -97,13 +97,15 @@ def choose_fonts(texts: Iterable[str], base: Optional[str] = None) -> FontChoice
 @contextlib.contextmanager
 def use_fonts(choice: Optional[FontChoice]) -> Iterator[None]:
     """Draw figures made inside the block with ``choice``'s fonts, without matplotlib's per-glyph
-    warnings (missing glyphs were reported once, by :meth:`FontChoice.note`)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_GLYPH_WARNING)
-        if choice is None or choice.families is None:
-            yield
-            return
-        from matplotlib import rc_context
+    warnings (missing glyphs were reported once, by :meth:`FontChoice.note`), and with every text
+    literal: a prompt's "$" is a dollar sign, not the start of mathtext (two of them would set the
+    words between in math italics, and an unbalanced brace between them stops the figure with a
+    parse error)."""
+    from matplotlib import rc_context
 
-        with rc_context({"font.family": list(choice.families)}):
-            yield
+    rc = {"text.parse_math": False}
+    if choice is not None and choice.families is not None:
+        rc["font.family"] = list(choice.families)
+    with warnings.catch_warnings(), rc_context(rc):
+        warnings.filterwarnings("ignore", message=_GLYPH_WARNING)
+        yield

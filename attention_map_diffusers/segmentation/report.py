@@ -19,6 +19,7 @@ from .write import safe_name, write_all
 
 def build_outputs(ev: Evaluation, tmp: str) -> str:
     """Write every output file into ``tmp``; returns the table (and skip counts) to print."""
+    from ..analysis.fonts import use_fonts
     from ..analysis.plots import save_figure
 
     o = ev.options
@@ -28,12 +29,13 @@ def build_outputs(ev: Evaluation, tmp: str) -> str:
     files["skipped.csv"] = skipped_csv(ev.skipped)
     write_all(tmp, files)
     title = f"zero-shot segmentation: {len(ev.images)} images, tau {o.tau:g}, maps of {'all blocks and steps' if o.selection == 'all' else o.selection}"
-    save_figure(summary_figure(rows, title), os.path.join(tmp, "summary.png"), dpi=150)
     best = best_method(rows)
     cases = pick_cases(ev, best.method, best.encoder, o.cases) if best is not None and o.cases else []
     what = f"{best.method} ({best.encoder})" if best is not None else "no method"
-    save_figure(cases_figure(cases, f"best and worst pairs of the best method: {what}, tau {o.tau:g}"),
-                os.path.join(tmp, "cases.png"), dpi=110)
+    with use_fonts(None):  # words and captions drawn literally ("$" is no mathtext)
+        save_figure(summary_figure(rows, title), os.path.join(tmp, "summary.png"), dpi=150)
+        save_figure(cases_figure(cases, f"best and worst pairs of the best method: {what}, tau {o.tau:g}"),
+                    os.path.join(tmp, "cases.png"), dpi=110)
     lines = [text_table(rows)]
     if ev.skipped:
         counts = Counter(s.reason for s in ev.skipped)
