@@ -138,6 +138,9 @@ def test_footer_fits_narrow_figures_by_cutting_the_prompt():
     # the measure the layout relies on agrees with what matplotlib draws, within a few per cent
     drawn = footer[0].get_window_extent(renderer).width / fig.dpi
     assert abs(text_width(text.split("\n"), footer[0].get_fontsize(), "bold") - drawn) < 0.06 * drawn + 0.03
+    # a prompt of several lines (a shell's quoted newline) is one line in the footer
+    multi = FigureFacts(model="m", seed=1, prompt="a red circle\nnext to\t a blue square", random_weights=False)
+    assert multi.footer() == "model m | seed 1 | \u201ca red circle next to a blue square\u201d"
     # a figure of ordinary width keeps as much of the prompt as fits, on one line
     wide = plots.new_figure(8.0, 2.0, layout=None, facts=FACTS)
     text = [t for t in wide.texts if t.get_gid() == "footer"][0].get_text()

@@ -37,7 +37,8 @@ class FigureFacts:
             parts.append(f"model {self.model}")
         if self.seed is not None:
             parts.append(f"seed {self.seed}")
-        prompt = self.prompt if len(self.prompt) <= max_prompt else self.prompt[: max(max_prompt - 3, 0)] + "..."
+        prompt = " ".join(self.prompt.split())  # one line: a newline in the prompt would push the footer into the panels
+        prompt = prompt if len(prompt) <= max_prompt else prompt[: max(max_prompt - 3, 0)] + "..."
         prompt = "" if prompt == "..." else prompt
         if prompt:
             parts.append(f"\u201c{prompt}\u201d")
