@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .layout import EDGE, fixed_layout, fontsize_of, legend_height, suptitle_band, suptitle_height, x_axis_band, y_axis_band
-from .plots import CURVE_LABEL, FOOTER_HEIGHT, LINE_COLOURS, footer_band, new_figure
+from .plots import CURVE_LABEL, LINE_COLOURS, footer_band, new_figure
 from .views import MAX_LINES, FigureFacts
 
 BLOCK_COLUMNS = 6  # panels per row of the per-block figure
@@ -33,7 +33,7 @@ def blocks_bands_figure(
     legend_width = 0.45 + 0.06 * max((len(t) for t in labels), default=0)
     fig = new_figure(2.3 * cols + 0.8 + legend_width, 1.75 * rows + 0.9, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False)
-    fixed_layout(fig, top=0.75, bottom=0.3 + (FOOTER_HEIGHT if facts else 0.0), left=0.75, right=legend_width + 0.1,
+    fixed_layout(fig, top=0.75, bottom=0.3 + footer_band(facts), left=0.75, right=legend_width + 0.1,
                   wspace=0.12, hspace=0.38)
     top = float(np.nanmax(curves_mean + curves_std)) if curves_mean.size else 1.0
     ymax = top * 1.05 if top > 0 else 1.0

@@ -266,7 +266,7 @@ def summary_figure(
     rows = max(1, math.ceil(cells / cols))
     fig = new_figure(3.2 * cols, 3.0 * rows + 0.5, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    fixed_layout(fig, top=0.75, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.05, right=0.5, wspace=0.3, hspace=0.22)
+    fixed_layout(fig, top=0.75, bottom=0.1 + footer_band(facts), left=0.05, right=0.5, wspace=0.3, hspace=0.22)
     k = 0
     if show_image:
         axes[0].imshow(image, interpolation="antialiased")
@@ -490,7 +490,7 @@ def word_grid_figure(
     # no sharex / sharey (their bookkeeping costs more than drawing): every panel gets the same
     # limits and ticks, labelled on the outer panels only
     axes = fig.subplots(rows, cols, squeeze=False)
-    fixed_layout(fig, top=0.6, bottom=0.5 + (FOOTER_HEIGHT if facts else 0), left=0.55, right=1.0, wspace=0.12, hspace=0.3)  # the colour bar's ticks and label
+    fixed_layout(fig, top=0.6, bottom=0.5 + footer_band(facts), left=0.55, right=1.0, wspace=0.12, hspace=0.3)  # the colour bar's ticks and label
     vmax = float(grids.max(initial=0.0)) or 1.0
     im = None
     for k, ax in enumerate(axes.ravel()):
@@ -682,7 +682,7 @@ def strip_figure(
     side = 1.5  # inches per panel
     fig = new_figure(K * side * 1.06 + 1.4, m * side * 1.12 + 0.8, layout=None, facts=facts)
     axes = fig.subplots(m, K, squeeze=False)
-    fixed_layout(fig, top=0.7, bottom=0.1 + (FOOTER_HEIGHT if facts else 0), left=0.35, right=0.15, wspace=0.06, hspace=0.12)
+    fixed_layout(fig, top=0.7, bottom=0.1 + footer_band(facts), left=0.35, right=0.15, wspace=0.06, hspace=0.12)
     for r in range(m):
         vmax = vmaxes[r] if vmaxes is not None else None
         im = None
