@@ -27,16 +27,25 @@ from ..contract import (
     RUNS_NAME,
     RunRecord,
     UserError,
-    block_index,
     prompt_tokens,
     read_runs_jsonl,
+)
+from .dumpchecks import (
+    Shape,
+    check_arrays,
+    check_metadata,
+    check_offsets,
+    check_span,
+    check_tokens,
+    format_version,
+    per_item,
+    read_block_ids,
+    read_prompts,
 )
 
 # The original tool's dumps do not say where the CLIP positions end; SD3 puts its 77 CLIP positions
 # first and T5 after them. Used for those dumps only (format 2 stores ``text_spans``).
 ORIGINAL_CLIP_POSITIONS = 77
-# Arrays every dump has; format 2 adds ``timesteps`` (the original tool stored none).
-SPECIAL_STRINGS = frozenset({"<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<s>"})
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -128,7 +137,7 @@ class Dump:
             N=int(result.N),
             step_mean=np.asarray(result.per_block_step_token_mean, dtype=np.float32),
             timesteps=np.asarray(result.timesteps, dtype=np.float32),
-            block_ids=_block_ids(list(result.blocks), len(result.blocks)),
+            block_ids=read_block_ids(list(result.blocks), len(result.blocks)),
             encoders=encoders,
             images=[None] * B,
             block_maps=None if result.per_block_token_map is None else np.asarray(result.per_block_token_map, np.float32),
@@ -286,91 +295,6 @@ def _read_arrays(folder: str, required: Sequence[str], optional: Sequence[str] =
     return arrays
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_meta_int(meta: dict, key: str, actual: int, what: str, where: str) -> None:
-    if key in meta and meta[key] != actual:
-        raise UserError(f"{where}: metadata {key}={meta[key]!r} but the arrays have {what}={actual}; re-run the dump")
-
-
-def _per_item(value: Any, B: int, key: str, where: str, prompts_equal: bool) -> list:
-    """A per-item list from a per-item list or (original tool) one flat list shared by all items."""
-    if not isinstance(value, list):
-        raise UserError(f"{where}: metadata {key} must be a list, got {type(value).__name__}; re-run the dump")
-    if all(isinstance(v, list) for v in value) and value:
-        if len(value) != B:
-            raise UserError(f"{where}: metadata {key} has {len(value)} lists but the arrays have B={B} items; re-run the dump")
-        return value
-    if B > 1 and not prompts_equal:
-        raise UserError(
-            f"{where}: metadata {key} is one flat list but the dump has B={B} items with different prompts; "
-            "it cannot say which tokens belong to which item"
-        )
-    return [value] * B
-
-
-def _check_tokens(tokens: list, special: Optional[list], B: int, length: int, key: str, where: str):
-    out_t, out_s = [], []
-    for i in range(B):
-        toks = tokens[i]
-        if not all(isinstance(t, str) for t in toks):
-            raise UserError(f"{where}: metadata {key}[{i}] must be a list of strings; re-run the dump")
-        if len(toks) > length:
-            raise UserError(
-                f"{where}: metadata {key}[{i}] has {len(toks)} tokens but the encoder has {length} text "
-                "positions; re-run the dump"
-            )
-        if special is None:
-            sp = [t in SPECIAL_STRINGS for t in toks]
-        else:
-            sp = special[i]
-            if len(sp) != len(toks) or not all(v in (0, 1, True, False) for v in sp):
-                raise UserError(
-                    f"{where}: the special mask for {key}[{i}] must be {len(toks)} values 0/1 aligned with the "
-                    "tokens; re-run the dump"
-                )
-            sp = [bool(v) for v in sp]
-        out_t.append(list(toks))
-        out_s.append(sp)
-    return out_t, out_s
-
-
-def _check_offsets(value: Any, tokens: list[list[str]], prompts: list[str], key: str, where: str):
-    if value is None:
-        return None
-    if not isinstance(value, list) or len(value) != len(tokens):
-        raise UserError(f"{where}: metadata {key} must be null or one list per item ({len(tokens)}); re-run the dump")
-    out = []
-    for i, (offs, toks) in enumerate(zip(value, tokens)):
-        if offs is None:
-            out.append(None)
-            continue
-        if not isinstance(offs, list) or len(offs) != len(toks):
-            raise UserError(f"{where}: metadata {key}[{i}] must have one entry per token ({len(toks)}); re-run the dump")
-        row: list[Optional[tuple[int, int]]] = []
-        for j, o in enumerate(offs):
-            if o is None:
-                row.append(None)
-                continue
-            ok = isinstance(o, list) and len(o) == 2 and all(_is_int(x) for x in o)
-            if not ok or not 0 <= o[0] <= o[1] <= len(prompts[i]):
-                raise UserError(
-                    f"{where}: metadata {key}[{i}][{j}] = {o!r} is not a [start, end] span within the "
-                    f"{len(prompts[i])}-character prompt; re-run the dump"
-                )
-            row.append((o[0], o[1]))
-        out.append(row)
-    return out
-
-
-def _check_span(value: Any, T: int, name: str, where: str) -> tuple[int, int]:
-    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value) and 0 <= value[0] <= value[1] <= T):
-        raise UserError(f"{where}: metadata text_spans.{name} = {value!r} is not a [start, end] range within T={T}; re-run the dump")
-    return value[0], value[1]
-
-
 def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, block_maps: bool = False) -> Dump:
     """Read, validate and normalise the run in ``folder``.
 
@@ -388,12 +312,12 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     if not os.path.isdir(folder):
         raise UserError(f"{folder} is not a folder; --root must be a run folder or a folder with {RUNS_NAME}")
     meta = _read_metadata(folder)
-    version = _format_version(meta, where)
+    version = format_version(meta, where)
     required = NPZ_REQUIRED_ARRAYS if version >= 2 else NPZ_CORE_ARRAYS
     arrays = _read_arrays(folder, required, optional=("per_block_token_map",) if block_maps else ())
-    shape = _check_arrays(arrays, where)
-    _check_metadata(meta, shape, version, where)
-    prompts = _read_prompts(meta, shape.B, where)
+    shape = check_arrays(arrays, where)
+    check_metadata(meta, shape, version, where)
+    prompts = read_prompts(meta, shape.B, where)
     encoders, notes = _read_encoders(meta, version, shape, prompts, t5_tokenizer, where)
 
     step_mean = arrays["per_block_step_token_mean"].astype(np.float32, copy=False)
@@ -423,7 +347,7 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         N=shape.n_updates,
         step_mean=step_mean,
         timesteps=timesteps,
-        block_ids=_block_ids(meta.get("blocks"), shape.Bk),
+        block_ids=read_block_ids(meta.get("blocks"), shape.Bk),
         encoders=encoders,
         images=_image_paths(meta, folder, shape.B, where),
         notes=notes,
@@ -453,118 +377,11 @@ def _steps_reversed(meta: dict, version: int, timesteps: Optional[np.ndarray], w
     return True, None
 
 
-@dataclass(frozen=True)
-class _Shape:
-    B: int
-    Hc: int
-    Wc: int
-    T: int
-    Bk: int
-    S: int
-    n_updates: int
-
-
-def _format_version(meta: dict, where: str) -> int:
-    version = meta.get("format_version")
-    if version is None:
-        return 1
-    if version != FORMAT_VERSION:
-        raise UserError(
-            f"{where}: format_version {version!r} is not supported; this analysis reads format "
-            f"{FORMAT_VERSION} and the original tool's dumps (update attention_map_diffusers)"
-        )
-    return version
-
-
-def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> _Shape:
-    """Shapes, dtypes and finiteness of the arrays; returns the dimensions."""
-    smap, mean, ts, N = arrays["sum_token_map"], arrays["per_block_step_token_mean"], arrays.get("timesteps"), arrays["N"]
-    if smap.ndim != 4:
-        raise UserError(f"{where}: sum_token_map has shape {smap.shape}, expected (B, Hc, Wc, T); re-run the dump")
-    B, Hc, Wc, T = smap.shape
-    if mean.ndim != 4 or mean.shape[0] != B or mean.shape[3] != T:
-        raise UserError(
-            f"{where}: per_block_step_token_mean has shape {mean.shape}, expected (B={B}, Bk, S, T={T}) to match "
-            f"sum_token_map {smap.shape}; re-run the dump"
-        )
-    _, Bk, S, _ = mean.shape
-    if ts is not None and ts.shape != (S,):
-        raise UserError(f"{where}: timesteps has shape {ts.shape}, expected (S={S},) like per_block_step_token_mean; re-run the dump")
-    mx = arrays.get("per_block_step_token_max")
-    if mx is not None and mx.shape != mean.shape:
-        raise UserError(f"{where}: per_block_step_token_max has shape {mx.shape}, expected {mean.shape}; re-run the dump")
-    if B < 1 or Bk < 1 or S < 1 or T < 1 or Hc < 1 or Wc < 1:
-        raise UserError(f"{where}: empty arrays (B={B}, Bk={Bk}, S={S}, T={T}, grid {Hc}x{Wc}); re-run the dump")
-    first = N.reshape(-1)[0] if N.size else None
-    if N.size != 1 or not np.issubdtype(N.dtype, np.number) or not float(first).is_integer() or float(first) < 1:
-        raise UserError(f"{where}: N must be one positive integer (the number of updates), got {N.reshape(-1)[:3].tolist()}; re-run the dump")
-    for key, arr in arrays.items():
-        if key == "N":
-            continue
-        if not np.issubdtype(arr.dtype, np.floating) and not np.issubdtype(arr.dtype, np.integer):
-            raise UserError(f"{where}: {key} has dtype {arr.dtype}, expected a float array; re-run the dump")
-        if not np.isfinite(arr).all():
-            bad = int(np.size(arr) - np.isfinite(arr).sum())
-            raise UserError(f"{where}: {key} holds {bad} NaN or inf values; the capture overflowed, re-run the dump (e.g. --store-dtype float32)")
-        if key != "timesteps" and arr.size and arr.min() < 0:
-            raise UserError(
-                f"{where}: {key} holds negative values (min {float(arr.min()):.3g}); attention probabilities are "
-                "never negative, the file is damaged: re-run the dump"
-            )
-    for key, arr in (("sum_token_map", smap), ("per_block_step_token_mean", mean)):
-        empty = np.flatnonzero(arr.reshape(B, -1).max(axis=1) <= 0)
-        if empty.size:
-            raise UserError(
-                f"{where}: {key} of item {int(empty[0])} is all zero, so there is no attention to share out; "
-                "the capture recorded nothing, re-run the dump"
-            )
-    return _Shape(B, Hc, Wc, T, Bk, S, int(first))
-
-
-def _check_metadata(meta: dict, shape: _Shape, version: int, where: str) -> None:
-    """The metadata's counts and lists against the arrays."""
-    _check_meta_int(meta, "batch_size", shape.B, "B", where)
-    _check_meta_int(meta, "num_blocks", shape.Bk, "Bk", where)
-    _check_meta_int(meta, "num_steps", shape.S, "S", where)
-    _check_meta_int(meta, "T_from_model", shape.T, "T", where)
-    size = meta.get("canonical_size")
-    if size is not None and size != [shape.Hc, shape.Wc]:
-        raise UserError(
-            f"{where}: metadata canonical_size={size!r} but sum_token_map has a {shape.Hc}x{shape.Wc} grid "
-            f"(expected [{shape.Hc}, {shape.Wc}]); re-run the dump"
-        )
-    blocks = meta.get("blocks")
-    if blocks is not None and (not isinstance(blocks, list) or len(blocks) != shape.Bk):
-        raise UserError(f"{where}: metadata blocks has {len(blocks) if isinstance(blocks, list) else blocks!r} entries but the arrays have Bk={shape.Bk}; re-run the dump")
-    sizes = meta.get("block_latent_sizes")  # a list (format 2) or {block name: [h, w]} (original tool)
-    if sizes is not None and not (isinstance(sizes, (list, dict)) and len(sizes) == shape.Bk):
-        got = f"{len(sizes)} entries" if isinstance(sizes, (list, dict)) else repr(sizes)
-        raise UserError(
-            f"{where}: metadata block_latent_sizes is {got}, expected a list of Bk={shape.Bk} [h, w] sizes; re-run the dump"
-        )
-    if version >= 2 and "timesteps" in meta:
-        mts = meta["timesteps"]
-        if not isinstance(mts, list) or len(mts) != shape.S:
-            raise UserError(f"{where}: metadata timesteps has {len(mts) if isinstance(mts, list) else mts!r} entries, expected S={shape.S}; re-run the dump")
-    if version >= 2 and meta.get("step_order", "denoising") != "denoising":
-        raise UserError(f"{where}: metadata step_order={meta['step_order']!r}; format 2 stores steps in denoising order, re-run the dump")
-
-
-def _read_prompts(meta: dict, B: int, where: str) -> list[str]:
-    prompt = meta.get("prompt")
-    if isinstance(prompt, str):
-        return [prompt] * B
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt) and len(prompt) in (B, 1):
-        return prompt * B if len(prompt) == 1 else list(prompt)
-    n = len(prompt) if isinstance(prompt, list) else type(prompt).__name__
-    raise UserError(f"{where}: metadata prompt must be a string or a list of B={B} strings, got {n}; re-run the dump")
-
-
 # metadata keys of each encoder's tokens: (tokens, special mask, character offsets)
 _TOKEN_KEYS = {"clip": ("tokens", "special_mask", "token_offsets_clip"), "t5": ("tokens_t5", "special_mask_t5", "token_offsets_t5")}
 
 
-def _read_encoders(meta: dict, version: int, shape: _Shape, prompts: list[str], t5_tokenizer, where: str):
+def _read_encoders(meta: dict, version: int, shape: Shape, prompts: list[str], t5_tokenizer, where: str):
     """Each encoder's span and tokens; returns (encoders, notes)."""
     T, B = shape.T, shape.B
     spans = meta.get("text_spans")
@@ -573,8 +390,8 @@ def _read_encoders(meta: dict, version: int, shape: _Shape, prompts: list[str], 
             raise UserError(f"{where}: metadata text_spans is missing or has neither a clip nor a t5 range; "
                             "re-run the dump")
         # FLUX.1's sequence is T5 only: no clip range
-        clip_span = _check_span(spans["clip"], T, "clip", where) if spans.get("clip") is not None else (0, 0)
-        t5_span = _check_span(spans["t5"], T, "t5", where) if spans.get("t5") is not None else (T, T)
+        clip_span = check_span(spans["clip"], T, "clip", where) if spans.get("clip") is not None else (0, 0)
+        t5_span = check_span(spans["t5"], T, "t5", where) if spans.get("t5") is not None else (T, T)
         if max(clip_span[0], t5_span[0]) < min(clip_span[1], t5_span[1]):
             raise UserError(
                 f"{where}: metadata text_spans clip {list(clip_span)} and t5 {list(t5_span)} overlap; each text "
@@ -597,10 +414,10 @@ def _read_encoders(meta: dict, version: int, shape: _Shape, prompts: list[str], 
         if span[1] <= span[0]:
             continue
         if tok_key in meta:
-            tok = _per_item(meta[tok_key], B, tok_key, where, prompts_equal)
-            sp = _per_item(meta[sp_key], B, sp_key, where, prompts_equal) if sp_key in meta else None
-            toks, specials = _check_tokens(tok, sp, B, span[1] - span[0], tok_key, where)
-            offs = _check_offsets(meta.get(off_key), toks, prompts, off_key, where)
+            tok = per_item(meta[tok_key], B, tok_key, where, prompts_equal)
+            sp = per_item(meta[sp_key], B, sp_key, where, prompts_equal) if sp_key in meta else None
+            toks, specials = check_tokens(tok, sp, B, span[1] - span[0], tok_key, where)
+            offs = check_offsets(meta.get(off_key), toks, prompts, off_key, where)
             trunc = [
                 bool(t.get(name)) if isinstance(t, dict) and name in t else None for t in truncated
             ] if truncated is not None else [None] * B
@@ -615,16 +432,6 @@ def _read_encoders(meta: dict, version: int, shape: _Shape, prompts: list[str], 
                 "with its tokenizer_3 sub-folder) to analyse T5 too",
             ))
     return encoders, notes
-
-
-def _block_ids(blocks: Optional[list], Bk: int) -> list[int]:
-    """Block indices from ``transformer_blocks.{i}.attn`` names (positions when absent or ambiguous)."""
-    if not blocks:
-        return list(range(Bk))
-    ids = [block_index(name) for name in blocks]
-    if any(i is None for i in ids) or len(set(ids)) != len(ids):
-        return list(range(Bk))
-    return ids
 
 
 def _image_paths(meta: dict, folder: str, B: int, where: str) -> list[Optional[str]]:
