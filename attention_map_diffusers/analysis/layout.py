@@ -114,7 +114,7 @@ def tick_size(axis) -> float:
 def place_colorbar(fig, cax, axes: Sequence, *, gap: float, width: float) -> None:
     """Put ``cax`` ``gap`` inches right of ``axes`` (their common right edge), ``width`` inches wide,
     as high as they are together."""
-    W, H = fig.get_size_inches()
+    W = fig.get_figwidth()
     boxes = [ax.get_position() for ax in axes]
     x1 = max(b.x1 for b in boxes)
     y0 = min(b.y0 for b in boxes)
@@ -122,7 +122,7 @@ def place_colorbar(fig, cax, axes: Sequence, *, gap: float, width: float) -> Non
     cax.set_position((x1 + gap / W, y0, width / W, y1 - y0))
 
 
-def new_colorbar(fig, mappable, *, bottom: float, top: float, label: str = "", label_size: float = 8, tick_size: float = 8,
+def new_colorbar(fig, mappable, *, bottom: float, top: float, label: str = "", label_size: float = 8, ticks_size: float = 8,
                  **kwargs):
     """A vertical colour bar in its own axes, first as high as the panels will be (``bottom`` and
     ``top`` margins in inches), so that :func:`colorbar_band` measures the ticks it will have.
@@ -130,7 +130,7 @@ def new_colorbar(fig, mappable, *, bottom: float, top: float, label: str = "", l
     H = fig.get_figheight()
     cax = fig.add_axes((0.0, bottom / H, 0.01, max(1.0 - (top + bottom) / H, 0.01)))
     cbar = fig.colorbar(mappable, cax=cax, **kwargs)
-    cbar.ax.tick_params(labelsize=tick_size)
+    cbar.ax.tick_params(labelsize=ticks_size)
     if label:
         cbar.set_label(label, fontsize=label_size)
     return cbar
@@ -152,5 +152,6 @@ def legend_height(rows: int, fontsize: float, title: bool = False) -> float:
 def tick_labels(axis) -> list[str]:
     """The tick labels ``axis`` will draw at its current size and limits (locator + formatter, no drawing)."""
     lo, hi = sorted(axis.get_view_interval())
-    locs = [v for v in axis.get_majorticklocs() if lo - 1e-12 * max(abs(lo), abs(hi), 1) <= v <= hi + 1e-12 * max(abs(lo), abs(hi), 1)]
+    eps = 1e-12 * max(abs(lo), abs(hi), 1)  # a tick at the limit, give or take rounding, is drawn
+    locs = [v for v in axis.get_majorticklocs() if lo - eps <= v <= hi + eps]
     return list(axis.get_major_formatter().format_ticks(locs)) if locs else []

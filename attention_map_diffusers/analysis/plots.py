@@ -18,8 +18,8 @@ from PIL import Image
 
 from ..atomic import atomic_path
 from .layout import (
-    EDGE, LABEL_PAD, fontsize_of, text_height, tick_labels, tick_size, colorbar_band, fixed_layout, legend_width, new_colorbar, place_colorbar, suptitle_band, suptitle_height, title_band,
-    text_width, x_axis_band, y_axis_band,
+    EDGE, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, new_colorbar, place_colorbar, suptitle_band,
+    suptitle_height, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
 )
 from .pngfile import write_png
 from .views import MAX_LINES, FigureFacts  # noqa: F401 - FigureFacts is part of this API
