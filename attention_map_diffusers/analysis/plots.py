@@ -13,6 +13,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -22,6 +24,7 @@ from .layout import (
     suptitle_height, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
 )
 from .pngfile import write_png
+from .raster import MapRaster
 from .views import MAX_LINES, FigureFacts  # noqa: F401 - FigureFacts is part of this API
 
 HEAT_CMAP = "inferno"
@@ -30,7 +33,6 @@ SHARE_LABEL = "share of the words' attention"
 CURVE_LABEL = "mean attention (share of all text positions)"
 STEP_LABEL = "denoising step (left = first, noisiest)"
 DISPLAY_SIDE = 512  # images are drawn (under the maps) at most this many pixels on a side
-OVERLAY_MIN_SIDE = 384  # overlays are upsampled to at least this many pixels on a side
 # Eight colours that stay distinct (tab10 without its grey and olive)
 LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 FOOTER_HEIGHT = 0.22  # inches kept free at the bottom of a figure for its footer
@@ -131,6 +133,34 @@ def render_rgba(fig: Figure, dpi: float) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())  # (H, W, 4) view of the buffer savefig just rendered
 
 
+class Blitter:
+    """Frames of one figure of which only ``dynamic`` artists change (maps, titles, colour bars, lines).
+
+    The rest (the footer, static axes) is rendered once at ``dpi``; each :meth:`render` restores that
+    background and draws only the dynamic artists over it (Agg blitting). The pixels are those of a
+    full render as long as no static artist overlaps a dynamic one (the fixed layouts see to that).
+    """
+
+    def __init__(self, fig: Figure, dynamic: Sequence, dpi: float):
+        self.fig, self.dynamic = fig, list(dynamic)
+        fig.set_dpi(dpi)
+        shown = [a.get_visible() for a in self.dynamic]
+        for a in self.dynamic:
+            a.set_visible(False)
+        fig.canvas.draw()
+        self.background = fig.canvas.copy_from_bbox(fig.bbox)
+        for a, v in zip(self.dynamic, shown):
+            a.set_visible(v)
+
+    def render(self) -> np.ndarray:
+        """(H, W, 4) uint8: the figure as it stands now (a view of the canvas, valid until the next render)."""
+        canvas = self.fig.canvas
+        canvas.restore_region(self.background)
+        for a in self.dynamic:
+            self.fig.draw_artist(a)
+        return np.asarray(canvas.buffer_rgba())
+
+
 def save_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts: Optional[FigureFacts] = None) -> None:
     """Write ``fig`` to ``path`` (temp name, then rename); the figure is not to be used afterwards."""
     write_figure(fig, path, fmt, dpi, facts)
@@ -145,44 +175,33 @@ def display_image(image: Image.Image, max_side: int = DISPLAY_SIDE) -> np.ndarra
     return np.asarray(img)
 
 
-def upsample(heat: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(Hc, Wc) -> (height, width) by bilinear interpolation (pixel centres aligned, as align_corners=False)."""
-    img = Image.fromarray(np.ascontiguousarray(heat, dtype=np.float32), mode="F")
-    return np.asarray(img.resize((width, height), Image.BILINEAR), dtype=np.float32)
-
-
 def draw_heatmap(ax, heat: np.ndarray, *, title: Optional[str] = None, vmax: Optional[float] = None, cmap: str = HEAT_CMAP):
-    """The (Hc, Wc) map on its own grid (one square per cell); returns the image artist."""
-    im = ax.imshow(heat, cmap=cmap, vmin=0.0, vmax=_vmax(heat, vmax), interpolation="nearest")
+    """The (Hc, Wc) map on its own grid (one square per cell); returns its mappable (for a colour bar,
+    and whose ``set_clim`` rescales the picture too)."""
+    mappable = ScalarMappable(Normalize(0.0, _vmax(heat, vmax)), cmap)
+    MapRaster(ax, heat, mappable)
     _bare(ax, title)
-    return im
+    return mappable
 
 
-def overlay_rgb(image: np.ndarray, heat: np.ndarray, vmax: float, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """(h, w, 3) float: the map upsampled bilinearly to the image, coloured and blended over it (numpy, no figure)."""
-    from matplotlib import colormaps
+def draw_overlay(ax, image: np.ndarray, heat: np.ndarray, *, title: Optional[str] = None, vmax: Optional[float] = None,
+                 mappable: Optional[ScalarMappable] = None):
+    """The map upsampled smoothly to the image's box and blended over it; returns its mappable (for a
+    colour bar; ``mappable``: one to share, e.g. with the map drawn alone beside it).
 
-    h, w = image.shape[:2]
-    scale = max(1.0, OVERLAY_MIN_SIDE / max(h, w))  # small images: upsample the map finer than their pixels
-    H, W = round(h * scale), round(w * scale)
-    base = image if (H, W) == (h, w) else np.asarray(Image.fromarray(image).resize((W, H), Image.BILINEAR))
-    col = colormaps[HEAT_CMAP](np.clip(upsample(heat, H, W) / vmax, 0.0, 1.0))[..., :3]
-    return (1.0 - alpha) * (base[..., :3] / 255.0) + alpha * col
-
-
-def draw_overlay(ax, image: np.ndarray, heat: np.ndarray, *, title: Optional[str] = None, vmax: Optional[float] = None):
-    """The map upsampled smoothly to the image and drawn over it; returns a mappable for a colour bar.
-
-    The blend is computed once in numpy and drawn as one image (much faster than two layered images).
+    The image fills the axes' data box of the map's shape; both are computed at the panel's pixel
+    size when drawn (:class:`~.raster.MapRaster`).
     """
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    top = _vmax(heat, vmax)
-    h, w = image.shape[:2]
-    ax.imshow(overlay_rgb(image, heat, top), interpolation="antialiased", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    if mappable is None:
+        mappable = ScalarMappable(Normalize(0.0, _vmax(heat, vmax)), HEAT_CMAP)
+    MapRaster(ax, heat, mappable, image=image, alpha=OVERLAY_ALPHA)
     _bare(ax, title)
-    return ScalarMappable(Normalize(0.0, top), HEAT_CMAP)
+    return mappable
+
+
+def rasters(ax) -> list[MapRaster]:
+    """The maps drawn in ``ax`` by :func:`draw_heatmap` / :func:`draw_overlay`."""
+    return [a for a in ax.artists if isinstance(a, MapRaster)]
 
 
 def scale_note(percentile: float) -> str:
@@ -207,7 +226,7 @@ def heatmap_figure(
     axes = fig.subplots(1, panels, squeeze=False)[0]
     im = draw_heatmap(axes[0], heat, title="attention map", vmax=vmax)
     if image is not None:
-        draw_overlay(axes[1], image, heat, title="over the image", vmax=vmax)
+        draw_overlay(axes[1], image, heat, title="over the image", mappable=im)
     cbar = new_colorbar(fig, im, bottom=bottom, top=top, label=SHARE_LABEL + (f"\n({scale})" if scale else ""),
                         extend="max" if vmax is not None else "neither")
     band = colorbar_band(cbar)
@@ -229,7 +248,9 @@ def save_heatmap_figures(
     on_saved: Optional[Callable[[], None]] = None, facts: Optional[FigureFacts] = None,
 ) -> None:
     """:func:`heatmap_figure` of each map, saved to ``paths``: one figure, built once and updated per
-    map (its maps, colour scale and title), as building one costs about as much as drawing it.
+    map (its maps, colour scale and title), as building one costs about as much as drawing it; PNGs
+    are blitted (the footer is drawn once). The colour bar's "values above" arrow follows the first
+    map's ``vmax`` (given or None): give every map a ``vmax``, or none.
 
     Args:
         heats: (Hc, Wc) maps; ``titles``, ``paths``, ``vmaxes``: one per map, as in :func:`heatmap_figure`.
@@ -238,16 +259,18 @@ def save_heatmap_figures(
         return
     fig = heatmap_figure(heats[0], titles[0], image, vmax=vmaxes[0], scale=scale, facts=facts,
                          room_for=[_vmax(h, v) for h, v in zip(heats, vmaxes)])
-    grid = fig.axes[0].images[0]
-    over = fig.axes[1].images[0] if image is not None else None
+    maps = [r for ax in fig.axes for r in rasters(ax)]  # the map alone and over the image: one mappable
+    blit = Blitter(fig, [*fig.axes, fig._suptitle], dpi) if fmt == "png" else None  # every axes changes; the footer not
     for heat, title, vmax, path in zip(heats, titles, vmaxes, paths):
-        top = _vmax(heat, vmax)
-        grid.set_data(heat)
-        grid.set_clim(0.0, top)  # the colour bar follows its mappable
-        if over is not None:
-            over.set_data(overlay_rgb(image, heat, top))
+        for r in maps:
+            r.set_heat(heat)
+        maps[0].mappable.set_clim(0.0, _vmax(heat, vmax))  # the pictures and the colour bar follow it
         suptitle_band(fig, title)
-        write_figure(fig, path, fmt, dpi, facts)
+        if blit is not None:
+            meta = facts.png_text(title) if facts is not None else {"Title": title}
+            write_png(path, blit.render(), meta, dpi)
+        else:
+            write_figure(fig, path, fmt, dpi, facts)
         if on_saved is not None:
             on_saved()
 
@@ -410,29 +433,17 @@ def save_curves_per_block(
 def _blit_blocks(fig: Figure, curves: np.ndarray, lines: list, titles: Sequence[str], paths: Sequence[str], dpi: int,
                  on_saved: Optional[Callable[[], None]], facts: Optional[FigureFacts]) -> None:
     """PNGs of one figure whose lines and title change: the rest (axes, ticks, legend, footer) is
-    rendered once and each block only draws its lines and title over a copy (Agg blitting)."""
-    canvas = fig.canvas
-    fig.set_dpi(dpi)
+    rendered once and each block only draws its lines and title (:class:`Blitter`)."""
     suptitle_band(fig, titles[0] + "\nsame y scale for every block", 10)
     title = fig._suptitle
-    for _, _, line in lines:
-        line.set_visible(False)
-    title.set_visible(False)
-    canvas.draw()
-    background = canvas.copy_from_bbox(fig.bbox)
-    for _, _, line in lines:
-        line.set_visible(True)
-    title.set_visible(True)
+    blit = Blitter(fig, [line for _, _, line in lines] + [title], dpi)
     for b, path in enumerate(paths):
-        canvas.restore_region(background)
-        for ax, j, line in lines:
+        for _, j, line in lines:
             line.set_ydata(curves[b][:, j])
-            ax.draw_artist(line)
         title.set_text(titles[b] + "\nsame y scale for every block")
-        fig.draw_artist(title)
         meta = facts.png_text() if facts is not None else {}
         meta["Title"] = title.get_text()
-        write_png(path, np.asarray(canvas.buffer_rgba()), meta, dpi)
+        write_png(path, blit.render(), meta, dpi)
         if on_saved is not None:
             on_saved()
 
@@ -452,7 +463,8 @@ def overview_figure(
     fig = new_figure(12.0, min(60.0, 3.6 + 0.2 * max(n, 1)), layout=None, facts=facts)
     ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(block_ids), 1), max(S, 1) * 0.6]})
     vmax = float(max(stepavg.max(initial=0.0), blockavg.max(initial=0.0))) or 1.0
-    im = ax1.imshow(stepavg.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    im = ScalarMappable(Normalize(0.0, vmax), "viridis")
+    MapRaster(ax1, stepavg.T, im, aspect="auto")
     ax1.set_yticks(range(n))
     ax1.set_yticklabels(labels, fontsize=8)
     stride = max(1, math.ceil(len(block_ids) / 24))
@@ -460,7 +472,7 @@ def overview_figure(
     ax1.set_xticklabels([str(b) for b in block_ids][::stride], fontsize=7)
     ax1.set_xlabel("block (transformer_blocks.i)", fontsize=8)
     ax1.set_title("averaged over steps", fontsize=9)
-    ax2.imshow(blockavg.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    MapRaster(ax2, blockavg.T, im, aspect="auto")
     ax2.set_yticks(range(n))
     ax2.set_yticklabels([])
     step_axis(ax2, timesteps, max_ticks=6, S=S)
@@ -491,13 +503,12 @@ def word_grid_figure(
     # limits and ticks, labelled on the outer panels only
     axes = fig.subplots(rows, cols, squeeze=False)
     fixed_layout(fig, top=0.6, bottom=0.5 + footer_band(facts), left=0.55, right=1.0, wspace=0.12, hspace=0.3)  # the colour bar's ticks and label
-    vmax = float(grids.max(initial=0.0)) or 1.0
-    im = None
+    im = ScalarMappable(Normalize(0.0, float(grids.max(initial=0.0)) or 1.0), "viridis")
     for k, ax in enumerate(axes.ravel()):
         if k >= m:
             ax.set_axis_off()
             continue
-        im = ax.imshow(grids[k], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        MapRaster(ax, grids[k], im, aspect="auto")
         ax.set_title(labels[k], fontsize=9)
         stride = max(1, math.ceil(Bk / 6))
         ax.set_yticks(range(0, Bk, stride))
@@ -512,7 +523,7 @@ def word_grid_figure(
             ax.set_yticklabels([])
         if lowest:
             ax.set_xlabel("step (0 = noisiest)", fontsize=8)
-    if im is not None:
+    if m:
         cbar = fig.colorbar(im, ax=list(axes.ravel()), fraction=0.03, pad=0.01)
         cbar.set_label(CURVE_LABEL + "\n(one scale for every panel)", fontsize=8)
     fig.suptitle(title)
@@ -598,7 +609,7 @@ def clip_vs_t5_figure(
         map_axes += [ax_a, ax_b]
         im = draw_heatmap(ax_a, a, vmax=vmax)
         draw_heatmap(ax_b, b, vmax=vmax)
-        ax_a.set_ylabel(name, fontsize=9)
+        row_label(ax_a, name)
         if r == 0:
             ax_a.set_title("CLIP", fontsize=9)
             ax_b.set_title("T5", fontsize=9)
@@ -688,7 +699,7 @@ def strip_figure(
         im = None
         for c in range(K):
             im = draw_heatmap(axes[r, c], maps[r, c], vmax=vmax, title=frame_labels[c] if r == 0 else None)
-        axes[r, 0].set_ylabel(labels[r], fontsize=9)
+        row_label(axes[r, 0], labels[r])
         cbar = fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01)
         cbar.ax.tick_params(labelsize=6)
     fig.suptitle(title)
@@ -723,7 +734,7 @@ def spread_figure(
             ax = fig.add_axes((x / W, 1.0 - (top + r * (side + vgap) + side) / H, side / W, side / H))
             images[c] = draw_heatmap(ax, data[r], vmax=vmax, title=name if r == 0 else None, cmap=cmap)
             if c == 0:
-                ax.set_ylabel(labels[r], fontsize=9)
+                row_label(ax, labels[r])
             columns[c].append(ax)
         x += side
         if images[c] is not None:
@@ -741,10 +752,19 @@ def _vmax(heat: np.ndarray, vmax: Optional[float]) -> float:
 
 
 def _bare(ax, title: Optional[str]) -> None:
+    """No ticks: both axes hidden (drawing an axis costs even without ticks), the frame and title stay."""
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.xaxis.set_visible(False)
+    ax.yaxis.set_visible(False)
     if title:
         ax.set_title(title, fontsize=9)
+
+
+def row_label(ax, text: str, fontsize: float = 9) -> None:
+    """``text`` as the y label of a panel made bare by :func:`_bare` (a row's name)."""
+    ax.yaxis.set_visible(True)
+    ax.set_ylabel(text, fontsize=fontsize)
 
 
 BAR_WIDTH = 12  # px of the colour bar beside a slider frame
