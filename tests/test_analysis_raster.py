@@ -1,4 +1,5 @@
-"""Maps drawn as exact-size rasters (analysis/raster.py) and figures redrawn by blitting.
+"""The analysis's fast drawing paths: maps drawn as exact-size rasters (analysis/raster.py), figures
+redrawn by blitting, and bands drawn as polygon collections.
 
 The rasters are checked pixel by pixel against independent computations: matplotlib's own colour
 map call for each cell, and an explicit float64 bilinear interpolation and blend for overlays, and
@@ -170,3 +171,29 @@ def test_blitted_block_curves_equal_full_renders(tmp_path):
         fig = plots.curves_figure(curves[b], labels, ts, titles[b], ymax=ymax, scale_text="same y scale for every block", facts=FACTS)
         with Image.open(paths[b]) as img:
             np.testing.assert_array_equal(np.asarray(img), plots.render_rgba(fig, 50))
+
+
+def test_bands_draw_what_fill_between_draws():
+    """draw_bands (polygon collections) against one fill_between per band, overlapping bands included."""
+    rng = np.random.default_rng(6)
+    x = np.arange(40)
+    mean = np.cumsum(rng.uniform(size=(40, 3)), axis=0)
+    std = rng.uniform(0, 2, size=(40, 3))
+
+    def render(draw):
+        fig = Figure(figsize=(4, 3))
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
+        draw(ax)
+        ax.set_xlim(-0.5, 39.5)
+        ax.set_ylim(0, 30)
+        return plots.render_rgba(fig, 100).astype(int)
+
+    def reference(ax):
+        for j in range(3):
+            ax.fill_between(x, mean[:, j] - std[:, j], mean[:, j] + std[:, j], color=plots.LINE_COLOURS[j], alpha=0.2, lw=0)
+
+    want = render(reference)
+    got = render(lambda ax: plots.draw_bands(ax, x, mean - std, mean + std))
+    assert (want != 255).any(axis=-1).mean() > 0.05  # the bands are there
+    assert np.abs(got - want).max() <= 3

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .layout import EDGE, fixed_layout, fontsize_of, legend_height, suptitle_band, suptitle_height, x_axis_band, y_axis_band
-from .plots import CURVE_LABEL, LINE_COLOURS, footer_band, new_figure
+from .plots import CURVE_LABEL, LINE_COLOURS, draw_bands, footer_band, new_figure
 from .views import MAX_LINES, FigureFacts
 
 BLOCK_COLUMNS = 6  # panels per row of the per-block figure
@@ -50,8 +50,7 @@ def blocks_bands_figure(
             colour = LINE_COLOURS[j % len(LINE_COLOURS)]
             (line,) = ax.plot(x, curves_mean[k, :, j], "-", color=colour, lw=1.6, marker="o" if S < 3 else None, ms=3)
             lines.append(line)
-            ax.fill_between(x, curves_mean[k, :, j] - curves_std[k, :, j], curves_mean[k, :, j] + curves_std[k, :, j],
-                            color=colour, alpha=0.2, lw=0)
+        draw_bands(ax, x, curves_mean[k] - curves_std[k], curves_mean[k] + curves_std[k])
         ax.set_title(f"block {block_ids[k]}", fontsize=8)
         ax.set_xlim(-0.5, S - 0.5)
         ax.set_ylim(0.0, ymax)
