@@ -336,6 +336,43 @@ def test_several_runs(tmp_path):
     check_report(out / "0000-x" / "index.html")
 
 
+def test_workers_start_before_planning_and_write_the_same_files(tmp_path):
+    """Several runs: early_pool starts the worker processes before the runs are planned (none for one
+    run, --tables-only or a missing root), and an analysis through them writes the same files, with
+    the same tables, as one that starts its own."""
+    from attention_map_diffusers.analysis import write as writer
+    from attention_map_diffusers.analysis.cli import build_parser, options_from_args
+    from attention_map_diffusers.analysis.plan import make_plan
+
+    root = tmp_path / "runs"
+    for k in range(3):
+        layout = make_layout([BICYCLE if k % 2 == 0 else "A furry cat"], t5_len=16)
+        write_dump(root / f"000{k}-x", layout, random_arrays(layout, 2, 3, (4, 4), seed=k))
+    write_runs(root, [{"run": k, "folder": f"000{k}-x", "prompt": [BICYCLE if k % 2 == 0 else "A furry cat"], "seed": k,
+                       "status": "done"} for k in range(3)])
+
+    def options(*extra, out="a"):
+        return options_from_args(build_parser().parse_args(["--root", str(root), "--out", str(tmp_path / out), *extra]))
+
+    assert writer.early_pool(options("--tables-only")) is None
+    assert writer.early_pool(options_from_args(build_parser().parse_args(["--root", str(root / "0000-x")]))) is None
+    assert writer.early_pool(options_from_args(build_parser().parse_args(["--root", str(tmp_path / "none")]))) is None
+    if writer._cpus() < 2:
+        pytest.skip("one CPU: the runs are written in this process")
+    pool = writer.early_pool(options("--dpi", "40"))
+    assert pool is not None
+    with pool:
+        assert writer.write_plan(make_plan(options("--dpi", "40")), pool) > 0
+    assert writer.write_plan(make_plan(options("--dpi", "40", out="b"))) > 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    assert any(f.startswith("aggregate/") for f in files)
+    for f in files:
+        if f.endswith(".csv"):
+            assert (a / f).read_text() == (b / f).read_text(), f
+
+
 def test_blocks_selection(bicycle):
     folder, layout = bicycle
     assert run("--root", folder, "--tables-only", "--blocks", "0,2") == 0

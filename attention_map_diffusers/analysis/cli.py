@@ -12,6 +12,7 @@ numpy, matplotlib, Pillow and the standard library are used (transformers only t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Optional
@@ -110,14 +111,25 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .plan import make_plan
-    from .write import write_plan
-
     args, code = parse(build_parser(), argv)
     if args is None:
         return code
     try:
         options = options_from_args(args)
+    except UserError as exc:
+        return fail(PROG, str(exc))
+    from .write import early_pool
+
+    pool = early_pool(options)  # several runs: the workers start while the runs are planned
+    with pool if pool is not None else contextlib.nullcontext():
+        return _analyse(options, pool)
+
+
+def _analyse(options, pool) -> int:
+    from .plan import make_plan
+    from .write import write_plan
+
+    try:
         plan = make_plan(options)
     except UserError as exc:
         return fail(PROG, str(exc))
@@ -131,7 +143,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for entry in plan.failed:
         fail(PROG, entry.problem)
     try:
-        n = write_plan(plan)
+        n = write_plan(plan, pool)
     except UserError as exc:  # a single run changed on disk after it was validated
         return fail(PROG, str(exc))
     except OSError as exc:

@@ -190,6 +190,12 @@ def _word_texts(run: RunPlan, options: AnalysisOptions) -> set[str]:
     return texts | set(options.phrases)
 
 
+def folders(options: AnalysisOptions) -> tuple[str, str]:
+    """The absolute ``--root`` and output folder (``--out``, by default ``ROOT/analysis``)."""
+    root = os.path.abspath(options.root)
+    return root, os.path.abspath(options.out) if options.out else os.path.join(root, "analysis")
+
+
 def make_plan(options: AnalysisOptions) -> Plan:
     """Validate every input and compute what will be written; nothing is written.
 
@@ -198,10 +204,9 @@ def make_plan(options: AnalysisOptions) -> Plan:
     """
     from .write import count_files
 
-    root = os.path.abspath(options.root)
+    root, out = folders(options)
     if not os.path.isdir(root):
         raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with runs.jsonl")
-    out = os.path.abspath(options.out) if options.out else os.path.join(root, "analysis")
     outdir.check_out(out)
 
     cache: dict = {}

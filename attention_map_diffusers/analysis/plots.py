@@ -264,7 +264,7 @@ def save_heatmap_figures(
     for heat, title, vmax, path in zip(heats, titles, vmaxes, paths):
         for r in maps:
             r.set_heat(heat)
-        maps[0].mappable.set_clim(0.0, _vmax(heat, vmax))  # the pictures and the colour bar follow it
+        maps[0].mappable.norm.vmax = _vmax(heat, vmax)  # the pictures and the colour bar follow it (one update, not set_clim's two)
         suptitle_band(fig, title)
         if blit is not None:
             meta = facts.png_text(title) if facts is not None else {"Title": title}

@@ -406,16 +406,18 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
 
 
 def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOptions, pool=None,
-                 fonts: Optional[FontChoice] = None) -> list[GroupPage]:
+                 fonts: Optional[FontChoice] = None, pending: Optional[list] = None) -> list[GroupPage]:
     """Aggregate runs that share a prompt (two or more) into ``aggregate/<NNN-slug>/{enc}/``; returns their pages.
 
     The numbers and tables are computed here; each group's figures are drawn in ``pool`` (a process
-    pool, with ``fonts``) when one is given, else here.
+    pool, with ``fonts``) when one is given, else here. ``pending``: a list that gets the pool's
+    futures, for the caller to wait on (then this returns while the figures are being drawn).
     """
+    waited = pending is None
+    pending = [] if pending is None else pending
     groups = group_runs(summaries)
     prompts = list(dict.fromkeys(g[0].prompt for g in groups))
     pages: list[GroupPage] = []
-    pending = []
     for members in groups:
         res = aggregate(members)
         k = prompts.index(res.prompt)
@@ -435,8 +437,9 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
             else:
                 pending.append(pool.submit(_group_figures_with_fonts, fonts, paths, res, facts, options))
         pages.append(page)
-    for fut in pending:
-        fut.result()  # a worker's error is raised here
+    if waited:
+        for fut in pending:
+            fut.result()  # a worker's error is raised here
     return pages
 
 
@@ -474,11 +477,12 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     plots.save_figure(fig, heatmaps_path, fmt, options.dpi, facts)
 
 
-def write_plan(plan: Plan) -> int:
+def write_plan(plan: Plan, pool=None) -> int:
     """Write everything into a temporary sibling of the output folder, then put it in place.
 
     With several runs, a run that fails now (changed on disk since it was planned) gets its entry's
-    ``problem`` set and the others are written.
+    ``problem`` set and the others are written. ``pool``: worker processes already started (by
+    :func:`early_pool`; the caller shuts them down), used when the plan calls for several.
 
     Returns:
         the number of files written.
@@ -488,7 +492,10 @@ def write_plan(plan: Plan) -> int:
     try:
         jobs = _jobs(plan)
         with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(_pool(jobs)) if jobs > 1 else None
+            if jobs < 2:
+                pool = None
+            elif pool is None:
+                pool = stack.enter_context(_pool(jobs))
             stack.enter_context(use_fonts(plan.fonts))
             outcomes = _write_runs(plan, tmp, pool)
             if plan.multi:
@@ -505,6 +512,36 @@ def _pool(jobs: int):
     from concurrent.futures import ProcessPoolExecutor
 
     return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+def early_pool(options: AnalysisOptions):
+    """Worker processes for an analysis of several runs, started before the runs are planned: each
+    imports matplotlib and loads its fonts (~1 s) while this process reads and checks the runs.
+    None when the runs will be written here (one run, --tables-only, --t5-tokenizer, one CPU)."""
+    if options.tables_only or options.t5_tokenizer or _cpus() < 2:
+        return None
+    from .discover import discover
+    from .plan import folders
+
+    root, out = folders(options)
+    try:
+        entries, _ = discover(root, out) if os.path.isdir(root) else (None, [])
+    except (UserError, OSError):
+        return None  # make_plan reports it
+    jobs = min(MAX_JOBS, _cpus(), sum(1 for e in entries or [] if e.to_analyse))
+    if jobs < 2:
+        return None
+    pool = _pool(jobs)
+    for _ in range(jobs):
+        pool.submit(_warm_up)
+    return pool
+
+
+def _warm_up() -> None:
+    """A worker's imports and font cache, before its first run."""
+    from . import plots  # matplotlib, Pillow, numpy
+
+    plots.text_width(["warm"], 8)  # the font cache
 
 
 def _write_runs(plan: Plan, tmp: str, pool) -> dict[str, RunOutcome]:
@@ -543,7 +580,11 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
         if outcome is not None:
             summaries.extend(outcome.summaries)
             outcome.summaries = []
-    groups = write_groups(tmp, summaries, options, pool, plan.fonts)
+    drawing: list = []  # the groups' figures, drawn in the pool while this process draws the cross-prompt ones
+    groups = write_groups(tmp, summaries, options, pool, plan.fonts, drawing)
+    cross = [] if options.tables_only else write_cross_prompt(tmp, groups, summaries, options)
+    for fut in drawing:
+        fut.result()  # a worker's error is raised here
     by_rel: dict[str, list] = {}
     for g in groups:
         by_rel.setdefault(g.rel, []).append(g)
@@ -573,7 +614,6 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
     for row in rows:
         first.setdefault(" | ".join(row.get("prompt") or []), len(first))
     rows.sort(key=lambda row: first[" | ".join(row.get("prompt") or [])])
-    cross = [] if options.tables_only else write_cross_prompt(tmp, groups, summaries, options)
     write_text(os.path.join(tmp, "index.html"), index_page(
         f"Attention analysis: {os.path.basename(plan.root)}", rows, groups, cross, options.fmt))
 
