@@ -128,6 +128,16 @@ def test_overlay_keeps_the_images_aspect_and_orientation():
     assert quarter(0, 0) > 300 and quarter(3, 7) < 60
 
 
+def test_non_finite_values_draw_as_the_scales_ends():
+    heat = np.array([[np.nan, 0.5], [np.inf, -np.inf]], np.float32)
+    pix, (top, left, h, w) = _panel(lambda ax: plots.draw_heatmap(ax, heat, vmax=1.0), rect=(0.25, 0.25, 0.5, 0.5))
+    lut = np.asarray(colormaps[plots.HEAT_CMAP](np.array([0.0, 1.0]), bytes=True))[:, :3]
+    q = h // 4
+    assert np.array_equal(pix[top + q, left + q], lut[0])  # NaN
+    assert np.array_equal(pix[top + 3 * q, left + q], lut[1])  # +inf saturates
+    assert np.array_equal(pix[top + 3 * q, left + 3 * q], lut[0])  # -inf
+
+
 def test_rasters_draw_in_vector_formats():
     heat = np.random.default_rng(3).uniform(size=(8, 8))
     image = np.full((32, 32, 3), 200, np.uint8)

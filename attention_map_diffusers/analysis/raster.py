@@ -33,8 +33,10 @@ def colour_table(mappable: ScalarMappable) -> np.ndarray:
 
 
 def colour_indices(values: np.ndarray, vmax: float, n: int) -> np.ndarray:
-    """Indices into an ``n``-colour table of ``values`` on a 0..``vmax`` scale (above saturates, below is 0)."""
+    """Indices into an ``n``-colour table of ``values`` on a 0..``vmax`` scale (above saturates, below
+    and NaN are 0: validated dumps have no NaN, but a NaN must not index outside the table)."""
     scaled = np.multiply(values, np.float32(n / vmax), dtype=np.float32)
+    np.nan_to_num(scaled, copy=False, nan=0.0)
     return np.clip(scaled, 0, n - 1).astype(np.intp)
 
 
