@@ -14,7 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from attention_map_diffusers.analysis import group_plots, plots  # noqa: E402
+from attention_map_diffusers.analysis import figure, group_plots, plots  # noqa: E402
 from attention_map_diffusers.analysis.layout import text_width  # noqa: E402
 from attention_map_diffusers.analysis.views import FigureFacts  # noqa: E402
 
@@ -127,7 +127,7 @@ def test_texts_stay_on_the_canvas_and_off_each_other(name):
 
 
 def test_footer_fits_narrow_figures_by_cutting_the_prompt():
-    fig = plots.new_figure(4.0, 2.0, layout=None, facts=FACTS)
+    fig = figure.new_figure(4.0, 2.0, layout=None, facts=FACTS)
     footer = [t for t in fig.texts if t.get_gid() == "footer"]
     assert len(footer) == 1
     text = footer[0].get_text()
@@ -142,7 +142,7 @@ def test_footer_fits_narrow_figures_by_cutting_the_prompt():
     multi = FigureFacts(model="m", seed=1, prompt="a red circle\nnext to\t a blue square", random_weights=False)
     assert multi.footer() == "model m | seed 1 | \u201ca red circle next to a blue square\u201d"
     # a figure of ordinary width keeps as much of the prompt as fits, on one line
-    wide = plots.new_figure(8.0, 2.0, layout=None, facts=FACTS)
+    wide = figure.new_figure(8.0, 2.0, layout=None, facts=FACTS)
     text = [t for t in wide.texts if t.get_gid() == "footer"][0].get_text()
     assert "\n" not in text and "\u201cA rusty bicycle" in text and text.endswith("...\u201d")
 
@@ -164,4 +164,4 @@ def test_dollar_signs_in_a_prompt_are_drawn_as_text(tmp_path):
         assert im.text["Prompt"] == prompt
     with pytest.raises(ValueError):  # what the analysis would meet without its own text settings
         fig = plots.overview_figure(np.ones((2, 1)), np.ones((3, 1)), ["$x_{"], [0, 1], None, "a $x_{ b$")
-        plots.render_rgba(fig, 30)
+        figure.render_rgba(fig, 30)

@@ -23,7 +23,7 @@ from matplotlib import colormaps  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from attention_map_diffusers.analysis import plots  # noqa: E402
+from attention_map_diffusers.analysis import figure, plots  # noqa: E402
 from attention_map_diffusers.analysis.views import FigureFacts  # noqa: E402
 
 FACTS = FigureFacts(model="m", seed=3, prompt="a red circle next to a blue square", random_weights=True)
@@ -35,7 +35,7 @@ def _panel(draw, dpi=100, size=(4.0, 4.0), rect=(0.1, 0.1, 0.8, 0.8)):
     FigureCanvasAgg(fig)
     ax = fig.add_axes(rect)
     draw(ax)
-    rgba = plots.render_rgba(fig, dpi)
+    rgba = figure.render_rgba(fig, dpi)
     box = ax.get_window_extent()  # display pixels, y from the bottom
     H = rgba.shape[0]
     top, left = H - box.y1, box.x0
@@ -161,7 +161,7 @@ def test_blitted_heatmaps_equal_full_renders(tmp_path, with_image, vmaxes):
     room = [plots._vmax(h, v) for h, v in zip(heats, vmaxes)]
     for heat, title, vmax, path in zip(heats, titles, vmaxes, paths):
         fig = plots.heatmap_figure(heat, title, image, vmax=vmax, scale="colour scale: x", facts=FACTS, room_for=room)
-        want = plots.render_rgba(fig, 60)
+        want = figure.render_rgba(fig, 60)
         with Image.open(path) as img:
             got = np.asarray(img)
             assert img.text["Title"] == title
@@ -180,7 +180,7 @@ def test_blitted_block_curves_equal_full_renders(tmp_path):
     for b in range(3):
         fig = plots.curves_figure(curves[b], labels, ts, titles[b], ymax=ymax, scale_text="same y scale for every block", facts=FACTS)
         with Image.open(paths[b]) as img:
-            np.testing.assert_array_equal(np.asarray(img), plots.render_rgba(fig, 50))
+            np.testing.assert_array_equal(np.asarray(img), figure.render_rgba(fig, 50))
 
 
 def test_bands_draw_what_fill_between_draws():
@@ -197,7 +197,7 @@ def test_bands_draw_what_fill_between_draws():
         draw(ax)
         ax.set_xlim(-0.5, 39.5)
         ax.set_ylim(0, 30)
-        return plots.render_rgba(fig, 100).astype(int)
+        return figure.render_rgba(fig, 100).astype(int)
 
     def reference(ax):
         for j in range(3):

@@ -10,7 +10,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .layout import EDGE, fixed_layout, fontsize_of, legend_height, suptitle_band, suptitle_height, x_axis_band, y_axis_band
-from .plots import CURVE_LABEL, LINE_COLOURS, draw_bands, footer_band, new_figure
+from .figure import footer_band, new_figure
+from .plots import CURVE_LABEL, LINE_COLOURS, draw_bands
 from .views import MAX_LINES, FigureFacts
 
 BLOCK_COLUMNS = 6  # panels per row of the per-block figure

@@ -1,24 +1,23 @@
 """Figures of the analysis, with matplotlib's object API on the Agg canvas.
 
-Functions draw on an ``ax`` they are given or return a new :class:`~matplotlib.figure.Figure`.
-Figures are made with ``Figure()`` + ``FigureCanvasAgg``, never through ``pyplot``, so no global
-figure registry holds them; :func:`save_figure` writes atomically.
+Functions draw on an ``ax`` they are given or return a new :class:`~matplotlib.figure.Figure`
+(made by :func:`.figure.new_figure`, never through ``pyplot``, so no global figure registry holds
+them; :func:`.figure.save_figure` writes them atomically). Maps are drawn by :mod:`.raster`.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
 from ..atomic import atomic_path
+from .figure import Blitter, footer_band, new_figure, set_width, write_figure
 from .layout import (
     EDGE, LABEL_PAD, TICK_BAND, colorbar_band, fixed_layout, fontsize_of, legend_width, new_colorbar, place_colorbar,
     suptitle_band, suptitle_height, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
@@ -35,135 +34,7 @@ STEP_LABEL = "denoising step (left = first, noisiest)"
 DISPLAY_SIDE = 512  # images are drawn (under the maps) at most this many pixels on a side
 # Eight colours that stay distinct (tab10 without its grey and olive)
 LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-FOOTER_HEIGHT = 0.22  # inches kept free at the bottom of a figure for its footer
 CBAR_GAP, CBAR_WIDTH = 0.12, 0.16  # inches between panels and their colour bar, and its width
-
-
-def new_figure(width: float, height: float, layout: Optional[str] = "constrained", facts: Optional[FigureFacts] = None) -> Figure:
-    """A figure of ``width`` x ``height`` inches on its own Agg canvas (no pyplot), with the run's footer.
-
-    With ``facts``, the footer takes a strip of :data:`FOOTER_HEIGHT` inches at the bottom, kept free
-    by the constrained layout.
-    """
-    fig = Figure(figsize=(width, height + (FOOTER_HEIGHT if facts else 0.0)), layout=layout)
-    FigureCanvasAgg(fig)
-    if facts is not None:
-        add_footer(fig, facts)
-    return fig
-
-
-def footer_band(facts: Optional[FigureFacts]) -> float:
-    """Inches the footer takes at the bottom of a figure (none without facts)."""
-    return FOOTER_HEIGHT if facts is not None else 0.0
-
-
-def add_footer(fig: Figure, facts: FigureFacts) -> None:
-    """The run's facts in small type at the bottom (red when the weights are random); PNG text chunks too.
-
-    Fitted to the figure's width: the prompt is cut shorter, the type made smaller (down to 5 pt),
-    the prompt left out, and failing all that the line is broken in two.
-    """
-    weight = "bold" if facts.random_weights else "normal"
-    room = 0.95 * fig.get_figwidth() - 0.05  # glyphs drawn at low dpi come out a few per cent wider than measured
-    # the first that fits: the prompt cut shorter and shorter, then in smaller type, then without the prompt
-    tries = [(p, 6.5) for p in range(110, 29, -10)] + [(p, 5.5) for p in (50, 40, 30)] + [(0, 6.5), (0, 5.5), (0, 5.0)]
-    for cut, size in tries:
-        text = facts.footer(max_prompt=cut)
-        if text_width([text], size, weight) <= room:
-            break
-    else:  # still too wide: two lines, split at the separator nearest the middle
-        cuts = [i for i in range(len(text)) if text.startswith(" | ", i)]
-        if cuts:
-            mid = min(cuts, key=lambda i: abs(i - len(text) / 2))
-            text = text[:mid] + "\n" + text[mid + 3 :]
-    frac = FOOTER_HEIGHT / fig.get_figheight()
-    for old in [t for t in fig.texts if t.get_gid() == "footer"]:
-        old.remove()
-    if text:
-        fig.text(0.005, 0.25 * frac, text, fontsize=size, ha="left", va="bottom", gid="footer",
-                 color="#b00000" if facts.random_weights else "#555555", fontweight=weight)
-    engine = fig.get_layout_engine()
-    if engine is not None and hasattr(engine, "set"):
-        try:
-            engine.set(rect=(0.0, frac, 1.0, 1.0 - frac))
-        except TypeError:  # tight layout: no rect parameter in set()
-            pass
-
-
-def set_width(fig: Figure, width: float, facts: Optional[FigureFacts]) -> None:
-    """Make ``fig`` ``width`` inches wide, its footer fitted again; the axes keep their places and sizes in inches."""
-    ratio = fig.get_figwidth() / width
-    for ax in fig.axes:
-        pos = ax.get_position(original=True)
-        ax.set_position((pos.x0 * ratio, pos.y0, pos.width * ratio, pos.height))
-    fig.set_figwidth(width)
-    if facts is not None:
-        add_footer(fig, facts)
-
-
-def _suptitle(fig: Figure) -> str:
-    """The figure's suptitle text ("" when none); Figure.get_suptitle is matplotlib >= 3.8 only."""
-    text = getattr(fig, "_suptitle", None)
-    return text.get_text() if text is not None else ""
-
-
-def write_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts: Optional[FigureFacts] = None) -> None:
-    """Write ``fig`` to ``path`` (temp name, then rename); the figure stays usable.
-
-    PNGs carry the figure's title and, with ``facts``, the run's facts in their text chunks.
-    """
-    if fmt != "png":
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=dpi)
-        return
-    meta = facts.png_text() if facts is not None else {}
-    title = _suptitle(fig)
-    if title:
-        meta["Title"] = title
-    write_png(path, render_rgba(fig, dpi), meta, dpi)
-
-
-def render_rgba(fig: Figure, dpi: float) -> np.ndarray:
-    """(H, W, 4) uint8: the pixels ``fig.savefig(..., dpi=dpi)`` would write to a PNG.
-
-    Rendered by savefig itself (raw RGBA), so that the picture is exactly the one savefig draws;
-    the PNG is then written by :func:`~.pngfile.write_png`, ~2x faster than Pillow's encoder.
-    """
-    fig.savefig(io.BytesIO(), format="rgba", dpi=dpi)  # the raw bytes are a copy of the canvas's buffer
-    return np.asarray(fig.canvas.buffer_rgba())  # (H, W, 4) view of the buffer savefig just rendered
-
-
-class Blitter:
-    """Frames of one figure of which only ``dynamic`` artists change (maps, titles, colour bars, lines).
-
-    The rest (the footer, static axes) is rendered once at ``dpi``; each :meth:`render` restores that
-    background and draws only the dynamic artists over it (Agg blitting). The pixels are those of a
-    full render as long as no static artist overlaps a dynamic one (the fixed layouts see to that).
-    """
-
-    def __init__(self, fig: Figure, dynamic: Sequence, dpi: float):
-        self.fig, self.dynamic = fig, list(dynamic)
-        fig.set_dpi(dpi)
-        shown = [a.get_visible() for a in self.dynamic]
-        for a in self.dynamic:
-            a.set_visible(False)
-        fig.canvas.draw()
-        self.background = fig.canvas.copy_from_bbox(fig.bbox)
-        for a, v in zip(self.dynamic, shown):
-            a.set_visible(v)
-
-    def render(self) -> np.ndarray:
-        """(H, W, 4) uint8: the figure as it stands now (a view of the canvas, valid until the next render)."""
-        canvas = self.fig.canvas
-        canvas.restore_region(self.background)
-        for a in self.dynamic:
-            self.fig.draw_artist(a)
-        return np.asarray(canvas.buffer_rgba())
-
-
-def save_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts: Optional[FigureFacts] = None) -> None:
-    """Write ``fig`` to ``path`` (temp name, then rename); the figure is not to be used afterwards."""
-    write_figure(fig, path, fmt, dpi, facts)
 
 
 def display_image(image: Image.Image, max_side: int = DISPLAY_SIDE) -> np.ndarray:

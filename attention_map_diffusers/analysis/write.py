@@ -138,6 +138,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     if not len(files):
         return page
     from . import plots
+    from .figure import save_figure
 
     fmt, dpi, facts, pct = options.fmt, options.dpi, ctx.facts, options.vmax_percentile
     title = ENCODER_TITLES[res.encoder]
@@ -151,7 +152,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     page.scale = scale
 
     def save(fig, name):
-        plots.save_figure(fig, os.path.join(folder, name), fmt, dpi, facts)
+        save_figure(fig, os.path.join(folder, name), fmt, dpi, facts)
         tick()
 
     # only the folders that get files: an empty one would not be in the output's manifest
@@ -260,6 +261,7 @@ def _pair(per_item: Sequence[EncoderResult], options: AnalysisOptions):
 def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions) -> str:
     """``clip_vs_t5.{fmt}`` of one item; returns its path relative to the page."""
     from . import plots
+    from .figure import save_figure
 
     c, t = pair
     common = common_words(c.words, t.words)
@@ -272,7 +274,7 @@ def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions)
         pairs, [labels[j] for j in top], np.array([c.mass[i] for i, _ in common]), np.array([t.mass[k] for _, k in common]),
         [labels[i] for i, _ in common], "CLIP vs T5: heatmaps of the top CLIP words (one scale) and every word's mass", facts=facts,
     )
-    plots.save_figure(fig, os.path.join(dest, name), options.fmt, options.dpi, facts)
+    save_figure(fig, os.path.join(dest, name), options.fmt, options.dpi, facts)
     return f"{rel}/{name}" if rel else name
 
 
@@ -379,8 +381,9 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
                        options: AnalysisOptions) -> list[str]:
     """Per encoder, a figure of the words that two or more prompts' groups share (their mass in each
     prompt), ``aggregate/words_across_prompts_{enc}``; returns the paths relative to ``tmp``."""
-    from . import group_plots, plots
+    from . import group_plots
     from .aggregate_runs import words_across_prompts
+    from .figure import save_figure
 
     written = []
     for enc in ("clip", "t5"):
@@ -400,7 +403,7 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
         fig = group_plots.cross_prompt_figure(rows, f"{ENCODER_TITLES[enc]}: words in several prompts", facts=facts)
         rel = f"aggregate/words_across_prompts_{enc}.{options.fmt}"
         os.makedirs(os.path.join(tmp, "aggregate"), exist_ok=True)
-        plots.save_figure(fig, os.path.join(tmp, rel), options.fmt, options.dpi, facts)
+        save_figure(fig, os.path.join(tmp, rel), options.fmt, options.dpi, facts)
         written.append(rel)
     return written
 
@@ -455,6 +458,7 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     """A group's figures (:data:`GROUP_FIGURES`) into ``paths``: block-averaged curves with bands,
     curves per block with bands, and the mean heatmaps with their spread."""
     from . import group_plots, plots
+    from .figure import save_figure
 
     labels = word_labels(res.words)
     order = [int(j) for j in np.argsort(-res.mass_mean, kind="stable")[: options.topk]]
@@ -466,15 +470,15 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
                               f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
                               spread=res.blockavg_std[:, top8], facts=facts)
-    plots.save_figure(fig, curves_path, fmt, options.dpi, facts)
+    save_figure(fig, curves_path, fmt, options.dpi, facts)
     fig = group_plots.blocks_bands_figure(
         res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
         f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts)
-    plots.save_figure(fig, blocks_path, fmt, options.dpi, facts)
+    save_figure(fig, blocks_path, fmt, options.dpi, facts)
     fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
                               [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
                               f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts)
-    plots.save_figure(fig, heatmaps_path, fmt, options.dpi, facts)
+    save_figure(fig, heatmaps_path, fmt, options.dpi, facts)
 
 
 def write_plan(plan: Plan, pool=None) -> int:

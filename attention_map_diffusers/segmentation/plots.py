@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..analysis.plots import HEAT_CMAP, LINE_COLOURS, new_figure
+from ..analysis.figure import new_figure
+from ..analysis.plots import HEAT_CMAP, LINE_COLOURS
 from .tables import SummaryRow
 
 BASELINE_COLOUR = "#9e9e9e"

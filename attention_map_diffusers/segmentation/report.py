@@ -20,7 +20,7 @@ from .write import safe_name, write_all
 def build_outputs(ev: Evaluation, tmp: str) -> str:
     """Write every output file into ``tmp``; returns the table (and skip counts) to print."""
     from ..analysis.fonts import use_fonts
-    from ..analysis.plots import save_figure
+    from ..analysis.figure import save_figure
 
     o = ev.options
     rows = summarise(ev.scores, o.methods, ev.encoders, o.selection)
