@@ -68,6 +68,9 @@ def _figures():
         "heatmap": lambda: plots.heatmap_figure(heat, TITLE, image, vmax=0.003, scale="colour scale: 0 to the 99th percentile",
                                                 facts=FACTS),
         "summary": lambda: plots.summary_figure(image, [heat] * 5, _labels(5), title=TITLE, vmaxes=[0.003] * 5, facts=FACTS),
+        "summary, wide image beside the maps": lambda: plots.summary_figure(
+            np.zeros((32, 96, 3), np.uint8), [heat[:3, :]] * 6, _labels(6), overlay=False, title=TITLE, facts=FACTS),
+        "summary, one tall map, no title": lambda: plots.summary_figure(None, [rng.uniform(size=(12, 4))], [LONG], facts=FACTS),
         "word grids": lambda: plots.word_grid_figure(rng.uniform(size=(5, Bk, S)), _labels(5), list(range(Bk)), ts, TITLE,
                                                      facts=FACTS),
         "strip": lambda: plots.strip_figure(rng.uniform(size=(3, 6, g, g)), _labels(3), [f"step {i}" for i in range(6)], TITLE,

@@ -40,6 +40,15 @@ def footer_band(facts: Optional[FigureFacts]) -> float:
     return FOOTER_HEIGHT if facts is not None else 0.0
 
 
+def footer_width(facts: Optional[FigureFacts]) -> float:
+    """The narrowest figure (inches) whose footer still fits on one line (:func:`add_footer`'s
+    smallest try: no prompt, 5 pt); 0 without facts."""
+    if facts is None:
+        return 0.0
+    weight = "bold" if facts.random_weights else "normal"
+    return (text_width([facts.footer(max_prompt=0)], 5.0, weight) + 0.05) / 0.95
+
+
 def add_footer(fig: Figure, facts: FigureFacts) -> None:
     """The run's facts in small type at the bottom (red when the weights are random); PNG text chunks too.
 

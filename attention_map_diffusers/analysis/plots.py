@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..atomic import atomic_path
-from .figure import Blitter, footer_band, new_figure, set_width, write_figure
+from .figure import Blitter, footer_band, footer_width, new_figure, set_width, write_figure
 from .layout import (
     EDGE, LABEL_PAD, TICK_BAND, colorbar_band, fixed_layout, fontsize_of, legend_width, new_colorbar, place_colorbar,
     suptitle_band, suptitle_height, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
@@ -190,12 +190,14 @@ def summary_figure(
         panels.append((ax, cbar))
     # the bars' tick labels (no label): measured as their locators will write them, at the size set above
     band = max([TICK_BAND + text_width(tick_labels(cb.ax.yaxis), ticks) for _, cb in panels if cb is not None] + [0.0])
-    col_w = pw + CBAR_GAP / 2 + CBAR_WIDTH * 0.7 + band + 0.25
-    W = EDGE + cols * col_w - 0.25 + EDGE
+    bar = CBAR_GAP / 2 + CBAR_WIDTH * 0.7 + band
+    lead = max(0.0, (text_width([ax.get_title() for ax, _ in panels] or [""], 9) - pw) / 2)  # titles wider than a panel
+    col_w = lead + pw + max(bar, lead) + 0.25
+    W = max(EDGE + cols * col_w - 0.25 + EDGE, footer_width(facts))  # one narrow panel: room for the footer still
     set_width(fig, W, facts)
     for k, (ax, cbar) in enumerate(panels):
         r, c = divmod(k, cols)
-        x = EDGE + c * col_w
+        x = EDGE + c * col_w + lead
         y = head + above + r * (above + ph + 0.2)
         ax.set_position((x / W, 1.0 - (y + ph) / H, pw / W, ph / H))
         if cbar is not None:
