@@ -20,6 +20,10 @@ from .pngfile import write_png
 from .views import FigureFacts
 
 FOOTER_HEIGHT = 0.22  # inches kept free at the bottom of a figure for its footer
+# (prompt characters kept, points) of the footer, tried in this order until the line fits: the prompt
+# cut shorter and shorter, then in smaller type, then without the prompt
+FOOTER_TRIES = tuple([(p, 6.5) for p in range(110, 29, -10)] + [(p, 5.5) for p in (50, 40, 30)] + [(0, 6.5), (0, 5.5), (0, 5.0)])
+GLYPH_SLACK = 0.95  # glyphs drawn at low dpi come out a few per cent wider than measured
 
 
 def new_figure(width: float, height: float, layout: Optional[str] = "constrained", facts: Optional[FigureFacts] = None) -> Figure:
@@ -40,13 +44,22 @@ def footer_band(facts: Optional[FigureFacts]) -> float:
     return FOOTER_HEIGHT if facts is not None else 0.0
 
 
+def _footer_weight(facts: FigureFacts) -> str:
+    return "bold" if facts.random_weights else "normal"
+
+
+def _footer_room(width: float) -> float:
+    """Inches of footer text that fit on a figure ``width`` inches wide (:func:`footer_width` inverts it)."""
+    return GLYPH_SLACK * width - 0.05
+
+
 def footer_width(facts: Optional[FigureFacts]) -> float:
-    """The narrowest figure (inches) whose footer still fits on one line (:func:`add_footer`'s
-    smallest try: no prompt, 5 pt); 0 without facts."""
+    """The narrowest figure (inches) whose footer still fits on one line (:func:`add_footer`'s last
+    try: no prompt, 5 pt); 0 without facts."""
     if facts is None:
         return 0.0
-    weight = "bold" if facts.random_weights else "normal"
-    return (text_width([facts.footer(max_prompt=0)], 5.0, weight) + 0.05) / 0.95
+    cut, size = FOOTER_TRIES[-1]
+    return (text_width([facts.footer(max_prompt=cut)], size, _footer_weight(facts)) + 0.05) / GLYPH_SLACK
 
 
 def add_footer(fig: Figure, facts: FigureFacts) -> None:
@@ -55,11 +68,9 @@ def add_footer(fig: Figure, facts: FigureFacts) -> None:
     Fitted to the figure's width: the prompt is cut shorter, the type made smaller (down to 5 pt),
     the prompt left out, and failing all that the line is broken in two.
     """
-    weight = "bold" if facts.random_weights else "normal"
-    room = 0.95 * fig.get_figwidth() - 0.05  # glyphs drawn at low dpi come out a few per cent wider than measured
-    # the first that fits: the prompt cut shorter and shorter, then in smaller type, then without the prompt
-    tries = [(p, 6.5) for p in range(110, 29, -10)] + [(p, 5.5) for p in (50, 40, 30)] + [(0, 6.5), (0, 5.5), (0, 5.0)]
-    for cut, size in tries:
+    weight = _footer_weight(facts)
+    room = _footer_room(fig.get_figwidth())
+    for cut, size in FOOTER_TRIES:  # the first that fits
         text = facts.footer(max_prompt=cut)
         if text_width([text], size, weight) <= room:
             break
@@ -108,11 +119,16 @@ def write_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi)
         return
+    write_png(path, render_rgba(fig, dpi), png_meta(fig, facts), dpi)
+
+
+def png_meta(fig: Figure, facts: Optional[FigureFacts]) -> dict[str, str]:
+    """A PNG's text chunks: the run's facts (with ``facts``) and the figure's title."""
     meta = facts.png_text() if facts is not None else {}
     title = _suptitle(fig)
     if title:
         meta["Title"] = title
-    write_png(path, render_rgba(fig, dpi), meta, dpi)
+    return meta
 
 
 def render_rgba(fig: Figure, dpi: float) -> np.ndarray:
@@ -134,7 +150,7 @@ class Blitter:
     """
 
     def __init__(self, fig: Figure, dynamic: Sequence, dpi: float):
-        self.fig, self.dynamic = fig, list(dynamic)
+        self.fig, self.dynamic, self.dpi = fig, list(dynamic), dpi
         fig.set_dpi(dpi)
         shown = [a.get_visible() for a in self.dynamic]
         for a in self.dynamic:
@@ -151,6 +167,10 @@ class Blitter:
         for a in self.dynamic:
             self.fig.draw_artist(a)
         return np.asarray(canvas.buffer_rgba())
+
+    def write(self, path: str, facts: Optional[FigureFacts] = None) -> None:
+        """:meth:`render` as a PNG at ``path``, with the text chunks :func:`write_figure` gives it."""
+        write_png(path, self.render(), png_meta(self.fig, facts), self.dpi)
 
 
 def save_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts: Optional[FigureFacts] = None) -> None:

@@ -95,11 +95,12 @@ def fixed_layout(fig, *, top: float = 0.55, bottom: float = 0.15, left: float = 
     fig.subplots_adjust(left=left / W, right=1 - right / W, top=1 - top / H, bottom=bottom / H, wspace=wspace, hspace=hspace)
 
 
-def colorbar_band(cbar) -> float:
+def colorbar_band(cbar, ticks_size: Optional[float] = None) -> float:
     """Width right of a vertical colour bar's axes taken by its tick labels (as the locator and
-    formatter will write them at the bar's current height) and its label."""
+    formatter will write them at the bar's current height) and its label. ``ticks_size``: the tick
+    labels' points when the caller knows them (reading them from the axis creates all its ticks)."""
     axis = cbar.ax.yaxis
-    band = TICK_BAND + text_width(tick_labels(axis), tick_size(axis))
+    band = TICK_BAND + text_width(tick_labels(axis), tick_size(axis) if ticks_size is None else ticks_size)
     label = axis.get_label()
     if label.get_text():
         band += LABEL_PAD + text_height(label.get_fontsize(), lines_of(label.get_text()))

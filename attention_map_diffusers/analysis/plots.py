@@ -19,10 +19,9 @@ from PIL import Image
 from ..atomic import atomic_path
 from .figure import Blitter, footer_band, footer_width, new_figure, set_width, write_figure
 from .layout import (
-    EDGE, LABEL_PAD, TICK_BAND, colorbar_band, fixed_layout, fontsize_of, legend_width, new_colorbar, place_colorbar,
+    EDGE, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, new_colorbar, place_colorbar,
     suptitle_band, suptitle_height, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
 )
-from .pngfile import write_png
 from .raster import MapRaster
 from .views import MAX_LINES, FigureFacts  # noqa: F401 - FigureFacts is part of this API
 
@@ -60,8 +59,8 @@ def draw_overlay(ax, image: np.ndarray, heat: np.ndarray, *, title: Optional[str
     """The map upsampled smoothly to the image's box and blended over it; returns its mappable (for a
     colour bar; ``mappable``: one to share, e.g. with the map drawn alone beside it).
 
-    The image fills the axes' data box of the map's shape; both are computed at the panel's pixel
-    size when drawn (:class:`~.raster.MapRaster`).
+    The axes' data box is the image's, in its pixels; map and image are resampled to the panel's
+    pixel size when drawn (:class:`~.raster.MapRaster`).
     """
     if mappable is None:
         mappable = ScalarMappable(Normalize(0.0, _vmax(heat, vmax)), HEAT_CMAP)
@@ -135,11 +134,10 @@ def save_heatmap_figures(
     for heat, title, vmax, path in zip(heats, titles, vmaxes, paths):
         for r in maps:
             r.set_heat(heat)
-        maps[0].mappable.norm.vmax = _vmax(heat, vmax)  # the pictures and the colour bar follow it (one update, not set_clim's two)
+        maps[0].mappable.norm.vmax = _vmax(heat, vmax)  # pictures and colour bar follow (one update, not set_clim's two)
         suptitle_band(fig, title)
         if blit is not None:
-            meta = facts.png_text(title) if facts is not None else {"Title": title}
-            write_png(path, blit.render(), meta, dpi)
+            blit.write(path, facts)
         else:
             write_figure(fig, path, fmt, dpi, facts)
         if on_saved is not None:
@@ -159,26 +157,25 @@ def summary_figure(
     cells = len(heats) + show_image
     cols = max(1, min(4, cells))
     rows = max(1, math.ceil(cells / cols))
-    side, ticks = 2.45, 7  # inches: a panel's longer side; points: colour bar tick labels
+    side, vgap, ticks = 2.45, 0.2, 7  # inches: a panel's longer side, between rows; points: colour bar tick labels
+    gap, bar_w = CBAR_GAP / 2, CBAR_WIDTH * 0.7  # inches: panel to its colour bar, the bar (narrower than elsewhere)
     h, w = (image.shape[:2] if image is not None else heats[0].shape) if cells else (1, 1)
     pw, ph = (side, side * h / w) if w >= h else (side * w / h, side)
     head = suptitle_height(title) if title else EDGE
     above = title_band(9)  # each panel's title
     bottom = EDGE + footer_band(facts)
     # the width once the bars are measured
-    fig = new_figure(10.0, head + rows * (above + ph) + (rows - 1) * 0.2 + bottom, layout=None)
+    fig = new_figure(10.0, head + rows * (above + ph) + (rows - 1) * vgap + bottom, layout=None)
     if title:
         suptitle_band(fig, title)
     H = fig.get_figheight()
 
-    panels = []
-    k = 0
+    panels = []  # (axes, its colour bar or None), placed once the widths are known
     if show_image:
         ax = fig.add_axes((0, 0, 0.1, 0.1))
         ax.imshow(image, interpolation="antialiased")
         _bare(ax, "generated image")
         panels.append((ax, None))
-        k = 1
     for m, (heat, name) in enumerate(zip(heats, titles)):
         vmax = vmaxes[m] if vmaxes is not None else None
         ax = fig.add_axes((0, 0, 0.1, 0.1))
@@ -188,20 +185,18 @@ def summary_figure(
             im = draw_heatmap(ax, heat, title=name, vmax=vmax)
         cbar = new_colorbar(fig, im, bottom=0.0, top=H - ph, ticks_size=ticks, extend="max" if vmax is not None else "neither")
         panels.append((ax, cbar))
-    # the bars' tick labels (no label): measured as their locators will write them, at the size set above
-    band = max([TICK_BAND + text_width(tick_labels(cb.ax.yaxis), ticks) for _, cb in panels if cb is not None] + [0.0])
-    bar = CBAR_GAP / 2 + CBAR_WIDTH * 0.7 + band
+    band = max([colorbar_band(cb, ticks) for _, cb in panels if cb is not None] + [0.0])
     lead = max(0.0, (text_width([ax.get_title() for ax, _ in panels] or [""], 9) - pw) / 2)  # titles wider than a panel
-    col_w = lead + pw + max(bar, lead) + 0.25
+    col_w = lead + pw + max(gap + bar_w + band, lead) + 0.25
     W = max(EDGE + cols * col_w - 0.25 + EDGE, footer_width(facts))  # one narrow panel: room for the footer still
     set_width(fig, W, facts)
     for k, (ax, cbar) in enumerate(panels):
         r, c = divmod(k, cols)
         x = EDGE + c * col_w + lead
-        y = head + above + r * (above + ph + 0.2)
+        y = head + above + r * (above + ph + vgap)
         ax.set_position((x / W, 1.0 - (y + ph) / H, pw / W, ph / H))
         if cbar is not None:
-            cbar.ax.set_position(((x + pw + CBAR_GAP / 2) / W, 1.0 - (y + ph) / H, CBAR_WIDTH * 0.7 / W, ph / H))
+            cbar.ax.set_position(((x + pw + gap) / W, 1.0 - (y + ph) / H, bar_w / W, ph / H))
     return fig
 
 
@@ -354,9 +349,7 @@ def _blit_blocks(fig: Figure, curves: np.ndarray, lines: list, titles: Sequence[
         for _, j, line in lines:
             line.set_ydata(curves[b][:, j])
         title.set_text(titles[b] + "\nsame y scale for every block")
-        meta = facts.png_text() if facts is not None else {}
-        meta["Title"] = title.get_text()
-        write_png(path, blit.render(), meta, dpi)
+        blit.write(path, facts)
         if on_saved is not None:
             on_saved()
 

@@ -409,15 +409,17 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
 
 
 def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOptions, pool=None,
-                 fonts: Optional[FontChoice] = None, pending: Optional[list] = None) -> list[GroupPage]:
-    """Aggregate runs that share a prompt (two or more) into ``aggregate/<NNN-slug>/{enc}/``; returns their pages.
+                 fonts: Optional[FontChoice] = None) -> tuple[list[GroupPage], list]:
+    """Aggregate runs that share a prompt (two or more) into ``aggregate/<NNN-slug>/{enc}/``.
 
     The numbers and tables are computed here; each group's figures are drawn in ``pool`` (a process
-    pool, with ``fonts``) when one is given, else here. ``pending``: a list that gets the pool's
-    futures, for the caller to wait on (then this returns while the figures are being drawn).
+    pool, with ``fonts``) when one is given, else here.
+
+    Returns:
+        the groups' pages, and the pool's futures of their figures (none without a pool): the
+        caller waits on them, and can do other work while the figures are being drawn.
     """
-    waited = pending is None
-    pending = [] if pending is None else pending
+    pending = []
     groups = group_runs(summaries)
     prompts = list(dict.fromkeys(g[0].prompt for g in groups))
     pages: list[GroupPage] = []
@@ -440,10 +442,7 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
             else:
                 pending.append(pool.submit(_group_figures_with_fonts, fonts, paths, res, facts, options))
         pages.append(page)
-    if waited:
-        for fut in pending:
-            fut.result()  # a worker's error is raised here
-    return pages
+    return pages, pending
 
 
 def _group_figures_with_fonts(fonts: Optional[FontChoice], *args) -> None:
@@ -522,7 +521,7 @@ def early_pool(options: AnalysisOptions):
     """Worker processes for an analysis of several runs, started before the runs are planned: each
     imports matplotlib and loads its fonts (~1 s) while this process reads and checks the runs.
     None when the runs will be written here (one run, --tables-only, --t5-tokenizer, one CPU)."""
-    if options.tables_only or options.t5_tokenizer or _cpus() < 2:
+    if options.tables_only:  # no matplotlib to warm up
         return None
     from .discover import discover
     from .plan import folders
@@ -532,7 +531,7 @@ def early_pool(options: AnalysisOptions):
         entries, _ = discover(root, out) if os.path.isdir(root) else (None, [])
     except (UserError, OSError):
         return None  # make_plan reports it
-    jobs = min(MAX_JOBS, _cpus(), sum(1 for e in entries or [] if e.to_analyse))
+    jobs = _job_count(sum(1 for e in entries or [] if e.to_analyse), t5_tokenizer=bool(options.t5_tokenizer))
     if jobs < 2:
         return None
     pool = _pool(jobs)
@@ -584,8 +583,8 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
         if outcome is not None:
             summaries.extend(outcome.summaries)
             outcome.summaries = []
-    drawing: list = []  # the groups' figures, drawn in the pool while this process draws the cross-prompt ones
-    groups = write_groups(tmp, summaries, options, pool, plan.fonts, drawing)
+    groups, drawing = write_groups(tmp, summaries, options, pool, plan.fonts)
+    # the cross-prompt figures drawn here while the pool draws the groups'
     cross = [] if options.tables_only else write_cross_prompt(tmp, groups, summaries, options)
     for fut in drawing:
         fut.result()  # a worker's error is raised here
@@ -688,12 +687,17 @@ MAX_JOBS = 4  # processes writing runs at once (several runs only)
 
 
 def _jobs(plan: Plan) -> int:
-    """Processes for writing the runs: one per CPU (at most :data:`MAX_JOBS`) when there are several
-    runs, each re-planned from its folder anyway; one for a single run or a --t5-tokenizer (not sent
-    to other processes)."""
-    if not plan.multi or len(plan.runs) < 2 or plan.t5_loader is not None:
+    """Processes for writing the plan's runs (:func:`_job_count`)."""
+    return _job_count(len(plan.runs) if plan.multi else 1, t5_tokenizer=plan.t5_loader is not None)
+
+
+def _job_count(runs: int, t5_tokenizer: bool) -> int:
+    """Processes for writing ``runs`` runs: one per CPU (at most :data:`MAX_JOBS`) when there are
+    several, each re-planned from its folder anyway; one for a single run or a --t5-tokenizer (not
+    sent to other processes)."""
+    if runs < 2 or t5_tokenizer:
         return 1
-    return max(1, min(MAX_JOBS, _cpus(), len(plan.runs)))
+    return max(1, min(MAX_JOBS, _cpus(), runs))
 
 
 def _back(plan: Plan, folder: Optional[str]) -> Optional[str]:
