@@ -318,8 +318,10 @@ def test_leftovers_of_a_killed_analysis_are_removed(tmp_path, capsys):
     root = tmp_path / "run"
     assert run("--root", root, "--tables-only") == 0
     # what a kill leaves: a temp folder being written, and an earlier analysis moved aside
-    tmp = outdir.new_folder(str(root / "analysis"))
-    (open(os.path.join(tmp, "half.csv"), "w")).write("x")
+    tmp = outdir.new_folder(str(root / "analysis"))  # killed after its manifest listed its files
+    (open(os.path.join(tmp, "done.csv"), "w")).write("x")
+    json.dump({"generator": json.load(open(os.path.join(tmp, outdir.MANIFEST)))["generator"], "files": ["done.csv"]},
+              open(os.path.join(tmp, outdir.MANIFEST), "w"))
     os.replace(root / "analysis", root / ".analysis.old-abcd1234")
     # look-alikes that are not ours stay
     (root / ".analysis.tmp-notours1").mkdir()
@@ -331,6 +333,38 @@ def test_leftovers_of_a_killed_analysis_are_removed(tmp_path, capsys):
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [".analysis.tmp-notours1", ".other.tmp-abcdefgh"]
     assert (root / ".analysis.tmp-notours1" / "keep.txt").read_text() == "keep"
     assert (root / "analysis" / "index.html").is_file()
+
+
+def test_leftover_holding_user_files_is_kept(tmp_path, capsys):
+    """Issue 21.2: a leftover-looking folder with a manifest is removed only when it holds nothing but
+    the files its manifest lists; a user file, an extra folder or a link keeps it, with one warning."""
+    root = tmp_path / "run"
+    good_run(root)
+    assert run("--root", root, "--tables-only") == 0
+    listed = json.load(open(root / "analysis" / outdir.MANIFEST))
+    folders = {}
+    for name, extra in [("old-notes", "notes.txt"), ("old-dir", "mine/"), ("old-link", "link"), ("tmp-half", "half.csv")]:
+        path = root / f".analysis.{name}"
+        shutil.copytree(root / "analysis", path)
+        if extra == "notes.txt":
+            (path / "notes.txt").write_text("my notes")
+        elif extra == "mine/":
+            (path / "mine").mkdir()
+        elif extra == "link":
+            os.symlink(root / "metadata.json", path / "link")
+        else:  # killed half way: the manifest lists nothing yet
+            json.dump(dict(listed, files=[]), open(path / outdir.MANIFEST, "w"))
+        folders[path] = tree(path)
+    capsys.readouterr()
+    assert run("--root", root, "--tables-only") == 0
+    err = capsys.readouterr().err
+    warnings_ = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings_) == 1 and "leaving alone" in warnings_[0]
+    for path, before in folders.items():
+        assert tree(path) == before, path  # nothing in them deleted
+        assert path.name in warnings_[0]
+    assert "notes.txt" in warnings_[0]
+    assert "removing what an interrupted analysis left" not in err
 
 
 # --- hand-edited inputs ------------------------------------------------------------------------

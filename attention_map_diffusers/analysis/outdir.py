@@ -6,7 +6,8 @@ the list of the files written into it. An existing ``--out`` is replaced as a wh
 everything in it is on that list; one that holds anything else is refused with a line naming it.
 The analysis is written into ``.OUT.tmp-*`` next to ``OUT`` and renamed into place (an earlier
 analysis goes to ``.OUT.old-*`` meanwhile); when a kill leaves such folders behind, the next
-analysis into the same ``OUT`` removes them, and only those that hold a manifest (ours).
+analysis into the same ``OUT`` removes them, and only those that hold a manifest (ours) and nothing
+it does not list (a folder holding anything else is left alone, with a warning).
 Two analyses writing into the same ``OUT`` at the same time are not supported.
 """
 
@@ -73,49 +74,77 @@ def check_out(out: str) -> None:
             f"--out {out} exists and does not hold an earlier analysis (no {MANIFEST} written by this tool); "
             "choose another --out or empty it"
         )
-    dirs = {"/".join(f.split("/")[:k]) for f in files for k in range(1, f.count("/") + 1)}
-    foreign = []
-    for here, subdirs, names in os.walk(out):
-        for d in subdirs:
-            path = os.path.join(here, d)
-            if os.path.islink(path) or _rel(path, out) not in dirs:
-                foreign.append(_rel(path, out) + "/")
-        for n in names:
-            path = os.path.join(here, n)
-            rel = _rel(path, out)
-            if rel != MANIFEST and (rel not in files or os.path.islink(path)):
-                foreign.append(rel)
-        subdirs[:] = [d for d in subdirs if _rel(os.path.join(here, d), out) in dirs]
+    foreign = foreign_entries(out, files)
     if foreign:
-        first = sorted(foreign)[0]
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise UserError(
-            f"--out {out} holds {first}{more}, which this analysis did not write; the analysis replaces {out} as a "
+            f"--out {out} holds {_first(foreign)}, which this analysis did not write; the analysis replaces {out} as a "
             "whole, so move it out of there or choose another --out"
         )
 
 
-def leftovers(out: str) -> list[str]:
+def foreign_entries(folder: str, files: set[str]) -> list[str]:
+    """What ``folder`` holds besides its manifest and ``files``: other files, folders no listed file is
+    in (``name/``), and links (sorted, relative, ``/``-separated)."""
+    dirs = {"/".join(f.split("/")[:k]) for f in files for k in range(1, f.count("/") + 1)}
+    foreign = []
+    for here, subdirs, names in os.walk(folder):
+        for d in subdirs:
+            path = os.path.join(here, d)
+            if os.path.islink(path) or _rel(path, folder) not in dirs:
+                foreign.append(_rel(path, folder) + "/")
+        for n in names:
+            path = os.path.join(here, n)
+            rel = _rel(path, folder)
+            if rel == MANIFEST and os.path.islink(path):
+                foreign.append(rel)
+            elif rel != MANIFEST and (rel not in files or os.path.islink(path) or not os.path.isfile(path)):
+                foreign.append(rel)
+        subdirs[:] = [d for d in subdirs if _rel(os.path.join(here, d), folder) in dirs]
+    return sorted(foreign)
+
+
+def _first(entries: list[str]) -> str:
+    """The first of ``entries``, and how many more there are."""
+    return entries[0] + (f" (and {len(entries) - 1} more)" if len(entries) > 1 else "")
+
+
+def leftovers(out: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Folders left next to ``out`` by an analysis that was killed (``.OUT.tmp-*``, ``.OUT.old-*``
-    holding a manifest of this tool)."""
+    holding a manifest of this tool): those that hold only the files their manifest lists (removable),
+    and those that hold anything else, as (folder, what), which are left alone."""
     parent, base = os.path.split(os.path.abspath(out))
     pattern = re.compile(rf"\.{re.escape(base)}\.(?:tmp|old)-[A-Za-z0-9_]+")
     try:
         names = sorted(os.listdir(parent))
     except OSError:
-        return []
-    found = []
+        return [], []
+    removable, kept = [], []
     for name in names:
         path = os.path.join(parent, name)
-        if pattern.fullmatch(name) and os.path.isdir(path) and not os.path.islink(path) and manifest_files(path) is not None:
-            found.append(path)
-    return found
+        if not pattern.fullmatch(name) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        files = manifest_files(path)
+        if files is None:
+            continue  # a look-alike: not ours
+        foreign = foreign_entries(path, files)
+        if foreign:
+            kept.append((path, _first(foreign)))
+        else:
+            removable.append(path)
+    return removable, kept
 
 
 def remove(paths: list[str]) -> None:
+    """Delete the leftovers ``paths`` that still hold only the files their manifest lists."""
     for path in paths:
-        if manifest_files(path) is not None:  # still ours
+        files = manifest_files(path)
+        if files is not None and not foreign_entries(path, files):  # still ours, and only ours
             shutil.rmtree(path, ignore_errors=True)
+
+
+def discard(tmp: str) -> None:
+    """Delete ``tmp``, the folder :func:`new_folder` made for this analysis (half written)."""
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def new_folder(out: str) -> str:

@@ -244,8 +244,15 @@ def make_plan(options: AnalysisOptions) -> Plan:
         fonts = choose_fonts(sorted(texts))
         if fonts.note():
             notes.append(Note("warning", fonts.note()))
-    leftovers = outdir.leftovers(out)
+    leftovers, kept = outdir.leftovers(out)
     if leftovers:
         names = ", ".join(os.path.basename(p) for p in leftovers)
         notes.append(Note("note", f"removing what an interrupted analysis left next to {out}: {names}"))
+    if kept:
+        names = ", ".join(f"{os.path.basename(p)} (holds {what})" for p, what in kept)
+        notes.append(Note(
+            "warning",
+            f"leaving alone folders next to {out} that look like an interrupted analysis's but hold files their "
+            f"manifest does not list: {names}; delete them yourself once you have kept what you need",
+        ))
     return Plan(options, root, out, runs, entries or [], entries is not None, loader, notes, fonts, leftovers)

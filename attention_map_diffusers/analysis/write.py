@@ -505,7 +505,7 @@ def write_plan(plan: Plan, pool=None) -> int:
                 _write_index(plan, tmp, outcomes, pool)
         return outdir.commit(tmp, plan.out)
     except BaseException:
-        outdir.remove([tmp])
+        outdir.discard(tmp)
         raise
 
 
