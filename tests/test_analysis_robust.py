@@ -367,6 +367,42 @@ def test_leftover_holding_user_files_is_kept(tmp_path, capsys):
     assert "removing what an interrupted analysis left" not in err
 
 
+def test_edited_output_file_is_refused_without_overwrite(tmp_path, capsys):
+    """Issue 21.3: the manifest records each file's size and sha256; a re-run into an analysis whose
+    table was edited is refused (one line naming it, exit 2, nothing changed) unless --overwrite."""
+    import hashlib
+
+    root = tmp_path / "run"
+    good_run(root)
+    out = root / "analysis"
+    assert run("--root", root, "--tables-only") == 0
+    listed = json.load(open(out / outdir.MANIFEST))["files"]
+    on_disk = {os.path.relpath(os.path.join(d, f), out).replace(os.sep, "/") for d, _, fs in os.walk(out) for f in fs}
+    assert {e["path"] for e in listed} == on_disk - {outdir.MANIFEST}
+    for e in listed:  # recorded: each file's own size and hash
+        data = (out / e["path"]).read_bytes()
+        assert e["size"] == len(data) and e["sha256"] == hashlib.sha256(data).hexdigest()
+    table = out / "clip" / "tables" / "words_auc.csv"
+    with open(table, "a", encoding="utf-8") as fh:
+        fh.write("my,own,line\n")
+    before = tree(out)
+    capsys.readouterr()
+    assert run("--root", root, "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "clip/tables/words_auc.csv" in err and "--overwrite" in err
+    assert tree(out) == before
+    assert "--overwrite" in analyse_stepavg.build_parser().format_help()
+    assert run("--root", root, "--tables-only", "--overwrite") == 0
+    assert "my,own,line" not in table.read_text(encoding="utf-8")
+    # a manifest of an earlier version (names only) is still read: replaced without a check
+    names = json.load(open(out / outdir.MANIFEST))
+    json.dump(dict(names, files=[e["path"] for e in names["files"]]), open(out / outdir.MANIFEST, "w"))
+    with open(table, "a", encoding="utf-8") as fh:
+        fh.write("x\n")
+    assert run("--root", root, "--tables-only") == 0
+    assert isinstance(json.load(open(out / outdir.MANIFEST))["files"][0], dict)
+
+
 # --- hand-edited inputs ------------------------------------------------------------------------
 
 

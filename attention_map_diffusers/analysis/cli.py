@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: ROOT/analysis); replaced as a whole when it holds only an earlier analysis, "
         "refused when it holds anything else",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier analysis in --out even when some of its files were changed since it wrote them "
+        "(an edited table); without it such an --out is refused, naming the file. Files it did not write are "
+        "never replaced",
+    )
     p.add_argument("--topk", type=int, default=12, help="number of words (by heatmap mass) that get heatmaps and curves (default: 12)")
     p.add_argument(
         "--phrases",
@@ -107,6 +114,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
         tables_only=args.tables_only,
         t5_tokenizer=args.t5_tokenizer,
         vmax_percentile=args.vmax_percentile,
+        overwrite=args.overwrite,
     )
 
 
@@ -116,6 +124,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return code
     try:
         options = options_from_args(args)
+        from . import outdir
+        from .plan import folders
+
+        outdir.check_out(folders(options)[1], options.overwrite)  # before any work (again when planning)
     except UserError as exc:
         return fail(PROG, str(exc))
     from .write import early_pool

@@ -2,8 +2,10 @@
 finished analysis in place.
 
 The analysis never deletes a file it did not write. Each analysis folder holds :data:`MANIFEST`,
-the list of the files written into it. An existing ``--out`` is replaced as a whole only when
-everything in it is on that list; one that holds anything else is refused with a line naming it.
+the list of the files written into it with their sizes and sha256. An existing ``--out`` is replaced
+as a whole only when everything in it is on that list; one that holds anything else is refused with
+a line naming it, and so is one where a listed file changed since (an edited table), unless
+``--overwrite``.
 The analysis is written into ``.OUT.tmp-*`` next to ``OUT`` and renamed into place (an earlier
 analysis goes to ``.OUT.old-*`` meanwhile); when a kill leaves such folders behind, the next
 analysis into the same ``OUT`` removes them, and only those that hold a manifest (ours) and nothing
@@ -13,12 +15,13 @@ Two analyses writing into the same ``OUT`` at the same time are not supported.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from typing import Optional
+from typing import Collection, Optional
 
 from ..atomic import current_umask, write_json
 from ..contract import UserError
@@ -31,20 +34,55 @@ def _rel(path: str, base: str) -> str:
     return os.path.relpath(path, base).replace(os.sep, "/")
 
 
-def manifest_files(folder: str) -> Optional[set[str]]:
-    """The files listed by ``folder``'s manifest (relative, ``/``-separated), or None when it has no
-    readable manifest written by this tool."""
+def manifest_files(folder: str) -> Optional[dict[str, Optional[tuple[int, str]]]]:
+    """The files listed by ``folder``'s manifest (relative, ``/``-separated) -> (size, sha256) as
+    written, or None for a manifest of an earlier version that listed names only; None when the
+    folder has no readable manifest written by this tool."""
     try:
         with open(os.path.join(folder, MANIFEST), encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("generator") != GENERATOR:
         return None
     files = data.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+    if not isinstance(files, list):
         return None
-    return set(files)
+    listed: dict[str, Optional[tuple[int, str]]] = {}
+    for f in files:
+        if isinstance(f, str):  # names only (before sizes and hashes were recorded)
+            listed[f] = None
+        elif (isinstance(f, dict) and isinstance(f.get("path"), str) and type(f.get("size")) is int
+              and isinstance(f.get("sha256"), str)):
+            listed[f["path"]] = (f["size"], f["sha256"])
+        else:
+            return None
+    return listed
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def changed_files(folder: str, files: dict[str, Optional[tuple[int, str]]]) -> list[str]:
+    """The listed files of ``folder`` whose size or sha256 is no longer what the manifest recorded
+    (edited, truncated or deleted since), sorted; files listed by name only are not checked."""
+    changed = []
+    for rel, recorded in sorted(files.items()):
+        if recorded is None:
+            continue
+        path = os.path.join(folder, *rel.split("/"))
+        try:
+            same = os.path.getsize(path) == recorded[0] and _sha256(path) == recorded[1]
+        except OSError:
+            same = False
+        if not same:
+            changed.append(rel)
+    return changed
 
 
 def _written_by_us(out: str) -> bool:
@@ -55,8 +93,11 @@ def _written_by_us(out: str) -> bool:
         return False
 
 
-def check_out(out: str) -> None:
-    """Refuse an ``out`` that the analysis may not replace (:class:`UserError`); nothing is changed."""
+def check_out(out: str, overwrite: bool = False) -> None:
+    """Refuse an ``out`` that the analysis may not replace (:class:`UserError`); nothing is changed.
+
+    ``overwrite``: replace an earlier analysis even when some of its files changed since it was
+    written (never one that holds files it did not write)."""
     if not os.path.lexists(out):
         return
     if not os.path.isdir(out) or os.path.islink(out):
@@ -80,9 +121,15 @@ def check_out(out: str) -> None:
             f"--out {out} holds {_first(foreign)}, which this analysis did not write; the analysis replaces {out} as a "
             "whole, so move it out of there or choose another --out"
         )
+    changed = [] if overwrite else changed_files(out, files)
+    if changed:
+        raise UserError(
+            f"--out {out}: {_first(changed)} changed after the analysis wrote it (its size or content is no longer "
+            "what the manifest recorded); move it out of there to keep it, or pass --overwrite to replace it"
+        )
 
 
-def foreign_entries(folder: str, files: set[str]) -> list[str]:
+def foreign_entries(folder: str, files: Collection[str]) -> list[str]:
     """What ``folder`` holds besides its manifest and ``files``: other files, folders no listed file is
     in (``name/``), and links (sorted, relative, ``/``-separated)."""
     dirs = {"/".join(f.split("/")[:k]) for f in files for k in range(1, f.count("/") + 1)}
@@ -126,7 +173,7 @@ def leftovers(out: str) -> tuple[list[str], list[tuple[str, str]]]:
         files = manifest_files(path)
         if files is None:
             continue  # a look-alike: not ours
-        foreign = foreign_entries(path, files)
+        foreign = foreign_entries(path, files) + changed_files(path, files)
         if foreign:
             kept.append((path, _first(foreign)))
         else:
@@ -138,7 +185,7 @@ def remove(paths: list[str]) -> None:
     """Delete the leftovers ``paths`` that still hold only the files their manifest lists."""
     for path in paths:
         files = manifest_files(path)
-        if files is not None and not foreign_entries(path, files):  # still ours, and only ours
+        if files is not None and not foreign_entries(path, files) and not changed_files(path, files):  # only ours
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -157,15 +204,20 @@ def new_folder(out: str) -> str:
     return tmp
 
 
-def commit(tmp: str, out: str) -> int:
-    """List the files of ``tmp`` in its manifest and move it to ``out``; an earlier analysis there (checked
-    by :func:`check_out`) is removed only once the new one is in place. Returns the number of files."""
+def commit(tmp: str, out: str, overwrite: bool = False) -> int:
+    """List the files of ``tmp`` in its manifest (with their sizes and sha256) and move it to ``out``; an
+    earlier analysis there (checked by :func:`check_out`) is removed only once the new one is in place.
+    Returns the number of files."""
     files = sorted(
         _rel(os.path.join(here, n), tmp) for here, _, names in os.walk(tmp) for n in names
     )
     files = [f for f in files if f != MANIFEST]
-    write_json(os.path.join(tmp, MANIFEST), {"generator": GENERATOR, "files": files})
-    check_out(out)  # again: something may have been put there while the analysis ran
+    listed = []
+    for f in files:
+        path = os.path.join(tmp, *f.split("/"))
+        listed.append({"path": f, "size": os.path.getsize(path), "sha256": _sha256(path)})
+    write_json(os.path.join(tmp, MANIFEST), {"generator": GENERATOR, "files": listed})
+    check_out(out, overwrite)  # again: something may have been put there while the analysis ran
     old = None
     if os.path.isdir(out) and not os.listdir(out):
         os.rmdir(out)

@@ -207,7 +207,7 @@ def make_plan(options: AnalysisOptions) -> Plan:
     root, out = folders(options)
     if not os.path.isdir(root):
         raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with runs.jsonl")
-    outdir.check_out(out)
+    outdir.check_out(out, options.overwrite)
 
     cache: dict = {}
 

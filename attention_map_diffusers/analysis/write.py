@@ -503,7 +503,7 @@ def write_plan(plan: Plan, pool=None) -> int:
             outcomes = _write_runs(plan, tmp, pool)
             if plan.multi:
                 _write_index(plan, tmp, outcomes, pool)
-        return outdir.commit(tmp, plan.out)
+        return outdir.commit(tmp, plan.out, plan.options.overwrite)
     except BaseException:
         outdir.discard(tmp)
         raise
