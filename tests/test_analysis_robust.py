@@ -272,6 +272,43 @@ def test_first_missing():
     assert first_missing([(3, 10**12)], [0, 1]) == 3
 
 
+def test_long_word_in_prompt_is_cut_in_figures_and_kept_in_tables(tmp_path, capsys):
+    """Issue 21.4: a prompt with a 100-letter word (wide glyphs) used to stop the whole analysis in
+    fixed_layout ("left cannot be >= right"); figures now show it cut, tables keep it whole."""
+    long = "W" * 100
+    prompt = f"A {long} in front of a barn"
+    runs = [("0000-a", prompt, 0), ("0001-a", prompt, 1)]
+    for folder, p, seed in runs:
+        good_run(tmp_path / folder, prompt=p, seed=seed)
+    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [p], "seed": s, "status": "done"} for k, (f, p, s) in enumerate(runs)])
+    assert run("--root", tmp_path, "--phrases", f"{long} in front") == 0
+    out = tmp_path / "analysis"
+    for folder, _, _ in runs:
+        for enc in ("clip", "t5"):
+            assert (out / folder / enc / "overview.png").is_file()
+    for enc in ("clip", "t5"):
+        assert long in header(out / "0000-a" / enc / "tables" / "words_auc.csv")
+    assert list((out / "aggregate").glob("*/t5/heatmaps_mean.png"))
+
+    from attention_map_diffusers.analysis.layout import MIN_PANELS, fixed_layout
+    from attention_map_diffusers.analysis.views import MAX_LABEL_CHARS, figure_labels
+
+    class W:  # the two fields figure_labels reads
+        def __init__(self, text, index):
+            self.text, self.index = text, index
+
+    cut = "W" * (MAX_LABEL_CHARS - 1) + "\u2026"
+    assert figure_labels([W(long, 0), W("barn", 1), W(long.lower(), 2)]) == [f"{cut} #0", "barn", f"{cut.lower()[:-1]}\u2026 #2"]
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3))
+    fig.subplots()
+    fixed_layout(fig, left=30.0, right=10.0, top=5.0, bottom=5.0)  # margins wider than the figure: no error
+    p = fig.subplotpars
+    assert p.right - p.left == pytest.approx(MIN_PANELS) and p.top - p.bottom == pytest.approx(MIN_PANELS)
+    assert p.left == pytest.approx(0.8 * 30 / 40)
+
+
 # --- the output folder -------------------------------------------------------------------------
 
 
