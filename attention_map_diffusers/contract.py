@@ -159,6 +159,8 @@ def parse_runs_jsonl(text: str, where: str) -> list[RunRecord]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{where} line {n} is not JSON ({exc.msg}); fix or delete that line") from None
+        except RecursionError:
+            raise UserError(f"{where} line {n} nests its JSON values too deeply to be read; fix or delete that line") from None
         records.append(_record(obj, f"{where} line {n}"))
     names = [r.folder for r in records]
     if len(set(names)) != len(names):

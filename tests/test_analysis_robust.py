@@ -155,6 +155,74 @@ def test_a_damaged_run_is_listed_and_the_others_are_analysed(tmp_path, capsys):
     assert 'href="0001-b/index.html"' not in html and 'href="0002-c/index.html"' in html
 
 
+def _png_header_only(path, width, height):
+    """A PNG that declares ``width`` x ``height`` pixels (signature, IHDR, IEND: no pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def _npz_claiming(path, key, shape):
+    """Rewrite ``key``'s member of the npz at ``path`` so that its npy header claims ``shape`` (data unchanged)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    arr = np.lib.format.read_array(io.BytesIO(members[key + ".npy"]))
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False,
+                                                "shape": shape})
+    members[key + ".npy"] = head.getvalue() + arr.tobytes()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def test_bad_runs_memory_recursion_and_image_bomb_are_one_line_each(tmp_path, capsys):
+    """Issue 21.5: an npy header claiming 56 PiB, metadata nested 200,000 deep and a listed 30000x30000
+    image: one line per bad run and the others analysed (exit 1); a single bad run: one line, exit 2."""
+    names = ["0000-good", "0001-huge", "0002-deep", "0003-bomb"]
+    for k, name in enumerate(names):
+        good_run(tmp_path / name, seed=k)
+    _npz_claiming(tmp_path / "0001-huge" / "stepavg_token_maps_v1.npz", "sum_token_map", (2**20, 2**20, 2**14, 1))
+    # claimed: 2**54 values (32 PiB of the float16 stored; 56 PiB in the issue's report)
+    meta = json.loads((tmp_path / "0002-deep" / "metadata.json").read_text())
+    meta["notes"] = "x"
+    text = json.dumps(meta)
+    (tmp_path / "0002-deep" / "metadata.json").write_text(text[:-1] + ', "deep": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    meta = json.loads((tmp_path / "0003-bomb" / "metadata.json").read_text())
+    _png_header_only(tmp_path / "0003-bomb" / meta["images"][0], 30000, 30000)
+    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [BICYCLE], "status": "done"} for k, f in enumerate(names)])
+    capsys.readouterr()
+    assert run("--root", tmp_path, "--tables-only") == 1  # --tables-only does not open images: the bomb is analysed
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("analyse_stepavg.py", "error"))]
+    assert len(lines) == 3, err
+    assert "0001-huge" in lines[0] and "0002-deep" in lines[1] and "2 of 4 runs" in lines[2]
+    assert (tmp_path / "analysis" / "0000-good" / "clip" / "tables" / "words_auc.csv").is_file()
+    assert run("--root", tmp_path) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("analyse_stepavg.py", "error"))]
+    assert "Traceback" not in err and len(lines) == 4 and "0003-bomb" in lines[2] and "900000000 pixels" in lines[2], err
+    with open(tmp_path / "runs.jsonl", "a", encoding="utf-8") as fh:  # runs.jsonl itself nested too deeply
+        fh.write("[" * 200_000 + "]" * 200_000 + "\n")
+    assert run("--root", tmp_path, "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 5" in err and "too deeply" in err, err
+    for name in names[1:]:  # each alone: one line, exit 2
+        assert run("--root", tmp_path / name, "--tables-only" if name != "0003-bomb" else "--dpi=50") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
 def test_a_run_that_changes_after_planning_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
     from attention_map_diffusers.analysis import write
 

@@ -108,6 +108,16 @@ def _load_image(path: Optional[str], where: str):
         with Image.open(path) as img:
             img.load()
             return path, display_image(img)
+    except Image.DecompressionBombError as exc:
+        raise UserError(
+            f"{where}: the image {path} listed by the dump is too large to open safely ({exc}); replace it, or "
+            "pass --no-overlay to analyse without it"
+        ) from None
+    except MemoryError:
+        raise UserError(
+            f"{where}: the image {path} listed by the dump is too large for this machine's memory; replace it, or "
+            "pass --no-overlay to analyse without it"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise UserError(
             f"{where}: the image {path} listed by the dump is missing or unreadable ({type(exc).__name__}); "
