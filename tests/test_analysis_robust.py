@@ -377,6 +377,32 @@ def test_long_word_in_prompt_is_cut_in_figures_and_kept_in_tables(tmp_path, caps
     assert p.left == pytest.approx(0.8 * 30 / 40)
 
 
+def test_encoders_clip_on_a_flux_dump_is_refused(tmp_path, capsys):
+    """Issue 21.15: --encoders clip on a FLUX.1 dump (T5 only) used to write an empty report with exit 0;
+    refused like evaluate_segmentation.py --encoder clip (exit 2, nothing written); t5 is analysed."""
+    layout = make_layout([BICYCLE], clip_len=77, t5_len=16)
+    arrays = random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4))
+    write_dump(tmp_path / "f", layout, arrays, meta={
+        "model_family": "flux", "text_spans": {"t5": [77, layout.T]}, "tokens": None, "special_mask": None,
+        "token_offsets_clip": None})
+    capsys.readouterr()
+    assert run("--root", tmp_path / "f", "--encoders", "clip", "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no clip tokens" in err and "FLUX.1" in err and "--encoders t5" in err
+    assert not (tmp_path / "f" / "analysis").exists()
+    assert run("--root", tmp_path / "f", "--encoders", "t5", "--tables-only") == 0
+    assert header(tmp_path / "f" / "analysis" / "t5" / "tables" / "words_auc.csv")[1:] == ["A #0"] + WORDS[1:6] + ["a #6", "barn"]
+    # in a folder of runs: that run is listed, the others analysed (exit 1)
+    shutil.rmtree(tmp_path / "f" / "analysis")
+    (tmp_path / "runs").mkdir()
+    os.replace(tmp_path / "f", tmp_path / "runs" / "f")
+    good_run(tmp_path / "runs" / "g")
+    capsys.readouterr()
+    assert run("--root", tmp_path / "runs", "--encoders", "clip", "--tables-only") == 1
+    err = capsys.readouterr().err
+    assert "has no clip tokens" in err and (tmp_path / "runs" / "analysis" / "g" / "clip" / "tables" / "words_auc.csv").is_file()
+
+
 # --- the output folder -------------------------------------------------------------------------
 
 

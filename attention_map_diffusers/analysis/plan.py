@@ -134,6 +134,14 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
     )
     positions = dump.select_blocks(options.block_ranges)
     sel_ids = [dump.block_ids[p] for p in positions]
+    have = [n for n in ENCODER_TITLES if n in dump.encoders]
+    if not any(n in dump.encoders for n in options.encoders):  # nothing to analyse: an empty report
+        why = "FLUX.1 dumps have t5 only" if dump.metadata.get("model_family") == "flux" else (
+            "dumps of the original tool have t5 only with --t5-tokenizer" if dump.format_version < 2 else "")
+        raise UserError(
+            f"--encoders {','.join(options.encoders)}: {run_dir} has no {' or '.join(options.encoders)} tokens "
+            f"(it has {', '.join(have) or 'none'}{'; ' + why if why else ''}); choose --encoders {','.join(have) or 'clip,t5'}"
+        )
     avg, notes = restrict_blocks(dump, options.block_ranges)
     notes = list(dump.notes) + notes
     images = []
