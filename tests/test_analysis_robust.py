@@ -298,6 +298,31 @@ def test_stale_runs_jsonl(tmp_path, capsys):
     assert not (out / "0002-c").exists()
 
 
+def test_runs_jsonl_folder_spellings_count_one_run_once(tmp_path, capsys):
+    """Issue 21.17: ``./0000-a`` and ``0000-a/`` name the run ``0000-a``: compared normalised, a run is
+    analysed and aggregated once (two lines for it are refused like an exact duplicate)."""
+    for k, name in enumerate(["0000-a", "0001-a"]):
+        good_run(tmp_path / name, seed=k)
+    row = {"prompt": [BICYCLE], "status": "done"}
+    write_runs(tmp_path, [dict(row, run=0, folder="./0000-a"), dict(row, run=1, folder="0001-a/")])
+    assert [r.folder for r in parse_runs_jsonl((tmp_path / "runs.jsonl").read_text(), "runs.jsonl")] == ["0000-a", "0001-a"]
+    capsys.readouterr()
+    assert run("--root", tmp_path, "--tables-only") == 0
+    assert "does not list" not in capsys.readouterr().err  # both folders recognised as listed
+    out = tmp_path / "analysis"
+    (summary,) = list(out.glob("aggregate/*/clip/tables/words_summary.csv"))
+    with open(summary, newline="", encoding="utf-8") as fh:
+        assert {r["n_runs"] for r in csv.DictReader(fh)} == {"2"}
+    write_runs(tmp_path, [dict(row, run=0, folder="0000-a"), dict(row, run=1, folder="./0000-a"), dict(row, run=2, folder="0001-a/")])
+    shutil.rmtree(out)
+    assert run("--root", tmp_path, "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'0000-a' twice" in err and "'./0000-a'" in err and not out.exists()
+    # a prompt holding U+2028 (json.dumps(ensure_ascii=False) leaves it as is) is one line
+    (rec,) = parse_runs_jsonl(json.dumps(dict(row, run=0, folder="0000-a", prompt=["a\u2028b\x85c"]), ensure_ascii=False) + "\n", "r")
+    assert rec.prompt == ("a\u2028b\x85c",)
+
+
 def test_interrupted_run_folder_without_runs_jsonl(tmp_path, capsys):
     good_run(tmp_path / "0000-a")
     good_run(tmp_path / "0001-b")
