@@ -457,6 +457,23 @@ def test_out_holding_other_files_is_refused_and_left_alone(tmp_path, capsys):
     assert run("--root", tmp_path / "run", "--tables-only") == 0  # only our files: replaced
 
 
+def test_out_under_a_regular_file_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    """Issue 21.18: --out file.txt/sub used to fail with exit 1 after all the work; refused first (exit 2)."""
+    from attention_map_diffusers.analysis import plan
+
+    good_run(tmp_path / "run")
+    (tmp_path / "file.txt").write_text("mine")
+    planned = []
+    monkeypatch.setattr(plan, "plan_run", lambda *a, **k: planned.append(a) or pytest.fail("planned a run"))
+    for out in (tmp_path / "file.txt" / "sub", tmp_path / "file.txt" / "a" / "b"):
+        capsys.readouterr()
+        assert run("--root", tmp_path / "run", "--out", out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "file.txt is a file, not a folder" in err, err
+    assert not planned and (tmp_path / "file.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "run"]
+
+
 def test_out_of_an_earlier_version_without_manifest_is_refused(tmp_path, capsys):
     good_run(tmp_path / "run")
     out = tmp_path / "run" / "analysis"

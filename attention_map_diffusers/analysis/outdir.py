@@ -99,6 +99,11 @@ def check_out(out: str, overwrite: bool = False) -> None:
     ``overwrite``: replace an earlier analysis even when some of its files changed since it was
     written (never one that holds files it did not write)."""
     if not os.path.lexists(out):
+        parent = os.path.dirname(os.path.abspath(out))
+        while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):  # the folders cannot be made under a file
+            raise UserError(f"--out {out} cannot be made: {parent} is a file, not a folder; choose another --out")
         return
     if not os.path.isdir(out) or os.path.islink(out):
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
