@@ -605,6 +605,48 @@ def test_every_hand_edited_metadata_value_gives_a_user_error(tmp_path, original)
     assert not unexpected, unexpected[:5]
 
 
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, None, []])
+def test_random_weights_of_the_wrong_type_is_refused(tmp_path, capsys, value):
+    """Issue 21.20: ``"random_weights": "no"`` used to show the random-weights warning; only true/false is read."""
+    good_run(tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    (tmp_path / "run" / "metadata.json").write_text(json.dumps(dict(meta, random_weights=value)))
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"metadata random_weights must be true or false, got {value!r}" in err
+    assert "random weights (--model" not in err
+    good_run(tmp_path / "ok", meta={"random_weights": False})
+    assert run("--root", tmp_path / "ok", "--tables-only") == 0
+    assert "random weights" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["num_blocks", "num_steps", "batch_size", "T_from_model"])
+def test_metadata_count_as_a_string_names_the_key_and_type(tmp_path, capsys, key):
+    """Issue 21.20: ``num_blocks: "4"`` gave "num_blocks='4' but the arrays have Bk=4"; now the key and the type."""
+    good_run(tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    meta[key] = str(meta[key])
+    (tmp_path / "run" / "metadata.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"metadata {key} must be a whole number" in err and f"got {meta[key]!r} (a string)" in err
+
+
+def test_duplicate_phrases_are_analysed_once(tmp_path, capsys):
+    """Issue 21.20: --phrases "a barn|a barn" gave duplicate columns; each phrase once, one warning line."""
+    good_run(tmp_path / "run")
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only", "--phrases", "a barn|in front|A  barn|a barn") == 0
+    err = capsys.readouterr().err
+    assert len([ln for ln in err.splitlines() if "more than once" in ln]) == 1
+    for enc in ("clip", "t5"):
+        tables = tmp_path / "run" / "analysis" / enc / "tables"
+        heads = [header(p)[1:] for p in sorted(tables.glob("phrases_*.csv"))]
+        assert heads and all(h == ["a barn", "in front"] for h in heads), heads
+
+
 def test_every_hand_edited_runs_jsonl_value_gives_a_user_error():
     row = {"run": 0, "folder": "0000-a", "prompt": [BICYCLE], "seed": 1, "status": "done", "process": 0, "error": None}
     unexpected = []
