@@ -35,9 +35,9 @@ def _rel(path: str, base: str) -> str:
 
 
 def manifest_files(folder: str) -> Optional[dict[str, Optional[tuple[int, str]]]]:
-    """The files listed by ``folder``'s manifest (relative, ``/``-separated) -> (size, sha256) as
-    written, or None for a manifest of an earlier version that listed names only; None when the
-    folder has no readable manifest written by this tool."""
+    """The files listed by ``folder``'s manifest (relative, ``/``-separated) -> their (size, sha256)
+    when written (None for a file listed by name only, as earlier versions did); None when the folder
+    has no readable manifest written by this tool."""
     try:
         with open(os.path.join(folder, MANIFEST), encoding="utf-8") as fh:
             data = json.load(fh)
