@@ -21,7 +21,7 @@ from ..cli import OneLineParser, fail, parse
 from ..contract import UserError
 from .options import FORMATS, AnalysisOptions, parse_encoders
 from .stats import WEIGHT_MODES, parse_blocks
-from .words import parse_phrases
+from .words import find_words, parse_phrases
 
 PROG = "analyse_stepavg.py"
 
@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="output folder (default: ROOT/analysis); replaced as a whole when it holds only an earlier analysis, "
         "refused when it holds anything else",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier analysis in --out even when some of its files were changed since it wrote them "
+        "(an edited table); without it such an --out is refused, naming the file. Files it did not write are "
+        "never replaced",
     )
     p.add_argument("--topk", type=int, default=12, help="number of words (by heatmap mass) that get heatmaps and curves (default: 12)")
     p.add_argument(
@@ -91,13 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def unique_phrases(phrases: list[str]) -> tuple[list[str], list[str]]:
+    """``phrases`` with each phrase once (the first spelling; phrases that have the same words, in any
+    case, are the same phrase), and those that were given again."""
+    kept: dict[tuple[str, ...], str] = {}
+    again = []
+    for p in phrases:
+        key = tuple(w.text.casefold() for w in find_words(p))
+        if key in kept:
+            again.append(p)
+        else:
+            kept[key] = p
+    return list(kept.values()), again
+
+
 def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
     """The parsed flags as :class:`AnalysisOptions` (raises :class:`UserError`)."""
     return AnalysisOptions(
         root=args.root,
         out=args.out,
         topk=args.topk,
-        phrases=tuple(parse_phrases(args.phrases)),
+        phrases=tuple(unique_phrases(parse_phrases(args.phrases))[0]),
         weights=args.weights,
         encoders=parse_encoders(args.encoders),
         fmt=args.format,
@@ -107,6 +128,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
         tables_only=args.tables_only,
         t5_tokenizer=args.t5_tokenizer,
         vmax_percentile=args.vmax_percentile,
+        overwrite=args.overwrite,
     )
 
 
@@ -116,6 +138,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return code
     try:
         options = options_from_args(args)
+        again = unique_phrases(parse_phrases(args.phrases))[1]
+        if again:
+            print(f"warning: --phrases gives {', '.join(repr(p) for p in dict.fromkeys(again))} more than once; "
+                  "each phrase is analysed once", file=sys.stderr)
+        from . import outdir
+        from .plan import folders
+
+        outdir.check_out(folders(options)[1], options.overwrite)  # before any work (again when planning)
     except UserError as exc:
         return fail(PROG, str(exc))
     from .write import early_pool

@@ -30,6 +30,7 @@ class AnalysisOptions:
     tables_only: bool = False  # CSV tables and index.html only, no figures
     t5_tokenizer: Optional[str] = None  # for original-tool dumps: a T5 tokenizer folder or id
     vmax_percentile: float = 99.0  # heatmap colour scales run from 0 to this percentile of the map (100: its maximum)
+    overwrite: bool = False  # replace an earlier analysis in --out even where one of its files was changed since
 
     def __post_init__(self) -> None:
         if self.topk < 1:

@@ -108,6 +108,16 @@ def _load_image(path: Optional[str], where: str):
         with Image.open(path) as img:
             img.load()
             return path, display_image(img)
+    except Image.DecompressionBombError as exc:
+        raise UserError(
+            f"{where}: the image {path} listed by the dump is too large to open safely ({exc}); replace it, or "
+            "pass --no-overlay to analyse without it"
+        ) from None
+    except MemoryError:
+        raise UserError(
+            f"{where}: the image {path} listed by the dump is too large for this machine's memory; replace it, or "
+            "pass --no-overlay to analyse without it"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise UserError(
             f"{where}: the image {path} listed by the dump is missing or unreadable ({type(exc).__name__}); "
@@ -124,6 +134,14 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
     )
     positions = dump.select_blocks(options.block_ranges)
     sel_ids = [dump.block_ids[p] for p in positions]
+    have = [n for n in ENCODER_TITLES if n in dump.encoders]
+    if not any(n in dump.encoders for n in options.encoders):  # nothing to analyse: an empty report
+        why = "FLUX.1 dumps have t5 only" if dump.metadata.get("model_family") == "flux" else (
+            "dumps of the original tool have t5 only with --t5-tokenizer" if dump.format_version < 2 else "")
+        raise UserError(
+            f"--encoders {','.join(options.encoders)}: {run_dir} has no {' or '.join(options.encoders)} tokens "
+            f"(it has {', '.join(have) or 'none'}{'; ' + why if why else ''}); choose --encoders {','.join(have) or 'clip,t5'}"
+        )
     avg, notes = restrict_blocks(dump, options.block_ranges)
     notes = list(dump.notes) + notes
     images = []
@@ -207,7 +225,7 @@ def make_plan(options: AnalysisOptions) -> Plan:
     root, out = folders(options)
     if not os.path.isdir(root):
         raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with runs.jsonl")
-    outdir.check_out(out)
+    outdir.check_out(out, options.overwrite)
 
     cache: dict = {}
 
@@ -244,8 +262,15 @@ def make_plan(options: AnalysisOptions) -> Plan:
         fonts = choose_fonts(sorted(texts))
         if fonts.note():
             notes.append(Note("warning", fonts.note()))
-    leftovers = outdir.leftovers(out)
+    leftovers, kept = outdir.leftovers(out)
     if leftovers:
         names = ", ".join(os.path.basename(p) for p in leftovers)
         notes.append(Note("note", f"removing what an interrupted analysis left next to {out}: {names}"))
+    if kept:
+        names = ", ".join(f"{os.path.basename(p)} (holds {what})" for p, what in kept)
+        notes.append(Note(
+            "warning",
+            f"leaving alone folders next to {out} that look like an interrupted analysis's but hold files their "
+            f"manifest does not list: {names}; delete them yourself once you have kept what you need",
+        ))
     return Plan(options, root, out, runs, entries or [], entries is not None, loader, notes, fonts, leftovers)

@@ -23,7 +23,7 @@ from .stats import EncoderResult, step_average
 from .tables import write_group_tables, write_tables
 from .views import (
     MAX_LINES, FigureFacts, block_groups, common_words, dominant_words, frame_word_maps, pick_frames, robust_vmax, segmentation_threshold,
-    token_group_masks, token_groups, word_labels, word_maps_arrays,
+    figure_labels, short_label, token_group_masks, token_groups, word_maps_arrays,
 )
 
 
@@ -146,7 +146,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     disp = image[1] if image is not None else None
     over = disp if options.overlay else None
     words = res.words
-    labels = word_labels(words)
+    labels = figure_labels(words)
     ts = _timesteps(res.timesteps)
     scale = plots.scale_note(pct)
     page.scale = scale
@@ -165,7 +165,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     for k, name in files.phrases:
         ph = res.phrases[k]
         occ = f"{len(ph.occurrences)} occurrence" + ("s" if len(ph.occurrences) > 1 else "")
-        heat_titles.append(f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights)")
+        heat_titles.append(f"{title}: \u201c{short_label(ph.phrase)}\u201d ({occ}, {options.weights} weights)")
         page.phrase_heatmaps.append((f"{ph.phrase} ({occ})", f"{rel}/{name}"))
     page.word_heatmaps.extend((f"{labels[j]} (mass {res.mass[j]:.1%})", f"{rel}/{name}") for j, name in files.words)
     plots.save_heatmap_figures(
@@ -237,7 +237,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     kinds = [(files.word_curves, res.curves[:, :, res.top], [labels[j] for j in res.top], "top words", page.word_curves)]
     if files.phrase_curves:
         curves = np.stack([p.curves for p in res.phrases], axis=-1)
-        kinds.append((files.phrase_curves, curves, [p.phrase for p in res.phrases], "phrases", page.phrase_curves))
+        kinds.append((files.phrase_curves, curves, [short_label(p.phrase) for p in res.phrases], "phrases", page.phrase_curves))
     for names, curves, lbls, what, listing in kinds:
         titles = [f"{title}: {what}, transformer_blocks.{bid}" for bid in res.block_ids]
         plots.save_curves_per_block(
@@ -265,7 +265,7 @@ def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions)
 
     c, t = pair
     common = common_words(c.words, t.words)
-    labels = word_labels(c.words)
+    labels = figure_labels(c.words)
     where = dict(common)
     top = [j for j in c.top if j in where][:6]
     pairs = [(c.shares[:, :, j], t.shares[:, :, where[j]]) for j in top]
@@ -394,7 +394,7 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
         def label(prompt: str) -> str:
             return prompt if len(prompt) <= 60 else prompt[:59] + "\u2026"
 
-        rows = [(word, [(label(gs[g].prompt), f"{gs[g].words[j].text} #{gs[g].words[j].index}", m, sd)
+        rows = [(word, [(label(gs[g].prompt), f"{short_label(gs[g].words[j].text)} #{gs[g].words[j].index}", m, sd)
                         for g, j, m, sd in hits]) for word, hits in shared.items()]
         members = [m for m in summaries if m.encoder == enc and m.prompt in {g.prompt for g in gs}]
         facts = FigureFacts(prompt=" | ".join(dict.fromkeys(g.prompt for g in gs)), seed="several (see the groups)",
@@ -459,7 +459,7 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     from . import group_plots, plots
     from .figure import save_figure
 
-    labels = word_labels(res.words)
+    labels = figure_labels(res.words)
     order = [int(j) for j in np.argsort(-res.mass_mean, kind="stable")[: options.topk]]
     title = ENCODER_TITLES[res.encoder]
     ts = res.timesteps
@@ -503,9 +503,9 @@ def write_plan(plan: Plan, pool=None) -> int:
             outcomes = _write_runs(plan, tmp, pool)
             if plan.multi:
                 _write_index(plan, tmp, outcomes, pool)
-        return outdir.commit(tmp, plan.out)
+        return outdir.commit(tmp, plan.out, plan.options.overwrite)
     except BaseException:
-        outdir.remove([tmp])
+        outdir.discard(tmp)
         raise
 
 
