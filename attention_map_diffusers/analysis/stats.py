@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..contract import RENORM_EPS, UserError
+from .original_words import ORIGINAL, original_phrase, original_phrase_name
 from .words import WordMap, find_phrase
 
 WEIGHT_MODES = ("attention", "uniform")
@@ -142,7 +143,8 @@ def analyse_encoder(
         token_maps: (H, W, L) the encoder's slice of ``sum_token_map / N``.
         step_mean: (Bk, S, L) its slice of ``per_block_step_token_mean`` (blocks already selected).
         wordmap: its :class:`WordMap`.
-        phrases: in --phrases order; those that do not occur go to ``missing_phrases``.
+        phrases: in --phrases order; those that do not occur go to ``missing_phrases`` (with the original
+            tool's words, :mod:`.original_words`, they keep an all-zero column, as its phrase maps did).
     """
     shares = renormalise(word_maps(token_maps, wordmap.weights))
     mass = mass_shares(shares)
@@ -159,6 +161,13 @@ def analyse_encoder(
         top=top_k(mass, topk),
     )
     for index, phrase in enumerate(phrases):
+        if wordmap.source == ORIGINAL:  # the original tool's rule: every matching word, anywhere; a phrase never skipped
+            positions, w = original_phrase(wordmap.words, phrase, mass, weights)
+            if not positions:
+                result.missing_phrases.append(phrase)
+            occ = [positions] if positions else []
+            result.phrases.append(PhraseResult(index, original_phrase_name(phrase), occ, w, shares @ w, curves @ w))
+            continue
         occ = find_phrase(wordmap.words, phrase)
         if not occ:
             result.missing_phrases.append(phrase)

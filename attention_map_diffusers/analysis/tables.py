@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ..atomic import write_text
+from .original_words import ORIGINAL
 from .stats import EncoderResult, table_values, word_summary
 from .views import word_labels
 
@@ -44,6 +45,12 @@ def summary_table(result: EncoderResult) -> str:
     return csv_text(["word", "mass", "peak_block", "peak_step", "word_index"], rows)
 
 
+def column_labels(words: Sequence, bare: bool) -> list[str]:
+    """Column names of words: bare texts (the original tool's rule: a repeated word is two columns of the same
+    name) or :func:`~.views.word_labels` (a repeated word numbered, "a #6")."""
+    return [w.text for w in words] if bare else word_labels(words)
+
+
 def write_tables(folder: str, result: EncoderResult, with_phrases: bool) -> list[str]:
     """Write ``folder/tables/*.csv``; returns their paths relative to ``folder``.
 
@@ -55,7 +62,7 @@ def write_tables(folder: str, result: EncoderResult, with_phrases: bool) -> list
     for kind in kinds:
         names, auc_values, mean_values = table_values(result, kind)
         if kind == "words":
-            names = word_labels(result.words)  # repeated words numbered: "a #6"
+            names = column_labels(result.words, result.wordmap.source == ORIGINAL)
         for stat, values in (("auc", auc_values), ("stepavg", mean_values)):
             rel = f"tables/{kind}_{stat}.csv"
             write_text(os.path.join(folder, rel), block_table(result.block_ids, names, values))
@@ -66,14 +73,15 @@ def write_tables(folder: str, result: EncoderResult, with_phrases: bool) -> list
     return written
 
 
-def write_group_tables(folder: str, group) -> list[str]:
-    """Tables of an aggregated group (:class:`~.aggregate_runs.GroupResult`) into ``folder/tables``.
+def write_group_tables(folder: str, group, bare: bool = False) -> list[str]:
+    """Tables of an aggregated group (:class:`~.aggregate_runs.GroupResult`) into ``folder/tables``;
+    ``bare``: words named by their text alone (the original tool's rule, :func:`column_labels`).
 
     ``words_summary.csv``: word,mass_mean,mass_std,n_runs,word_index; ``words_auc.csv`` and
     ``words_stepavg.csv``: per block, each word's mean over runs and ``<word> std``.
     """
     os.makedirs(os.path.join(folder, "tables"), exist_ok=True)
-    labels = word_labels(group.words)
+    labels = column_labels(group.words, bare)
     rows = [[w.text, fmt(group.mass_mean[j]), fmt(group.mass_std[j]), group.n_runs, w.index] for j, w in enumerate(group.words)]
     written = {"tables/words_summary.csv": csv_text(["word", "mass_mean", "mass_std", "n_runs", "word_index"], rows)}
     header = ["block"] + [c for name in labels for c in (name, f"{name} std")]
