@@ -182,7 +182,11 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
                     f"{where}: the encoder truncated the prompt; {len(wm.dropped)} words from "
                     f"{wm.dropped[0].text!r} (word {wm.dropped[0].index}) on are absent from its analysis",
                 ))
-            if not wm.words:
+            if not wm.words and wm.in_specials:
+                typed = ", ".join(sorted({t for t, sp in zip(enc.tokens[i], enc.special[i]) if sp and t in dump.prompts[i]}))
+                notes.append(Note("note", f"{where}: the prompt holds only special tokens ({typed}), which are no words; "
+                                          "only empty tables are written"))
+            elif not wm.words:
                 notes.append(Note("note", f"{where}: the prompt has no words for this encoder; only empty tables are written"))
             per_item.append(res)
         results.append(per_item)
