@@ -61,6 +61,14 @@ def auc(curves: np.ndarray, axis: int = -2) -> np.ndarray:
     return (y[1:] + y[:-1]).sum(axis=0) / 2.0
 
 
+def auc_per_step(curves: np.ndarray, axis: int = -2) -> np.ndarray:
+    """:func:`auc` divided by S - 1, the number of step intervals: the trapezoid average of the curve, in the
+    curve's own unit and comparable across step counts (S = 1: the single step's value)."""
+    y = np.asarray(curves, dtype=np.float64)
+    S = y.shape[axis]
+    return auc(y, axis) / (S - 1) if S > 1 else np.take(y, 0, axis=axis)
+
+
 def step_average(curves: np.ndarray, axis: int = -2) -> np.ndarray:
     """Mean over ``axis`` (steps)."""
     return np.asarray(curves, dtype=np.float64).mean(axis=axis)
@@ -178,16 +186,20 @@ def analyse_encoder(
 
 
 def table_values(result: EncoderResult, kind: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Column names and (Bk, columns) AUC and step-average values for ``kind`` "words" or "phrases"."""
-    if kind == "words":
-        names = [w.text for w in result.words]
-        curves = result.curves  # (Bk, S, n)
-    elif kind == "phrases":
-        names = [p.phrase for p in result.phrases]
-        curves = np.stack([p.curves for p in result.phrases], axis=-1) if result.phrases else np.zeros(result.curves.shape[:2] + (0,))
-    else:
-        raise ValueError(f"kind must be 'words' or 'phrases', got {kind!r}")
+    """Column names and (Bk, columns) AUC and step-average values for ``kind`` "words" or "phrases"
+    (:func:`table_curves` gives the curves themselves)."""
+    names, curves = table_curves(result, kind)
     return names, auc(curves, axis=1), step_average(curves, axis=1)
+
+
+def table_curves(result: EncoderResult, kind: str) -> tuple[list[str], np.ndarray]:
+    """Column names and (Bk, S, columns) curves of ``kind`` "words" or "phrases"."""
+    if kind == "words":
+        return [w.text for w in result.words], result.curves  # (Bk, S, n)
+    if kind == "phrases":
+        names = [p.phrase for p in result.phrases]
+        return names, np.stack([p.curves for p in result.phrases], axis=-1) if result.phrases else np.zeros(result.curves.shape[:2] + (0,))
+    raise ValueError(f"kind must be 'words' or 'phrases', got {kind!r}")
 
 
 def word_summary(result: EncoderResult) -> list[tuple[str, float, int, int]]:
