@@ -19,7 +19,7 @@ from typing import Optional
 
 from ..cli import OneLineParser, fail, parse
 from ..contract import UserError
-from .options import FORMATS, AnalysisOptions, parse_encoders
+from .options import FORMATS, WORD_RULES, AnalysisOptions, parse_encoders
 from .stats import WEIGHT_MODES, parse_blocks
 from .words import find_words, parse_phrases
 
@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="attention",
         help="how a phrase combines its words: 'attention' weights each word by its heatmap mass, "
         "'uniform' equally (default: attention)",
+    )
+    p.add_argument(
+        "--words",
+        choices=WORD_RULES,
+        default="prompt",
+        help="what a word is. 'prompt': the prompt's words, the same for CLIP and T5, punctuation left out, a repeated "
+        "word numbered in tables ('a #6'); 'original': the original tool's words, built from each encoder's tokens "
+        "(CLIP: lower-case pieces, punctuation and contraction parts as words of their own: 'don', \"'t\", ','; T5: "
+        "punctuation glued on: 'barn,'), repeated words left bare, phrases matched word by word anywhere in the "
+        "prompt, for tables that reproduce its columns (default: prompt; see docs/analysis.md)",
     )
     p.add_argument("--encoders", default="clip,t5", help="text encoders to analyse, comma-separated, from clip,t5 (default: clip,t5)")
     p.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default: png)")
@@ -129,6 +139,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
         t5_tokenizer=args.t5_tokenizer,
         vmax_percentile=args.vmax_percentile,
         overwrite=args.overwrite,
+        words=args.words,
     )
 
 

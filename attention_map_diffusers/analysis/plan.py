@@ -14,6 +14,7 @@ from .discover import NOT_LISTED, RunEntry, discover
 from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer
 from .options import ENCODER_TITLES, AnalysisOptions
 from .stats import EncoderResult, analyse_encoder
+from .original_words import original_words
 from .words import map_words
 
 if TYPE_CHECKING:
@@ -167,7 +168,10 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
                     notes.append(Note("note", f"{ENCODER_TITLES[name]} not analysed: the dump has no text positions for it"))
                 continue
             offs = enc.offsets[i] if enc.offsets is not None else None
-            wm = map_words(enc.tokens[i], enc.special[i], dump.prompts[i], enc.length, offsets=offs)
+            if options.words == "original":
+                wm = original_words(enc.tokens[i], enc.special[i], enc.length, name)
+            else:
+                wm = map_words(enc.tokens[i], enc.special[i], dump.prompts[i], enc.length, offsets=offs)
             a, b = enc.span
             res = analyse_encoder(
                 avg[i, :, :, a:b],
@@ -188,14 +192,19 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
                     "zero), so their shares are undefined; the dump is damaged, re-run it"
                 )
             for ph in res.missing_phrases:
-                notes.append(Note("warning", f"phrase {ph!r} does not occur in the {where} words; no file for it"))
+                what = "its column is all zero" if options.words == "original" else "no file for it"
+                notes.append(Note("warning", f"phrase {ph!r} does not occur in the {where} words; {what}"))
             if wm.dropped:
                 notes.append(Note(
                     "note",
                     f"{where}: the encoder truncated the prompt; {len(wm.dropped)} words from "
                     f"{wm.dropped[0].text!r} (word {wm.dropped[0].index}) on are absent from its analysis",
                 ))
-            if not wm.words:
+            if not wm.words and wm.in_specials:
+                typed = ", ".join(sorted({t for t, sp in zip(enc.tokens[i], enc.special[i]) if sp and t in dump.prompts[i]}))
+                notes.append(Note("note", f"{where}: the prompt holds only special tokens ({typed}), which are no words; "
+                                          "only empty tables are written"))
+            elif not wm.words:
                 notes.append(Note("note", f"{where}: the prompt has no words for this encoder; only empty tables are written"))
             per_item.append(res)
         results.append(per_item)

@@ -210,7 +210,8 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
         toc.append((aid, title or _SECTION_TITLES[key]))
         out.append(f'<h3 id="{aid}">{_e(title or _SECTION_TITLES[key])}</h3>' + body)
 
-    src = {"offsets": "token offsets stored in the dump", "aligned": "tokens aligned to the prompt", "markers": "sub-word markers (prompt alignment failed)"}
+    src = {"offsets": "token offsets stored in the dump", "aligned": "tokens aligned to the prompt", "markers": "sub-word markers (prompt alignment failed)",
+           "original": "the original tool's rule on the tokens (--words original)"}
     out.append(f"<p>{len(res.words)} words, from {_e(src.get(res.wordmap.source, res.wordmap.source))}.</p>")
     if res.wordmap.dropped:
         first = res.wordmap.dropped[0]

@@ -249,7 +249,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
 
 def _pair(per_item: Sequence[EncoderResult], options: AnalysisOptions):
     """The (CLIP, T5) results of an item when both have words and figures are drawn."""
-    if options.tables_only:
+    if options.tables_only or options.words == "original":  # the original's CLIP and T5 words differ: no pairs
         return None
     by = {r.encoder: r for r in per_item}
     c, t = by.get("clip"), by.get("t5")
@@ -429,7 +429,7 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
         rel = f"aggregate/{k:03d}-{slugify(res.prompt, 40)}"
         folder = os.path.join(tmp, rel, res.encoder)
         os.makedirs(folder, exist_ok=True)
-        tables = [f"{rel}/{res.encoder}/{t}" for t in write_group_tables(folder, res)]
+        tables = [f"{rel}/{res.encoder}/{t}" for t in write_group_tables(folder, res, bare=options.words == "original")]
         page = GroupPage(res, rel, tables)
         if not options.tables_only and res.words:
             facts = FigureFacts(prompt=res.prompt, seed=", ".join(str(s) for s in res.seeds) + f" ({res.n_runs} runs)",
