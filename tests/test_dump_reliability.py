@@ -210,22 +210,61 @@ def test_temp_files_left_by_a_kill_are_removed(sd3_dir, tmp_path, monkeypatch, c
     assert run_main(args) == 0
     run = out / "0000-a-cat"
     leftovers = [
-        run / ".stepavg_token_maps_v1.k2j4h5l1.tmp.npz",
-        run / ".metadata.ab_d1234.tmp.json",
-        run / "images" / ".seed42-64x64-idx0.zzzzzzzz.tmp.png",
-        out / ".runs.q1w2e3r4.tmp.jsonl",
+        run / ".stepavg_token_maps_v1.attnmap-k2j4h5l1.tmp.npz",
+        run / ".metadata.attnmap-ab_d1234.tmp.json",
+        run / "images" / ".seed42-64x64-idx0.attnmap-zzzzzzzz.tmp.png",
+        out / ".runs.attnmap-q1w2e3r4.tmp.jsonl",
+        out / "..runs-part-3.attnmap-q1w2e3r4.tmp.jsonl",
         out / ".runs-part-3.jsonl",
         out / ".runs.lock",
     ]
-    keep = [out / ".hidden", out / "notes.tmp", run / "images" / "mine.tmp.png"]
+    # a user's files, and (left alone, as docs/FORMAT.md says) the temporary names of older versions
+    keep = [out / ".hidden", out / "notes.tmp", run / "images" / "mine.tmp.png",
+            run / ".stepavg_token_maps_v1.k2j4h5l1.tmp.npz"]
     for p in leftovers + keep:
         p.write_bytes(b"x")
+    (out / ".runs-part-3.jsonl").write_text(json.dumps(
+        {"run": 0, "folder": "0000-a-cat", "prompt": ["a cat"], "seed": 42, "status": "done", "process": 3}) + "\n")
+    (out / ".runs.lock").write_bytes(b"")
     no_model(monkeypatch)  # both runs are complete: only the tidying is left
     capsys.readouterr()
     assert run_main(args) == 0
-    assert "removed 6 temporary file(s)" in capsys.readouterr().err
+    assert "removed 7 temporary file(s)" in capsys.readouterr().err
     assert [p for p in leftovers if p.exists()] == []
     assert all(p.exists() for p in keep)
+
+
+def test_leftover_cleanup_keeps_user_files_named_like_temp_files(sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.1: only the temporary files of this tool's own files go; a user's look-alikes stay."""
+    from attention_map_diffusers.atomic import atomic_path
+
+    out = tmp_path / "mine"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--out", out, "--no-image", *SMALL]
+    assert run_main(args) == 0
+    run = out / "0000-a-cat"
+    user = {}
+    for folder in (out, run):
+        for name in (".notes.20241201.tmp", ".draft.abcdefgh.tmp.txt"):  # the issue's two names
+            user[folder / name] = f"my notes in {folder.name}".encode()
+    # a user's files that read like the tool's own: a part of runs.jsonl that is no such thing, a lock
+    # with text in it
+    user[out / ".runs-part-0.jsonl"] = b"my own log\n"
+    user[out / ".runs.lock"] = b"do not delete"
+    for p, data in user.items():
+        p.write_bytes(data)
+    # a genuine leftover: the temporary file atomic_path made for the npz, kept as a kill would keep it
+    with pytest.raises(ZeroDivisionError):
+        with atomic_path(run / "stepavg_token_maps_v1.npz") as tmp:
+            shutil.copy(tmp, tmp + ".kept")
+            1 / 0
+    genuine = run / os.path.basename(tmp)
+    os.rename(tmp + ".kept", genuine)
+    no_model(monkeypatch)
+    capsys.readouterr()
+    assert run_main(args) == 0
+    assert "removed 1 temporary file(s)" in capsys.readouterr().err
+    assert not genuine.exists()
+    assert {p: p.read_bytes() for p in user} == user
 
 
 # ---------------------------------------------------------------------------------------------

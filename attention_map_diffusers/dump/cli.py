@@ -21,9 +21,18 @@ from typing import Optional
 # torch-free imports only here, so that --help and bad input answer at once
 from ..cli import OneLineParser, fail, parse
 from ..atomic import remove_temp_files
-from ..contract import IMAGES_DIR, RUN_STATUSES, RUNS_NAME, RunRecord, UserError, read_runs_jsonl
+from ..contract import (
+    IMAGES_DIR,
+    METADATA_NAME,
+    NPZ_NAME,
+    RUN_STATUSES,
+    RUNS_NAME,
+    RunRecord,
+    UserError,
+    read_runs_jsonl,
+)
 from .interrupts import Interrupted, interrupts
-from .journal import RunsJournal, remove_leftovers
+from .journal import PART_RE, RunsJournal, remove_leftovers
 from .loading import (
     TINY_MODELS,
     Geometry,
@@ -461,11 +470,20 @@ def _record(run, status: str, process: int, error=None) -> RunRecord:
 def _tidy(out: str, folders: list[str], is_main: bool) -> None:
     """Remove what a killed command left: temporary files in the run folders (this process's) and,
     on the main process, in ``out`` (with the per-process parts of runs.jsonl and their lock)."""
+    from .writer import IMAGE_FILE
+
+    def run_file(name: str) -> bool:
+        return name in (NPZ_NAME, METADATA_NAME)
+
+    def out_file(name: str) -> bool:  # a single run's folder is out itself
+        return run_file(name) or name == RUNS_NAME or bool(PART_RE.fullmatch(name))
+
     removed = []
     if is_main:
-        removed += remove_temp_files(out) + remove_leftovers(out)
+        removed += remove_temp_files(out, out_file) + remove_leftovers(out)
     for folder in folders:
-        removed += remove_temp_files(folder) + remove_temp_files(os.path.join(folder, IMAGES_DIR))
+        removed += remove_temp_files(folder, run_file)
+        removed += remove_temp_files(os.path.join(folder, IMAGES_DIR), lambda name: bool(IMAGE_FILE.fullmatch(name)))
     if removed:
         print(f"note: removed {len(set(removed))} temporary file(s) left by an interrupted command", file=sys.stderr)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,6 +25,11 @@ class WriteError(Exception):
         self.error = error
         self.reason = error.strerror or str(error)
         super().__init__(f"cannot write {folder}: {self.reason}")
+
+
+#: The names of the images a run writes: :func:`image_name`, and image mode's fitted source
+#: (``source-{stem}-{w}x{h}.{ext}``, image_run.source_image_name).
+IMAGE_FILE = re.compile(r"(seed-?\d+-\d+x\d+-idx\d+|source-.+-\d+x\d+)\.(png|jpg)")
 
 
 def image_ext(fmt: str) -> str:
