@@ -180,6 +180,59 @@ def test_damaged_npz_or_metadata_is_redone_with_a_warning(sd3_dir, tmp_path, cap
     assert [r["status"] for r in rows] == ["done", "done", "skipped"]
 
 
+def _flip_a_bit_in_the_data(npz):
+    """Flip one bit inside the first large member's array data (the zip directory stays valid)."""
+    import zipfile
+
+    raw = bytearray(npz.read_bytes())
+    with zipfile.ZipFile(npz) as zf:
+        info = next(i for i in zf.infolist() if i.compress_size > 400)
+    assert info.compress_type == zipfile.ZIP_STORED
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    data = info.header_offset + 30 + name_len + extra_len
+    raw[data + 300] ^= 0x04  # past the 128-byte npy header: an array value
+    npz.write_bytes(bytes(raw))
+
+
+def test_resume_verifies_npz_crc_finite_values_and_listed_images(sd3_dir, tmp_path, capsys):
+    """Issue 21.6: a bit-flipped npz, an npz holding NaN and a run whose image was deleted are redone
+    with a one-line warning each, not skipped as complete."""
+    from attention_map_diffusers.contract import npz_problem
+
+    out = tmp_path / "verify"
+    args = ["--model", sd3_dir, *[a for w in ("cat", "dog", "owl", "cow") for a in ("--prompt", f"a {w}")],
+            "--out", out, *SMALL]
+    assert run_main(args) == 0
+    flipped = out / "0000-a-cat" / "stepavg_token_maps_v1.npz"
+    _flip_a_bit_in_the_data(flipped)
+    nan = out / "0001-a-dog" / "stepavg_token_maps_v1.npz"
+    with np.load(nan) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["sum_token_map"] = arrays["sum_token_map"].copy()
+    arrays["sum_token_map"].flat[7] = np.nan
+    np.savez(nan, **arrays)
+    image = out / "0002-a-owl" / "images" / "seed42-64x64-idx0.png"
+    image.unlink()
+    assert npz_problem(flipped) is None and npz_problem(nan) is None  # the zip directories still open
+    untouched = snapshot(out / "0003-a-cow")
+    capsys.readouterr()
+    assert run_main(args) == 0
+    cap = capsys.readouterr()
+    assert "3 run(s) written, 1 skipped" in cap.out
+    warnings = [ln for ln in messages(cap.err) if ln.startswith("warning:")]
+    assert len(warnings) == 3 and all(ln.endswith("; the run is done again") for ln in warnings)
+    assert "0000-a-cat" in warnings[0] and "CRC" in warnings[0]
+    assert "0001-a-dog" in warnings[1] and "sum_token_map holds 1 NaN or infinite value(s)" in warnings[1]
+    assert "0002-a-owl" in warnings[2] and "images/seed42-64x64-idx0.png" in warnings[2] and "missing" in warnings[2]
+    for npz in (flipped, nan):
+        with np.load(npz) as z:
+            assert all(np.isfinite(z[k]).all() for k in z.files)
+    assert image.is_file()
+    assert snapshot(out / "0003-a-cow") == untouched
+    assert [r.status for r in read_runs_jsonl(out / "runs.jsonl")] == ["done", "done", "done", "skipped"]
+
+
 def test_single_run_and_folder_of_runs_do_not_mix(single, sd3_dir, tmp_path, monkeypatch, capsys):
     """The analysis reads runs.jsonl when there is one: the other kind would be silently ignored."""
     out, args = single
