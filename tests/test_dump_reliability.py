@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -424,6 +425,42 @@ def test_full_disk_stops_a_job_of_several_runs(sd3_dir, tmp_path, monkeypatch, c
     assert "0 run(s) written, 0 skipped (already complete), 1 failed" in cap.out
     rows = read_runs_jsonl(out / "runs.jsonl")
     assert [(r.folder, r.status) for r in rows] == [("0000-a-cat", "failed")]  # run 1 never started: not listed
+
+
+# ---------------------------------------------------------------------------------------------
+# Results that are not numbers
+
+
+def test_non_finite_maps_fail_the_run_and_are_never_marked_complete(sd3_dir, tmp_path, capsys):
+    """Issue 21.7: --guidance-scale 1e30 overflows the pipeline into NaN maps: the run fails (one line,
+    exit 1; listed as failed with its error) and its folder holds no metadata.json or npz."""
+    huge = ["--guidance-scale", "1e30"]
+    single = tmp_path / "single"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--out", single, *SMALL]
+    assert run_main(args) == 0  # a complete run with sane settings, then redone with the huge scale
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a warning would be a second line on stderr
+        assert run_main(args + huge + ["--overwrite"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("sd_35_stepavg_dump.py: error: the attention maps hold NaN or infinite values")
+    assert "--guidance-scale" in line
+    assert sorted(os.listdir(single)) == ["images"]  # the earlier run's npz and metadata are gone
+    assert os.listdir(single / "images") == ["seed42-64x64-idx0.png"]  # the earlier run's image: not replaced
+
+    many = tmp_path / "many"
+    assert run_main(["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--out", many, "--no-image", *SMALL,
+                     *huge]) == 1
+    cap = capsys.readouterr()
+    assert "0 run(s) written, 0 skipped (already complete), 2 failed" in cap.out
+    errors = [ln for ln in messages(cap.err) if ln.startswith("error:")]
+    assert len(errors) == 2 and all("NaN or infinite" in ln for ln in errors)
+    rows = read_runs_jsonl(many / "runs.jsonl")
+    assert [(r.folder, r.status) for r in rows] == [("0000-a-cat", "failed"), ("0001-a-dog", "failed")]
+    assert all("NaN or infinite" in r.error for r in rows)
+    for r in rows:
+        names = set(os.listdir(many / r.folder)) if (many / r.folder).exists() else set()
+        assert not names & {"metadata.json", "stepavg_token_maps_v1.npz"}, names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -515,7 +515,7 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
         from .run import run_one
 
         kernel_paths = KernelPaths()  # one self-check per configuration for all runs of this process
-        from .writer import WriteError
+        from .writer import NonFiniteMaps, WriteError
 
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
@@ -529,6 +529,12 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
                     return fail(PROG, message, 1)
                 tqdm.write(f"error: run {run.index} ({run.folder}): {message}; stopping", file=sys.stderr)
                 break
+            except NonFiniteMaps as exc:  # this run's numbers overflowed; the others may not
+                journal.record(_record(run, "failed", journal.process, str(exc)))
+                if n_runs == 1:
+                    return fail(PROG, str(exc), 1)
+                tqdm.write(f"error: run {run.index} ({run.folder}) failed: {exc}", file=sys.stderr)
+                continue
             except Exception as exc:  # a failed run is reported and the others go on
                 if n_runs == 1:
                     raise

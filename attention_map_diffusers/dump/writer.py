@@ -32,6 +32,25 @@ class WriteError(Exception):
 IMAGE_FILE = re.compile(r"(seed-?\d+-\d+x\d+-idx\d+|source-.+-\d+x\d+)\.(png|jpg)")
 
 
+class NonFiniteMaps(ValueError):
+    """The maps of a run hold NaN or infinite values (the pipeline's numbers overflowed, e.g. under a
+    huge --guidance-scale): the run fails and nothing of it is written."""
+
+
+def check_finite(arrays: dict) -> None:
+    """Raise :class:`NonFiniteMaps` when a floating array of ``arrays`` holds NaN or an infinity."""
+    bad = {k: int(np.count_nonzero(~np.isfinite(v))) for k, v in arrays.items()
+           if np.asarray(v).dtype.kind in "fc"}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        key = next(iter(bad))
+        more = f" and {len(bad) - 1} more array(s)" if len(bad) > 1 else ""
+        raise NonFiniteMaps(
+            f"the attention maps hold NaN or infinite values ({bad[key]} in {key}{more}): the pipeline's numbers "
+            "overflowed (check --guidance-scale, --dtype); nothing of this run was kept"
+        )
+
+
 def image_ext(fmt: str) -> str:
     """The file extension of an --image-format."""
     return {"png": "png", "jpg": "jpg", "jpeg": "jpg"}[fmt]
@@ -197,20 +216,9 @@ def write_run(folder: str, arrays: dict, metadata: dict, images: Sequence, image
 
     Raises:
         WriteError: a file could not be written (no temporary file is left behind).
+        NonFiniteMaps: the maps (as stored) hold NaN or infinite values; nothing is written, and an
+            earlier run's metadata.json and npz in ``folder`` (a run being redone) are removed.
     """
-    try:
-        _write_run(folder, arrays, metadata, images, image_format, embed, store_dtype)
-    except OSError as exc:
-        raise WriteError(folder, exc) from exc
-
-
-def _write_run(folder, arrays, metadata, images, image_format, embed, store_dtype) -> None:
-    os.makedirs(os.path.join(folder, IMAGES_DIR) if images else folder, exist_ok=True)
-    meta_path = os.path.join(folder, METADATA_NAME)
-    if os.path.exists(meta_path):
-        os.unlink(meta_path)  # overwriting: the folder is incomplete until the new metadata lands
-    for i, (img, rel) in enumerate(zip(images, metadata["images"])):
-        save_image(img, os.path.join(folder, rel), image_format, metadata if embed else None, i)
     stored = {}
     for key, value in arrays.items():
         if key in ("N",):
@@ -219,5 +227,39 @@ def _write_run(folder, arrays, metadata, images, image_format, embed, store_dtyp
             stored[key] = np.asarray(value, dtype=np.float32)
         else:
             stored[key] = np.asarray(value).astype(store_dtype, copy=False)
+    refuse_non_finite(folder, stored)  # after the cast: float16 overflows beyond 65504
+    try:
+        _write_run(folder, stored, metadata, images, image_format, embed)
+    except OSError as exc:
+        raise WriteError(folder, exc) from exc
+
+
+def refuse_non_finite(folder: str, arrays: dict) -> None:
+    """:func:`check_finite`; when it raises, first remove ``folder``'s metadata.json and npz (an
+    earlier run being redone there) so that the failed run's folder never reads as complete.
+
+    Raises:
+        NonFiniteMaps, or WriteError when those files cannot be removed.
+    """
+    try:
+        check_finite(arrays)
+    except NonFiniteMaps:
+        try:
+            for name in (METADATA_NAME, NPZ_NAME):
+                path = os.path.join(folder, name)
+                if os.path.lexists(path):
+                    os.unlink(path)
+        except OSError as exc:
+            raise WriteError(folder, exc) from exc
+        raise
+
+
+def _write_run(folder, stored, metadata, images, image_format, embed) -> None:
+    os.makedirs(os.path.join(folder, IMAGES_DIR) if images else folder, exist_ok=True)
+    meta_path = os.path.join(folder, METADATA_NAME)
+    if os.path.exists(meta_path):
+        os.unlink(meta_path)  # overwriting: the folder is incomplete until the new metadata lands
+    for i, (img, rel) in enumerate(zip(images, metadata["images"])):
+        save_image(img, os.path.join(folder, rel), image_format, metadata if embed else None, i)
     write_npz(os.path.join(folder, NPZ_NAME), stored)
     write_json(meta_path, metadata)
