@@ -478,6 +478,62 @@ def test_bad_input_refused_before_the_model_loads(sd3_dir, tmp_path, monkeypatch
     assert snapshot(tmp_path) == before
 
 
+def _fake_hub_cache(monkeypatch, tmp_path, repo_id, model_dir):
+    """A Hugging Face cache holding ``repo_id``'s configs (copied from ``model_dir``), no weights."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub-cache"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    sha = "0" * 40
+    for sub in ("", "vae/", "transformer/"):
+        name = "model_index.json" if not sub else "config.json"
+        target = repo / "snapshots" / sha / sub / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(model_dir, sub, name), target)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+
+
+UPPER_BOUNDS = {
+    "canonical size": (["--canonical-size", "100000", "100000"],
+                       "--canonical-size 100000 100000 is finer than the image (64 x 64 pixels)"),
+    "steps": (["--steps", "100000000000"], "--steps must be at most 1000"),
+    "images per prompt": (["--num-images-per-prompt", "100000000"], "--num-images-per-prompt must be at most 64"),
+    "images per call": (["--batch-size", "3", "--num-images-per-prompt", "30"],
+                        "--batch-size 3 x --num-images-per-prompt 30 makes 90 images per pipeline call; at most 64"),
+    "skip layer, local folder": (["--skip-guidance-layers", "99"], "this model has blocks 0..1, got [99]"),
+    "skip layer, cached hub id": (["--skip-guidance-layers", "2", "--model", "someone/tiny-sd3"],
+                                  "this model has blocks 0..1, got [2]"),
+    "skip layer, tiny-random": (["--skip-guidance-layers", "4", "--model", "tiny-random"],
+                                "this model has blocks 0..3, got [4]"),
+}
+
+
+@pytest.mark.parametrize("case", list(UPPER_BOUNDS))
+def test_upper_bounds_refused_before_the_model_loads(case, sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.8: sizes, steps, images and block indices beyond what can run are refused with one line
+    and exit 2 before any model loads (block counts from a local folder's or the cache's config)."""
+    no_model(monkeypatch)
+    _fake_hub_cache(monkeypatch, tmp_path, "someone/tiny-sd3", sd3_dir)  # sd3_dir: 2 transformer blocks
+    flags, expected = UPPER_BOUNDS[case]
+    prompts = ["--prompt", "a cat", "--prompt", "a dog", "--prompt", "a owl"]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert run_main(["--model", sd3_dir, *prompts, "--out", tmp_path / "o", *SMALL, *flags]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("sd_35_stepavg_dump.py: error: ") and expected in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_upper_bounds_are_named_in_help(capsys):
+    with pytest.raises(SystemExit):
+        dump.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(at most 1000)" in text and "at most 64" in text and "at most the image size" in text
+    assert "each once and below the model's number of blocks" in text
+
+
 def test_repeated_seed_flags_add_up():
     parser = dump.build_parser()
     assert parser.parse_args(["--seed", "1", "--seed", "2"]).seed == [1, 2]
