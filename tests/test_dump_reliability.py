@@ -534,6 +534,20 @@ def test_upper_bounds_are_named_in_help(capsys):
     assert "each once and below the model's number of blocks" in text
 
 
+@pytest.mark.parametrize("out", ["", " ", os.fsdecode(b"out\xff")], ids=["empty", "blank", "not utf-8"])
+def test_out_empty_or_not_utf8_is_refused(out, sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.9: --out "" would write into the current folder; a non-UTF-8 --out crashes the analysis
+    later. Both: one line, exit 2, nothing written."""
+    no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert dump.main(["--model", sd3_dir, "--prompt", "a cat", "--out", out, *SMALL]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("sd_35_stepavg_dump.py: error: --out ")
+    assert ("names no folder" in line) if not out.strip() else ("not valid UTF-8" in line and "folder name" in line)
+    assert os.listdir(tmp_path) == []
+
+
 def test_repeated_seed_flags_add_up():
     parser = dump.build_parser()
     assert parser.parse_args(["--seed", "1", "--seed", "2"]).seed == [1, 2]

@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out(out: str) -> None:
+    if not out.strip():
+        raise UserError(f"--out {out!r} names no folder (it would write into the current one); give a folder name")
+    _check_text("--out", out)  # the analysis writes it into its tables and pages as UTF-8
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is an existing file; give a folder")
     probe = os.path.abspath(out)
@@ -196,7 +199,8 @@ def _check_text(flag: str, text: str) -> None:
     except UnicodeEncodeError as exc:
         raise UserError(
             f"{flag} {ascii(text[:40])} is not valid UTF-8 text (an undecodable byte at character {exc.start}); "
-            "check the terminal's encoding, or put the prompts in a UTF-8 --prompts-file"
+            + ("give a folder name that is valid UTF-8" if flag == "--out" else
+               "check the terminal's encoding, or put the prompts in a UTF-8 --prompts-file")
         ) from None
 
 
