@@ -571,6 +571,18 @@ def test_prompts_file_with_a_byte_order_mark(tmp_path):
     assert read_prompts_file(str(path)) == []
 
 
+def test_prompts_file_splits_on_newlines_only(tmp_path):
+    """Issue 21.13: a prompt holding U+2028, \\x0b, \\x0c, \\x85, U+2029, \\x1c or a lone \\r is one prompt;
+    lines end at \\n or \\r\\n."""
+    from attention_map_diffusers.dump.runs import read_prompts_file
+
+    inner = ["a cat\u2028on a mat", "a dog\x0bin fog", "a owl\x0cat night", "a cow\x85in snow",
+             "a fox\u2029by a box", "a bee\x1cin a tree", "a yak\ron a track"]
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(("\n".join(inner[:4]) + "\r\n" + "\r\n".join(inner[4:]) + "\n").encode("utf-8"))
+    assert read_prompts_file(str(path)) == inner
+
+
 @pytest.mark.slow
 def test_undecodable_prompt_byte_in_a_subprocess(tmp_path):
     """A byte the shell cannot decode reaches Python as a lone surrogate: one line, exit 2."""
