@@ -361,6 +361,60 @@ def test_runs_jsonl_lists_finished_runs_while_running_and_after_ctrl_c(sd3_dir, 
     assert [r.status for r in read_runs_jsonl(out / "runs.jsonl")] == ["skipped", "skipped", "done", "done"]
 
 
+def test_ctrl_c_during_a_metadata_write_leaves_no_half_run(sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.19: Ctrl-C while a run's metadata.json is being written. The half run is neither listed
+    in runs.jsonl nor left on disk for the analysis to count as failed; the same command resumes."""
+    import attention_map_diffusers.atomic as atomic
+    from attention_map_diffusers.analysis.discover import discover
+
+    out = tmp_path / "stopped"
+    real = atomic.write_bytes
+
+    def write_bytes(path, data):
+        if os.path.basename(path) == "metadata.json" and "0001-a-dog" in str(path):
+            with atomic.atomic_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    fh.write(data[: len(data) // 2])
+                    fh.flush()
+                    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C half way through the file
+                    time.sleep(5)
+        return real(path, data)
+
+    monkeypatch.setattr(atomic, "write_bytes", write_bytes)
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--prompt", "a owl", "--out", out, *SMALL]
+    capsys.readouterr()
+    assert run_main(args) == 130
+    assert "interrupted by SIGINT: 1 run(s) finished" in one_line(capsys.readouterr().err)
+    assert [(r.folder, r.status) for r in read_runs_jsonl(out / "runs.jsonl")] == [("0000-a-cat", "done")]
+    assert sorted(os.listdir(out)) == ["0000-a-cat", "runs.jsonl"]  # the half run's npz and image are gone
+    entries, _ = discover(str(out), str(tmp_path / "analysis"))
+    assert [(e.folder, e.status, e.problem) for e in entries] == [("0000-a-cat", "done", None)]
+
+    monkeypatch.setattr(atomic, "write_bytes", real)
+    capsys.readouterr()
+    assert run_main(args) == 0
+    assert "2 run(s) written, 1 skipped" in capsys.readouterr().out
+
+
+def test_a_stop_keeps_a_run_being_redone_whole_and_user_files(tmp_path):
+    """discard_unfinished removes only what makes a half run: nothing in a folder whose metadata.json
+    is there, and never a file that is not the run's own."""
+    from attention_map_diffusers.dump.writer import discard_unfinished
+
+    whole = tmp_path / "0000-whole"
+    (whole / "images").mkdir(parents=True)
+    for name in ("metadata.json", "stepavg_token_maps_v1.npz", "images/seed1-64x64-idx0.png"):
+        (whole / name).write_bytes(b"x")
+    assert discard_unfinished(str(whole), own_folder=True) == [] and len(snapshot(whole)) == 3
+    half = tmp_path / "0001-half"
+    (half / "images").mkdir(parents=True)
+    for name in ("stepavg_token_maps_v1.npz", "images/seed1-64x64-idx0.png", "images/seed-2-64x64-idx1.jpg",
+                 "images/.seed1-64x64-idx0.attnmap-abcdefgh.tmp.png", "notes.txt", "images/mine.png"):
+        (half / name).write_bytes(b"x")
+    assert len(discard_unfinished(str(half), own_folder=True)) == 4
+    assert sorted(snapshot(half)) == ["images/mine.png", "notes.txt"]
+
+
 @pytest.mark.slow
 def test_sigterm_leaves_a_folder_the_analysis_reads(sd3_dir, tmp_path):
     """A cluster's time limit: SIGTERM after the first run; runs.jsonl lists what finished."""

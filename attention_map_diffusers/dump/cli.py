@@ -546,12 +546,15 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
         from .run import run_one
 
         kernel_paths = KernelPaths()  # one self-check per configuration for all runs of this process
-        from .writer import NonFiniteMaps, WriteError
+        from .writer import NonFiniteMaps, WriteError, discard_unfinished
 
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
                 run_fn = run_image if run.image is not None else run_one
                 path = run_fn(pipe, run, settings, placement, folder_of(run), kernel_paths)
+            except Interrupted:  # leave no half run that the analysis would count as failed
+                discard_unfinished(folder_of(run), own_folder=bool(run.folder))
+                raise
             except WriteError as exc:  # a full disk fails every later run too: stop here
                 journal.record(_record(run, "failed", journal.process, str(exc)))
                 message = (f"{exc}; free some space (or fix the permissions) and run the same command again: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -11,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .. import __version__
-from ..atomic import atomic_path, write_json, write_npz
+from ..atomic import atomic_path, remove_temp_files, write_json, write_npz
 from ..contract import FINGERPRINT_KEY, FORMAT_VERSION, IMAGES_DIR, METADATA_NAME, NPZ_NAME, SETTINGS_KEY, PromptTokens
 from .settings import RunSettings
 
@@ -252,6 +253,31 @@ def refuse_non_finite(folder: str, arrays: dict) -> None:
         except OSError as exc:
             raise WriteError(folder, exc) from exc
         raise
+
+
+def discard_unfinished(folder: str, own_folder: bool) -> list[str]:
+    """After a stop (SIGTERM, Ctrl-C) in the middle of a run: unless ``folder`` holds its
+    metadata.json (then the run, or the earlier one being redone, is whole), remove what the run left
+    there: its npz, its images and the temporary files of both, then ``images/`` and, when
+    ``own_folder`` (a run sub-folder, not ``--out`` itself), ``folder`` if they are empty. Other files
+    stay. Returns the removed paths."""
+    if os.path.lexists(os.path.join(folder, METADATA_NAME)) or not os.path.isdir(folder):
+        return []
+    removed = remove_temp_files(folder, lambda name: name in (NPZ_NAME, METADATA_NAME))
+    images = os.path.join(folder, IMAGES_DIR)
+    removed += remove_temp_files(images, lambda name: bool(IMAGE_FILE.fullmatch(name)))
+    paths = [os.path.join(folder, NPZ_NAME)]
+    if os.path.isdir(images):
+        paths += [os.path.join(images, n) for n in sorted(os.listdir(images)) if IMAGE_FILE.fullmatch(n)]
+    for path in paths:
+        if os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+    for empty in ([images, folder] if own_folder else [images]):
+        with contextlib.suppress(OSError):
+            os.rmdir(empty)  # only when empty
+    return removed
 
 
 def _write_run(folder, stored, metadata, images, image_format, embed) -> None:
