@@ -570,14 +570,28 @@ def test_upper_bounds_refused_before_the_model_loads(case, sd3_dir, tmp_path, mo
     and exit 2 before any model loads (block counts from a local folder's or the cache's config)."""
     no_model(monkeypatch)
     _fake_hub_cache(monkeypatch, tmp_path, "someone/tiny-sd3", sd3_dir)  # sd3_dir: 2 transformer blocks
-    flags, expected = UPPER_BOUNDS[case]
+    _refused_before_loading(sd3_dir, tmp_path, capsys, *UPPER_BOUNDS[case])
+
+
+def _refused_before_loading(model, tmp_path, capsys, flags, expected):
+    """Three prompts with ``flags``: one line holding ``expected``, exit 2, nothing written."""
     prompts = ["--prompt", "a cat", "--prompt", "a dog", "--prompt", "a owl"]
     before = snapshot(tmp_path)
     capsys.readouterr()
-    assert run_main(["--model", sd3_dir, *prompts, "--out", tmp_path / "o", *SMALL, *flags]) == 2
+    assert run_main(["--model", model, *prompts, "--out", tmp_path / "o", *SMALL, *flags]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("sd_35_stepavg_dump.py: error: ") and expected in line, line
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--skip-guidance-layers", "1", "1"], "block 1 is given twice, got [1, 1]"),
+    (["--skip-guidance-layers", "0", "1", "--skip-guidance-layers", "0"], "block 0 is given twice, got [0, 1, 0]"),
+], ids=["one flag", "repeated flags"])
+def test_skip_guidance_layers_given_twice_is_refused(flags, expected, sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.20 (dump part): a block named twice in --skip-guidance-layers."""
+    no_model(monkeypatch)
+    _refused_before_loading(sd3_dir, tmp_path, capsys, flags, expected)
 
 
 def test_upper_bounds_are_named_in_help(capsys):

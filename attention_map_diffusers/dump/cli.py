@@ -368,6 +368,9 @@ def check_skip_layers(layers, n_blocks: Optional[int]) -> None:
         return
     if min(layers) < 0:
         raise UserError(f"--skip-guidance-layers must be block indices >= 0, got {layers}")
+    dup = next((i for k, i in enumerate(layers) if i in layers[:k]), None)
+    if dup is not None:
+        raise UserError(f"--skip-guidance-layers: block {dup} is given twice, got {list(layers)}; give each block once")
     if n_blocks is not None and max(layers) >= n_blocks:
         raise UserError(f"--skip-guidance-layers: this model has blocks 0..{n_blocks - 1}, got {list(layers)}")
 
