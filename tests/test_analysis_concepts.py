@@ -105,3 +105,116 @@ def test_partly_nan_block_is_refused(tmp_path):
     concept_run(tmp_path, arrays_edit={"concept_per_block_step_mean": mean}, meta_edit={"concept_blocks": [0]})
     with pytest.raises(UserError, match="block position 2 is partly NaN"):
         load_dump(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis/concepts/
+
+
+def _torch_bilinear(grid_hwc: np.ndarray, H: int, W: int) -> np.ndarray:
+    """(Hc, Wc, C) -> (C, H, W) float64 with torch's bilinear resize (align_corners=False): an
+    implementation independent of the package's."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(grid_hwc, -1, 0)))[None].double()
+    return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)[0].numpy()
+
+
+class _Sections(__import__("html.parser").parser.HTMLParser):
+    """The ids and texts of the h2 headings, and every href / src of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.h2, self.links, self._in = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "h2":
+            self._in = [a.get("id"), ""]
+        for k in ("href", "src"):
+            if a.get(k):
+                self.links.append(a[k])
+
+    def handle_data(self, data):
+        if self._in is not None:
+            self._in[1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "h2" and self._in is not None:
+            self.h2.append(tuple(self._in))
+            self._in = None
+
+
+def test_concept_maps_npz_is_the_upsampled_mean_map(tmp_path):
+    # 64 wide, 48 high image over a 4x5 grid: the upsampling differs per axis
+    _, arrays, md = concept_run(tmp_path / "run", grid=(4, 5), image_size=(64, 48))
+    assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--tables-only"]) == 0
+    out = tmp_path / "run" / "analysis" / "concepts"
+    stored = arrays["concept_sum_map"].astype(np.float16).astype(np.float64)  # as written (float16 store)
+    ref = _torch_bilinear(stored[0] / float(arrays["concept_N"]), 48, 64)
+    with np.load(out / "concept_maps.npz") as z:
+        assert sorted(z.files) == ["concepts", "image_size", "maps"]
+        assert z["maps"].dtype == np.float32 and z["maps"].shape == (3, 48, 64)
+        np.testing.assert_allclose(z["maps"], ref, rtol=0, atol=1e-6)
+        assert z["concepts"].tolist() == CONCEPTS and z["image_size"].tolist() == [48, 64]
+        np.testing.assert_allclose(z["maps"].sum(axis=0), 1.0, atol=2e-3)
+    # --tables-only: the npz and the mass table, nothing else
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["concept_maps.npz", "tables/concepts_mass.csv"]
+    lines = (out / "tables" / "concepts_mass.csv").read_text().splitlines()
+    assert lines[0] == "concept,mean_share" and [ln.split(",")[0] for ln in lines[1:]] == CONCEPTS
+    grid_mean = (stored[0] / float(arrays["concept_N"])).mean(axis=(0, 1))
+    np.testing.assert_allclose([float(ln.split(",")[1]) for ln in lines[1:]], grid_mean, rtol=1e-6)
+
+
+def test_argmax_picture_and_report_section(tmp_path):
+    # "sky" wins the top half, "cat" the bottom-left quarter (planted logits), "background" the rest or noise
+    logits = np.zeros((1, 6, 6, 3))
+    logits[0, :3, :, 1] = 6.0
+    logits[0, 3:, :3, 0] = 6.0
+    _, arrays, md = concept_run(tmp_path / "run", grid=(6, 6), image_size=(48, 36), logits=logits, nan_blocks=(1,))
+    assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--dpi", "30", "--encoders", "t5", "--topk", "1"]) == 0
+    from PIL import Image
+
+    from attention_map_diffusers.analysis.concepts import colours
+
+    root = tmp_path / "run" / "analysis"
+    out = root / "concepts"
+    ref = _torch_bilinear(arrays["concept_sum_map"].astype(np.float16).astype(np.float64)[0] / float(arrays["concept_N"]), 36, 48)
+    rgb = np.asarray(Image.open(out / "segmentation_map.png").convert("RGB"))
+    assert rgb.shape == (36, 48, 3)
+    np.testing.assert_array_equal(rgb, colours(3)[ref.argmax(axis=0)])  # each pixel in its winning concept's colour
+    assert (rgb[:15] == colours(3)[1]).all() and (rgb[21:, :21] == colours(3)[0]).all()
+    assert sorted(os.listdir(out / "heatmaps")) == [f"{k:03d}-{n}.png" for k, n in enumerate(CONCEPTS)]
+    page = _Sections()
+    page.feed((root / "index.html").read_text(encoding="utf-8"))
+    ids = [h for h, _ in page.h2]
+    assert ("concepts", "Concept maps") in page.h2 and ids.index("concepts") == ids.index("t5") + 1  # after the word maps
+    for f in ("segmentation.png", "segmentation_map.png", "concept_maps.npz", "heatmaps/001-sky.png", "curves.png",
+              "curves_blocks.png", "tables/concepts_mass.csv"):
+        assert "concepts/" + f in page.links, f
+    assert all((root / link).is_file() for link in page.links if link.startswith("concepts/"))
+
+
+def test_several_items_get_their_own_concepts_folder(tmp_path):
+    _, arrays, _ = concept_run(tmp_path / "run", B=2, seed=3)
+    assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--tables-only"]) == 0
+    root = tmp_path / "run" / "analysis"
+    for i in range(2):
+        ref = _torch_bilinear(arrays["concept_sum_map"].astype(np.float16).astype(np.float64)[i] / float(arrays["concept_N"]), 48, 64)
+        with np.load(root / f"item{i}" / "concepts" / "concept_maps.npz") as z:
+            np.testing.assert_allclose(z["maps"], ref, rtol=0, atol=1e-6)
+    page = _Sections()
+    page.feed((root / "index.html").read_text(encoding="utf-8"))
+    assert ("item0-concepts", "Concept maps") in page.h2 and ("item1-concepts", "Concept maps") in page.h2
+    assert "item1/concepts/concept_maps.npz" in page.links
+
+
+def test_blocks_restrict_concept_maps_with_per_block_maps(tmp_path):
+    _, arrays, _ = concept_run(tmp_path / "run", block_maps=True, store_dtype="float32", nan_blocks=(1,))
+    assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--tables-only", "--blocks", "1-2"]) == 0
+    pbm = arrays["concept_per_block_map"][0, 2].astype(np.float64)  # block 1 has no stream: block 2 alone
+    ref = _torch_bilinear(pbm / pbm.sum(axis=-1, keepdims=True), 48, 64)
+    with np.load(tmp_path / "run" / "analysis" / "concepts" / "concept_maps.npz") as z:
+        np.testing.assert_allclose(z["maps"], ref, rtol=0, atol=1e-6)
