@@ -30,6 +30,7 @@ from ..contract import (
     prompt_tokens,
     read_runs_jsonl,
 )
+from . import concepts as concept_io
 from .dumpchecks import (
     Shape,
     check_arrays,
@@ -105,6 +106,7 @@ class Dump:
     notes: list[Note] = field(default_factory=list)
     block_maps: Optional[np.ndarray] = None  # (B, Bk, Hc, Wc, T) per_block_token_map, when read
     steps_flipped: bool = False  # the file stored steps by ascending timestep (original tool); flipped on load
+    concepts: Optional[concept_io.ConceptData] = None  # the concept maps (dumps made with --concepts)
 
     @classmethod
     def from_result(cls, result: Any, prompts: Sequence[str], tokenizers: dict[str, Any]) -> "Dump":
@@ -397,7 +399,9 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     meta = _read_metadata(folder)
     version = format_version(meta, where)
     required = NPZ_REQUIRED_ARRAYS if version >= 2 else NPZ_CORE_ARRAYS
-    arrays = _read_arrays(folder, required, optional=("per_block_token_map",) if block_maps else (), meta=meta)
+    optional = (("per_block_token_map",) if block_maps else ()) + concept_io.NPZ_REQUIRED
+    arrays = _read_arrays(folder, required, optional=optional + ((concept_io.BLOCK_MAP_KEY,) if block_maps else ()), meta=meta)
+    concept_arrays = concept_io.split_arrays(arrays)  # checked by read_concepts (NaN marks blocks without a stream)
     shape = check_arrays(arrays, where)
     check_metadata(meta, shape, version, where)
     prompts = read_prompts(meta, shape.B, where)
@@ -413,6 +417,9 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         timesteps = None if timesteps is None else np.ascontiguousarray(timesteps[::-1])
     if timesteps is None:
         notes.append(Note("note", "the dump has no timesteps (original tool): steps are numbered by index only, 0 = first denoising step"))
+    concepts = concept_io.read_concepts(concept_arrays, meta, shape.B, shape.Hc, shape.Wc, shape.Bk, shape.S, where)
+    if flip and concepts is not None:
+        concepts = concepts.flipped_steps()
     pbm = arrays.get("per_block_token_map")
     expected = (shape.B, shape.Bk, shape.Hc, shape.Wc, shape.T)
     if pbm is not None and pbm.shape != expected:
@@ -436,6 +443,7 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         notes=notes,
         block_maps=None if pbm is None else pbm.astype(np.float32, copy=False),
         steps_flipped=flip,
+        concepts=concepts,
     )
 
 

@@ -100,6 +100,7 @@ class ItemPage:
     encoders: list[EncoderPage]
     compare: Optional[str] = None  # clip_vs_t5 figure
     facts: Optional[object] = None  # plots.FigureFacts
+    concepts: Optional[object] = None  # concept_output.ConceptPage (dumps with concept maps)
 
 
 @dataclass
@@ -331,6 +332,12 @@ def run_page(
             name = {"clip": "CLIP", "t5": "T5"}.get(page.result.encoder, page.result.encoder)
             toc.append((_anchor(prefix, page.result.encoder), f"{name}" + (f" (item {it.item})" if prefix else ""), 0))
             toc += [(a, t, 1) for a, t in sub]
+            body.append(html_)
+        if it.concepts is not None:
+            from .concept_output import concept_section
+
+            html_, (aid_c, title_c) = concept_section(it.concepts, fmt, prefix)
+            toc.append((aid_c, title_c + (f" (item {it.item})" if prefix else ""), 0))
             body.append(html_)
     toc.append(("run", "Run and settings", 0))
     body.append(f'<h2 id="run">Run</h2>{_table(["key", "value"], facts)}<h2 id="settings">Analysis settings</h2>{_table(["setting", "value"], setting_rows)}')

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..atomic import write_bytes, write_npz, write_text
 from ..contract import UserError, slugify
-from . import framemaps, outdir
+from . import concept_output, framemaps, outdir
 from .aggregate_runs import RunSummary, aggregate, group_runs
 from .dumpfile import Dump, format_ranges
 from .fonts import FontChoice, use_fonts
@@ -106,6 +106,7 @@ def count_files(run: RunPlan, options: AnalysisOptions) -> int:
     """Progress-bar units of a run: one per encoder's tables, one per figure (and per item, CLIP vs T5)."""
     frames = frame_plan(run, options)
     n = sum(1 + len(figure_files(res, options, frames)) for per_item in run.results for res in per_item)
+    n += concept_output.count_files(run.dump, options)
     return n + sum(1 for per_item in run.results if _pair(per_item, options) is not None)
 
 
@@ -352,9 +353,13 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
                                         tuple(res.block_ids), res.mass, res.curves, res.shares.astype(np.float32),
                                         _timesteps(res.timesteps), facts.model, facts.random_weights))
         del frame_maps
+        concepts = None
+        if dump.concepts is not None:
+            rel = f"{base}/concepts" if base else "concepts"
+            concepts = concept_output.write_concepts(os.path.join(dest, rel), rel, dump, i, image, facts, options, positions, tick)
         if thumbnail is None:
             thumbnail = image_rel or next((p.summary for p in pages if p.summary), None)
-        items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts))
+        items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts, concepts=concepts))
     settings = {
         "encoders": ",".join(options.encoders),
         "top-k": options.topk,

@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description=(
             "Zero-shot segmentation with attention dumps (no model needed): per image and word, IoU and AP of "
-            "thresholded word maps (daam), of the argmax over the image's concept words (argmax) and of three "
-            "baselines (whole, centre, random); over the set, mIoU, class-averaged mIoU, pixel accuracy and mAP."
+            "thresholded word maps (daam), of the argmax over the image's concept words (argmax), of the dump's "
+            "concept maps (concept, concept-argmax) and of three baselines (whole, centre, random); over the set, "
+            "mIoU, class-averaged mIoU, pixel accuracy and mAP."
         ),
         epilog="Outputs: OUT/summary.csv, OUT/per_image/<key>.csv, OUT/skipped.csv, OUT/summary.png, OUT/cases.png. "
         "See the README section 'Zero-shot segmentation'.",
@@ -84,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "upsampled bilinearly, min-max normalised, >= --tau; argmax: each pixel to the concept word with the "
         "highest normalised map, background below --bg-threshold; whole: every pixel; centre: a centred Gaussian "
         "(sigma = a quarter of each side) scored like daam; random: a uniform random map on the dump's grid "
-        "(fixed --seed) scored like daam",
+        "(fixed --seed) scored like daam. concept and concept-argmax score the dump's concept maps (dumps made with "
+        "--concepts; other runs are listed as skipped), with ConceptAttention's protocols: concept: the map of the "
+        "concept named like the class (case-insensitive words of its name or phrases), upsampled bilinearly, inside "
+        "where greater than its mean; concept-argmax: each pixel to its concept with the largest share, background "
+        "where that concept is named like no class (e.g. 'background', 'sky'). Their encoder column is 'concepts'",
     )
     p.add_argument(
         "--encoder",

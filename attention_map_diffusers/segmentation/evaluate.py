@@ -18,6 +18,7 @@ from ..analysis.dumpfile import Dump, load_dump
 from ..analysis.framemaps import BLOCK_KEY, STEP_KEY, available, read_frames
 from ..analysis.words import find_phrase, find_words
 from ..contract import UserError
+from . import concepts as concept_scores
 from . import masks as gtmod
 from .maps import centre_prior, encoder_word_maps, phrase_map, random_grids, upsample
 from .metrics import argmax_labels, average_precision, iou, minmax, multiclass_accuracy, pixel_accuracy
@@ -294,6 +295,8 @@ def score_concepts(key: str, encoder: str, names: list[str], grids: np.ndarray, 
     norm = np.stack([minmax(upsample(g, H, W)) for g in grids]) if n else np.zeros((0, H, W))
     out: list[Score] = []
     for method in options.methods:
+        if method in concept_scores.METHODS:  # scored on the concept maps (image_scores)
+            continue
         if method in ("daam", "argmax"):
             heats = norm
         elif method == "whole":
@@ -342,7 +345,7 @@ def evaluate_run(folder: str, options: SegmentationOptions, classes, *, keys: Op
         scores: list[Score] = []
         skips = list(truth.skipped)
         kept: Optional[dict] = {} if keep else None
-        for encoder in encoders:
+        for encoder in encoders if method_count(options) else []:
             grids = concept_grids(dump, item, tmap, encoder, truth.concepts)
             ok = [k for k, g in enumerate(grids) if g is not None]
             for k, g in enumerate(grids):
@@ -353,8 +356,17 @@ def evaluate_run(folder: str, options: SegmentationOptions, classes, *, keys: Op
             names = [truth.concepts[k].name for k in ok]
             gts = np.stack([truth.concepts[k].gt for k in ok])
             scores += score_concepts(key, encoder, names, np.stack([grids[k] for k in ok]), gts, truth.valid, options, kept)
+        if any(m in concept_scores.METHODS for m in options.methods):  # the dump's concept maps
+            got, why = concept_scores.image_scores(dump, key, item, truth, options, kept)
+            scores += got
+            skips += why
         images.append(ImageEval(key, folder, item, _image_path(dump, item), scores, skips, kept, truth if keep else None))
-    return images, skipped, encoders
+    return images, skipped, encoders + concept_scores.columns(dump, options)
+
+
+def method_count(options: SegmentationOptions) -> int:
+    """How many of the methods asked for score word maps (the concept methods score the concept maps)."""
+    return sum(m not in concept_scores.METHODS for m in options.methods)
 
 
 def _image_path(dump: Dump, item: int) -> Optional[str]:
@@ -390,6 +402,9 @@ def evaluate(options: SegmentationOptions, progress: Callable[[Iterable], Iterab
         ev.skipped += skipped
         for im in images:
             ev.skipped += im.skipped
+    ev.skipped, note = concept_scores.tidy_skips(ev.skipped, ev.encoders, options)
+    if note:
+        ev.notes.append(note)
     if not ev.images:
         looked = ", ".join(sorted({s.key for s in ev.skipped})[:3])
         layout = "MASKS/<key>.png (--voc)" if options.voc else "MASKS/<key>/<word>.png"

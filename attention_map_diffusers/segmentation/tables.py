@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .maps import BASELINES
+from .maps import BASELINES, MULTICLASS
 
 PER_IMAGE_COLUMNS = ("encoder", "method", "word", "iou", "ap", "pixel_acc", "pred_px", "gt_px")
 SUMMARY_COLUMNS = ("method", "encoder", "selection", "images", "n", "mIoU", "class_mIoU", "pixel_acc", "mAP")
@@ -56,7 +56,7 @@ def summarise(scores: Sequence, methods: Sequence[str], encoders: Sequence[str],
             by_word = defaultdict(list)
             for r in rows:
                 by_word[r.word.lower()].append(r.iou)
-            if m == "argmax":  # one multi-class accuracy per image, repeated on its rows
+            if m in MULTICLASS:  # one multi-class accuracy per image, repeated on its rows
                 acc = _mean(list({r.key: r.pixel_acc for r in rows}.values()))
             else:
                 acc = _mean(r.pixel_acc for r in rows)
@@ -96,12 +96,13 @@ def skipped_csv(skips: Sequence) -> str:
 
 def text_table(rows: Sequence[SummaryRow]) -> str:
     """A short fixed-width table for the terminal (percentages)."""
-    head = f"{'method':<8} {'encoder':<7} {'n':>6} {'mIoU':>6} {'cls-mIoU':>8} {'pix-acc':>7} {'mAP':>6}"
+    w = max([8] + [len(r.method) for r in rows])
+    head = f"{'method':<{w}} {'encoder':<8} {'n':>6} {'mIoU':>6} {'cls-mIoU':>8} {'pix-acc':>7} {'mAP':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         tag = " (baseline)" if r.baseline else ""
         lines.append(
-            f"{r.method:<8} {r.encoder:<7} {r.n:>6} {100 * r.miou:6.1f} {100 * r.class_miou:8.1f} "
+            f"{r.method:<{w}} {r.encoder:<8} {r.n:>6} {100 * r.miou:6.1f} {100 * r.class_miou:8.1f} "
             f"{100 * r.pixel_acc:7.1f} {100 * r.map:6.1f}{tag}"
         )
     return "\n".join(lines)
