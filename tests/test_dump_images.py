@@ -18,6 +18,7 @@ from attention_map_diffusers.dump.loading import Placement
 from attention_map_diffusers.dump.runs import Run
 from attention_map_diffusers.dump.source_images import cover_crop_box, read_source
 from conftest import load_pipeline
+from image_files import bomb_png
 from reference import ReferenceTap, reference_aggregate
 from test_dump import files_under
 
@@ -138,6 +139,8 @@ def _bad_files(tmp):
     frames = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
     frames[0].save(tmp / "anim.gif", save_all=True, append_images=frames[1:])
     (tmp / "nocols.csv").write_text("file,text\nok.png,a\n")
+    bomb_png(tmp / "bomb.png", 30000, 30000)  # past 2 x MAX_IMAGE_PIXELS: Pillow raises
+    bomb_png(tmp / "big.png", 10000, 10000)  # past MAX_IMAGE_PIXELS: Pillow only warns
 
 
 BAD_IMAGES = {
@@ -146,6 +149,8 @@ BAD_IMAGES = {
     "too small": (["--image", "{tmp}/tiny.png", "--prompt", "a"], "too small"),
     "16-bit": (["--image", "{tmp}/deep.png", "--prompt", "a"], "has pixel mode 'I"),  # 'I;16' ('I' in Pillow < 10)
     "animation": (["--image", "{tmp}/anim.gif", "--prompt", "a"], "has 2 frames"),
+    "decompression bomb": (["--image", "{tmp}/bomb.png", "--prompt", "a"], "bomb.png': Image size (900000000 pixels)"),
+    "past the pixel limit": (["--image", "{tmp}/big.png", "--prompt", "a"], "more than the 89,478,485 pixels"),
     "no prompt": (["--image", "{tmp}/ok.png"], "--image needs the prompt"),
     "csv columns": (["--images-csv", "{tmp}/nocols.csv"], "columns image,prompt"),
     "levels without image": (["--noise-levels", "0.5"], "add --image"),

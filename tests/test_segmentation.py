@@ -520,3 +520,16 @@ def test_summary_means_pairs_classes_and_argmax_images():
     assert d.pixel_acc == pytest.approx((0.5 + 0.7 + 0.9) / 3)
     assert a.pixel_acc == pytest.approx((0.6 + 0.2) / 2)  # one multi-class accuracy per image
     assert a.class_miou == pytest.approx(((0.8 + 0.4) / 2 + 0.0) / 2)
+
+
+@pytest.mark.parametrize("side, message", [(30000, "Image size (900000000 pixels)"), (10000, "more than the 89,478,485 pixels")])
+def test_mask_past_the_pixel_limit_is_one_line_exit_2(tmp_path, capsys, side, message):
+    """A small PNG declaring 30000 x 30000 pixels (Pillow raises) or 10000 x 10000 (Pillow only warns)."""
+    from image_files import bomb_png
+
+    make_run(tmp_path / "r", "a cat on a sofa", [("cat", REGION[0], REGION[1])])
+    os.makedirs(tmp_path / "m" / "r")
+    bomb_png(tmp_path / "m" / "r" / "cat.png", side, side)
+    code, _, err = run_main(["--dumps", tmp_path / "r", "--masks", tmp_path / "m", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cat.png" in err and message in err and not (tmp_path / "o").exists()

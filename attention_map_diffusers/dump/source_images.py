@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..contract import UserError
+from ..imagefile import TooManyPixels, open_upright
 
 MIN_SIDE = 32  # px: smaller images hold too little to be worth a map
 RESAMPLE = "bicubic"
@@ -82,33 +83,39 @@ def cover_crop_box(src_w: int, src_h: int, width: int, height: int) -> tuple[flo
 
 
 def open_checked(path: str):
-    """The image at ``path`` as RGB, or UserError saying what is wrong with it."""
+    """The image at ``path`` as RGB, upright (EXIF orientation applied), or UserError saying what is
+    wrong with it."""
+    return _open_checked(path)[0]
+
+
+def _open_checked(path: str):
+    """(upright RGB image, EXIF orientation applied: 1 for none) of the image at ``path``."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise UserError(f"--image {path!r} does not exist (or is not a file)")
     try:
-        with Image.open(path) as img:
-            if getattr(img, "n_frames", 1) > 1:
-                raise UserError(f"--image {path!r} has {img.n_frames} frames (animation or multi-page); save the "
-                                "frame you want as a PNG and give that")
-            mode = img.mode
-            if mode not in _CONVERTIBLE and mode not in _WITH_ALPHA:
-                raise UserError(f"--image {path!r} has pixel mode {mode!r} (e.g. 16-bit or float), which has no "
-                                "faithful 8-bit RGB form here; convert it to 8-bit RGB first")
-            img.load()
-            w, h = img.size
-            if min(w, h) < MIN_SIDE:
-                raise UserError(f"--image {path!r} is {w}x{h} px: too small (at least {MIN_SIDE} px each side)")
-            if mode in _WITH_ALPHA:
-                rgba = img.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(white, rgba).convert("RGB")
-            return img.convert("RGB")
-    except UserError:
-        raise
+        opened = open_upright(path)
+    except TooManyPixels as exc:
+        raise UserError(f"--image {path!r}: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"--image {path!r} cannot be read as an image ({type(exc).__name__}: {exc})") from None
+    img = opened.image
+    if opened.frames > 1:
+        raise UserError(f"--image {path!r} has {opened.frames} frames (animation or multi-page); save the "
+                        "frame you want as a PNG and give that")
+    mode = img.mode
+    if mode not in _CONVERTIBLE and mode not in _WITH_ALPHA:
+        raise UserError(f"--image {path!r} has pixel mode {mode!r} (e.g. 16-bit or float), which has no "
+                        "faithful 8-bit RGB form here; convert it to 8-bit RGB first")
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise UserError(f"--image {path!r} is {w}x{h} px: too small (at least {MIN_SIDE} px each side)")
+    if mode in _WITH_ALPHA:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), opened.orientation
+    return img.convert("RGB"), opened.orientation
 
 
 def read_source(path: str, height: int, width: int) -> SourceImage:

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..analysis.words import find_words
 from ..contract import UserError
+from ..imagefile import TooManyPixels, open_upright
 
 #: VOC's label of pixels that no metric looks at (object borders, difficult regions).
 VOID = 255
@@ -76,10 +77,10 @@ def read_classes(path: str) -> list[ClassName]:
 
 def _open(path: str) -> Image.Image:
     try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except (OSError, UnidentifiedImageError) as exc:
+        return open_upright(path).image
+    except TooManyPixels as exc:
+        raise UserError(f"the mask {path}: {exc}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise UserError(f"cannot read the mask {path} ({exc}); masks must be PNG files") from None
 
 

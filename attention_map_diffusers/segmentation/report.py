@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from ..imagefile import open_upright
 from . import masks as gtmod
 from .evaluate import Evaluation, evaluate_run, image_geometry, is_image_mode
 from .plots import Case, cases_figure, summary_figure
@@ -87,10 +88,9 @@ def _picture(im, shape) -> Optional[np.ndarray]:
     if path is None:
         return None
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if box is not None:
-                img = img.crop(tuple(box))
-            return np.asarray(img.resize((W, H), Image.BILINEAR) if img.size != (W, H) else img)
-    except OSError:
+        img = open_upright(path).image.convert("RGB")  # the dump's crop box is in upright pixels
+    except (OSError, SyntaxError, ValueError):  # unreadable, or past the pixel limit: no picture
         return None
+    if box is not None:
+        img = img.crop(tuple(box))
+    return np.asarray(img.resize((W, H), Image.BILINEAR) if img.size != (W, H) else img)
