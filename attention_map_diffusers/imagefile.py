@@ -68,7 +68,10 @@ def open_upright(path: str) -> Opened:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-        return Opened(img.copy(), 1, int(getattr(img, "n_frames", 1)))
+        orientation = img.getexif().get(ORIENTATION_TAG, 1)
+        orientation = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+        upright = ImageOps.exif_transpose(img) if orientation != 1 else img.copy()
+        return Opened(upright, orientation, int(getattr(img, "n_frames", 1)))
     except bomb_errors() as exc:
         raise TooManyPixels(_too_many(exc, limit)) from None
     finally:

@@ -204,3 +204,64 @@ def test_image_mode_on_the_loaded_pipeline_is_the_library_call(sd3_dir, tmp_path
     for key, value in res.arrays().items():
         np.testing.assert_allclose(z[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
     assert torch.is_tensor(torch.as_tensor(z["per_step_token_map"]))
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_exif_orientation_is_applied_before_fitting(tmp_path, orientation):
+    """A photo stored sideways with the EXIF tag that turns it upright is read as the upright photo:
+    same size, crop box and fitted pixels (PNG: exactly; JPEG: as its decoded pixels turned by hand)."""
+    from image_files import with_orientation
+
+    upright = Image.open(_write_picture(tmp_path / "up.png", (96, 64)))
+    stored = with_orientation(upright, orientation)
+    stored.save(tmp_path / "side.png", exif=stored.info["exif"])
+    stored.save(tmp_path / "side.jpg", exif=stored.info["exif"], quality=95)
+    assert Image.open(tmp_path / "side.png").size != (96, 64) or orientation == 3  # stored turned
+    want = read_source(str(tmp_path / "up.png"), 64, 64)
+    got = read_source(str(tmp_path / "side.png"), 64, 64)
+    assert (got.size, got.crop_box, got.orientation) == (want.size, want.crop_box, orientation) == ((96, 64), want.crop_box, orientation)
+    np.testing.assert_array_equal(np.asarray(got.fitted), np.asarray(want.fitted))
+    assert got.record()["exif_orientation"] == orientation and want.record()["exif_orientation"] == 1
+    assert got.record()["size"] == [96, 64]
+    # JPEG: the decoded stored pixels, turned back by hand (the transpose that undoes each tag)
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90}[orientation]
+    by_hand = Image.open(tmp_path / "side.jpg").convert("RGB").transpose(undo)
+    assert by_hand.size == (96, 64)
+    ref = by_hand.resize((64, 64), Image.Resampling.BICUBIC, box=cover_crop_box(96, 64, 64, 64))
+    jpg = read_source(str(tmp_path / "side.jpg"), 64, 64)
+    assert jpg.size == (96, 64) and jpg.orientation == orientation
+    np.testing.assert_array_equal(np.asarray(jpg.fitted), np.asarray(ref))
+
+
+def test_sideways_photo_dump_takes_the_upright_masks(sd3_dir, tmp_path, capsys):
+    """The dump of a photo stored sideways (EXIF 6) records the upright size and crop box, so that the
+    masks drawn on the upright photo are accepted and scored like those of the same photo stored upright."""
+    from image_files import with_orientation
+
+    import evaluate_segmentation
+
+    upright = Image.open(_write_picture(tmp_path / "up.png", (96, 64)))
+    stored = with_orientation(upright, 6)
+    stored.save(tmp_path / "side.png", exif=stored.info["exif"])
+    out = tmp_path / "out"
+    argv = ["--model", sd3_dir, "--image", tmp_path / "up.png", tmp_path / "side.png", "--prompt", "a red disc",
+            "--noise-levels", "0.5", "--guidance-scale", "1", "--out", out, *SMALL]
+    assert dump.main([str(x) for x in argv]) == 0, capsys.readouterr().err
+    up, side = (json.loads((out / d / "metadata.json").read_text())["source_image"] for d in ("0000-up", "0001-side"))
+    assert side["size"] == up["size"] == [96, 64] and side["crop_box"] == up["crop_box"]
+    assert (side["exif_orientation"], up["exif_orientation"]) == (6, 1)
+    disc = np.zeros((64, 96), np.uint8)
+    disc[(np.mgrid[:64, :96][0] - 32) ** 2 + (np.mgrid[:64, :96][1] - 28.8) ** 2 < 12.8 ** 2] = 255
+    for key in ("up", "side"):
+        os.makedirs(tmp_path / "m" / key)
+        Image.fromarray(disc).save(tmp_path / "m" / key / "disc.png")
+    capsys.readouterr()
+    code = evaluate_segmentation.main(["--dumps", str(out), "--masks", str(tmp_path / "m"), "--out",
+                                       str(tmp_path / "seg"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    import csv
+
+    rows = {k: list(csv.DictReader(open(tmp_path / "seg" / "per_image" / f"{k}.csv"))) for k in ("up", "side")}
+    # the model saw the same pixels, so every score is the same (but the random baseline's, seeded by the key)
+    same = [[r for r in rows[k] if r["method"] != "random"] for k in ("side", "up")]
+    assert same[0] == same[1] and len(same[0]) == 12 and int(same[0][0]["gt_px"]) > 0

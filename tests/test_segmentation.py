@@ -533,3 +533,31 @@ def test_mask_past_the_pixel_limit_is_one_line_exit_2(tmp_path, capsys, side, me
     code, _, err = run_main(["--dumps", tmp_path / "r", "--masks", tmp_path / "m", "--out", tmp_path / "o"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "cat.png" in err and message in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_masks_stored_sideways_with_exif_are_read_upright(tmp_path, capsys, orientation):
+    """A mask saved sideways with the EXIF tag that turns it upright (as a phone writes a photo) is the
+    upright mask: binary and VOC masks read back as the array drawn, and the scores are the same."""
+    from image_files import with_orientation
+
+    labels = np.zeros((10, 14), np.uint8)
+    labels[2:5, 3:9], labels[6:9, 1:4], labels[0, :] = 8, 16, 255
+    voc_png(str(tmp_path / "up.png"), labels)
+    stored = with_orientation(Image.open(tmp_path / "up.png"), orientation)
+    assert stored.mode == "P" and stored.size == (10, 14)
+    stored.save(tmp_path / "side.png", exif=stored.info["exif"])
+    np.testing.assert_array_equal(gtmod.read_label_mask(str(tmp_path / "side.png")), labels)
+    np.testing.assert_array_equal(gtmod.read_binary_mask(str(tmp_path / "side.png")), labels != 0)
+    # end to end: the upright mask and the sideways one of the same drawing score the same
+    make_run(tmp_path / "r", "a cat on a sofa", [("cat", REGION[0], REGION[1])])
+    gt = box_mask(str(tmp_path / "m1" / "r" / "cat.png"))
+    side = with_orientation(Image.fromarray(gt.astype(np.uint8) * 255), orientation)
+    os.makedirs(tmp_path / "m2" / "r")
+    side.save(tmp_path / "m2" / "r" / "cat.png", exif=side.info["exif"])
+    got = []
+    for m in ("m1", "m2"):
+        code, _, err = run_main(["--dumps", tmp_path / "r", "--masks", tmp_path / m, "--out", tmp_path / f"o{m}"], capsys)
+        assert code == 0, err
+        got.append(read_csv(tmp_path / f"o{m}" / "per_image" / "r.csv"))
+    assert got[0] == got[1] and float(got[0][0]["iou"]) > 0.7

@@ -2,10 +2,10 @@
 model's size. PIL and the standard library only (no torch), so that bad images are refused before
 the model loads.
 
-Every image is resized so that it covers the target size (bicubic, aspect ratio kept) and the
-centre is cropped to it. ``crop_box`` records which source pixels that is, so that ground-truth
-masks given in source coordinates can be cut and resized the same way (the segmentation
-evaluation does).
+Every image is first turned upright (its EXIF orientation applied, as photo viewers show it), then
+resized so that it covers the target size (bicubic, aspect ratio kept) and the centre is cropped to
+it. ``crop_box`` records which pixels of the upright source that is, so that ground-truth masks
+drawn on the upright image can be cut and resized the same way (the segmentation evaluation does).
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ class SourceImage:
     Attributes:
         path: as given. name: its file name. sha256: of its bytes (the run's settings record it,
         so that resuming with another file under the same name is refused).
-        size: (width, height) of the source. crop_box: (left, top, right, bottom) in source
-        pixels: the region resized to ``fitted``'s size. fitted: RGB PIL image of the target size.
+        size: (width, height) of the source, upright. crop_box: (left, top, right, bottom) in the
+        upright source's pixels: the region resized to ``fitted``'s size. fitted: RGB PIL image of
+        the target size. orientation: the EXIF orientation applied to make the source upright (1:
+        none; 6 and 8: a photo taken with the camera turned).
     """
 
     path: str
@@ -52,6 +54,7 @@ class SourceImage:
     size: tuple[int, int]
     crop_box: tuple[float, float, float, float]
     fitted: object  # PIL.Image.Image
+    orientation: int = 1
 
     def record(self) -> dict:
         """metadata.json's ``source_image`` (without ``saved``, added by the writer)."""
@@ -62,6 +65,7 @@ class SourceImage:
             "size": [int(self.size[0]), int(self.size[1])],
             "crop_box": [round(float(v), 4) for v in self.crop_box],
             "resample": RESAMPLE,
+            "exif_orientation": int(self.orientation),
         }
 
 
@@ -122,10 +126,10 @@ def read_source(path: str, height: int, width: int) -> SourceImage:
     """Open, check and fit one image to ``height`` x ``width`` (cover + centre crop, bicubic)."""
     from PIL import Image
 
-    rgb = open_checked(path)
+    rgb, orientation = _open_checked(path)
     box = cover_crop_box(rgb.width, rgb.height, width, height)
     fitted = rgb.resize((width, height), Image.Resampling.BICUBIC, box=box)
-    return SourceImage(path, os.path.basename(path), file_sha256(path), rgb.size, box, fitted)
+    return SourceImage(path, os.path.basename(path), file_sha256(path), rgb.size, box, fitted, orientation)
 
 
 def read_images_csv(path: str) -> list[ImageJob]:

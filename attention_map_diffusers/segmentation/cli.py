@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ground-truth folder: MASKS/<key>/<word>.png per word (nonzero = inside; <word> a word or phrase of the "
         "prompt, case-insensitive), or with --voc MASKS/<key>.png. The key of a run is the stem of its source image "
         "for a dump of a given image (mode \"image\"), else the run folder's name (+ -idx<i> when a run holds several "
-        "images). Masks of given images are in source-image pixels (cropped with the dump's crop_box and resized); "
+        "images). Masks of given images are in the upright source image's pixels (cropped with the dump's crop_box and resized); masks with an EXIF orientation tag are turned upright first; "
         "masks of generated images have the image's size",
     )
     p.add_argument(

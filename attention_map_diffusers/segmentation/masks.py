@@ -1,6 +1,8 @@
 """Ground truth: per-word mask PNGs or VOC-style index PNGs, brought to the image the model saw.
 
 numpy, Pillow and the standard library. Every bad file raises :class:`UserError` with one line.
+Masks are read upright (an EXIF orientation tag applied, as for the dump's given images, whose
+``crop_box`` is in the upright image's pixels) and never past ``PIL.Image.MAX_IMAGE_PIXELS``.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def fit_mask(mask: np.ndarray, size_hw: tuple[int, int], crop_box: Optional[Sequ
     """The mask in the coordinates of the image the model saw.
 
     Without ``crop_box`` (a generated image) the mask must already be ``size_hw``. With it (a dump of a
-    given image) the mask is in source pixels (``source_hw`` when known): it is cropped to
+    given image) the mask is in the upright source's pixels (``source_hw`` when known): it is cropped to
     ``[left, top, right, bottom]`` and resized to ``size_hw`` by nearest neighbour.
     """
     H, W = size_hw
