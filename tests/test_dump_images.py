@@ -139,6 +139,9 @@ def _bad_files(tmp):
     frames = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
     frames[0].save(tmp / "anim.gif", save_all=True, append_images=frames[1:])
     (tmp / "nocols.csv").write_text("file,text\nok.png,a\n")
+    (tmp / "extra.csv").write_text("image,prompt\nok.png,a\nok.png,a cat,left\n")  # unquoted comma
+    (tmp / "twice.csv").write_text("Image,prompt,image\nok.png,a,ok.png\n")
+    (tmp / "quote.csv").write_text('image,prompt\nok.png,a\nok.png,"a cat\nok.png,b\n')  # never closed
     bomb_png(tmp / "bomb.png", 30000, 30000)  # past 2 x MAX_IMAGE_PIXELS: Pillow raises
     bomb_png(tmp / "big.png", 10000, 10000)  # past MAX_IMAGE_PIXELS: Pillow only warns
 
@@ -153,6 +156,9 @@ BAD_IMAGES = {
     "past the pixel limit": (["--image", "{tmp}/big.png", "--prompt", "a"], "more than the 89,478,485 pixels"),
     "no prompt": (["--image", "{tmp}/ok.png"], "--image needs the prompt"),
     "csv columns": (["--images-csv", "{tmp}/nocols.csv"], "columns image,prompt"),
+    "csv extra cell": (["--images-csv", "{tmp}/extra.csv"], "row 3: 3 cells but the header names 2 columns"),
+    "csv column twice": (["--images-csv", "{tmp}/twice.csv"], "the header names the column 'image' 2 times"),
+    "csv open quote": (["--images-csv", "{tmp}/quote.csv"], "row 3: not valid CSV from there on (unexpected end"),
     "levels without image": (["--noise-levels", "0.5"], "add --image"),
     "level out of range": (["--image", "{tmp}/ok.png", "--prompt", "a", "--noise-levels", "1.2"], "must lie in [0, 1]"),
     "timestep out of range": (["--image", "{tmp}/ok.png", "--prompt", "a", "--timesteps", "1001"], "[0, 1000]"),

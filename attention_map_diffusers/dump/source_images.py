@@ -133,31 +133,60 @@ def read_source(path: str, height: int, width: int) -> SourceImage:
 
 
 def read_images_csv(path: str) -> list[ImageJob]:
-    """``image,prompt`` rows (a header naming those columns; image paths relative to the CSV's folder)."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UserError(f"cannot read --images-csv {path!r}: {reason}") from None
-    if "image" not in fields or "prompt" not in fields:
+    """``image,prompt`` rows (a header naming those columns; image paths relative to the CSV's folder).
+
+    Rows are named as a spreadsheet numbers them (the header is row 1), which is the line of the file
+    a row starts on (a quoted cell may span lines)."""
+    rows = _csv_rows(path)
+    header = [c.strip().lower() for c in rows[0][1]] if rows else []
+    if "image" not in header or "prompt" not in header:
         raise UserError(f"--images-csv {path!r} needs a header line with the columns image,prompt (found: "
-                        f"{','.join(fields) or 'nothing'})")
+                        f"{','.join(header) or 'nothing'})")
+    for name in ("image", "prompt"):
+        where = [i + 1 for i, c in enumerate(header) if c == name]
+        if len(where) > 1:
+            raise UserError(f"--images-csv {path!r}: the header names the column {name!r} {len(where)} times "
+                            f"(columns {', '.join(map(str, where))}); keep one")
+    col = {name: header.index(name) for name in ("image", "prompt")}
     base = os.path.dirname(os.path.abspath(path))
     jobs = []
-    for line, row in enumerate(rows, start=2):
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-        if not row.get("image") and not row.get("prompt"):
+    for row, cells in rows[1:]:
+        if len(cells) > len(header):
+            raise UserError(f"--images-csv {path!r} row {row}: {len(cells)} cells but the header names {len(header)} "
+                            "columns; quote a cell that holds a comma (\"a cat, left\")")
+        cell = {name: cells[i].strip() if i < len(cells) else "" for name, i in col.items()}
+        if not any(c.strip() for c in cells):
             continue
-        if not row.get("image") or not row.get("prompt"):
-            raise UserError(f"--images-csv {path!r} line {line}: needs both an image and a prompt")
-        image = os.path.expanduser(row["image"])
-        jobs.append(ImageJob(image if os.path.isabs(image) else os.path.join(base, image), row["prompt"]))
+        if not cell["image"] or not cell["prompt"]:
+            raise UserError(f"--images-csv {path!r} row {row}: needs both an image and a prompt")
+        image = os.path.expanduser(cell["image"])
+        jobs.append(ImageJob(image if os.path.isabs(image) else os.path.join(base, image), cell["prompt"]))
     if not jobs:
         raise UserError(f"--images-csv {path!r} lists no image")
     return jobs
+
+
+def _csv_rows(path: str) -> list[tuple[int, list[str]]]:
+    """(row number, cells) of each row of a CSV file, blank lines left out (strict quoting)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, strict=True)
+            start = 1
+            try:
+                for cells in reader:
+                    if cells:
+                        rows.append((start, cells))
+                    start = reader.line_num + 1
+            except csv.Error as exc:
+                raise UserError(
+                    f"--images-csv {path!r} row {start}: not valid CSV from there on ({exc}); a quote (\") opened "
+                    "in a cell must close it, and a quote inside a quoted cell is written twice (\"\")"
+                ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"cannot read --images-csv {path!r}: {reason}") from None
+    return rows
 
 
 def pair_images(images: list[str], prompts: list[str]) -> list[ImageJob]:
