@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
             "baselines (whole, centre, random); over the set, mIoU, class-averaged mIoU, pixel accuracy and mAP."
         ),
         epilog="Outputs: OUT/summary.csv, OUT/per_image/<key>.csv, OUT/skipped.csv, OUT/summary.png, OUT/cases.png. "
-        "See the README section 'Zero-shot segmentation'.",
+        "Exit codes: 0 everything found was scored (skipped.csv lists what the ground truth holds that was not); "
+        "1 the files are written but some runs could not be scored, or nothing could be (stderr says which); "
+        "2 bad input, nothing written. See the README section 'Zero-shot segmentation'.",
     )
     p.add_argument(
         "--dumps",
@@ -157,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         options = options_from_args(args)
         check_out(options.out, options.overwrite)
-        from .evaluate import evaluate
+        from .evaluate import evaluate, problems
 
         def progress(items):
             from tqdm import tqdm
@@ -179,4 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         remove(tmp)
     print(table)
     print(f"wrote {n} files to {options.out}")
-    return 0
+    incomplete = problems(ev)
+    for level, line in incomplete:
+        print(f"{PROG}: {level}: {line}", file=sys.stderr)
+    return 1 if incomplete else 0

@@ -59,7 +59,7 @@ def read_classes(path: str) -> list[ClassName]:
     Blank lines count (a label without a class); ``#`` starts no comment (a class could be called so).
     """
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is no part of class 0's name
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--classes {path}: cannot read it ({exc})") from None
@@ -152,12 +152,39 @@ def nearest_resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
     return a[ys][:, xs]
 
 
-def word_mask_files(folder: str) -> list[tuple[str, str]]:
-    """``(word, path)`` for every ``*.png`` in ``folder`` (the per-word layout), by name."""
-    out = []
+def word_mask_files(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The per-word layout's files in ``folder``, by name: ``(word, path)`` of every ``*.png`` mask, and
+    ``(name, reason)`` of every other entry, which is not read (a JPEG, a folder, a broken link or a
+    link loop...). Hidden names (``.DS_Store``) are neither."""
+    masks, others = [], []
     for name in sorted(os.listdir(folder)):
+        if name.startswith("."):
+            continue
         path = os.path.join(folder, name)
         stem, ext = os.path.splitext(name)
-        if ext.lower() == ".png" and os.path.isfile(path) and not name.startswith("."):
-            out.append((stem, path))
-    return out
+        problem = entry_problem(path)
+        if problem is None and ext.lower() != ".png":
+            problem = f"not a .png file (masks are PNG{'; JPEG artefacts change a mask' if ext.lower() in JPEG else ''})"
+        if problem is None:
+            masks.append((stem, path))
+        else:
+            others.append((name, problem))
+    return masks, others
+
+
+#: Extensions of the JPEG files that people save masks as by mistake.
+JPEG = (".jpg", ".jpeg", ".jpe")
+
+
+def entry_problem(path: str) -> Optional[str]:
+    """Why ``path`` (which exists as a name) is not a file a mask can be read from, or None."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return "a folder, not a mask file"
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as exc:  # ELOOP: a link loop; ENOENT: a broken link
+            return f"a link that leads nowhere ({exc.strerror or exc})"
+    return "not a regular file"

@@ -60,8 +60,7 @@ def pick_cases(ev: Evaluation, method: str, encoder: str, k: int) -> list[Case]:
     out = []
     for label, picked in (("best", best), ("worst", worst)):
         for rank, s in enumerate(picked, 1):
-            images, _, _ = evaluate_run(folders[s.key], ev.options, classes, keys={s.key}, keep=True)
-            im = images[0]
+            im = evaluate_run(folders[s.key], ev.options, classes, keys={s.key}, keep=True).images[0]
             pred, heat = im.maps[(encoder, method, s.word)]
             gt = next(c.gt for c in im.truth.concepts if c.name == s.word)
             out.append(Case(f"{label} {rank}", s.key, s.word, s.iou, s.ap, _picture(im, gt.shape), gt, pred, heat,
