@@ -157,3 +157,84 @@ def test_byte_order_mark_in_classes_is_no_part_of_a_name(tmp_path, capsys):
     assert code == 0, err
     assert skips(tmp_path / "o") == {}  # background is never a concept, so never "not in the prompt"
     assert {r["word"] for r in read_csv(tmp_path / "o" / "per_image" / "a.csv")} == {"cat"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the output folder
+
+
+def _one_run(tmp_path):
+    make_run(tmp_path / "r", PROMPT, [("cat", REGION[0], REGION[1])])
+    box_mask(str(tmp_path / "m" / "r" / "cat.png"))
+    return ["--dumps", tmp_path / "r", "--masks", tmp_path / "m", "--out", tmp_path / "o"]
+
+
+def _manifest(folder, files):
+    import json
+
+    from attention_map_diffusers.segmentation.write import GENERATOR, MANIFEST
+
+    (folder / MANIFEST).write_text(json.dumps({"generator": GENERATOR, "files": files}))
+
+
+def test_leftovers_are_removed_only_when_every_file_is_on_their_manifest(tmp_path, capsys):
+    from attention_map_diffusers.segmentation.write import new_folder, write_all
+
+    args = _one_run(tmp_path)
+    # a kill while writing: the files written so far are listed, one rename was under way
+    killed = new_folder(str(tmp_path / "o"))
+    write_all(killed, {"summary.csv": "x\n", "per_image/r.csv": "y\n"})
+    (tmp_path / killed / "per_image" / ".r.k2j4h5l1.tmp.csv").write_text("half")
+    # an earlier evaluation being replaced when the kill came, and the user's notes put in it since
+    old = tmp_path / ".o.old-abc123"
+    (old / "per_image").mkdir(parents=True)
+    (old / "summary.csv").write_text("x\n")
+    (old / "per_image" / "r.csv").write_text("y\n")
+    _manifest(old, ["summary.csv", "per_image/r.csv"])
+    (old / "notes.txt").write_text("mine")
+    # a folder of the same pattern that this tool never marked: not ours to judge
+    (tmp_path / ".o.tmp-zzz").mkdir()
+    (tmp_path / ".o.tmp-zzz" / "summary.csv").write_text("theirs")
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    assert not os.path.exists(killed)
+    assert (old / "notes.txt").read_text() == "mine" and (old / "summary.csv").is_file()
+    assert (tmp_path / ".o.tmp-zzz" / "summary.csv").read_text() == "theirs"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"evaluate_segmentation.py: warning: left {old} alone: it holds notes.txt,")
+    # a file in a folder that the manifest does not list, and a sub-folder of its own, count as the user's
+    (old / "notes.txt").unlink()
+    (old / "per_image" / "mine.csv").write_text("z")
+    code, _, err = run_main(args, capsys)
+    assert code == 0 and "it holds per_image/mine.csv," in err and old.exists()
+    (old / "per_image" / "mine.csv").unlink()
+    (old / "plots").mkdir()
+    code, _, err = run_main(args, capsys)
+    assert code == 0 and "it holds plots/," in err and old.exists()
+    (old / "plots").rmdir()
+    code, _, err = run_main(args, capsys)
+    assert code == 0 and err == "" and not old.exists()
+
+
+def test_an_earlier_evaluation_with_a_file_of_the_user_is_not_replaced_as_a_whole(tmp_path, capsys):
+    args = _one_run(tmp_path)
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    out = tmp_path / "o"
+    (out / "notes.txt").write_text("mine")
+    (out / "per_image" / "stale.csv").write_text("from an earlier evaluation")
+    manifest = out / ".segmentation-manifest.json"
+    import json
+
+    listed = json.loads(manifest.read_text())
+    listed["files"].append("per_image/stale.csv")
+    manifest.write_text(json.dumps(listed))
+    code, _, err = run_main(args, capsys)
+    assert code == 2 and "holds an earlier evaluation and notes.txt, which this tool did not write" in err
+    assert (out / "notes.txt").read_text() == "mine"
+    code, _, err = run_main([*args, "--overwrite"], capsys)
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"  # kept
+    assert not (out / "per_image" / "stale.csv").exists()  # the earlier evaluation's, not written again
+    assert sorted(os.listdir(out / "per_image")) == ["r.csv"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".o.")]

@@ -55,13 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         required=True,
-        help="output folder, written at the end as a whole; an earlier evaluation there is replaced, any other "
-        "non-empty folder is refused (see --overwrite)",
+        help="output folder, written at the end as a whole; an earlier evaluation there is replaced when every file "
+        "in it is one it wrote (listed in its .segmentation-manifest.json), any other non-empty folder is refused "
+        "(see --overwrite). Folders .OUT.tmp-* / .OUT.old-* that a killed evaluation left next to it are removed "
+        "when they hold only files of their manifest, else left alone with a warning",
     )
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into a non-empty --out that holds no earlier evaluation (its other files are kept)",
+        help="write into a non-empty --out that holds files this tool did not write: they are kept (a file of the "
+        "same name as one it writes is replaced), the files of an earlier evaluation there are replaced or removed",
     )
     p.add_argument(
         "--voc",
@@ -150,7 +153,7 @@ def options_from_args(args: argparse.Namespace) -> SegmentationOptions:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from .report import build_outputs
-    from .write import check_out, commit, new_folder, remove
+    from .write import check_out, clean_leftovers, commit, new_folder, remove
 
     args, code = parse(build_parser(), argv)
     if args is None:
@@ -181,6 +184,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         remove(tmp)
     print(table)
     print(f"wrote {n} files to {options.out}")
+    for line in clean_leftovers(options.out):
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
     incomplete = problems(ev)
     for level, line in incomplete:
         print(f"{PROG}: {level}: {line}", file=sys.stderr)

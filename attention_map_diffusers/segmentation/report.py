@@ -15,7 +15,7 @@ from . import masks as gtmod
 from .evaluate import Evaluation, evaluate_run, image_geometry, is_image_mode
 from .plots import Case, cases_figure, summary_figure
 from .tables import best_method, per_image_csv, skipped_csv, summarise, summary_csv, text_table
-from .write import safe_name, write_all
+from .write import claim, safe_name, write_all
 
 
 def build_outputs(ev: Evaluation, tmp: str) -> str:
@@ -33,6 +33,7 @@ def build_outputs(ev: Evaluation, tmp: str) -> str:
     best = best_method(rows)
     cases = pick_cases(ev, best.method, best.encoder, o.cases) if best is not None and o.cases else []
     what = f"{best.method} ({best.encoder})" if best is not None else "no method"
+    claim(tmp, ["summary.png", "cases.png"])
     with use_fonts(None):  # words and captions drawn literally ("$" is no mathtext)
         save_figure(summary_figure(rows, title), os.path.join(tmp, "summary.png"), dpi=150)
         save_figure(cases_figure(cases, f"best and worst pairs of the best method: {what}, tau {o.tau:g}"),
