@@ -38,7 +38,7 @@ class Score:
     word: str
     iou: float
     ap: float
-    pixel_acc: float  # binary per word; argmax: the image's multi-class accuracy (the same on each of its rows)
+    pixel_acc: float  # share of the (valid) pixels where the word's predicted mask and its mask agree
     pred_px: int
     gt_px: int
 
@@ -81,6 +81,8 @@ class ImageEval:
     # kept only when asked (for the figures): (encoder, method, word) -> (predicted mask, heat map)
     maps: Optional[dict] = None
     truth: Optional[GroundTruth] = None
+    # argmax's multi-class pixel accuracy of the image (background included), per encoder
+    argmax_acc: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -339,8 +341,10 @@ def concept_grids(dump: Dump, item: int, tmap: np.ndarray, encoder: str, concept
 
 
 def score_concepts(key: str, encoder: str, names: list[str], grids: np.ndarray, gts: np.ndarray,
-                   valid: Optional[np.ndarray], options: SegmentationOptions, keep: Optional[dict] = None) -> list[Score]:
-    """Every method's scores for the n concepts of one image and encoder.
+                   valid: Optional[np.ndarray], options: SegmentationOptions,
+                   keep: Optional[dict] = None) -> tuple[list[Score], Optional[float]]:
+    """Every method's scores for the n concepts of one image and encoder, and argmax's multi-class
+    pixel accuracy of the image (None without argmax).
 
     Args:
         grids: (n, Hc, Wc) the concepts' word maps; gts: (n, H, W) bool masks; valid: (H, W) or None.
@@ -350,6 +354,7 @@ def score_concepts(key: str, encoder: str, names: list[str], grids: np.ndarray, 
     v = np.ones((H, W), dtype=bool) if valid is None else valid
     norm = np.stack([minmax(upsample(g, H, W)) for g in grids]) if n else np.zeros((0, H, W))
     out: list[Score] = []
+    image_acc = None
     for method in options.methods:
         if method in ("daam", "argmax"):
             heats = norm
@@ -367,15 +372,15 @@ def score_concepts(key: str, encoder: str, names: list[str], grids: np.ndarray, 
         else:
             preds = heats >= (0.0 if method == "whole" else options.tau)
         for k, name in enumerate(names):
-            acc = image_acc if method == "argmax" else pixel_accuracy(preds[k], gts[k], valid)
             out.append(Score(
                 key, encoder, method, name,
-                iou(preds[k], gts[k], valid), average_precision(heats[k], gts[k], valid), acc,
+                iou(preds[k], gts[k], valid), average_precision(heats[k], gts[k], valid),
+                pixel_accuracy(preds[k], gts[k], valid),
                 int(np.count_nonzero(preds[k] & v)), int(np.count_nonzero(gts[k] & v)),
             ))
             if keep is not None:
                 keep[(encoder, method, name)] = (preds[k] & v, np.asarray(heats[k]))
-    return out
+    return out, image_acc
 
 
 def evaluate_run(folder: str, options: SegmentationOptions, classes, *, keys: Optional[set] = None,
@@ -404,6 +409,7 @@ def evaluate_run(folder: str, options: SegmentationOptions, classes, *, keys: Op
         scores: list[Score] = []
         skips = list(truth.skipped)
         kept: Optional[dict] = {} if keep else None
+        argmax_acc = {}
         for encoder in encoders:
             grids = concept_grids(dump, item, tmap, encoder, truth.concepts)
             ok = [k for k, g in enumerate(grids) if g is not None]
@@ -414,8 +420,12 @@ def evaluate_run(folder: str, options: SegmentationOptions, classes, *, keys: Op
                 continue
             names = [truth.concepts[k].name for k in ok]
             gts = np.stack([truth.concepts[k].gt for k in ok])
-            scores += score_concepts(key, encoder, names, np.stack([grids[k] for k in ok]), gts, truth.valid, options, kept)
-        images.append(ImageEval(key, folder, item, _image_path(dump, item), scores, skips, kept, truth if keep else None))
+            got, acc = score_concepts(key, encoder, names, np.stack([grids[k] for k in ok]), gts, truth.valid, options, kept)
+            scores += got
+            if acc is not None:
+                argmax_acc[encoder] = acc
+        images.append(ImageEval(key, folder, item, _image_path(dump, item), scores, skips, kept, truth if keep else None,
+                                argmax_acc))
     return RunResult(images, skipped, encoders, with_truth)
 
 

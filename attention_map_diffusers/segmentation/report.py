@@ -14,7 +14,7 @@ from ..imagefile import open_upright
 from . import masks as gtmod
 from .evaluate import Evaluation, evaluate_run, image_geometry, is_image_mode
 from .plots import Case, cases_figure, summary_figure
-from .tables import best_method, per_image_csv, skipped_csv, summarise, summary_csv, text_table
+from .tables import best_method, images_csv, per_image_csv, shown_rows, skipped_csv, summarise, summary_csv, text_table
 from .write import claim, safe_name, write_all
 
 
@@ -24,9 +24,12 @@ def build_outputs(ev: Evaluation, tmp: str) -> str:
     from ..analysis.figure import save_figure
 
     o = ev.options
-    rows = summarise(ev.scores, o.methods, ev.encoders, o.selection)
+    rows = summarise(ev.scores, o.methods, ev.encoders, o.selection, ev.images)
+    shown = shown_rows(ev.scores, rows)
     files = {f"per_image/{safe_name(im.key)}.csv": per_image_csv(im.scores) for im in ev.images}
     files["summary.csv"] = summary_csv(rows)
+    if "argmax" in o.methods:
+        files["images.csv"] = images_csv(ev.images)
     files["skipped.csv"] = skipped_csv(ev.skipped)
     write_all(tmp, files)
     title = f"zero-shot segmentation: {len(ev.images)} images, tau {o.tau:g}, maps of {'all blocks and steps' if o.selection == 'all' else o.selection}"
@@ -35,10 +38,10 @@ def build_outputs(ev: Evaluation, tmp: str) -> str:
     what = f"{best.method} ({best.encoder})" if best is not None else "no method"
     claim(tmp, ["summary.png", "cases.png"])
     with use_fonts(None):  # words and captions drawn literally ("$" is no mathtext)
-        save_figure(summary_figure(rows, title), os.path.join(tmp, "summary.png"), dpi=150)
+        save_figure(summary_figure(shown, title), os.path.join(tmp, "summary.png"), dpi=150)
         save_figure(cases_figure(cases, f"best and worst pairs of the best method: {what}, tau {o.tau:g}"),
                     os.path.join(tmp, "cases.png"), dpi=110)
-    lines = [text_table(rows)]
+    lines = [text_table(shown)]
     if ev.skipped:
         counts = Counter(s.reason for s in ev.skipped)
         lines.append("skipped: " + "; ".join(f"{n} x {r}" for r, n in counts.most_common()) + " (see skipped.csv)")
