@@ -39,7 +39,8 @@ def build_outputs(ev: Evaluation, tmp: str) -> str:
     claim(tmp, ["summary.png", "cases.png"])
     with use_fonts(None):  # words and captions drawn literally ("$" is no mathtext)
         save_figure(summary_figure(shown, title), os.path.join(tmp, "summary.png"), dpi=150)
-        save_figure(cases_figure(cases, f"best and worst pairs of the best method: {what}, tau {o.tau:g}"),
+        name = "bg threshold" if best is not None and best.method == "argmax" else "tau"
+        save_figure(cases_figure(cases, f"best and worst pairs of the best method: {what}, tau {o.tau:g}", name),
                     os.path.join(tmp, "cases.png"), dpi=110)
     lines = [text_table(shown)]
     if ev.skipped:
@@ -61,6 +62,8 @@ def pick_cases(ev: Evaluation, method: str, encoder: str, k: int) -> list[Case]:
     classes = None
     if ev.options.voc:
         classes = gtmod.read_classes(ev.options.classes) if ev.options.classes else gtmod.builtin_classes()
+    o = ev.options
+    threshold = {"argmax": o.background_threshold, "whole": None}.get(method, o.tau)
     out = []
     for label, picked in (("best", best), ("worst", worst)):
         for rank, s in enumerate(picked, 1):
@@ -68,7 +71,7 @@ def pick_cases(ev: Evaluation, method: str, encoder: str, k: int) -> list[Case]:
             pred, heat = im.maps[(encoder, method, s.word)]
             gt = next(c.gt for c in im.truth.concepts if c.name == s.word)
             out.append(Case(f"{label} {rank}", s.key, s.word, s.iou, s.ap, _picture(im, gt.shape), gt, pred, heat,
-                            im.truth.valid))
+                            im.truth.valid, threshold))
     return out
 
 

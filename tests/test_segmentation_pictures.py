@@ -1,0 +1,134 @@
+"""The evaluation's figures, checked on their pixels: summary.png's bars, baselines and error bars,
+cases.png's colour bar and threshold contour."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+from matplotlib import colormaps
+from matplotlib.colors import to_rgb
+
+from attention_map_diffusers.analysis.figure import render_rgba
+from attention_map_diffusers.analysis.plots import HEAT_CMAP, LINE_COLOURS
+from attention_map_diffusers.segmentation.plots import (
+    BASELINE_COLOUR,
+    ERROR_COLOUR,
+    THRESHOLD_COLOUR,
+    Case,
+    cases_figure,
+    summary_figure,
+)
+from attention_map_diffusers.segmentation.tables import NO_ENCODER, SummaryRow
+
+DPI = 100
+
+
+def _rgb(colour) -> np.ndarray:
+    return np.round(np.array(to_rgb(colour)) * 255).astype(int)
+
+
+def _render(fig):
+    rgba = render_rgba(fig, DPI).astype(int)
+    return rgba[..., :3]
+
+
+def _box(fig, ax):
+    """(top, bottom, left, right) pixel rows / columns of ``ax`` in the rendered picture."""
+    bb = ax.get_window_extent()
+    H = int(round(fig.get_figheight() * DPI))
+    return int(round(H - bb.y1)), int(round(H - bb.y0)), int(round(bb.x0)), int(round(bb.x1))
+
+
+def _components(mask: np.ndarray, min_size: int = 30) -> list[tuple[int, int, int, int, int]]:
+    """Connected regions (4-neighbour) of ``mask``: (size, top, bottom, left, right), the small ones dropped."""
+    seen = np.zeros_like(mask, dtype=bool)
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, pix = deque([(y0, x0)]), []
+        while queue:
+            y, x = queue.popleft()
+            pix.append((y, x))
+            for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                v, u = y + dy, x + dx
+                if 0 <= v < mask.shape[0] and 0 <= u < mask.shape[1] and mask[v, u] and not seen[v, u]:
+                    seen[v, u] = True
+                    queue.append((v, u))
+        if len(pix) >= min_size:
+            ys, xs = zip(*pix)
+            out.append((len(pix), min(ys), max(ys), min(xs), max(xs)))
+    return out
+
+
+def _row(method, encoder, miou, se):
+    return SummaryRow(method, encoder, "all", 4, 10, miou, se, miou, miou, se, 0.9, 0.8 if method == "argmax" else float("nan"))
+
+
+def test_summary_draws_each_baseline_once_in_grey_with_95_percent_error_bars():
+    encoders = ("clip", "t5", "both")
+    rows = [_row(m, e, 0.30 + 0.1 * i + 0.05 * j, 0.05) for i, m in enumerate(("daam", "argmax")) for j, e in enumerate(encoders)]
+    rows += [_row(b, NO_ENCODER, v, 0.02) for b, v in (("whole", 0.15), ("centre", 0.25), ("random", 0.12))]
+    fig = summary_figure(rows, "t")
+    img = _render(fig)
+    panels = [ax for ax in fig.axes if ax.get_title() in ("mIoU (%)", "mAP (%)")]
+    assert len(panels) == 2
+    for ax in panels:
+        top, bottom, left, right = _box(fig, ax)
+        part = img[top:bottom, left:right]
+        grey = _components((part == _rgb(BASELINE_COLOUR)).all(-1))
+        assert len(grey) == 3, grey  # each baseline once, not once per encoder
+        for j, e in enumerate(encoders):
+            mine = _components((part == _rgb(LINE_COLOURS[j])).all(-1))
+            assert len(mine) == 2, (e, mine)  # daam and argmax
+            # no encoder colour inside a baseline's bar
+            for _, t, b, lft, rgt in grey:
+                assert not (part[t:b + 1, lft:rgt + 1] == _rgb(LINE_COLOURS[j])).all(-1).any()
+        # the error bar of daam / clip (mean 30 %, se 5 %): from 30 - 9.8 to 30 + 9.8 on a 0-112 axis
+        _, t, b, lft, rgt = sorted(_components((part == _rgb(LINE_COLOURS[0])).all(-1)), key=lambda c: c[3])[0]
+        col = part[:, (lft + rgt) // 2]
+        h = bottom - top
+        dark = np.flatnonzero((np.abs(col - _rgb(ERROR_COLOUR)) <= 40).all(-1))
+        dark = dark[(dark > 1) & (dark < h - 2)]  # not the axes' frame
+        y = lambda pct: h - 1 - pct / 112 * (h - 1)  # noqa: E731 - pixel row of a percentage
+        assert abs(dark.min() - y(30 + 1.96 * 5)) <= 2.5 and abs(dark.max() - y(30 - 1.96 * 5)) <= 2.5, (dark.min(), dark.max())
+        # the bar's top is at its mean
+        assert abs(t - y(30)) <= 2.5
+    labels = [t.get_text() for t in panels[0].get_xticklabels()]
+    assert labels[0] == "daam\nn = 10" and labels[2] == "whole\n(baseline)\nn = 10"
+    assert "1.96 standard errors" in fig._supxlabel.get_text()
+
+
+def test_cases_have_a_colour_bar_and_the_threshold_contour():
+    H = W = 64
+    heat = np.tile(np.arange(W) / (W - 1), (H, 1))  # 0 at the left edge, 1 at the right
+    gt = np.zeros((H, W), bool)
+    gt[10:50, 30:60] = True
+    case = Case("best 1", "k", "cat", 0.5, 0.6, None, gt, heat >= 0.4, heat, None, 0.4)
+    fig = cases_figure([case], "t")
+    img = _render(fig)
+    grid = [ax for ax in fig.axes if ax.get_title()]
+    heat_ax = grid[2]
+    assert "dashed: tau 0.4" in heat_ax.get_title()
+    top, bottom, left, right = _box(fig, heat_ax)
+    part = img[top + 2:bottom - 2, left + 2:right - 2]
+    white = (part >= 235).all(-1)
+    ys, xs = np.nonzero(white)
+    assert len(ys) > 0
+    # heat = x / 63 reaches 0.4 at x = 25.2, i.e. at (25.2 + 0.5) / 64 of the panel's width
+    assert np.median(xs) / part.shape[1] == pytest.approx(25.7 / 64, abs=0.02)
+    assert xs.max() - xs.min() <= 4 and len(set(ys)) > 0.4 * part.shape[0]  # one vertical dashed line
+    # the colour bar: inferno from 0 (bottom) to 1 (top), the threshold marked at 0.4 of its height
+    bar_ax = [ax for ax in fig.axes if ax not in grid and ax.get_ylim() == (0.0, 1.0)]
+    assert len(bar_ax) == 1
+    top, bottom, left, right = _box(fig, bar_ax[0])
+    col = img[top + 2:bottom - 2, left + 3]
+    cmap = colormaps[HEAT_CMAP]
+    assert np.abs(col[0] - np.round(np.array(cmap(1.0)[:3]) * 255)).max() <= 12
+    assert np.abs(col[-1] - np.round(np.array(cmap(0.0)[:3]) * 255)).max() <= 12
+    inside = img[top:bottom, left + 1:right - 1]
+    marks = np.flatnonzero((np.abs(inside - _rgb(THRESHOLD_COLOUR)) <= 20).all(-1).sum(axis=1) >= 2)
+    assert len(marks) and abs(1 - np.median(marks) / (bottom - top) - 0.4) <= 0.03
