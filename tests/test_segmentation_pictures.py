@@ -4,6 +4,7 @@ cases.png's colour bar and threshold contour."""
 from __future__ import annotations
 
 from collections import deque
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -132,3 +133,128 @@ def test_cases_have_a_colour_bar_and_the_threshold_contour():
     inside = img[top:bottom, left + 1:right - 1]
     marks = np.flatnonzero((np.abs(inside - _rgb(THRESHOLD_COLOUR)) <= 20).all(-1).sum(axis=1) >= 2)
     assert len(marks) and abs(1 - np.median(marks) / (bottom - top) - 0.4) <= 0.03
+
+
+# ---------------------------------------------------------------------------------------------
+# index.html
+
+
+class _Dom(HTMLParser):
+    """A small DOM: every element with its tag, attributes, parent and text (html.parser of the standard library)."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.root = {"tag": "#root", "attrs": {}, "children": [], "parent": None, "text": ""}
+        self.here = self.root
+        self.all = []
+
+    def handle_starttag(self, tag, attrs):
+        node = {"tag": tag, "attrs": dict(attrs), "children": [], "parent": self.here, "text": ""}
+        self.here["children"].append(node)
+        self.all.append(node)
+        if tag not in self.VOID:
+            self.here = node
+
+    def handle_endtag(self, tag):
+        node = self.here
+        while node is not self.root and node["tag"] != tag:
+            node = node["parent"]
+        if node is not self.root:
+            self.here = node["parent"]
+
+    def handle_data(self, data):
+        node = self.here
+        while node is not None:
+            node["text"] += data
+            node = node["parent"]
+
+    def find(self, tag, **attrs):
+        return [n for n in self.all if n["tag"] == tag and all(n["attrs"].get(k) == v for k, v in attrs.items())]
+
+
+def _parse(path) -> _Dom:
+    dom = _Dom()
+    dom.feed(path.read_text(encoding="utf-8"))
+    return dom
+
+
+def _cells(row):
+    return [c["text"].strip() for c in row["children"] if c["tag"] in ("td", "th")]
+
+
+def _evaluation(tmp_path, capsys, *, damaged=False):
+    from test_segmentation import box_mask, make_run, run_main
+    from synthetic_dump import write_runs
+
+    runs = []
+    for r, (prompt, word) in enumerate((("a red circle next to a blue square", "circle"), ("a cat on a sofa", "cat"),
+                                        ("a dog and a ball", "dog"))):
+        folder = f"{r:04d}-run"
+        make_run(tmp_path / "d" / folder, prompt, [(word, slice(2, 6), slice(1, 4))], seed=r)
+        box_mask(str(tmp_path / "m" / folder / f"{word}.png"))
+        runs.append({"run": r, "folder": folder, "prompt": [prompt], "seed": r, "status": "done"})
+    box_mask(str(tmp_path / "m" / "0000-run" / "square.png"), pixels=(slice(40, 60), slice(40, 60)))
+    box_mask(str(tmp_path / "m" / "0001-run" / "sofa.png"), value=0)  # empty: skipped
+    write_runs(tmp_path / "d", runs)
+    if damaged:
+        (tmp_path / "d" / "0002-run" / "stepavg_token_maps_v1.npz").write_bytes(b"junk")
+    code, _, err = run_main(["--dumps", tmp_path / "d", "--masks", tmp_path / "m", "--out", tmp_path / "o"], capsys)
+    assert code == (1 if damaged else 0), err
+    return tmp_path / "o"
+
+
+def test_index_html_tables_match_the_csv_files_and_every_link_resolves(tmp_path, capsys):
+    import csv
+
+    out = _evaluation(tmp_path, capsys)
+    dom = _parse(out / "index.html")
+    assert dom.find("meta", name="viewport")
+    assert not dom.find("p", **{"class": "warn"})
+    # every table scrolls inside its own box
+    tables = dom.find("table")
+    assert len(tables) >= 3 and all(t["parent"]["tag"] == "div" and t["parent"]["attrs"].get("class") == "scroll" for t in tables)
+    box = dom.find("div", id="summary-table")[0]
+    rows = [_cells(r) for r in box["children"][0]["children"] if r["tag"] == "tr"]
+    header, body = rows[0], rows[1:]
+    assert header[:5] == ["method", "encoder", "images", "n", "mIoU (%)"] and header[7] == "mAP (%)"
+    assert header[9:] == ["word pixel acc. (%)", "image pixel acc. (%)"]
+    with open(out / "summary.csv", newline="") as fh:
+        csv_rows = {(r["method"], r["encoder"]): r for r in csv.DictReader(fh)}
+    shown = [(r[0].replace(" (baseline)", ""), r[1]) for r in body]
+    methods = [(m, e) for m in ("daam", "argmax") for e in ("clip", "t5", "both")]
+    assert shown == methods + [("whole", "none"), ("centre", "none"), ("random", "none")]  # baselines once
+    for cells in body[:6]:
+        ref = csv_rows[(cells[0], cells[1])]
+        assert cells[3] == ref["n"] and cells[4] == f"{100 * float(ref['mIoU']):.1f}"  # percent of the CSV's fraction
+        assert cells[5] == f"\u00b1\u202f{100 * 1.96 * float(ref['mIoU_se']):.1f}"
+        assert cells[7] == f"{100 * float(ref['mAP']):.1f}"
+        assert cells[10] == (f"{100 * float(ref['image_pixel_acc']):.1f}" if cells[0] == "argmax" else "")
+    # the baselines' rows: every pair once (here the same under each encoder)
+    whole = next(c for c in body if c[0] == "whole (baseline)")
+    assert whole[4] == f"{100 * float(csv_rows[('whole', 't5')]['mIoU']):.1f}"
+    # skipped: counts per reason as in skipped.csv
+    with open(out / "skipped.csv", newline="") as fh:
+        reasons = [r["reason"] for r in csv.DictReader(fh)]
+    box = dom.find("div", id="skipped-reasons")[0]
+    listed = {c[0]: int(c[1]) for c in (_cells(r) for r in box["children"][0]["children"][1:])}
+    assert listed == {r: reasons.count(r) for r in reasons} and listed
+    # per image: one row per image, linked to its CSV
+    box = dom.find("div", id="images-table")[0]
+    keys = [_cells(r)[0] for r in box["children"][0]["children"][1:]]
+    assert keys == ["0000-run", "0001-run", "0002-run"]
+    # every image and link points at a file of the folder
+    for node in dom.find("img"):
+        assert (out / node["attrs"]["src"]).is_file()
+        assert node["parent"]["tag"] == "a" and node["parent"]["attrs"]["href"] == node["attrs"]["src"]  # full size on a tap
+    for node in dom.find("a"):
+        assert (out / node["attrs"]["href"]).is_file(), node["attrs"]["href"]
+    assert {n["attrs"]["src"] for n in dom.find("img")} == {"summary.png", "cases.png"}
+
+
+def test_index_html_says_when_the_evaluation_is_incomplete(tmp_path, capsys):
+    out = _evaluation(tmp_path, capsys, damaged=True)
+    warns = [n["text"] for n in _parse(out / "index.html").find("p", **{"class": "warn"})]
+    assert warns[0].startswith("error: 0002-run: not scored: ")
+    assert warns[1].startswith("error: 1 of 3 runs could not be scored")

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
             "thresholded word maps (daam), of the argmax over the image's concept words (argmax) and of three "
             "baselines (whole, centre, random); over the set, mIoU, class-averaged mIoU, pixel accuracy and mAP."
         ),
-        epilog="Outputs: OUT/summary.csv, OUT/per_image/<key>.csv, OUT/images.csv (argmax's accuracy per image), "
+        epilog="Outputs: OUT/index.html (the report: tables and figures), OUT/summary.csv, OUT/per_image/<key>.csv, OUT/images.csv (argmax's accuracy per image), "
         "OUT/skipped.csv, OUT/summary.png, OUT/cases.png; CSV files hold fractions (0-1), the screen percent. "
         "Exit codes: 0 everything found was scored (skipped.csv lists what the ground truth holds that was not); "
         "1 the files are written but some runs could not be scored, or nothing could be (stderr says which); "

@@ -10,9 +10,11 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from ..atomic import write_text
 from ..imagefile import open_upright
 from . import masks as gtmod
-from .evaluate import Evaluation, evaluate_run, image_geometry, is_image_mode
+from .evaluate import Evaluation, evaluate_run, image_geometry, is_image_mode, problems
+from .page import report_page
 from .plots import Case, cases_figure, summary_figure
 from .tables import best_method, images_csv, per_image_csv, shown_rows, skipped_csv, summarise, summary_csv, text_table
 from .write import claim, safe_name, write_all
@@ -36,12 +38,25 @@ def build_outputs(ev: Evaluation, tmp: str) -> str:
     best = best_method(rows)
     cases = pick_cases(ev, best.method, best.encoder, o.cases) if best is not None and o.cases else []
     what = f"{best.method} ({best.encoder})" if best is not None else "no method"
-    claim(tmp, ["summary.png", "cases.png"])
+    claim(tmp, ["summary.png", "cases.png", "index.html"])
     with use_fonts(None):  # words and captions drawn literally ("$" is no mathtext)
         save_figure(summary_figure(shown, title), os.path.join(tmp, "summary.png"), dpi=150)
         name = "bg threshold" if best is not None and best.method == "argmax" else "tau"
         save_figure(cases_figure(cases, f"best and worst pairs of the best method: {what}, tau {o.tau:g}", name),
                     os.path.join(tmp, "cases.png"), dpi=110)
+    facts = [
+        ("dumps", o.dumps), ("masks", o.masks + (" (VOC class indices)" if o.voc else " (a mask per word)")),
+        ("images scored", f"{len(ev.images)} of {ev.runs} runs' images"),
+        ("methods", ", ".join(o.methods)), ("encoders", ", ".join(ev.encoders) or "none"),
+        ("threshold", f"tau {o.tau:g} (daam, centre, random); argmax background below {o.background_threshold:g}"),
+        ("maps", "all blocks and steps" if o.selection == "all" else o.selection), ("random baseline seed", str(o.seed)),
+    ]
+    csvs = ["summary.csv"] + (["images.csv"] if "images.csv" in files else []) + ["skipped.csv"]
+    figures = [("summary.png", "mIoU and mAP per method and encoder, in %, with 95 % error bars; baselines grey, once"),
+               ("cases.png", f"best and worst pairs of the best method, {what}")]
+    write_text(os.path.join(tmp, "index.html"), report_page(
+        title=title, facts=facts, rows=shown, figures=figures, images=ev.images, best=best, skipped=ev.skipped,
+        problems=problems(ev), csv_files=csvs))
     lines = [text_table(shown)]
     if ev.skipped:
         counts = Counter(s.reason for s in ev.skipped)
