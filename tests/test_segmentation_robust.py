@@ -238,3 +238,23 @@ def test_an_earlier_evaluation_with_a_file_of_the_user_is_not_replaced_as_a_whol
     assert not (out / "per_image" / "stale.csv").exists()  # the earlier evaluation's, not written again
     assert sorted(os.listdir(out / "per_image")) == ["r.csv"]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".o.")]
+
+
+def test_runs_the_dump_failed_or_lost_are_listed(tmp_path, capsys):
+    def damage(run, masks):
+        import shutil
+
+        shutil.rmtree(run)  # runs.jsonl says done, the folder is gone
+
+    _three_runs(tmp_path, damage)
+    with open(tmp_path / "d" / "runs.jsonl", "a") as fh:
+        fh.write('{"run": 3, "folder": "0003-run", "prompt": ["x"], "seed": 3, "status": "failed", "error": "CUDA OOM"}\n')
+    code, _, err = run_main(["--dumps", tmp_path / "d", "--masks", tmp_path / "m", "--out", tmp_path / "o"], capsys)
+    assert code == 1, err
+    got = skips(tmp_path / "o")
+    assert got[("0003-run", "")] == "run failed in the dump (CUDA OOM)"
+    assert got[("0001-run", "")].startswith("not scored: ") and "0001-run" in got[("0001-run", "")]
+    lines = err.strip().splitlines()
+    assert sum("0001-run" in ln for ln in lines) == 1  # said once
+    assert lines[-1].startswith("evaluate_segmentation.py: error: 1 of 4 runs could not be scored")
+    assert int(summary(tmp_path / "o")[("daam", "both")]["images"]) == 2

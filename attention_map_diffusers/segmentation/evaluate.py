@@ -132,13 +132,13 @@ def find_runs(root: str, out: str) -> tuple[list[str], list[str], list[Skip], li
             reason = f"run failed in the dump ({e.error or 'no reason given'})"
             texts.append(f"warning: run {e.folder!r} {reason}; not scored")
             dump_failed.append(Skip(e.folder, "", reason))
-        elif e.problem:
-            texts.append(f"warning: {e.problem}; not scored")
+        elif e.problem:  # reported with the runs that fail while scored (evaluate.problems)
             broken.append(Skip(e.folder, "", f"not scored: {e.problem}"))
         else:
             folders.append(os.path.join(os.path.abspath(root), e.folder))
     if not folders:
-        raise UserError(f"--dumps {root} holds no run that can be scored (see the warnings above)")
+        first = broken[0].reason if broken else dump_failed[0].reason if dump_failed else "no run found"
+        raise UserError(f"--dumps {root} holds no run that can be scored ({len(entries)} listed; the first: {first})")
     return folders, texts, dump_failed, broken
 
 
