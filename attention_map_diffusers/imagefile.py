@@ -68,14 +68,27 @@ def open_upright(path: str) -> Opened:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-        orientation = img.getexif().get(ORIENTATION_TAG, 1)
-        orientation = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+        orientation = _orientation(img)
         upright = ImageOps.exif_transpose(img) if orientation != 1 else img.copy()
         return Opened(upright, orientation, int(getattr(img, "n_frames", 1)))
     except bomb_errors() as exc:
         raise TooManyPixels(_too_many(exc, limit)) from None
     finally:
         img.close()
+
+
+def _orientation(img) -> int:
+    """The EXIF orientation of a decoded image, 1 when it has none or when its EXIF block cannot be
+    parsed (a damaged block is no reason to refuse the pixels)."""
+    import struct
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
+            value = img.getexif().get(ORIENTATION_TAG, 1)
+    except (OSError, SyntaxError, ValueError, KeyError, IndexError, TypeError, struct.error):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _too_many(exc: BaseException, limit) -> str:

@@ -271,3 +271,13 @@ def test_sideways_photo_dump_takes_the_upright_masks(sd3_dir, tmp_path, capsys):
     # the model saw the same pixels, so every score is the same (but the random baseline's, seeded by the key)
     same = [[r for r in rows[k] if r["method"] != "random"] for k in ("side", "up")]
     assert same[0] == same[1] and len(same[0]) == 12 and int(same[0][0]["gt_px"]) > 0
+
+
+def test_a_damaged_exif_block_reads_as_upright_without_a_warning(tmp_path, recwarn):
+    """Pillow warns "Corrupt EXIF data" for a truncated block; the image is read as stored, silently."""
+    path = _write_picture(tmp_path / "p.png", (64, 48))
+    Image.open(path).save(tmp_path / "bad.png", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12")
+    src = read_source(str(tmp_path / "bad.png"), 32, 32)
+    assert src.orientation == 1 and src.size == (64, 48)
+    np.testing.assert_array_equal(np.asarray(src.fitted), np.asarray(read_source(path, 32, 32).fitted))
+    assert not [w for w in recwarn if "EXIF" in str(w.message)]
