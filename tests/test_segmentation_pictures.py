@@ -258,3 +258,36 @@ def test_index_html_says_when_the_evaluation_is_incomplete(tmp_path, capsys):
     warns = [n["text"] for n in _parse(out / "index.html").find("p", **{"class": "warn"})]
     assert warns[0].startswith("error: 0002-run: not scored: ")
     assert warns[1].startswith("error: 1 of 3 runs could not be scored")
+
+
+@pytest.mark.parametrize("methods, encoders, baseline", [(("argmax",), ("t5",), False), (("argmax",), ("t5",), True),
+                                                        (("daam", "argmax"), ("clip", "t5", "both"), True)])
+def test_summary_text_stays_on_the_canvas(methods, encoders, baseline):
+    """Rendered as the report renders it (its fonts, 150 dpi): the picture's outermost pixels are all
+    background, so no text runs off an edge."""
+    from attention_map_diffusers.analysis.fonts import use_fonts
+
+    rows = [_row(m, e, 0.5, 0.1) for m in methods for e in encoders] + [_row("whole", NO_ENCODER, 0.1, 0.01)] * baseline
+    with use_fonts(None):
+        fig = summary_figure(rows, "zero-shot segmentation: 4 images, tau 0.4, maps of all blocks and steps")
+        img = render_rgba(fig, 150)[..., :3].astype(int)
+    edges = np.concatenate([img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3), img[:2].reshape(-1, 3),
+                            img[-2:].reshape(-1, 3)])
+    assert (edges >= 250).all(), "text or drawing reaches the edge of the picture"
+
+
+@pytest.mark.parametrize("n", [0, 1, 4])
+def test_cases_text_stays_on_the_canvas(n):
+    from attention_map_diffusers.analysis.fonts import use_fonts
+
+    heat = np.tile(np.arange(64) / 63, (64, 1))
+    gt = np.zeros((64, 64), bool)
+    gt[10:50, 30:60] = True
+    cases = [Case(f"best {k}", "a-rather-long-key-of-an-image", "potted plant", 0.5, 0.6, None, gt, heat >= 0.4, heat,
+                  None, 0.4) for k in range(n)]
+    with use_fonts(None):
+        fig = cases_figure(cases, "best and worst pairs of the best method: argmax (both), tau 0.4", "bg threshold")
+        img = render_rgba(fig, 110)[..., :3].astype(int)
+    edges = np.concatenate([img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3), img[:2].reshape(-1, 3),
+                            img[-2:].reshape(-1, 3)])
+    assert (edges >= 250).all(), "text or drawing reaches the edge of the picture"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -36,7 +37,8 @@ def summary_figure(rows: Sequence[SummaryRow], title: str) -> Figure:
     encoders = list(dict.fromkeys(r.encoder for r in rows if not r.baseline))
     colour = {e: LINE_COLOURS[j % len(LINE_COLOURS)] for j, e in enumerate(encoders)}
     groups = methods + baselines
-    fig = new_figure(max(6.5, 1.25 * len(groups) * 2 + 1.8), 4.3)
+    width_in = max(6.5, 1.25 * len(groups) * 2 + 1.8)
+    fig = new_figure(width_in, 4.3)
     axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / max(1, len(encoders))
     for ax, attr, name in ((axes[0], "miou", "mIoU"), (axes[1], "map", "mAP")):
@@ -76,7 +78,8 @@ def summary_figure(rows: Sequence[SummaryRow], title: str) -> Figure:
         handles.append(Patch(color=BASELINE_COLOUR, label="baseline\n(no encoder)"))
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False, title="encoder")
     fig.suptitle(title, fontsize=10)
-    fig.supxlabel(ERROR_BARS + ", cut at 0 and 100 %; n: pairs scored", fontsize=7)
+    # wrapped to the figure's width (about 15 characters of 7 pt per inch)
+    fig.supxlabel(textwrap.fill(ERROR_BARS + ", cut at 0 and 100 %; n: pairs scored", int(width_in * 15)), fontsize=7)
     return fig
 
 
