@@ -41,7 +41,8 @@ def _torch_bilinear(grid_chw, H, W):
 
 
 def _loops(names, maps, classes, gts, valid):
-    """Both protocols pixel by pixel: {(method, class): (iou, ap, pixel_acc)}."""
+    """Both protocols pixel by pixel: ({(method, class): (iou, ap, the class mask's pixel accuracy)},
+    concept-argmax's multi-class pixel accuracy of the image)."""
     C, H, W = maps.shape
     concept_of = []
     for c in classes:  # first concept whose lower-cased words equal the class name's, else a phrase's
@@ -83,9 +84,8 @@ def _loops(names, maps, classes, gts, valid):
                         inter += pred[y, x] and gts[k, y, x]
                         union += pred[y, x] or gts[k, y, x]
                         agree += pred[y, x] == gts[k, y, x]
-            acc = agree / total if method == "concept" else right / total
-            out[(method, c.name)] = (inter / union if union else 1.0, _ap_brute(m[valid], gts[k][valid]), acc)
-    return out
+            out[(method, c.name)] = (inter / union if union else 1.0, _ap_brute(m[valid], gts[k][valid]), agree / total)
+    return out, right / total
 
 
 def test_both_protocols_match_per_pixel_loops():
@@ -101,9 +101,10 @@ def test_both_protocols_match_per_pixel_loops():
         gts = rng.random((4, 7, 9)) < 0.3
         valid = rng.random((7, 9)) < 0.85
         keep = {}
-        scores, skips = sc.score("img", names, maps, classes, gts, valid, ("daam", "concept", "concept-argmax"), keep)
+        scores, skips, image_acc = sc.score("img", names, maps, classes, gts, valid, ("daam", "concept", "concept-argmax"), keep)
         assert [(s.name, s.reason.split(" (")[0]) for s in skips] == [("sofa", "no concept named like it")]
-        ref = _loops(names, maps, classes, gts, valid)
+        ref, ref_image_acc = _loops(names, maps, classes, gts, valid)
+        assert image_acc == pytest.approx(ref_image_acc, abs=1e-12)
         assert {(s.method, s.word) for s in scores} == set(ref)
         for s in scores:
             want = ref[(s.method, s.word)]
@@ -171,13 +172,18 @@ def test_command_scores_concept_maps_next_to_the_word_maps(tmp_path, capsys):
     assert ("daam", "t5") in summary and int(summary[("concept", "concepts")]["images"]) == 1
     rows = {(r["method"], r["word"]): r for r in read_csv(out / "per_image" / "0000-cat.csv") if r["encoder"] == "concepts"}
     maps = _torch_bilinear(np.moveaxis(arrays["concept_sum_map"][0].astype(np.float64) / float(arrays["concept_N"]), -1, 0), SIDE, SIDE)
-    ref = _loops(["cat", "sofa", "background"], maps, [Cls("cat", ("cat",)), Cls("sofa", ("sofa",))], gts, np.ones((SIDE, SIDE), bool))
+    ref, ref_image_acc = _loops(["cat", "sofa", "background"], maps, [Cls("cat", ("cat",)), Cls("sofa", ("sofa",))], gts,
+                                np.ones((SIDE, SIDE), bool))
     assert set(rows) == set(ref)
     for key, (want_iou, want_ap, want_acc) in ref.items():
         got = rows[key]
         assert float(got["iou"]) == pytest.approx(want_iou, abs=1e-6)
         assert float(got["ap"]) == pytest.approx(want_ap, abs=1e-6)
-        assert float(got["pixel_acc"]) == pytest.approx(want_acc, abs=1e-6)
+        assert float(got["word_pixel_acc"]) == pytest.approx(want_acc, abs=1e-6)
+    image_rows = {(r["key"], r["encoder"]): r for r in read_csv(out / "images.csv")}
+    assert float(image_rows[("0000-cat", "concepts")]["image_pixel_acc"]) == pytest.approx(ref_image_acc, abs=1e-6)
+    assert float(summary[("concept-argmax", "concepts")]["image_pixel_acc"]) == pytest.approx(ref_image_acc, abs=1e-6)
+    assert summary[("concept", "concepts")]["image_pixel_acc"] == ""
     assert ref[("concept-argmax", "sofa")][0] > 0.9 and ref[("concept-argmax", "cat")][0] > 0.7
     skipped = read_csv(out / "skipped.csv")
     assert [(r["key"], r["reason"]) for r in skipped] == [("0001-old", sc.NO_CONCEPTS)]
@@ -187,12 +193,20 @@ def test_command_scores_concept_maps_next_to_the_word_maps(tmp_path, capsys):
 def test_no_run_with_concepts_gives_one_note_and_no_skip_rows(tmp_path, capsys):
     concept_run(tmp_path / "r", "a cat on a sofa", concepts=())
     box_mask(str(tmp_path / "m" / "r" / "cat.png"), slice(0, 16), slice(0, 16))
-    code = main(["--dumps", str(tmp_path / "r"), "--masks", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--no-progress"])
+    base = ["--dumps", str(tmp_path / "r"), "--masks", str(tmp_path / "m"), "--no-progress"]
+    # the default (every method): nothing said of the concept methods, which these dumps cannot have
+    code = main(base + ["--out", str(tmp_path / "o")])
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert read_csv(tmp_path / "o" / "skipped.csv") == []
-    assert "no run has concept maps" in cap.err
+    assert "concept" not in cap.err
     assert not any(r["encoder"] == "concepts" for r in read_csv(tmp_path / "o" / "summary.csv"))
+    # named: one note
+    code = main(base + ["--out", str(tmp_path / "o2"), "--methods", "daam,concept"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert read_csv(tmp_path / "o2" / "skipped.csv") == []
+    assert cap.err.count("no run has concept maps") == 1
 
 
 def test_concept_methods_alone_blocks_and_steps(tmp_path, capsys):

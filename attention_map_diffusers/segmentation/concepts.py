@@ -77,7 +77,7 @@ def score(key: str, names: Sequence[str], maps: np.ndarray, classes: Sequence, g
         methods: the methods asked for (those not in :data:`METHODS` are ignored).
         keep: filled with (ENCODER, method, class) -> ((H, W) predicted mask, (H, W) min-max map) when given.
     Returns:
-        (Score list, Skip list).
+        (Score list, Skip list, concept-argmax's multi-class pixel accuracy of the image or None).
     """
     from .evaluate import Score, Skip
 
@@ -86,8 +86,9 @@ def score(key: str, names: Sequence[str], maps: np.ndarray, classes: Sequence, g
              for c, m in zip(classes, matches) if m is None]
     ok = [k for k, m in enumerate(matches) if m is not None]
     wanted = [m for m in methods if m in METHODS]
+    image_acc = None
     if not ok or not wanted:
-        return [], skips
+        return [], skips, image_acc
     v = np.ones(gts.shape[1:], dtype=bool) if valid is None else valid
     out = []
     for method in wanted:
@@ -96,20 +97,17 @@ def score(key: str, names: Sequence[str], maps: np.ndarray, classes: Sequence, g
             image_acc = multiclass_accuracy(labels, gts, valid)
         for k in ok:
             heat = maps[matches[k]]
-            if method == "concept":
-                pred = heat > heat.mean()
-                acc = pixel_accuracy(pred, gts[k], valid)
-            else:
-                pred, acc = labels == k, image_acc
+            pred = heat > heat.mean() if method == "concept" else labels == k
+            acc = pixel_accuracy(pred, gts[k], valid)  # the word's own mask (word_pixel_acc)
             name = classes[k].name
             out.append(Score(key, ENCODER, method, name, iou(pred, gts[k], valid), average_precision(heat, gts[k], valid), acc,
                              int(np.count_nonzero(pred & v)), int(np.count_nonzero(gts[k] & v))))
             if keep is not None:
                 keep[(ENCODER, method, name)] = (pred & v, minmax(heat))
-    return out, skips
+    return out, skips, image_acc
 
 
-def image_scores(dump, key: str, item: int, truth, options, keep: Optional[dict] = None) -> tuple[list, list]:
+def image_scores(dump, key: str, item: int, truth, options, keep: Optional[dict] = None) -> tuple[list, list, Optional[float]]:
     """The concept methods' scores of one batch item of ``dump`` against ``truth`` (a GroundTruth).
 
     A dump without concept maps gives one skip (:data:`NO_CONCEPTS`); ``--steps`` (no per-step
@@ -119,17 +117,17 @@ def image_scores(dump, key: str, item: int, truth, options, keep: Optional[dict]
 
     data = dump.concepts
     if data is None:
-        return [], [Skip(key, "", NO_CONCEPTS)]
+        return [], [Skip(key, "", NO_CONCEPTS)], None
     if options.step_ranges is not None:
-        return [], [Skip(key, "", "concept, concept-argmax not scored: dumps keep no per-step concept maps (--steps)")]
+        return [], [Skip(key, "", "concept, concept-argmax not scored: dumps keep no per-step concept maps (--steps)")], None
     positions = None
     if options.block_ranges is not None:
         if data.block_maps is None:
             return [], [Skip(key, "", "concept, concept-argmax not scored: the dump kept no per-block concept maps "
-                                      "(concept_per_block_map) for --blocks")]
+                                      "(concept_per_block_map) for --blocks")], None
         positions = dump.select_blocks(options.block_ranges)
     if not truth.concepts:
-        return [], []
+        return [], [], None
     H, W = truth.concepts[0].gt.shape
     maps = cm.upsample(cm.item_maps(data, item, positions), H, W)
     gts = np.stack([c.gt for c in truth.concepts])
@@ -143,8 +141,13 @@ def columns(dump, options) -> list[str]:
 
 
 def tidy_skips(skips: list, encoders: Sequence[str], options) -> tuple[list, Optional[str]]:
-    """When no run had concept maps, the per-image :data:`NO_CONCEPTS` skips become one note (None otherwise)."""
+    """When no run had concept maps, the per-image :data:`NO_CONCEPTS` skips become one note (None otherwise,
+    and None with the default ``--methods``, which names every method)."""
     if ENCODER in encoders or not any(m in METHODS for m in options.methods):
         return skips, None
+    from .maps import METHODS as ALL_METHODS
+
     kept = [s for s in skips if s.reason != NO_CONCEPTS]
+    if tuple(options.methods) == ALL_METHODS:  # the default, "all": say nothing of methods the dumps cannot have
+        return kept, None
     return kept, "note: concept, concept-argmax not scored: no run has concept maps (dump with --concepts)"
