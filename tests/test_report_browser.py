@@ -193,3 +193,18 @@ def test_index_links_both_ways(browser, reports):
     assert back.endswith("/analysis/index.html")
     _open(browser, reports["group"], 1400)
     assert browser.execute_script("return document.querySelector('p.back a').href").endswith("/analysis/index.html")
+
+
+def test_curves_per_block_at_full_width(browser, reports):
+    """The per-block curves (a slider of one image per block) fill the content width, like every other figure."""
+    _open(browser, reports["run"], 1400)
+    boxes = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.slider[id*=curves]')).map(function(b){"
+        " var img = b.querySelector('img.frame'), cs = getComputedStyle(document.body);"
+        " var content = document.body.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);"
+        " return [b.className, img.getBoundingClientRect().width, content];});"
+    )
+    assert len(boxes) >= 2  # CLIP and T5 (and the phrases')
+    for cls, width, content in boxes:
+        assert "wide" in cls.split()
+        assert width >= 0.9 * content, f"curves shown {width:.0f} px wide of {content:.0f}"

@@ -40,6 +40,7 @@ details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider{border:1px solid #ddd;padding:.5em;margin:.6em 0} .slider input[type=range]{width:100%;max-width:600px}
 .slider .frames{display:grid;gap:8px;grid-template-columns:repeat(auto-fill,minmax(min(45%,250px),1fr))}
 .slider .frames figure{margin:0} .slider output{font-weight:600;margin-left:.5em}
+.slider.wide .frames{grid-template-columns:1fr}
 .links{font-size:.8em;columns:2 14em}
 """
 
@@ -153,8 +154,9 @@ def _slider(sl: Slider, anchor: str, caption: str) -> str:
         f'<li>{_e(lab)}: ' + ", ".join(f'<a href="{href(p)}">{_e(w or "image")}</a>' for w, p in zip(sl.words or [""], fr)) + "</li>"
         for lab, fr in zip(sl.labels, sl.frames)
     )
+    wide = " wide" if len(sl.words or [""]) == 1 else ""  # one image per frame (curves): at full width like every figure
     return (
-        f'<div class="slider" id="{_e(anchor)}" data-frames="{_e(json.dumps(frames))}" data-labels="{_e(json.dumps(sl.labels))}">'
+        f'<div class="slider{wide}" id="{_e(anchor)}" data-frames="{_e(json.dumps(frames))}" data-labels="{_e(json.dumps(sl.labels))}">'
         f'<label>{_e(sl.kind)}: <input type="range" min="0" max="{len(sl.frames) - 1}" step="1" value="0" '
         f'aria-label="{_e(sl.kind)}"><output>{_e(sl.labels[0])}</output></label>'
         f'<p class="note">{_e(caption)}</p><div class="frames">{imgs}</div>'
