@@ -67,6 +67,7 @@ class Slider:
     labels: list[str]  # per frame
     words: list[str]  # per image of a frame ("" for a single image)
     frames: list[list[str]]  # per frame, per word: path relative to the page
+    title: str = ""  # what the reader sees instead of ``kind`` ("noise level" for a given image's levels)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class EncoderPage:
     strips: list[tuple[str, str]] = field(default_factory=list)  # (kind, path)
     sliders: list[Slider] = field(default_factory=list)
     scale: str = ""
+    levels: bool = False  # the steps are a given image's noise levels σ, not denoising steps
 
 
 @dataclass
@@ -101,6 +103,7 @@ class ItemPage:
     encoders: list[EncoderPage]
     compare: Optional[str] = None  # clip_vs_t5 figure
     facts: Optional[object] = None  # plots.FigureFacts
+    given: Optional[object] = None  # given.GivenImage: a given-image run
 
 
 @dataclass
@@ -157,8 +160,8 @@ def _slider(sl: Slider, anchor: str, caption: str) -> str:
     wide = " wide" if len(sl.words or [""]) == 1 else ""  # one image per frame (curves): at full width like every figure
     return (
         f'<div class="slider{wide}" id="{_e(anchor)}" data-frames="{_e(json.dumps(frames))}" data-labels="{_e(json.dumps(sl.labels))}">'
-        f'<label>{_e(sl.kind)}: <input type="range" min="0" max="{len(sl.frames) - 1}" step="1" value="0" '
-        f'aria-label="{_e(sl.kind)}"><output>{_e(sl.labels[0])}</output></label>'
+        f'<label>{_e(sl.title or sl.kind)}: <input type="range" min="0" max="{len(sl.frames) - 1}" step="1" value="0" '
+        f'aria-label="{_e(sl.title or sl.kind)}"><output>{_e(sl.labels[0])}</output></label>'
         f'<p class="note">{_e(caption)}</p><div class="frames">{imgs}</div>'
         f'<details><summary>every frame</summary><ul class="links">{links}</ul></details></div>'
     )
@@ -225,7 +228,7 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
         body = _figure(page.summary, f"top words by mass, over the image.{scale}", fmt) if page.summary else ""
         section("summary", body + (_word_table(res) if res.words else ""))
     if page.word_grids:
-        section("grids", _figure(page.word_grids, "per top word: blocks (y) x denoising steps (x), one colour scale for all panels", fmt))
+        section("grids", _figure(page.word_grids, "per top word: blocks (y) x " + ("noise levels σ" if page.levels else "denoising steps") + " (x), one colour scale for all panels", fmt))
     if page.segmentation:
         thr = page.segmentation_threshold
         body = _figure(page.segmentation, f"each pixel coloured by the word with the largest share; grey: top share below {thr:.2f}", fmt)
@@ -240,7 +243,7 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
     if page.strips or page.sliders:
         body = "".join(_figure(p, f"top words at a few {k}s (each row on one colour scale)", fmt) for k, p in page.strips)
         body += "".join(
-            _slider(sl, _anchor(base, "slider", sl.kind), f"Move the slider to swap each word's heatmap for its map at that {sl.kind} "
+            _slider(sl, _anchor(base, "slider", sl.kind), f"Move the slider to swap each word's heatmap for its map at that {sl.title or sl.kind} "
                     "(each word on one colour scale for all frames, inferno from 0 to the value in its caption).")
             for sl in page.sliders
         )
@@ -262,6 +265,20 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
         links = " &middot; ".join(f'<a href="{href(t)}">{_e(t.rsplit("/", 1)[-1])}</a>' for t in page.tables)
         section("tables", f"<p>{links}</p>")
     return "\n".join(out), toc
+
+
+def _given_line(given) -> str:
+    """A given-image run's mode, source, crop and noise levels (one paragraph)."""
+    if given is None:
+        return ""
+    parts = ["mode <b>image</b> (attention on a given image, not a generation)", f"source <b>{_e(given.name)}</b>"]
+    if given.crop_text:
+        parts.append(_e(given.crop_text))
+    if given.levels is not None:
+        parts.append(f"noise levels &sigma; <b>{_e(given.levels_text)}</b> (each an independent pass over the same image)")
+    elif given.strength is not None:
+        parts.append(f"img2img strength <b>{given.strength:g}</b>")
+    return f'<p class="given">{" &middot; ".join(parts)}</p>'
 
 
 def _facts_line(facts) -> str:
@@ -302,8 +319,12 @@ def run_page(
     back: Optional[str] = None, random_weights: bool = False,
 ) -> str:
     """HTML of one run's report: a table of contents, then per item and encoder the figures, at full width."""
-    keys = ("model_family", "model_id", "scheduler", "steps", "num_steps", "guidance_scale", "seed", "seeds", "image_size", "canonical_size", "num_blocks", "store_dtype", "random_weights", "timestamp")
+    keys = ("mode", "noise_levels", "strength", "model_family", "model_id", "scheduler", "steps", "num_steps", "guidance_scale", "seed",
+            "seeds", "image_size", "canonical_size", "num_blocks", "store_dtype", "random_weights", "timestamp")
     facts = [[_e(k), _e(json.dumps(metadata[k]))] for k in keys if k in metadata]
+    src = metadata.get("source_image")
+    if isinstance(src, dict):
+        facts.insert(1, ["source_image", _e(json.dumps({k: src[k] for k in ("name", "size", "crop_box") if k in src}))])
     setting_rows = [[_e(k), _e(v)] for k, v in settings.items()]
     head = [f"<h1>{_e(title)}</h1>"]
     if back:
@@ -320,8 +341,9 @@ def run_page(
         body.append(f'<h2 id="{aid}">{"Item " + str(it.item) if prefix else "Prompt"}</h2>')
         body.append(f'<div class="prompt">{_e(it.prompt)}</div>')
         body.append(_facts_line(it.facts))
+        body.append(_given_line(it.given))
         if it.image:
-            body.append(_figure(it.image, "generated image", "png", kind="image"))
+            body.append(_figure(it.image, it.given.describe if it.given is not None else "generated image", "png", kind="image"))
         if it.compare:
             cid = _anchor(prefix, "clip-vs-t5")
             toc.append((cid, "CLIP vs T5", 1))
@@ -335,10 +357,13 @@ def run_page(
             body.append(html_)
     toc.append(("run", "Run and settings", 0))
     body.append(f'<h2 id="run">Run</h2>{_table(["key", "value"], facts)}<h2 id="settings">Analysis settings</h2>{_table(["setting", "value"], setting_rows)}')
+    levels = any(it.given is not None and it.given.levels is not None for it in items)
+    per = ("noise level σ of the given image, left = noisiest; the levels are independent passes, so the "
+           "curves are markers without joining lines" if levels else "denoising step, left = first (noisiest) step")
     body.append(
         "<p>Heatmaps show each word's share of the attention that the image pixels give to the prompt's "
-        "words (step- and block-averaged); curves show the mean attention of the image pixels on a word per "
-        "denoising step, left = first (noisiest) step. See docs/analysis.md.</p>"
+        f"words ({'level' if levels else 'step'}- and block-averaged); curves show the mean attention of the image pixels on a word per "
+        f"{per}. See docs/analysis.md.</p>"
     )
     return _page(title, "\n".join(head + [_toc(toc)] + body), script=True)
 
@@ -399,6 +424,10 @@ def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (
         grp = ", ".join(f'<a href="{href(g + "/index.html")}">{_e(g.rsplit("/", 1)[-1])}</a>' for g in r.get("groups") or [])
         seed = "" if r.get("seed") is None else _e(r["seed"])
         model = _e(r.get("model") or "") + (' <b style="color:#c00">random weights</b>' if r.get("random_weights") else "")
+        given = r.get("given")
+        if given is not None:
+            cell += (f'<br><span class="given">mode: image &middot; {_e(given.describe)}'
+                     + (f" &middot; &sigma; {_e(given.levels_text)}" if given.levels is not None else "") + "</span>")
         rows.append([thumb, cell, _e(" | ".join(r.get("prompt") or [])), seed, model, status, grp])
     body.append('<h2 id="runs">Runs</h2>' + _table(["", "run", "prompt", "seed", "model", "status", "group"], rows, num=(3,)))
     by_group: dict[str, list[GroupPage]] = {}

@@ -16,6 +16,7 @@ from . import framemaps, outdir
 from .aggregate_runs import RunSummary, aggregate, group_runs
 from .dumpfile import Dump, format_ranges
 from .fonts import FontChoice, use_fonts
+from .given import GivenImage, given_image
 from .options import ENCODER_TITLES, AnalysisOptions
 from .plan import Plan, RunPlan, index_rows, plan_run
 from .report import EncoderPage, GroupPage, ItemPage, Slider, group_page, index_page, run_page
@@ -70,7 +71,11 @@ def frame_plan(run: RunPlan, options: AnalysisOptions) -> list[Frames]:
         S = dump.step_mean.shape[2]
         idx = pick_frames(S)
         ts = _timesteps(dump.timesteps)
-        out.append(Frames("step", idx, [f"step {s}" + (f" (t={ts[s]:.0f})" if ts is not None else "") for s in idx]))
+        given = given_image(dump.metadata, S)
+        if given is not None and given.levels is not None:
+            out.append(Frames("step", idx, [f"\u03c3={given.levels[s]:.2f}" for s in idx]))
+        else:
+            out.append(Frames("step", idx, [f"step {s}" + (f" (t={ts[s]:.0f})" if ts is not None else "") for s in idx]))
     if framemaps.BLOCK_KEY in have:
         pos = dump.select_blocks(options.block_ranges)
         idx = [pos[k] for k in pick_frames(len(pos))]
@@ -120,6 +125,7 @@ class ItemContext:
     positions: list[int]  # selected blocks, on the Bk axis
     frames: list[Frames]
     frame_maps: dict[str, np.ndarray]  # kind -> (K, Hc, Wc, T) for this item
+    given: Optional[GivenImage] = None  # a given-image run's source and noise levels; None for a generation
 
 
 def _timesteps(ts) -> Optional[np.ndarray]:
@@ -148,8 +154,11 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     words = res.words
     labels = word_labels(words)
     ts = _timesteps(res.timesteps)
+    levels = ctx.given.levels if ctx.given is not None else None  # σ on the x axes instead of steps
+    steps_word = "noise levels \u03c3" if levels is not None else "denoising steps"
     scale = plots.scale_note(pct)
     page.scale = scale
+    page.levels = levels is not None
 
     def save(fig, name):
         save_figure(fig, os.path.join(folder, name), fmt, dpi, facts)
@@ -180,13 +189,14 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     page.summary = f"{rel}/{files.summary}"
 
     save(plots.overview_figure(step_average(res.curves, axis=1), res.curves.mean(axis=0), labels, res.block_ids, ts,
-                               f"{title}: attention per word", facts=facts), files.overview)
+                               f"{title}: attention per word", facts=facts, levels=levels), files.overview)
     page.overview = f"{rel}/{files.overview}"
 
     top8 = res.top[:MAX_LINES]
     grids = np.moveaxis(res.curves[:, :, res.top], -1, 0)  # (m, Bk, S)
     save(plots.word_grid_figure(grids, [labels[j] for j in res.top], res.block_ids, ts,
-                                f"{title}: each top word over blocks (y) and denoising steps (x)", facts=facts), files.word_grids)
+                                f"{title}: each top word over blocks (y) and {steps_word} (x)", facts=facts, levels=levels),
+         files.word_grids)
     page.word_grids = f"{rel}/{files.word_grids}"
 
     dom, top_share = dominant_words(res.shares)
@@ -210,7 +220,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     shares = np.stack([groups.shares[:, pos].mean(axis=1) for _, pos in bgroups])  # (Gb, G, S)
     save(plots.token_groups_figure(shares, groups.names, [g for g, _ in bgroups], ts,
                                    f"{title}: where the pixels' text attention goes ({title} positions; the rest: the other encoder)",
-                                   facts=facts), files.token_groups)
+                                   facts=facts, levels=levels), files.token_groups)
     page.token_groups = f"{rel}/{files.token_groups}"
 
     for fr in ctx.frames:
@@ -230,7 +240,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         tick()
         page.strips.append((fr.kind, f"{rel}/{name}"))
         page.sliders.append(Slider(
-            kind=fr.kind, labels=list(fr.labels), words=[f"{labels[j]} (0 to {vmaxes[r]:.3g})" for r, j in enumerate(top8)],
+            kind=fr.kind, title="noise level" if fr.kind == "step" and levels is not None else "", labels=list(fr.labels), words=[f"{labels[j]} (0 to {vmaxes[r]:.3g})" for r, j in enumerate(top8)],
             frames=[[f"{rel}/{f}" for f in per_word] for per_word in files.frames[fr.kind]],
         ))
 
@@ -241,7 +251,8 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     for names, curves, lbls, what, listing in kinds:
         titles = [f"{title}: {what}, transformer_blocks.{bid}" for bid in res.block_ids]
         plots.save_curves_per_block(
-            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts
+            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts,
+            levels=levels,
         )
         listing.extend((f"block {bid}", f"{rel}/{n}") for bid, n in zip(res.block_ids, names))
     return page
@@ -296,6 +307,7 @@ class RunOutcome:
     model: str
     seeds: list
     random_weights: bool
+    given: Optional[GivenImage] = None
 
 
 def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[[], None], back: Optional[str] = None,
@@ -312,6 +324,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
     frames = frame_plan(run, options)
     positions = dump.select_blocks(options.block_ranges)
     flip = dump.steps_flipped
+    given = given_image(dump.metadata, dump.step_mean.shape[2])
     summaries: list[RunSummary] = []
     thumbnail = None
     for i in range(B):
@@ -331,7 +344,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
             if m is not None:
                 frame_maps[fr.kind] = m
         facts = run_facts(dump, i)
-        ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps)
+        ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps, given)
         pages = []
         results = run.results[i]
         forked = _fork_encoder(dest, base, results[1], ctx, options) if parallel and len(results) == 2 else None
@@ -354,16 +367,17 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         del frame_maps
         if thumbnail is None:
             thumbnail = image_rel or next((p.summary for p in pages if p.summary), None)
-        items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts))
+        items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts, given=given))
     settings = {
         "encoders": ",".join(options.encoders),
         "top-k": options.topk,
         "phrases": " | ".join(options.phrases) or "(none)",
         "phrase weights": options.weights,
         "blocks": format_ranges(run.results[0][0].block_ids) if run.results and run.results[0] else "",
-        "steps": "denoising order (0 = first)"
-        + (", flipped from the original tool's order" if dump.steps_flipped else "")
-        + ("; the dump has no timesteps" if dump.timesteps is None else ""),
+        "steps": ("independent noise levels \u03c3 of the given image, noisiest first" if given is not None and given.levels is not None
+                  else "denoising order (0 = first)"
+                  + (", flipped from the original tool's order" if dump.steps_flipped else "")
+                  + ("; the dump has no timesteps" if dump.timesteps is None else "")),
         "heatmap colour scale": ("0 to the maximum of each map" if options.vmax_percentile >= 100
                                  else f"0 to the {options.vmax_percentile:g}th percentile of each map (--vmax-percentile)"),
         "dump": dump.folder,
@@ -374,7 +388,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
                     back=back, random_weights=random)
     write_text(os.path.join(dest, "index.html"), html)
     seeds = [it.facts.seed for it in items]
-    return RunOutcome(summaries, thumbnail, str(dump.metadata.get("model_id") or ""), seeds, random)
+    return RunOutcome(summaries, thumbnail, str(dump.metadata.get("model_id") or ""), seeds, random, given)
 
 
 def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequence[RunSummary],
@@ -612,6 +626,7 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
             random_weights=bool(o is not None and o.random_weights),
             thumbnail=f"{row['folder']}/{o.thumbnail}" if o is not None and o.thumbnail else None,
             groups=member_of.get(row["folder"], []),
+            given=o.given if o is not None else None,
         )
     first = {}  # runs of one prompt together, prompts in order of first appearance
     for row in rows:

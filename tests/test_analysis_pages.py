@@ -1,0 +1,110 @@
+"""The analysis pages and what their figures say, checked on the parsed HTML and on the matplotlib
+objects: given-image runs labelled as such, aggregate pages, narrow-screen markup."""
+
+from __future__ import annotations
+
+import os
+import sys
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import analyse_stepavg  # noqa: E402
+from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  # noqa: E402
+
+from attention_map_diffusers.analysis import plots, write  # noqa: E402
+
+PROMPT = "A rusty bicycle in front of a barn"
+LEVELS = [0.9, 0.6, 0.3]
+SOURCE = {"name": "barn photo.jpg", "path": "/nowhere/barn photo.jpg", "sha256": "0" * 64, "size": [96, 80],
+          "crop_box": [8.0, 0.0, 88.0, 80.0], "resample": "bicubic"}
+
+
+class Page(HTMLParser):
+    """The visible text of a page and its elements as (tag, attrs, parent tags)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.parts: list[str] = []
+        self.elements: list[tuple[str, dict, list]] = []
+        self.stack: list[tuple[str, dict]] = []
+        self._skip = 0
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.elements.append((tag, attrs, list(self.stack)))
+        if tag in ("style", "script"):
+            self._skip += 1
+        if tag not in ("img", "meta", "br", "input", "link"):
+            self.stack.append((tag, attrs))
+
+    def handle_endtag(self, tag):
+        if tag in ("style", "script"):
+            self._skip -= 1
+        for k in range(len(self.stack) - 1, -1, -1):
+            if self.stack[k][0] == tag:
+                del self.stack[k:]
+                break
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.parts.append(data)
+
+    @property
+    def text(self) -> str:
+        return " ".join(" ".join(self.parts).split())
+
+
+def _image_dump(folder, seed, levels=LEVELS):
+    layout = make_layout([PROMPT], clip_len=77, t5_len=24)
+    arrays = random_arrays(layout, num_blocks=2, num_steps=len(levels), grid=(4, 4), seed=seed)
+    arrays["timesteps"] = np.array([1000.0 * s for s in levels], np.float32)
+    meta = {"mode": "image", "source_image": SOURCE, "noise_levels": levels, "strength": None}
+    write_dump(folder, layout, arrays, seed=seed, meta=meta)
+
+
+@pytest.fixture
+def one_cpu(monkeypatch):
+    """Everything written in this process (no forked encoder, no worker pool), so figures can be watched."""
+    monkeypatch.setattr(write, "_cpus", lambda: 1)
+
+
+def test_given_image_run_is_labelled_as_given(tmp_path, monkeypatch, one_cpu):
+    root = tmp_path / "runs"
+    _image_dump(root / "0000-barn-s1", 1)
+    write_runs(root, [{"run": 0, "folder": "0000-barn-s1", "prompt": [PROMPT], "seed": 1, "status": "done"}])
+    figures = []
+    original = plots.curves_figure
+
+    def watched(*args, **kwargs):
+        fig = original(*args, **kwargs)
+        figures.append(fig)
+        return fig
+
+    monkeypatch.setattr(plots, "curves_figure", watched)
+    assert analyse_stepavg.main(["--root", str(root), "--topk", "2", "--dpi", "30"]) == 0
+    out = root / "analysis"
+    run_page = Page((out / "0000-barn-s1" / "index.html").read_text(encoding="utf-8"))
+    text = run_page.text
+    assert "given image barn photo.jpg" in text and "generated image" not in text
+    assert "crop (8, 0)\u2013(88, 80) of 96\u00d780" in text
+    assert "mode image" in text and "0.9, 0.6, 0.3" in text
+    assert "denoising step" not in text
+    captions = [a.get("alt") for tag, a, _ in run_page.elements if tag == "img" and "image.png" in a.get("src", "")]
+    assert captions and captions[0].startswith("given image barn photo.jpg")
+    index = Page((out / "index.html").read_text(encoding="utf-8")).text
+    assert "mode: image" in index and "barn photo.jpg" in index and "\u03c3 0.9, 0.6, 0.3" in index
+    # the curves: one marker per level, no joining line, σ on the x axis
+    assert figures
+    for fig in figures:
+        lines = [ln for ax in fig.axes for ln in ax.get_lines()]
+        assert lines and all(ln.get_linestyle() == "None" and ln.get_marker() == "o" for ln in lines)
+        ax = next(ax for ax in fig.axes if ax.get_lines())
+        xlabel = [a.get_xlabel() for a in fig.axes if a.get_xlabel()][0]
+        assert "\u03c3" in xlabel and "step" not in xlabel
+        assert [t.get_text() for t in ax.get_xticklabels()] == [f"\u03c3={s:.2f}" for s in LEVELS]
