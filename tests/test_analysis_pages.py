@@ -108,3 +108,42 @@ def test_given_image_run_is_labelled_as_given(tmp_path, monkeypatch, one_cpu):
         xlabel = [a.get_xlabel() for a in fig.axes if a.get_xlabel()][0]
         assert "\u03c3" in xlabel and "step" not in xlabel
         assert [t.get_text() for t in ax.get_xticklabels()] == [f"\u03c3={s:.2f}" for s in LEVELS]
+
+
+def test_aggregate_curves_show_whole_bands_in_line_colours_with_labelled_steps():
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import to_rgb
+
+    from attention_map_diffusers.analysis import group_plots
+
+    rng = np.random.default_rng(3)
+    S, m = 7, 3
+    mean = rng.uniform(0.02, 0.05, (S, m))
+    std = rng.uniform(0.01, 0.04, (S, m))
+    std[4, 1] = 0.2  # one wide band, far above every mean
+    fig = plots.curves_figure(mean, ["a", "red", "circle"], None, "mean over runs", spread=std)
+    ax = next(a for a in fig.axes if a.get_lines())
+    assert ax.get_ylim()[1] >= (mean + std).max()
+    solid = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(solid) == len(bands) == m
+    for line, band in zip(solid, bands):
+        colour = to_rgb(line.get_color())
+        assert np.allclose(band.get_facecolor()[0][:3], colour)  # the word's line colour ...
+        assert band.get_facecolor()[0][3] < 0.5  # ... seen through
+        edges = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--" and np.allclose(to_rgb(ln.get_color()), colour)]
+        assert len(edges) == 2  # outlined: upper and lower edge
+        ys = sorted((tuple(e.get_ydata()) for e in edges), key=sum)
+        j = solid.index(line)
+        assert np.allclose(ys[0], mean[:, j] - std[:, j]) and np.allclose(ys[1], mean[:, j] + std[:, j])
+
+    Bk = 4
+    fig = group_plots.blocks_bands_figure(np.repeat(mean[None], Bk, 0), np.repeat(std[None], Bk, 0), ["a", "red", "circle"],
+                                          list(range(Bk)), np.linspace(1000, 100, S), "per block")
+    panels = [a for a in fig.axes if a.get_lines()]
+    assert all(a.get_ylim()[1] >= (mean + std).max() for a in panels)
+    labelled = [([t.get_text() for t in a.get_xticklabels()], a.get_xticks()) for a in panels]
+    labelled = [(names, ticks) for names, ticks in labelled if any(names)]
+    assert labelled and all(names == [f"{v:.0f}" for v in ticks] for names, ticks in labelled)  # step numbers, not first / last
+    assert all(names[0] == "0" and len(names) >= 3 for names, _ in labelled)
+    assert "step" in fig._supxlabel.get_text()

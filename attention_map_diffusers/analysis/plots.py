@@ -201,14 +201,18 @@ def summary_figure(
     return fig
 
 
+def step_ticks(S: int, max_ticks: int = 8) -> list[int]:
+    """At most about ``max_ticks`` step positions of ``S``, evenly strided from 0."""
+    return list(range(0, S, max(1, math.ceil(S / max_ticks))))
+
+
 def step_axis(ax, timesteps: Optional[np.ndarray], max_ticks: int = 8, label: str = STEP_LABEL, S: Optional[int] = None,
               levels: Optional[np.ndarray] = None) -> None:
     """x axis in denoising order: ticks at steps, labelled ``step`` over ``t=timestep`` when timesteps are known.
 
     ``levels``: (S,) noise levels σ of a given-image run (:mod:`.given`): ticks labelled σ instead."""
     S = len(timesteps) if timesteps is not None else len(levels) if levels is not None else int(S or 0)
-    stride = max(1, math.ceil(S / max_ticks))
-    ticks = list(range(0, S, stride))
+    ticks = step_ticks(S, max_ticks)
     ax.set_xticks(ticks)
     if levels is not None:
         ax.set_xticklabels([f"\u03c3={levels[i]:.2f}" for i in ticks], fontsize=7)
@@ -232,23 +236,34 @@ def line_chunks(m: int, per_axis: int = MAX_LINES) -> list[range]:
     return [range(a, min(m, a + per_axis)) for a in range(0, max(m, 1), per_axis)]
 
 
+BAND_ALPHA = 0.15  # a band's fill; its edges are outlined in the line's colour so that overlapping bands stay apart
+
+
 def draw_bands(ax, x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> None:
-    """(S, m) bands between ``lower`` and ``upper``, band j in line j's colour at 20 % opacity, under
-    the lines: what ``fill_between`` draws (within 2 levels), as plain polygon collections, which cost
-    a fraction of its shape checks. One collection per band: in a single collection Agg draws
+    """(S, m) bands between ``lower`` and ``upper``, band j in line j's colour at :data:`BAND_ALPHA`
+    opacity with its upper and lower edges drawn as thin dashed lines of that colour, under the
+    lines: what ``fill_between`` draws (within 2 levels), as plain polygon collections, which cost a
+    fraction of its shape checks. One collection per band: in a single collection Agg draws
     overlapping polygons differently."""
     from matplotlib.collections import PolyCollection
 
+    def outline(j, colour):
+        for edge in (upper[:, j], lower[:, j]):
+            ax.plot(x, edge, "--", color=colour, lw=0.7, alpha=0.8, zorder=1.5)
+
     if not (np.isfinite(lower).all() and np.isfinite(upper).all()):  # gaps: fill_between leaves them out
         for j in range(lower.shape[1]):
-            ax.fill_between(x, lower[:, j], upper[:, j], color=LINE_COLOURS[j % len(LINE_COLOURS)], alpha=0.2, lw=0)
+            colour = LINE_COLOURS[j % len(LINE_COLOURS)]
+            ax.fill_between(x, lower[:, j], upper[:, j], color=colour, alpha=BAND_ALPHA, lw=0)
+            outline(j, colour)
         return
     xs = np.concatenate([x, x[::-1]])
     for j in range(lower.shape[1] if len(x) else 0):
         colour = LINE_COLOURS[j % len(LINE_COLOURS)]
         verts = np.column_stack([xs, np.concatenate([upper[:, j], lower[::-1, j]])])
-        ax.add_collection(PolyCollection([verts], facecolors=colour, edgecolors=colour, linewidths=0, alpha=0.2, zorder=1),
+        ax.add_collection(PolyCollection([verts], facecolors=colour, edgecolors=colour, linewidths=0, alpha=BAND_ALPHA, zorder=1),
                           autolim=False)
+        outline(j, colour)
 
 
 def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], *, spread: Optional[np.ndarray] = None,
@@ -268,11 +283,14 @@ def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Option
         else:
             (line,) = ax.plot(x, curves[:, j], "-", color=colour, lw=1.6, marker="o" if len(x) < 3 else None, ms=3, label=label)
         lines.append(line)
+    ax.set_ylabel(CURVE_LABEL, fontsize=8)
     if spread is not None:
         draw_bands(ax, x, curves - spread, curves + spread)
+        top = float(np.nanmax(curves + spread, initial=0.0))  # the band's top, not the mean's: no band is clipped
+        ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
+    else:
+        ax.set_ylim(bottom=0)
     step_axis(ax, timesteps, S=S if timesteps is None else None, levels=levels)
-    ax.set_ylabel(CURVE_LABEL, fontsize=8)
-    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     return lines
 
@@ -287,6 +305,9 @@ def curves_figure(
     ``ymax``: a y scale shared with other figures (stated by ``scale_text``). ``levels``: see :func:`draw_curves`.
     """
     chunks = line_chunks(len(labels))
+    if ymax is None and spread is not None:  # one scale for every chunk's axis, from the bands' tops
+        top_band = float(np.nanmax(curves + spread, initial=0.0))
+        ymax = top_band * 1.05 if top_band > 0 else 1.0
     panel_w, panel_h, vgap = 5.6, 2.7, 0.3  # inches
     head = title + (f"\n{scale_text}" if scale_text else "")
     top = suptitle_height(head, 10)
