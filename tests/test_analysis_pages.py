@@ -147,3 +147,40 @@ def test_aggregate_curves_show_whole_bands_in_line_colours_with_labelled_steps()
     assert labelled and all(names == [f"{v:.0f}" for v in ticks] for names, ticks in labelled)  # step numbers, not first / last
     assert all(names[0] == "0" and len(names) >= 3 for names, _ in labelled)
     assert "step" in fig._supxlabel.get_text()
+
+
+def _runs_of_one_prompt(root, seeds=(1, 2), prompt="a red circle next to a blue square on grass"):
+    runs = []
+    for k, seed in enumerate(seeds):
+        folder = f"{k:04d}-run-s{seed}"
+        layout = make_layout([prompt], clip_len=77, t5_len=24)
+        write_dump(root / folder, layout, random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4), seed=seed), seed=seed)
+        runs.append({"run": k, "folder": folder, "prompt": [prompt], "seed": seed, "status": "done"})
+    write_runs(root, runs)
+    return runs
+
+
+def test_aggregate_page_explains_the_mean_shows_the_runs_and_splits_tall_figures(tmp_path, one_cpu):
+    from PIL import Image
+
+    root = tmp_path / "runs"
+    runs = _runs_of_one_prompt(root)
+    assert analyse_stepavg.main(["--root", str(root), "--topk", "8", "--dpi", "200", "--encoders", "t5"]) == 0
+    group = next((root / "analysis" / "aggregate").glob("*/index.html"))
+    page = Page(group.read_text(encoding="utf-8"))
+    assert "an object sits in different places" in page.text
+    assert "layout" in page.text and "No object-aligned view" in page.text
+    assert "not each word on its own scale as in a single run" in page.text  # the changed scale rule, flagged
+    # the runs' images beside the maps: one linked thumbnail per run, its own image
+    thumbs = [(a["src"], stack) for tag, a, stack in page.elements
+              if tag == "img" and any(t == "div" and p.get("class") == "thumbs" for t, p in stack)]
+    assert [src.split("/")[-2] for src, _ in thumbs] == [r["folder"] for r in runs]
+    assert all((group.parent / src).resolve().is_file() for src, _ in thumbs)
+    assert all(stack[-1][0] == "a" and stack[-1][1]["href"] == src for src, stack in thumbs)
+    # the mean / spread maps in pieces, each at most 1600 px tall, every top word in one of them
+    pieces = sorted((group.parent / "t5").glob("heatmaps_mean_*.png"))
+    assert len(pieces) >= 2
+    heights = [Image.open(p).size[1] for p in pieces]
+    assert max(heights) <= 1600, heights
+    shown = [a["src"] for tag, a, _ in page.elements if tag == "img" and "heatmaps_mean_" in a.get("src", "")]
+    assert shown == [f"t5/{p.name}" for p in pieces]

@@ -96,7 +96,7 @@ def reports(tmp_path_factory):
     groups = sorted((out / "aggregate").glob("*/index.html"))
     assert len(groups) == 1
     for enc in ("clip", "t5"):
-        assert (groups[0].parent / enc / "curves_mean.png").is_file() and (groups[0].parent / enc / "heatmaps_mean.png").is_file()
+        assert (groups[0].parent / enc / "curves_mean.png").is_file() and (groups[0].parent / enc / "heatmaps_mean_01.png").is_file()
     return {"run": base / "single" / "analysis" / "index.html", "index": out / "index.html",
             "run_of_index": out / "0000-run-s1" / "index.html", "group": groups[0]}
 

@@ -651,11 +651,14 @@ def strip_figure(
 
 def spread_figure(
     mean: np.ndarray, std: np.ndarray, labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
+    vmaxes: Optional[tuple[float, float]] = None,
 ) -> Figure:
     """Per word (rows), the mean map over runs and its per-pixel std, each column on one scale.
 
     Args:
         mean, std: (m, H, W).
+        vmaxes: the tops of the mean's and the std's scales (default: their maxima here); pieces
+            of one set of words drawn as several figures pass the same ones.
     """
     m = mean.shape[0]
     rows = max(m, 1)
@@ -667,8 +670,7 @@ def spread_figure(
     fig = new_figure(7.0, top + maps_h + bottom, layout=None)  # the footer once the width is known
     suptitle_band(fig, title)
     W, H = fig.get_size_inches()
-    vm = float(mean.max(initial=0)) or 1.0
-    vs = float(std.max(initial=0)) or 1.0
+    vm, vs = vmaxes if vmaxes is not None else (float(mean.max(initial=0)) or 1.0, float(std.max(initial=0)) or 1.0)
     columns = [[], []]
     images = [None, None]
     x = left

@@ -42,6 +42,7 @@ details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider .frames figure{margin:0} .slider output{font-weight:600;margin-left:.5em}
 .slider.wide .frames{grid-template-columns:1fr}
 .links{font-size:.8em;columns:2 14em}
+.thumbs{display:flex;flex-wrap:wrap;gap:8px;margin:.4em 0} .thumbs figure{margin:0;width:160px;max-width:30vw}
 """
 
 # Swaps the images of each .slider as its range input moves (frames and labels in data attributes).
@@ -115,7 +116,7 @@ class GroupPage:
     tables: list[str]
     curves: Optional[str] = None
     blocks: Optional[str] = None  # per-block curves with bands
-    heatmaps: Optional[str] = None
+    heatmaps: list[str] = field(default_factory=list)  # the mean / spread heatmaps, in pieces of a few words each
 
 
 def href(path: str) -> str:
@@ -372,15 +373,32 @@ def _mass(mean: float, std: float) -> str:
     return f"{100 * mean:.1f}% &plusmn; {100 * std:.1f}"
 
 
-def group_page(title: str, pages: Sequence[GroupPage], back: str, run_links: Sequence[tuple[str, str]], fmt: str) -> str:
-    """HTML of one aggregated group (paths relative to the group's folder)."""
+_MEAN_NOTE = (
+    "What the mean maps mean: each pixel's share averaged over the runs at the same pixel position. The "
+    "seeds draw different images, so an object sits in different places in different runs: the mean map "
+    "mixes where the objects happened to be (layout) with where the attention went, and a large spread "
+    "(std) is mostly objects that moved, not attention that changed. Read the mean as 'where this word's "
+    "attention tends to land in this frame', compare it with the runs' images above, and look at each "
+    "run's own page for maps aligned with its image. No object-aligned view (maps registered to the "
+    "objects across seeds) is drawn."
+)
+
+
+def group_page(title: str, pages: Sequence[GroupPage], back: str, run_links: Sequence[tuple[str, str]], fmt: str,
+               run_images: Sequence[tuple[str, str]] = ()) -> str:
+    """HTML of one aggregated group (paths relative to the group's folder); ``run_images``: (run, image) per run."""
     from .views import word_labels
 
     res0 = pages[0].result
+    thumbs = "".join(
+        f'<figure><a href="{href(p)}"><img src="{href(p)}" alt="{_e(n)}" loading="lazy"></a><figcaption>{_e(n)}</figcaption></figure>'
+        for n, p in run_images)
     body = [f"<h1>{_e(title)}</h1>", f'<p class="back"><a href="{href(back)}">&larr; all runs</a></p>',
             f'<div class="prompt">{_e(res0.prompt)}</div>',
-            "<p>Runs: " + ", ".join(f'<a href="{href(p)}">{_e(n)}</a>' for n, p in run_links) + "</p>",
-            "<p>Means over the runs; spreads are sample standard deviations (ddof=1) over the runs.</p>"]
+            "<p>Runs: " + ", ".join(f'<a href="{href(p)}">{_e(n)}</a>' for n, p in run_links) + "</p>"
+            + (f'<div class="thumbs">{thumbs}</div>' if thumbs else "")
+            + "<p>Means over the runs; spreads are sample standard deviations (ddof=1) over the runs.</p>"
+            + f'<p class="note">{_e(_MEAN_NOTE)}</p>']
     toc = []
     for gp in pages:
         r = gp.result
@@ -392,14 +410,16 @@ def group_page(title: str, pages: Sequence[GroupPage], back: str, run_links: Seq
             body.append(_figure(gp.curves[len(strip):], "curves averaged over blocks: mean \u00b1 std over runs (bands)", fmt))
         if gp.blocks:
             body.append(_figure(gp.blocks[len(strip):], "the same per block, on one y scale: mean \u00b1 std over runs", fmt))
-        if gp.heatmaps:
-            body.append(_figure(gp.heatmaps[len(strip):], "mean heatmap over runs and its per-pixel std", fmt))
+        for k, path in enumerate(gp.heatmaps):
+            part = f" (part {k + 1} of {len(gp.heatmaps)})" if len(gp.heatmaps) > 1 else ""
+            body.append(_figure(path[len(strip):], f"mean heatmap over runs and its per-pixel std{part}; one colour scale for "
+                                "all words (0 to the largest mean), not each word on its own scale as in a single run", fmt))
         labels = word_labels(r.words)
         order = np.argsort(-r.mass_mean, kind="stable")
         rows = [[_e(labels[j]), str(r.words[j].index), _mass(r.mass_mean[j], r.mass_std[j]), str(r.n_runs)] for j in order]
         body.append(_table(["word", "#", "mass (mean &plusmn; std, %)", "runs"], rows, num=(1, 2, 3)))
         body.append("<p>Tables: " + " &middot; ".join(f'<a href="{href(t[len(strip):])}">{_e(t.rsplit("/", 1)[-1])}</a>' for t in gp.tables) + "</p>")
-    return _page(title, "\n".join(body[:5] + [_toc(toc)] + body[5:]))
+    return _page(title, "\n".join(body[:4] + [_toc(toc)] + body[4:]))
 
 
 def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (),

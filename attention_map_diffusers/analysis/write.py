@@ -448,8 +448,11 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
         if not options.tables_only and res.words:
             facts = FigureFacts(prompt=res.prompt, seed=", ".join(str(s) for s in res.seeds) + f" ({res.n_runs} runs)",
                                 model=members[0].model, random_weights=any(m.random_weights for m in members))
-            names = [f"{kind}.{options.fmt}" for kind in GROUP_FIGURES]
-            page.curves, page.blocks, page.heatmaps = (f"{rel}/{res.encoder}/{n}" for n in names)
+            names = [f"{kind}.{options.fmt}" for kind in GROUP_FIGURES[:2]]
+            pieces = spread_pieces(min(len(res.words), options.topk, MAX_LINES), options.dpi)
+            names += [f"heatmaps_mean_{k + 1:02d}.{options.fmt}" for k in range(len(pieces))]
+            page.curves, page.blocks = (f"{rel}/{res.encoder}/{n}" for n in names[:2])
+            page.heatmaps = [f"{rel}/{res.encoder}/{n}" for n in names[2:]]
             paths = [os.path.join(folder, n) for n in names]
             if pool is None:
                 _group_figures(paths, res, facts, options)
@@ -465,6 +468,17 @@ def _group_figures_with_fonts(fonts: Optional[FontChoice], *args) -> None:
 
 
 GROUP_FIGURES = ("curves_mean", "curves_blocks", "heatmaps_mean")  # a group's figures, in the order _group_figures draws them
+PIECE_MAX_PX = 1600  # the mean / spread heatmaps are split into figures at most this tall
+SPREAD_ROW_IN, SPREAD_EDGES_IN = 2.6, 1.3  # inches per word row of plots.spread_figure (map and gap); title, footer
+
+
+def spread_pieces(m: int, dpi: int) -> list[range]:
+    """The top ``m`` words in pieces of rows, each piece's figure at most :data:`PIECE_MAX_PX` tall at ``dpi``."""
+    per = max(1, int((PIECE_MAX_PX / dpi - SPREAD_EDGES_IN) // SPREAD_ROW_IN))
+    return [range(a, min(m, a + per)) for a in range(0, m, per)]
+
+
+SPREAD_NOTE = "one colour scale for all words (a single run: one per word)"  # the scale rule differs from a run's: said on the figure
 
 
 def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: AnalysisOptions) -> None:
@@ -479,7 +493,7 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     ts = res.timesteps
     fmt = options.fmt
     top8 = order[:MAX_LINES]
-    curves_path, blocks_path, heatmaps_path = paths
+    curves_path, blocks_path, heatmap_paths = paths[0], paths[1], paths[2:]
     fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
                               f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
                               spread=res.blockavg_std[:, top8], facts=facts)
@@ -488,10 +502,16 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
         res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
         f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts)
     save_figure(fig, blocks_path, fmt, options.dpi, facts)
-    fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
-                              [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
-                              f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts)
-    save_figure(fig, heatmaps_path, fmt, options.dpi, facts)
+    mean, std = np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0)
+    vmaxes = (float(mean.max(initial=0)) or 1.0, float(std.max(initial=0)) or 1.0)  # one scale over the pieces
+    pieces = spread_pieces(len(top8), options.dpi)
+    for k, (rows, path) in enumerate(zip(pieces, heatmap_paths)):
+        part = f" ({k + 1}/{len(pieces)})" if len(pieces) > 1 else ""
+        fig = plots.spread_figure(mean[rows.start:rows.stop], std[rows.start:rows.stop],
+                                  [f"{labels[top8[r]]} ({res.mass_mean[top8[r]]:.1%} \u00b1 {res.mass_std[top8[r]]:.1%})" for r in rows],
+                                  f"{title}: mean heatmap and its spread over {res.n_runs} runs{part}\n{SPREAD_NOTE}", facts=facts,
+                                  vmaxes=vmaxes)
+        save_figure(fig, path, fmt, options.dpi, facts)
 
 
 def write_plan(plan: Plan, pool=None) -> int:
@@ -608,8 +628,9 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
     for rel, pages in by_rel.items():
         up = "../" * (rel.count("/") + 1)
         links = [(r, f"{up}{r}/index.html") for r in dict.fromkeys(pages[0].result.runs)]
+        images = [(r, f"{up}{r}/{outcomes[r].thumbnail}") for r, _ in links if r in outcomes and outcomes[r].thumbnail]
         html = group_page(f"Runs of one prompt: {rel.rsplit('/', 1)[-1]}", pages, f"{up}index.html", links,
-                          "png" if options.tables_only else options.fmt)
+                          "png" if options.tables_only else options.fmt, images)
         write_text(os.path.join(tmp, rel, "index.html"), html)
     member_of: dict[str, list[str]] = {}
     for g in groups:
