@@ -208,3 +208,40 @@ def test_curves_per_block_at_full_width(browser, reports):
     for cls, width, content in boxes:
         assert "wide" in cls.split()
         assert width >= 0.9 * content, f"curves shown {width:.0f} px wide of {content:.0f}"
+
+
+def test_narrow_screen_tables_scroll_names_stay_on_one_line_figures_open(browser, reports):
+    """At 420 px: the page never scrolls sideways (tables scroll in their own box), a run's name is
+    one line, every figure links its own file, and the summary is the top words' figures stacked."""
+    for key in ("run", "index", "group"):
+        _open(browser, reports[key], 420)
+        assert browser.execute_script("return document.scrollingElement.scrollWidth") <= 420, key
+        unlinked = browser.execute_script(
+            "return Array.from(document.querySelectorAll('figure img')).filter(function(i){"
+            " var a = i.parentNode; return !(a.tagName === 'A' && a.href === i.src);}).map(function(i){return i.src;});"
+        )
+        assert not unlinked, f"{key}: figures not linked to their file: {unlinked[:3]}"
+    _open(browser, reports["index"], 420)
+    lines = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#runs + .scroll td:nth-child(2) a')).map(function(a){"
+        " var lh = parseFloat(getComputedStyle(a).lineHeight); return [a.textContent, a.getBoundingClientRect().height / lh];});"
+    )
+    assert len(lines) >= 3
+    assert all(ratio < 1.5 for _, ratio in lines), lines  # one line per name, not one character per line
+    boxes = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.scroll')).map(function(b){return [b.scrollWidth, b.clientWidth];});"
+    )
+    assert any(sw > cw for sw, cw in boxes)  # the runs table is wider than the screen: it scrolls in its box
+    for width, shown, hidden in ((420, "narrow-only", "wide-only"), (1400, "wide-only", "narrow-only")):
+        _open(browser, reports["run"], width)
+        seen = browser.execute_script(
+            "function vis(c){return Array.from(document.querySelectorAll('.' + c + ' img')).filter(function(i){"
+            " return i.getBoundingClientRect().width > 0;}).length;} return [vis(arguments[0]), vis(arguments[1])];",
+            shown, hidden)
+        assert seen[0] >= 2 and seen[1] == 0, (width, seen)
+    # at 420 the stacked top words are as wide as the content
+    _open(browser, reports["run"], 420)
+    widths = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.narrow-only img')).map(function(i){"
+        " return i.getBoundingClientRect().width / document.body.clientWidth;});")
+    assert min(widths) >= 0.85

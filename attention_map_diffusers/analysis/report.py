@@ -33,8 +33,8 @@ figure.image img{width:auto;max-width:min(100%,640px)}
 figcaption{font-size:.85em;color:#555;overflow-wrap:anywhere}
 .grid{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(min(100%,600px),1fr))} .grid figure{margin:0}
 .scroll{max-width:100%;overflow-x:auto}
-table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
-th{white-space:nowrap} td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top;overflow-wrap:break-word}
+th{white-space:nowrap} td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} td.text{min-width:14em}
 td img.thumb{width:160px;max-width:22vw;height:auto;border:1px solid #ddd} td.nowrap{white-space:nowrap;overflow-wrap:normal}
 details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider{border:1px solid #ddd;padding:.5em;margin:.6em 0} .slider input[type=range]{width:100%;max-width:600px}
@@ -42,6 +42,8 @@ details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider .frames figure{margin:0} .slider output{font-weight:600;margin-left:.5em}
 .slider.wide .frames{grid-template-columns:1fr}
 .links{font-size:.8em;columns:2 14em}
+.narrow-only{display:none}
+@media (max-width:700px){.narrow-only{display:block} .wide-only{display:none} body{padding:0 .5em}}
 .thumbs{display:flex;flex-wrap:wrap;gap:8px;margin:.4em 0} .thumbs figure{margin:0;width:160px;max-width:30vw}
 """
 
@@ -168,11 +170,17 @@ def _slider(sl: Slider, anchor: str, caption: str) -> str:
     )
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], num: Sequence[int] = ()) -> str:
-    """A table in a horizontally scrolling box; cells are HTML already; columns in ``num`` right-aligned."""
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], num: Sequence[int] = (), nowrap: Sequence[int] = (0,),
+           text: Sequence[int] = ()) -> str:
+    """A table in a horizontally scrolling box (on a narrow screen the table scrolls, not the page);
+    cells are HTML already; columns in ``num`` right-aligned, in ``nowrap`` (names) on one line, in
+    ``text`` (prompts) wrapped at a readable width."""
+    def attr(k):
+        name = "num" if k in num else "nowrap" if k in nowrap else "text" if k in text else ""
+        return f' class="{name}"' if name else ""
+
     def cells(tag, values):
-        num_cls = ' class="num"'
-        return "".join(f"<{tag}{num_cls if k in num else ''}>{v}</{tag}>" for k, v in enumerate(values))
+        return "".join(f"<{tag}{attr(k)}>{v}</{tag}>" for k, v in enumerate(values))
 
     body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
     return f'<div class="scroll"><table><tr>{cells("th", header)}</tr>{body}</table></div>'
@@ -227,6 +235,9 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
     scale = f" Each map on its own {page.scale}." if page.scale else ""
     if page.summary or res.words:
         body = _figure(page.summary, f"top words by mass, over the image.{scale}", fmt) if page.summary else ""
+        if body and page.word_heatmaps and fmt != "pdf":  # a narrow screen: the top words' own figures, one under another
+            body = (f'<div class="wide-only">{body}</div><div class="narrow-only">'
+                    + "".join(_figure(p, c, fmt) for c, p in page.word_heatmaps) + "</div>")
         section("summary", body + (_word_table(res) if res.words else ""))
     if page.word_grids:
         section("grids", _figure(page.word_grids, "per top word: blocks (y) x " + ("noise levels σ" if page.levels else "denoising steps") + " (x), one colour scale for all panels", fmt))
@@ -445,11 +456,12 @@ def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (
         seed = "" if r.get("seed") is None else _e(r["seed"])
         model = _e(r.get("model") or "") + (' <b style="color:#c00">random weights</b>' if r.get("random_weights") else "")
         given = r.get("given")
+        prompt = _e(" | ".join(r.get("prompt") or []))
         if given is not None:
-            cell += (f'<br><span class="given">mode: image &middot; {_e(given.describe)}'
-                     + (f" &middot; &sigma; {_e(given.levels_text)}" if given.levels is not None else "") + "</span>")
-        rows.append([thumb, cell, _e(" | ".join(r.get("prompt") or [])), seed, model, status, grp])
-    body.append('<h2 id="runs">Runs</h2>' + _table(["", "run", "prompt", "seed", "model", "status", "group"], rows, num=(3,)))
+            prompt += (f'<br><span class="given">mode: image &middot; {_e(given.describe)}'
+                       + (f" &middot; &sigma; {_e(given.levels_text)}" if given.levels is not None else "") + "</span>")
+        rows.append([thumb, cell, prompt, seed, model, status, grp])
+    body.append('<h2 id="runs">Runs</h2>' + _table(["", "run", "prompt", "seed", "model", "status", "group"], rows, num=(3,), nowrap=(1, 6), text=(2,)))
     by_group: dict[str, list[GroupPage]] = {}
     for g in groups:
         by_group.setdefault(g.rel, []).append(g)
@@ -471,7 +483,7 @@ def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (
         body.append('<h2 id="groups">Groups of runs with the same prompt</h2>'
                     "<p>Word masses: mean &plusmn; sample std over the group's runs (%). Each group's page has curves with "
                     "bands, the mean heatmaps and their spread.</p>"
-                    + _table(["group", "prompt", "runs", "seeds", "top words by mean mass"], grows, num=(2,)))
+                    + _table(["group", "prompt", "runs", "seeds", "top words by mean mass"], grows, num=(2,), text=(1, 4)))
         from .aggregate_runs import words_across_prompts
 
         cross = []
@@ -485,7 +497,7 @@ def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (
             body.append('<h2 id="cross">Words in several prompts</h2><p>Mass of the same word (any case) in each prompt\'s group.</p>'
                         + "".join(_figure(f, "the same word's mass in each prompt: mean \u00b1 std over the group's runs", fmt)
                                   for f in cross_figures)
-                        + _table(["encoder", "word", "prompt (word #): mass mean &plusmn; std (%)"], cross))
+                        + _table(["encoder", "word", "prompt (word #): mass mean &plusmn; std (%)"], cross, nowrap=(0, 1), text=(2,)))
     return _page(title, "\n".join(body[:2 if len(body) > 1 and 'class="warn"' in body[1] else 1] + [_toc(toc)]
                                   + body[2 if len(body) > 1 and 'class="warn"' in body[1] else 1:]))
 
