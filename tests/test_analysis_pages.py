@@ -184,3 +184,90 @@ def test_aggregate_page_explains_the_mean_shows_the_runs_and_splits_tall_figures
     assert max(heights) <= 1600, heights
     shown = [a["src"] for tag, a, _ in page.elements if tag == "img" and "heatmaps_mean_" in a.get("src", "")]
     assert shown == [f"t5/{p.name}" for p in pieces]
+
+
+def test_segmentation_legend_lists_only_words_that_own_cells():
+    names = ["a", "red", "circle", "blue"]
+    labels = np.array([[0, 0, 1], [1, 3, 3], [2, 2, 0]])
+    top = np.array([[0.9, 0.9, 0.9], [0.9, 0.9, 0.9], [0.1, 0.1, 0.9]])  # "circle" wins only undecided cells
+    fig = plots.segmentation_figure(None, labels, top, 0.5, names, [0, 1, 2, 3], "segmentation")
+    listed = [t.get_text() for t in fig.legends[0].get_texts()]
+    owners = [names[k] for k in range(4) if any(labels[y, x] == k and top[y, x] >= 0.5 for y in range(3) for x in range(3))]
+    assert owners == ["a", "red", "blue"]
+    assert listed[:-1] == owners and listed[-1].startswith("undecided")
+
+
+STEPS, BEST = 8, 5  # more steps than a strip shows; the step whose maps have structure
+
+
+def _planted_run(folder, prompt, seed, sink=None):
+    """A run whose per-step maps are flat except at step BEST, and where ``sink`` (a word) takes most of the attention."""
+    layout = make_layout([prompt], clip_len=77, t5_len=24)
+    arrays = random_arrays(layout, num_blocks=2, num_steps=STEPS, grid=(4, 4), seed=seed)
+    if sink:
+        pos = layout.positions("clip", 0, sink) + layout.positions("t5", 0, sink)
+        probs = arrays["sum_token_map"].astype(np.float64)
+        total = probs.sum(axis=-1, keepdims=True)
+        probs[..., pos] *= 40.0
+        arrays["sum_token_map"] = (probs / probs.sum(axis=-1, keepdims=True) * total).astype(np.float32)
+    frames = np.full((1, STEPS, 4, 4, layout.T), 1.0 / layout.T, np.float32)
+    word = layout.positions("clip", 0, "circle") + layout.positions("t5", 0, "circle")
+    frames[0, BEST, :, :2, word] *= 9.0  # "circle" takes the left half at step BEST
+    arrays["per_step_token_map"] = frames
+    write_dump(folder, layout, arrays, seed=seed)
+
+
+def test_smaller_page_fixes(tmp_path, capsys, monkeypatch, one_cpu):
+    """Sink flagged, slider over every step opening on the informative one, a punctuation row only
+    for a prompt with punctuation, one warning for a missing phrase, steps listed once, the index's
+    top-word map beside the image."""
+    root = tmp_path / "runs"
+    prompts = ["a red circle next to a blue square", "a circle, a cat."]
+    for k, prompt in enumerate(prompts):
+        _planted_run(root / f"000{k}-r", prompt, k + 1, sink="circle" if k == 0 else None)
+    write_runs(root, [{"run": k, "folder": f"000{k}-r", "prompt": [p], "seed": k + 1, "status": "done"} for k, p in enumerate(prompts)])
+    groups = []
+    original = plots.token_groups_figure
+
+    def watched(shares, names, *args, **kwargs):
+        groups.append(list(names))
+        return original(shares, names, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "token_groups_figure", watched)
+    assert analyse_stepavg.main(["--root", str(root), "--topk", "2", "--dpi", "30", "--phrases", "zebra"]) == 0
+    err = capsys.readouterr().err
+    assert len([ln for ln in err.splitlines() if "zebra" in ln]) == 1  # 2 runs x 2 encoders, said once
+    # the token groups: the punctuation row only for the prompt with punctuation (one figure per encoder per run)
+    assert len(groups) == 4
+    assert ["other prompt tokens" in g for g in groups] == [False, False, True, True]
+
+    out = root / "analysis"
+    page = Page((out / "0000-r" / "index.html").read_text(encoding="utf-8"))
+    # sink: "circle" takes > 40 % of the words' attention in run 0, flagged in the words table and the summary's caption
+    assert "Sink: \u201ccircle\u201d takes" in page.text
+    captions = [a.get("alt", "") for tag, a, _ in page.elements if tag == "img" and a.get("src", "").endswith("summary.png")]
+    assert captions and all("Sink: \u201ccircle\u201d" in c for c in captions)
+    sink_cells = [stack for tag, a, stack in page.elements if tag == "b" and a.get("class") == "sink"]
+    assert len(sink_cells) == 2  # CLIP and T5: only "circle"
+    other = Page((out / "0001-r" / "index.html").read_text(encoding="utf-8"))
+    assert "Sink:" not in other.text
+    # the step slider: every step, opening on the step whose maps vary across the image
+    sliders = [a for tag, a, _ in page.elements if tag == "div" and "slider" in a.get("class", "").split()
+               and "step" in a.get("id", "")]
+    assert len(sliders) == 2
+    import json
+
+    for sl in sliders:
+        assert len(json.loads(sl["data-labels"])) == STEPS
+    inputs = [a for tag, a, stack in page.elements if tag == "input" and "step" in stack[-1][1].get("aria-label", "") + a.get("aria-label", "")]
+    assert [int(a["value"]) for a in inputs] == [BEST, BEST]
+    # settings: the number of steps once
+    cells = [d.strip() for d in page.parts]
+    assert cells.count("num_steps") == 0 and cells.count("steps") == 1
+    # the index: each run's image and its top word's map, linked to the map
+    index = Page((out / "index.html").read_text(encoding="utf-8"))
+    maps = [(a, stack) for tag, a, stack in index.elements if tag == "img" and a.get("src", "").endswith("top_word.png")]
+    assert len(maps) == 2
+    for a, stack in maps:
+        assert "top word" in a["alt"] and (out / a["src"]).is_file() and stack[-1][1]["href"] == a["src"]
+    assert "CLIP top word: circle" in maps[0][0]["alt"]

@@ -492,8 +492,9 @@ def segmentation_figure(
     lut = np.array([colour.get(v, other) for v in range(max(int(labels.max(initial=0)) + 1, 1))])
     rgb = lut[np.clip(labels, 0, None)]
     rgb[top < threshold] = grey
-    handles = [Patch(color=colour[p], label=names[p]) for p in shown[:MAX_LINES]]
-    if any(int(v) not in colour for v in np.unique(labels[top >= threshold])):
+    owners = {int(v) for v in np.unique(labels[top >= threshold])}  # words that own a cell: only they are listed
+    handles = [Patch(color=colour[p], label=names[p]) for p in shown[:MAX_LINES] if p in owners]
+    if any(v not in colour for v in owners):
         handles.append(Patch(color=other, label="another word"))
     handles.append(Patch(color=grey, label=f"undecided: top share < {threshold:.2f}"))
     panels = 2 if image is not None else 1

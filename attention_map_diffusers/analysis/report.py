@@ -35,7 +35,7 @@ figcaption{font-size:.85em;color:#555;overflow-wrap:anywhere}
 .scroll{max-width:100%;overflow-x:auto}
 table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top;overflow-wrap:break-word}
 th{white-space:nowrap} td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} td.text{min-width:14em}
-td img.thumb{width:160px;max-width:22vw;height:auto;border:1px solid #ddd} td.nowrap{white-space:nowrap;overflow-wrap:normal}
+td img.thumb{width:160px;max-width:22vw;height:auto;border:1px solid #ddd} td .pair{display:flex;gap:4px} td .pair img.thumb{width:120px} td.nowrap{white-space:nowrap;overflow-wrap:normal}
 details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider{border:1px solid #ddd;padding:.5em;margin:.6em 0} .slider input[type=range]{width:100%;max-width:600px}
 .slider .frames{display:grid;gap:8px;grid-template-columns:repeat(auto-fill,minmax(min(45%,250px),1fr))}
@@ -71,6 +71,7 @@ class Slider:
     words: list[str]  # per image of a frame ("" for a single image)
     frames: list[list[str]]  # per frame, per word: path relative to the page
     title: str = ""  # what the reader sees instead of ``kind`` ("noise level" for a given image's levels)
+    start: int = 0  # the frame shown first (the most informative one)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class EncoderPage:
     sliders: list[Slider] = field(default_factory=list)
     scale: str = ""
     levels: bool = False  # the steps are a given image's noise levels σ, not denoising steps
+    top_word: Optional[tuple[str, str]] = None  # (caption, path) of the top word's bare map
 
 
 @dataclass
@@ -149,12 +151,13 @@ def _grid(items: Sequence[tuple[str, str]], fmt: str) -> str:
 
 
 def _slider(sl: Slider, anchor: str, caption: str) -> str:
-    """A range input over the frames; without scripts the first frame shows and every frame is linked below."""
+    """A range input over the frames, opened on frame ``sl.start``; without scripts that frame shows and every frame is linked below."""
     frames = [[quote(p.replace("\\", "/")) for p in fr] for fr in sl.frames]
+    k0 = sl.start if 0 <= sl.start < len(sl.frames) else 0
     imgs = "".join(
-        f'<figure><a href="{href(p)}"><img class="frame" src="{href(p)}" alt="{_e(w or sl.labels[0])}"></a>'
+        f'<figure><a href="{href(p)}"><img class="frame" src="{href(p)}" alt="{_e(w or sl.labels[k0])}"></a>'
         + (f"<figcaption>{_e(w)}</figcaption>" if w else "") + "</figure>"
-        for w, p in zip(sl.words or [""], sl.frames[0])
+        for w, p in zip(sl.words or [""], sl.frames[k0])
     )
     links = "".join(
         f'<li>{_e(lab)}: ' + ", ".join(f'<a href="{href(p)}">{_e(w or "image")}</a>' for w, p in zip(sl.words or [""], fr)) + "</li>"
@@ -163,8 +166,8 @@ def _slider(sl: Slider, anchor: str, caption: str) -> str:
     wide = " wide" if len(sl.words or [""]) == 1 else ""  # one image per frame (curves): at full width like every figure
     return (
         f'<div class="slider{wide}" id="{_e(anchor)}" data-frames="{_e(json.dumps(frames))}" data-labels="{_e(json.dumps(sl.labels))}">'
-        f'<label>{_e(sl.title or sl.kind)}: <input type="range" min="0" max="{len(sl.frames) - 1}" step="1" value="0" '
-        f'aria-label="{_e(sl.title or sl.kind)}"><output>{_e(sl.labels[0])}</output></label>'
+        f'<label>{_e(sl.title or sl.kind)}: <input type="range" min="0" max="{len(sl.frames) - 1}" step="1" value="{k0}" '
+        f'aria-label="{_e(sl.title or sl.kind)}"><output>{_e(sl.labels[k0])}</output></label>'
         f'<p class="note">{_e(caption)}</p><div class="frames">{imgs}</div>'
         f'<details><summary>every frame</summary><ul class="links">{links}</ul></details></div>'
     )
@@ -186,6 +189,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], num: Sequence[i
     return f'<div class="scroll"><table><tr>{cells("th", header)}</tr>{body}</table></div>'
 
 
+SINK_SHARE = 0.4  # a word taking more than this share of the words' attention is flagged as a sink
+
+
+def _sinks(res: EncoderResult) -> list[int]:
+    """Positions of the words that take more than :data:`SINK_SHARE` of the words' attention."""
+    return [j for j in range(len(res.words)) if float(res.mass[j]) > SINK_SHARE]
+
+
+def _sink_note(res: EncoderResult) -> str:
+    from .views import word_labels
+
+    labels = word_labels(res.words)
+    return " ".join(
+        f"Sink: “{labels[j]}” takes {100 * float(res.mass[j]):.0f}% of the words' attention (more than "
+        f"{100 * SINK_SHARE:.0f}%): the pixels park attention on it, as on a special token, whatever it names; the other "
+        "words' shares are small beside it." for j in _sinks(res))
+
+
 def _word_table(res: EncoderResult) -> str:
     from .views import word_labels
 
@@ -196,9 +217,11 @@ def _word_table(res: EncoderResult) -> str:
     for i, (w, mass, pb, ps) in enumerate(word_summary(res)):
         t = f" (t={ts[ps]:.0f})" if ts is not None else ""
         mark = " *" if i in top else ""
-        rows.append([_e(labels[i]) + mark, str(res.words[i].index), f"{100 * mass:.2f}%", str(pb), f"{ps}{t}"])
+        sink = ' <b class="sink">sink</b>' if mass > SINK_SHARE else ""
+        rows.append([_e(labels[i]) + mark + sink, str(res.words[i].index), f"{100 * mass:.2f}%", str(pb), f"{ps}{t}"])
     return (
-        "<details><summary>all words (mass, peak; * = shown as a heatmap)</summary>"
+        "<details><summary>all words (mass, peak; * = shown as a heatmap; sink = more than "
+        f"{100 * SINK_SHARE:.0f}% of the words' attention)</summary>"
         + _table(["word", "#", "mass", "peak block", "peak step"], rows, num=(1, 2, 3, 4))
         + "</details>"
     )
@@ -233,12 +256,15 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
             f"&ldquo;{_e(first.text)}&rdquo; (word {first.index}) on are absent from its analysis.</p>"
         )
     scale = f" Each map on its own {page.scale}." if page.scale else ""
+    sink = _sink_note(res) if res.words else ""
     if page.summary or res.words:
-        body = _figure(page.summary, f"top words by mass, over the image.{scale}", fmt) if page.summary else ""
+        body = _figure(page.summary, f"top words by mass, over the image.{scale}" + (f" {sink}" if sink else ""), fmt) if page.summary else ""
         if body and page.word_heatmaps and fmt != "pdf":  # a narrow screen: the top words' own figures, one under another
             body = (f'<div class="wide-only">{body}</div><div class="narrow-only">'
                     + "".join(_figure(p, c, fmt) for c, p in page.word_heatmaps) + "</div>")
-        section("summary", body + (_word_table(res) if res.words else ""))
+        alone = (f'<p>The top word\'s map alone (the index\'s thumbnail): <a href="{href(page.top_word[1])}">'
+                 f"{_e(page.top_word[0])}</a>.</p>" if page.top_word else "")
+        section("summary", (f'<p class="warn">{_e(sink)}</p>' if sink else "") + body + alone + (_word_table(res) if res.words else ""))
     if page.word_grids:
         section("grids", _figure(page.word_grids, "per top word: blocks (y) x " + ("noise levels σ" if page.levels else "denoising steps") + " (x), one colour scale for all panels", fmt))
     if page.segmentation:
@@ -256,14 +282,17 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
         body = "".join(_figure(p, f"top words at a few {k}s (each row on one colour scale)", fmt) for k, p in page.strips)
         body += "".join(
             _slider(sl, _anchor(base, "slider", sl.kind), f"Move the slider to swap each word's heatmap for its map at that {sl.title or sl.kind} "
-                    "(each word on one colour scale for all frames, inferno from 0 to the value in its caption).")
+                    "(each word on one colour scale for all frames, inferno from 0 to the value in its caption). Every "
+                    f"{sl.title or sl.kind} is offered; it opens on the one whose maps vary most across the image "
+                    "(largest mean spatial std over the words).")
             for sl in page.sliders
         )
         section("strips", body)
     if page.token_groups:
-        section("groups", _figure(page.token_groups, "share of the text attention on words, other prompt tokens, special tokens, "
-                                  "padding and the other encoder, per step and block group: heatmaps are shares over the words "
-                                  "only, curves shares of all text positions", fmt))
+        section("groups", _figure(page.token_groups, "share of the text attention on words, other prompt tokens (punctuation "
+                                  "outside every word; only when the prompt has some), special tokens, padding and the other "
+                                  "encoder, per step and block group: heatmaps are shares over the words only, curves shares of "
+                                  "all text positions", fmt))
     if page.overview:
         section("overview", _figure(page.overview, "words x blocks (averaged over steps) and words x steps (averaged over blocks)", fmt))
     if page.word_curves:
@@ -333,7 +362,8 @@ def run_page(
     """HTML of one run's report: a table of contents, then per item and encoder the figures, at full width."""
     keys = ("mode", "noise_levels", "strength", "model_family", "model_id", "scheduler", "steps", "num_steps", "guidance_scale", "seed",
             "seeds", "image_size", "canonical_size", "num_blocks", "store_dtype", "random_weights", "timestamp")
-    facts = [[_e(k), _e(json.dumps(metadata[k]))] for k in keys if k in metadata]
+    facts = [[_e(k), _e(json.dumps(metadata[k]))] for k in keys
+             if k in metadata and not (k == "num_steps" and metadata.get("steps") == metadata[k])]  # the same number once
     src = metadata.get("source_image")
     if isinstance(src, dict):
         facts.insert(1, ["source_image", _e(json.dumps({k: src[k] for k in ("name", "size", "crop_box") if k in src}))])
@@ -451,6 +481,11 @@ def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (
         cell = f'<a href="{href(r["link"])}">{name}</a>' if r.get("link") else name
         thumb = (f'<a href="{href(r["link"])}"><img class="thumb" src="{href(r["thumbnail"])}" alt="{name}" loading="lazy"></a>'
                  if r.get("thumbnail") and r.get("link") else "")
+        if r.get("top_map") and r.get("link"):
+            enc, caption, path = r["top_map"]
+            what = f"{enc.upper()} top word: {caption}"
+            thumb = (f'<div class="pair">{thumb}<a href="{href(path)}"><img class="thumb" src="{href(path)}" alt="{_e(what)}" '
+                     f'title="{_e(what)}" loading="lazy"></a></div><small>{_e(what)}</small>')
         status = _e(r["status"]) + (f": {_e(r['error'])}" if r.get("error") else "")
         grp = ", ".join(f'<a href="{href(g + "/index.html")}">{_e(g.rsplit("/", 1)[-1])}</a>' for g in r.get("groups") or [])
         seed = "" if r.get("seed") is None else _e(r["seed"])

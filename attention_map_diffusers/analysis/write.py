@@ -42,11 +42,12 @@ class FigureFiles:
     segmentation: str = ""
     word_maps: str = ""  # word_maps.npz (not a figure, counted with them)
     token_groups: str = ""
+    top_word: str = ""  # the top word's bare map (a PNG), the index's thumbnail beside the image
     strips: dict[str, str] = field(default_factory=dict)  # "step" / "block" -> file
     frames: dict[str, list[list[str]]] = field(default_factory=dict)  # kind -> per frame, per top word: file
 
     def __len__(self) -> int:
-        singles = [self.summary, self.overview, self.word_grids, self.segmentation, self.word_maps, self.token_groups]
+        singles = [self.summary, self.overview, self.word_grids, self.segmentation, self.word_maps, self.token_groups, self.top_word]
         return (len(self.words) + len(self.phrases) + sum(bool(x) for x in singles) + len(self.word_curves)
                 + len(self.phrase_curves) + len(self.strips) + len(self.frames))
 
@@ -56,8 +57,28 @@ class Frames:
     """The steps (or blocks) of the optional per-step (per-block) maps that strips and sliders show."""
 
     kind: str  # "step" or "block"
-    indices: list[int]  # positions on the dump's S (or Bk) axis
+    indices: list[int]  # positions on the dump's S (or Bk) axis: every step (block), up to SLIDER_FRAMES, for the slider
     labels: list[str]  # "step 0 (t=1000)" / "block 3"
+
+    @property
+    def strip(self) -> list[int]:
+        """The few frames (positions in :attr:`indices`) that the strip figure shows."""
+        return pick_frames(len(self.indices))
+
+
+SLIDER_FRAMES = 64  # the slider offers every step (block) up to this many, evenly picked beyond
+
+
+def informative_frame(maps: np.ndarray) -> int:
+    """The frame whose maps say the most: the largest mean over words of the map's spatial std.
+
+    Args:
+        maps: (m, K, H, W) each word's map per frame (shares: comparable between words).
+    """
+    if maps.size == 0:
+        return 0
+    spread = np.asarray(maps, dtype=np.float64).std(axis=(2, 3)).mean(axis=0)  # (K,)
+    return int(np.argmax(spread))
 
 
 def frame_plan(run: RunPlan, options: AnalysisOptions) -> list[Frames]:
@@ -69,7 +90,7 @@ def frame_plan(run: RunPlan, options: AnalysisOptions) -> list[Frames]:
     out = []
     if framemaps.STEP_KEY in have:
         S = dump.step_mean.shape[2]
-        idx = pick_frames(S)
+        idx = pick_frames(S, SLIDER_FRAMES)
         ts = _timesteps(dump.timesteps)
         given = given_image(dump.metadata, S)
         if given is not None and given.levels is not None:
@@ -78,7 +99,7 @@ def frame_plan(run: RunPlan, options: AnalysisOptions) -> list[Frames]:
             out.append(Frames("step", idx, [f"step {s}" + (f" (t={ts[s]:.0f})" if ts is not None else "") for s in idx]))
     if framemaps.BLOCK_KEY in have:
         pos = dump.select_blocks(options.block_ranges)
-        idx = [pos[k] for k in pick_frames(len(pos))]
+        idx = [pos[k] for k in pick_frames(len(pos), SLIDER_FRAMES)]
         out.append(Frames("block", idx, [f"block {dump.block_ids[p]}" for p in idx]))
     return out
 
@@ -100,6 +121,7 @@ def figure_files(res: EncoderResult, options: AnalysisOptions, frames: Sequence[
         segmentation=f"segmentation.{fmt}",
         word_maps="word_maps.npz",
         token_groups=f"token_groups.{fmt}",
+        top_word="top_word.png",
         strips={f.kind: f"strips/{f.kind}s.{fmt}" for f in frames},
         frames={
             f.kind: [[f"frames/{f.kind}{i:03d}-{res.words[j].index:03d}.png" for j in top] for i in f.indices] for f in frames
@@ -183,6 +205,9 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     )
 
     heats = [res.shares[:, :, j] for j in res.top]
+    plots.write_heat_png(os.path.join(folder, files.top_word), heats[0], robust_vmax(heats[0], pct))
+    page.top_word = (f"{labels[res.top[0]]} ({res.mass[res.top[0]]:.1%})", f"{rel}/{files.top_word}")
+    tick()
     save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%})" for j in res.top], overlay=options.overlay,
                               title=f"{title}: top {len(res.top)} words by mass; each map on its own {scale}",
                               vmaxes=[robust_vmax(h, pct) for h in heats], facts=facts), files.summary)
@@ -215,6 +240,8 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     i = ctx.item
     T = ctx.dump.step_mean.shape[-1]
     masks = token_group_masks(T, enc.span, len(enc.tokens[i]), enc.special[i], res.wordmap.weights)
+    # prompt tokens outside every word are punctuation: a prompt without any has none, and no row for them
+    masks = {k: v for k, v in masks.items() if k != "other prompt tokens" or v.any()}
     groups = token_groups(ctx.dump.step_mean[i][ctx.positions], masks)
     bgroups = block_groups(res.block_ids)
     shares = np.stack([groups.shares[:, pos].mean(axis=1) for _, pos in bgroups])  # (Gb, G, S)
@@ -232,7 +259,8 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         sel = np.moveaxis(fw[..., top8], -1, 0)  # (m, K, H, W)
         vmaxes = [robust_vmax(sel[r], pct) for r in range(len(top8))]
         name = files.strips[fr.kind]
-        save(plots.strip_figure(sel, [labels[j] for j in top8], fr.labels,
+        picks = fr.strip
+        save(plots.strip_figure(sel[:, picks], [labels[j] for j in top8], [fr.labels[k] for k in picks],
                                 f"{title}: top words per {fr.kind} (each row on one {scale})", vmaxes=vmaxes, facts=facts), name)
         for k, per_word in enumerate(files.frames[fr.kind]):
             for r, fname in enumerate(per_word):
@@ -241,7 +269,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         page.strips.append((fr.kind, f"{rel}/{name}"))
         page.sliders.append(Slider(
             kind=fr.kind, title="noise level" if fr.kind == "step" and levels is not None else "", labels=list(fr.labels), words=[f"{labels[j]} (0 to {vmaxes[r]:.3g})" for r, j in enumerate(top8)],
-            frames=[[f"{rel}/{f}" for f in per_word] for per_word in files.frames[fr.kind]],
+            frames=[[f"{rel}/{f}" for f in per_word] for per_word in files.frames[fr.kind]], start=informative_frame(sel),
         ))
 
     kinds = [(files.word_curves, res.curves[:, :, res.top], [labels[j] for j in res.top], "top words", page.word_curves)]
@@ -308,6 +336,7 @@ class RunOutcome:
     seeds: list
     random_weights: bool
     given: Optional[GivenImage] = None
+    top_map: Optional[tuple[str, str, str]] = None  # (encoder, caption, path relative to the run's page)
 
 
 def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[[], None], back: Optional[str] = None,
@@ -327,6 +356,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
     given = given_image(dump.metadata, dump.step_mean.shape[2])
     summaries: list[RunSummary] = []
     thumbnail = None
+    top_map = None  # (encoder, caption, path) of item 0's top word heatmap, shown beside the index's thumbnail
     for i in range(B):
         base = f"item{i}" if B > 1 else ""
         image_rel = None
@@ -367,6 +397,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         del frame_maps
         if thumbnail is None:
             thumbnail = image_rel or next((p.summary for p in pages if p.summary), None)
+            top_map = next(((p.result.encoder, *p.top_word) for p in pages if p.top_word), None)
         items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts, given=given))
     settings = {
         "encoders": ",".join(options.encoders),
@@ -374,7 +405,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         "phrases": " | ".join(options.phrases) or "(none)",
         "phrase weights": options.weights,
         "blocks": format_ranges(run.results[0][0].block_ids) if run.results and run.results[0] else "",
-        "steps": ("independent noise levels \u03c3 of the given image, noisiest first" if given is not None and given.levels is not None
+        "step order": ("independent noise levels \u03c3 of the given image, noisiest first" if given is not None and given.levels is not None
                   else "denoising order (0 = first)"
                   + (", flipped from the original tool's order" if dump.steps_flipped else "")
                   + ("; the dump has no timesteps" if dump.timesteps is None else "")),
@@ -388,7 +419,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
                     back=back, random_weights=random)
     write_text(os.path.join(dest, "index.html"), html)
     seeds = [it.facts.seed for it in items]
-    return RunOutcome(summaries, thumbnail, str(dump.metadata.get("model_id") or ""), seeds, random, given)
+    return RunOutcome(summaries, thumbnail, str(dump.metadata.get("model_id") or ""), seeds, random, given, top_map)
 
 
 def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequence[RunSummary],
@@ -648,6 +679,7 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
             thumbnail=f"{row['folder']}/{o.thumbnail}" if o is not None and o.thumbnail else None,
             groups=member_of.get(row["folder"], []),
             given=o.given if o is not None else None,
+            top_map=(o.top_map[0], o.top_map[1], f"{row['folder']}/{o.top_map[2]}") if o is not None and o.top_map else None,
         )
     first = {}  # runs of one prompt together, prompts in order of first appearance
     for row in rows:
