@@ -176,10 +176,15 @@ def _analyse(options, pool) -> int:
         return fail(PROG, str(exc))
     for note in plan.notes:
         print(note, file=sys.stderr)
+    said: dict[tuple[str, str], list[str]] = {}  # a note that several runs share is printed once, naming them
     for run in plan.runs:
-        prefix = f"{run.folder}: " if run.folder else ""
         for note in run.notes:
-            print(f"{note.level}: {prefix}{note.text}", file=sys.stderr)
+            said.setdefault((note.level, note.text), []).append(run.folder or "")
+    for (level, text), where in said.items():
+        where = [w for w in where if w]
+        prefix = "" if not where else f"{where[0]}: " if len(where) == 1 else (
+            f"{len(where)} runs ({', '.join(where[:3])}{', ...' if len(where) > 3 else ''}): ")
+        print(f"{level}: {prefix}{text}", file=sys.stderr)
     reported = {id(e) for e in plan.failed}
     for entry in plan.failed:
         fail(PROG, entry.problem)

@@ -158,6 +158,7 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
             images.append(None)  # --no-overlay: a lost image only costs the summary its first panel
             notes.append(Note("note", str(exc)))
     results: list[list[EncoderResult]] = []
+    missing: dict[str, list[str]] = {}  # phrase -> where it is absent: one warning per phrase, not per encoder
     for i in range(dump.batch_size):
         per_item = []
         for name in options.encoders:
@@ -192,8 +193,7 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
                     "zero), so their shares are undefined; the dump is damaged, re-run it"
                 )
             for ph in res.missing_phrases:
-                what = "its column is all zero" if options.words == "original" else "no file for it"
-                notes.append(Note("warning", f"phrase {ph!r} does not occur in the {where} words; {what}"))
+                missing.setdefault(ph, []).append(where)
             if wm.dropped:
                 notes.append(Note(
                     "note",
@@ -208,6 +208,9 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
                 notes.append(Note("note", f"{where}: the prompt has no words for this encoder; only empty tables are written"))
             per_item.append(res)
         results.append(per_item)
+    for ph, wheres in missing.items():
+        what = "its column is all zero" if options.words == "original" else "no file for it"
+        notes.append(Note("warning", f"phrase {ph!r} does not occur in the {' / '.join(wheres)} words; {what}"))
     return RunPlan(folder, dump, images, results, notes)
 
 
