@@ -381,7 +381,7 @@ def test_long_word_in_prompt_is_cut_in_figures_and_kept_in_tables(tmp_path, caps
             assert (out / folder / enc / "overview.png").is_file()
     for enc in ("clip", "t5"):
         assert long in header(out / "0000-a" / enc / "tables" / "words_auc.csv")
-    assert list((out / "aggregate").glob("*/t5/heatmaps_mean.png"))
+    assert list((out / "aggregate").glob("*/t5/heatmaps_mean_01.png"))  # the mean maps, split in pieces
 
     from attention_map_diffusers.analysis.layout import MIN_PANELS, fixed_layout
     from attention_map_diffusers.analysis.views import MAX_LABEL_CHARS, figure_labels
