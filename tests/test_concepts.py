@@ -1,0 +1,107 @@
+"""ConceptAttention maps: the capture against an independent float64 reference (tests/reference_concepts.py),
+images bit-identical to a run without concepts, hooks and processors restored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attention_map_diffusers import StepAverageRecorder
+from attention_map_diffusers.capture.concepts import ConceptOptions
+from reference_concepts import BlockInputs, reference_concept_maps
+
+CONCEPTS = ("cat", "table", "sky", "background")
+SEQ = 16
+SD3_ARGS = dict(num_inference_steps=2, height=64, width=96, max_sequence_length=SEQ, output_type="latent",
+                guidance_scale=5.0)
+FLUX_ARGS = dict(num_inference_steps=2, height=64, width=96, max_sequence_length=SEQ, output_type="latent",
+                 guidance_scale=3.5)
+
+
+def generate(pipe, prompt, args, seed=0):
+    n = len(prompt) if isinstance(prompt, list) else 1
+    return pipe(prompt, generator=[torch.Generator().manual_seed(seed + i) for i in range(n)], **args).images
+
+
+def record(pipe, prompt, args, **options):
+    opts = ConceptOptions(CONCEPTS, max_sequence_length=SEQ, **options)
+    with BlockInputs(pipe.transformer) as tap:
+        with StepAverageRecorder(pipe, concepts=opts) as rec:
+            latents = generate(pipe, prompt, args)
+    return rec.result(), tap, latents
+
+
+def check(pipe, prompt, args, *, cfg, tol=1e-5, **options):
+    plain = generate(pipe, prompt, args)
+    res, tap, latents = record(pipe, prompt, args, **options)
+    assert torch.equal(plain, latents), "the generated latents changed"
+    B = len(prompt) if isinstance(prompt, list) else 1
+    items = slice(B, 2 * B) if cfg else None
+    con = res.concepts
+    ref = reference_concept_maps(pipe, tap, CONCEPTS, max_length=SEQ, rule=con.rule, items=items,
+                                 blocks=con.blocks, steps=con.steps)
+    h, w = res.canonical_size
+    got = con.mean_map
+    assert got.shape == (B, h, w, len(CONCEPTS))
+    assert con.N == ref["N"]
+    err = np.abs(got - ref["mean_map"].reshape(got.shape)).max()
+    n_joint = len(pipe.transformer.transformer_blocks)
+    mean = con.per_block_step_mean
+    assert mean.shape == (B, len(res.blocks), res.num_steps, len(CONCEPTS))
+    err_mean = np.abs(mean[:, :n_joint] - ref["per_block_step_mean"]).max()
+    assert np.isnan(mean[:, n_joint:]).all()  # FLUX.1's single blocks: no concept stream
+    assert err < tol and err_mean < tol, (err, err_mean)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)  # a softmax over concepts per pixel
+    return res, err
+
+
+def test_sd35_dual_attention_matches_reference(sd35m_pipe):
+    """MMDiT-X (attn2 in blocks 0, 1), RMS qk-norm, the last block context_pre_only, CFG, two prompts."""
+    res, err = check(sd35m_pipe, ["a cat on a table", "the sky above a field"], SD3_ARGS, cfg=True)
+    assert res.concepts.blocks == [0, 1, 2] and res.concepts.steps == [0, 1] and res.concepts.rule == "concept"
+
+
+def test_sd3_matches_reference(sd3_pipe):
+    check(sd3_pipe, "a cat on a table", SD3_ARGS, cfg=True)
+
+
+def test_flux_matches_reference(flux_pipe):
+    res, _ = check(flux_pipe, "a cat on a table", FLUX_ARGS, cfg=False)
+    assert res.concepts.blocks == [0, 1]  # the last four joint blocks (there are two)
+
+
+@pytest.mark.parametrize("rule", ["cross", "self", "none"])
+def test_rules_match_reference(sd35m_pipe, rule):
+    check(sd35m_pipe, "a cat on a table", SD3_ARGS, cfg=True, rule=rule)
+
+
+def test_chosen_blocks_and_steps(flux_pipe):
+    res, _ = check(flux_pipe, "a cat on a table", dict(FLUX_ARGS, num_inference_steps=3), cfg=False,
+                   blocks=(1,), steps=(0, 2), keep_block_maps=True)
+    con = res.concepts
+    assert con.N == 2 and con.blocks == [1] and con.steps == [0, 2]
+    # the per-block sums over the chosen steps: the chosen block's equals the map's sum; single blocks NaN
+    np.testing.assert_allclose(con.per_block_map[:, 1], con.sum_map, rtol=1e-6)
+    assert np.isnan(con.per_block_map[:, 2:]).all()
+    arrays = res.arrays()
+    assert arrays["concept_N"].dtype == np.int64 and arrays["concept_sum_map"].shape == con.sum_map.shape
+
+
+def test_hooks_restored_after_an_exception(sd3_pipe):
+    before = dict(sd3_pipe.transformer.attn_processors)
+    opts = ConceptOptions(CONCEPTS, max_sequence_length=SEQ)
+    with pytest.raises(ZeroDivisionError):
+        with StepAverageRecorder(sd3_pipe, concepts=opts):
+            1 / 0
+    assert sd3_pipe.transformer.attn_processors == before
+    assert not sd3_pipe.transformer.time_text_embed._forward_hooks
+
+
+def test_bad_options(sd3_pipe):
+    with pytest.raises(ValueError, match="rule"):
+        ConceptOptions(CONCEPTS, rule="both")
+    with pytest.raises(TypeError):
+        ConceptOptions("cat")
+    with pytest.raises(ValueError, match="not a joint block"):
+        StepAverageRecorder(sd3_pipe, concepts=ConceptOptions(CONCEPTS, blocks=(7,)))
