@@ -105,3 +105,30 @@ def test_bad_options(sd3_pipe):
         ConceptOptions("cat")
     with pytest.raises(ValueError, match="not a joint block"):
         StepAverageRecorder(sd3_pipe, concepts=ConceptOptions(CONCEPTS, blocks=(7,)))
+
+
+def test_notebook_call(sd35m_pipe):
+    """concept_maps: one call, the same maps as the recorder, upsampled to the image, image unchanged."""
+    from attention_map_diffusers import ConceptResult, concept_maps
+
+    args = dict(SD3_ARGS, output_type="np")
+    plain = generate(sd35m_pipe, "a cat on a table", args)
+    res = concept_maps(sd35m_pipe, "a cat on a table", list(CONCEPTS), generator=torch.Generator().manual_seed(0),
+                       **args)
+    assert isinstance(res, ConceptResult) and res.concepts == list(CONCEPTS)
+    assert np.array_equal(res.image, plain[0])
+    h, w = res.capture.canonical_size
+    assert res.maps.shape == (len(CONCEPTS), h, w) and res.image_maps.shape == (len(CONCEPTS), 64, 96)
+    np.testing.assert_allclose(res.maps, res.capture.concepts.mean_map[0].transpose(2, 0, 1))
+    # bilinear upsampling (align_corners=False), checked at one pixel by hand
+    y, x = 21, 40
+    sy, sx = (y + 0.5) * h / 64 - 0.5, (x + 0.5) * w / 96 - 0.5
+    y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+    fy, fx = sy - y0, sx - x0
+    m = res.maps.astype(np.float64)
+    want = ((1 - fy) * ((1 - fx) * m[:, y0, x0] + fx * m[:, y0, x0 + 1])
+            + fy * ((1 - fx) * m[:, y0 + 1, x0] + fx * m[:, y0 + 1, x0 + 1]))
+    np.testing.assert_allclose(res.image_maps[:, y, x], want, rtol=1e-5)
+    assert res.segmentation().shape == (64, 96)
+    with pytest.raises(TypeError):
+        concept_maps(sd35m_pipe, ["a", "b"], list(CONCEPTS))
