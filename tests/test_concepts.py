@@ -132,3 +132,110 @@ def test_notebook_call(sd35m_pipe):
     assert res.segmentation().shape == (64, 96)
     with pytest.raises(TypeError):
         concept_maps(sd35m_pipe, ["a", "b"], list(CONCEPTS))
+
+
+# -- the dump command ------------------------------------------------------------------------------
+
+DUMP_SMALL = ["--steps", "2", "--height", "64", "--width", "96", "--max-sequence-length", str(SEQ), "--device", "cpu",
+              "--store-dtype", "float32", "--no-image"]
+
+
+def _dump(argv, capsys):
+    import sd_35_stepavg_dump as dump
+
+    code = dump.main([str(a) for a in argv])
+    return code, capsys.readouterr()
+
+
+def test_dump_stores_the_concept_maps(sd35m_dir, sd35m_pipe, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    code, cap = _dump(["--model", sd35m_dir, "--prompt", "a cat on a table", "--seed", 3, "--guidance-scale", 5,
+                       "--concepts", *CONCEPTS, "--concept-blocks", 1, 2, "--concept-steps", 1, "--save-block-maps",
+                       "--out", out, *DUMP_SMALL], capsys)
+    assert code == 0, cap.err
+    z = np.load(out / "stepavg_token_maps_v1.npz")
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["concepts"] == list(CONCEPTS) and meta["concept_blocks"] == [1, 2] and meta["concept_steps"] == [1]
+    assert meta["concept_rule"] == "concept" and meta["settings"]["concepts"] == list(CONCEPTS)
+    # the same call against the float64 reference
+    with BlockInputs(sd35m_pipe.transformer) as tap:
+        sd35m_pipe("a cat on a table", generator=[torch.Generator().manual_seed(3)],
+                   **dict(SD3_ARGS, height=64, width=96))
+    ref = reference_concept_maps(sd35m_pipe, tap, CONCEPTS, max_length=SEQ, items=slice(1, 2), blocks=[1, 2],
+                                 steps=[1])
+    assert int(z["concept_N"]) == 2 and z["concept_N"].dtype == np.int64
+    got = z["concept_sum_map"] / z["concept_N"]
+    assert np.abs(got - ref["mean_map"].reshape(got.shape)).max() < 1e-5
+    assert np.abs(z["concept_per_block_step_mean"] - ref["per_block_step_mean"]).max() < 1e-5
+    assert z["concept_per_block_map"].shape == (1, 3) + got.shape[1:]
+    np.testing.assert_allclose(z["concept_per_block_map"][:, 1:].sum(1), z["concept_sum_map"], rtol=1e-5)
+    # another concept list is another run: the settings fingerprint changes
+    from attention_map_diffusers.dump import cli
+
+    args = cli.build_parser().parse_args(["--model", sd35m_dir, "--prompt", "x", "--concepts", "cat", *DUMP_SMALL])
+    s1 = cli.settings_from_args(args)
+    args.concepts = ["dog"]
+    assert s1.fingerprint(["x"], 1) != cli.settings_from_args(args).fingerprint(["x"], 1)
+    args.concepts = None
+    assert "concepts" not in cli.settings_from_args(args).recorded(["x"], 1)  # older dumps' fingerprints stay
+
+
+def test_flux_and_image_mode_dumps(flux_dir, sd3_dir, tmp_path, capsys):
+    import analyse_stepavg
+    from PIL import Image
+
+    out = tmp_path / "flux"
+    code, cap = _dump(["--model", flux_dir, "--concepts", "cat", "sky", "--concept-rule", "cross", "--out", out,
+                       *DUMP_SMALL], capsys)
+    assert code == 0, cap.err
+    z = np.load(out / "stepavg_token_maps_v1.npz")
+    mean = z["concept_per_block_step_mean"]
+    assert mean.shape == (1, 4, 2, 2) and np.isnan(mean[:, 2:]).all() and not np.isnan(mean[:, :2]).any()
+    np.testing.assert_allclose(z["concept_sum_map"].sum(-1), float(z["concept_N"]), rtol=1e-5)
+    # image mode: the steps are the noise levels
+    pic = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)).save(pic)
+    out2 = tmp_path / "img"
+    code, cap = _dump(["--model", sd3_dir, "--image", pic, "--prompt", "a cat", "--noise-levels", "0.7", "0.4",
+                       "--concepts", "cat", "sky", "--concept-steps", "1", "--out", out2, *DUMP_SMALL], capsys)
+    assert code == 0, cap.err
+    z = np.load(out2 / "stepavg_token_maps_v1.npz")
+    assert int(z["concept_N"]) == 2 and z["concept_sum_map"].shape[-1] == 2  # 2 blocks at the chosen level
+    # the analysis still reads such dumps
+    assert analyse_stepavg.main(["--root", str(out2), "--out", str(tmp_path / "an"), "--tables-only"]) == 0
+
+
+BAD_CONCEPTS = {
+    "empty concept": (["--concepts", "cat", " "], "--concepts: an empty concept"),
+    "duplicate": (["--concepts", "cat", "Cat"], "'Cat' is given twice"),
+    "too many": (["--concepts", *[f"w{i}" for i in range(65)]], "65 concepts; at most 64"),
+    "tokenises to nothing": (["--concepts", "cat", "</s>"], "'</s>' tokenises to nothing in T5"),
+    "steps beyond the run": (["--concepts", "cat", "--concept-steps", "2"], "--concept-steps 2: the run has 2 step(s)"),
+    "negative block": (["--concepts", "cat", "--concept-blocks", "-1"], "--concept-blocks: indices count from 0"),
+    "blocks without concepts": (["--concept-blocks", "1"], "--concept-blocks applies to concept maps: add --concepts"),
+    "unknown rule": (["--concepts", "cat", "--concept-rule", "both"], "invalid choice: 'both'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONCEPTS))
+def test_bad_concepts_exit_2_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
+    from attention_map_diffusers.dump import cli
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_pipeline", no_load)
+    args, message = BAD_CONCEPTS[case]
+    code, cap = _dump(["--model", "tiny-random", "--steps", "2", "--out", tmp_path / "out", *args], capsys)
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], cap.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_blocks_after_loading(sd3_dir, tmp_path, capsys):
+    code, cap = _dump(["--model", sd3_dir, "--concepts", "cat", "--concept-blocks", "5", "--out", tmp_path / "o",
+                       *DUMP_SMALL], capsys)
+    assert code == 2 and "--concept-blocks 5: this model has joint blocks 0..1" in cap.err
+    assert not (tmp_path / "o").exists()

@@ -122,6 +122,9 @@ def build_metadata(
         for key in ("tokens", "special_mask", "token_offsets_clip"):
             del meta[key]
         meta["truncated"] = [{"t5": t.truncated} for t in t5]
+    concepts = getattr(result, "concepts", None)
+    if concepts is not None:  # ConceptAttention maps (docs/FORMAT.md): concepts, concept_blocks, concept_steps, concept_rule
+        meta.update(concepts.metadata())
     meta["mode"] = "image" if settings.image_mode else "generate"
     if settings.image_mode:
         if source is None:
@@ -207,7 +210,7 @@ def _write_run(folder, arrays, metadata, images, image_format, embed, store_dtyp
         save_image(img, os.path.join(folder, rel), image_format, metadata if embed else None, i)
     stored = {}
     for key, value in arrays.items():
-        if key in ("N",):
+        if key in ("N", "concept_N"):
             stored[key] = np.asarray(value, dtype=np.int64)
         elif key == "timesteps":
             stored[key] = np.asarray(value, dtype=np.float32)
