@@ -239,3 +239,19 @@ def test_too_many_blocks_after_loading(sd3_dir, tmp_path, capsys):
                        *DUMP_SMALL], capsys)
     assert code == 2 and "--concept-blocks 5: this model has joint blocks 0..1" in cap.err
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_concepts_toy(tmp_path):
+    """The benchmark runs at a toy size and writes its JSON keys (no timing asserts)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(__import__("conftest").ROOT / "benchmarks"))
+    import bench_concepts
+
+    out = tmp_path / "b.json"
+    assert bench_concepts.main(["--preset", "toy", "--steps", "1", "--repeats", "1", "--concepts", "3",
+                                "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["median_s"]) == {"stock", "capture", "concepts"} and all(data["identical_to_stock"].values())
+    assert data["state_bytes"]["concepts"] > data["state_bytes"]["capture"]

@@ -40,6 +40,9 @@ class CaptureResult:
     - ``per_block_token_map`` (B, Bk, Hc, Wc, T) and ``per_step_token_map`` (B, S, Hc, Wc, T): the
       same sum split per block / per step; None unless asked for.
 
+    ``concepts``: the ConceptAttention maps (:class:`~.concepts.ConceptArrays`) when the recorder
+    was given ``concepts=``, else None; ``arrays()`` then adds their ``concept_*`` npz keys.
+
     How the row log-sum-exp was obtained (see :mod:`~attention_map_diffusers.capture.paths`):
     ``capture_path`` names the path that ran ("flash-lse", "efficient-lse", "cudnn-lse",
     "sdpa+side-lse" or "chunked"; several joined by ", " if configurations differed within the

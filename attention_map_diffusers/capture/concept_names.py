@@ -65,12 +65,3 @@ def check_indices(values: Optional[Sequence[int]], limit: int, what: str, flag: 
     if not out:
         raise UserError(f"{flag}: give at least one {what} index")
     return tuple(sorted(set(out)))
-
-
-def concept_state_bytes(num_concepts: int, batch: int, num_blocks: int, steps: int, grid: tuple[int, int],
-                        *, keep_block_maps: bool = False) -> int:
-    """Persistent float32 state of the concept maps on the device (the map sum, the per-(block, step)
-    means, the optional per-block maps): what ``--concepts`` adds to a recording."""
-    h, w = grid
-    per_map = batch * h * w * num_concepts
-    return 4 * (per_map + batch * num_blocks * steps * num_concepts + (per_map * num_blocks if keep_block_maps else 0))

@@ -299,7 +299,8 @@ class ConceptStream:
         else:  # "none"
             out = v
         o_img = att.output[:, :, img]  # (R, H, N, D): the image tokens' attention outputs, before to_out
-        scores = torch.einsum("rhnd,rhcd->rnc", o_img.float(), out.float())
+        # sum over heads of (N, D) x (D, C) per head: the dot product over the flattened (H, D) features
+        scores = torch.matmul(o_img.float(), out.float().transpose(-1, -2)).sum(dim=1)  # (R, N, C)
         probs = scores.softmax(dim=-1)
         self._add(position, probs.view(R, grid[0], grid[1], -1))
 

@@ -243,7 +243,7 @@ class StepAverageRecorder:
             num_tokens=int(acc.num_tokens),
             batch_size=int(acc.batch_size),
             cfg=bool(self._cfg_seen),
-            state_bytes=acc.state_bytes(),
+            state_bytes=self.state_bytes(),
             text_spans=self.family.text_spans(self.pipe, int(acc.num_tokens)) if self.pipe is not self.transformer else None,
             model_family=self.family.name,
             capture_path=path_summary(self._used),

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         "per image token. The image is unchanged. Stored beside the word maps (docs/FORMAT.md: concept_*).")
     k.add_argument("--concepts", nargs="+", action=_Extend, default=None, metavar="WORD",
                    help=f"concepts to map, e.g. cat table sky background (1 to {MAX_CONCEPTS}, distinct "
-                   "case-insensitively; each adds one token to a side stream)")
+                   "case-insensitively); each adds one token to a side stream and 4 x (Hc x Wc + blocks x steps) "
+                   "bytes of state per image (SD3.5 large, 1024px, 50 steps: 24 KB)")
     k.add_argument("--concept-blocks", type=int, nargs="+", action=_Extend, default=None, metavar="I",
                    help="joint blocks (indices into 'blocks') averaged into the map; default: FLUX.1 the last four "
                    "joint blocks (as upstream, 15-18 of 19), SD3 / SD3.5 all joint blocks")
