@@ -7,11 +7,15 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
-#: The names :func:`atomic_path` gives its temporary files: ``.{stem}.{8 random}.tmp{suffix}``
-#: (``.stepavg_token_maps_v1.k2j4h5l1.tmp.npz``). A kill leaves them behind; nothing else is named so.
-TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?")
+#: The marker in every temporary name :func:`atomic_path` gives: ``.{stem}.attnmap-{8 random}.tmp{suffix}``
+#: (``.stepavg_token_maps_v1.attnmap-k2j4h5l1.tmp.npz`` for ``stepavg_token_maps_v1.npz``).
+TEMP_MARK = "attnmap-"
+#: Those names; ``stem`` + ``suffix`` is the name of the file the temporary one was to become. A kill
+#: leaves them behind. (Before the marker they were ``.{stem}.{8 random}.tmp{suffix}``, a shape a user's
+#: own files can have, so such names are never removed.)
+TEMP_NAME = re.compile(r"\.(?P<stem>.+)\." + TEMP_MARK + r"[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]+)?")
 
 
 @contextlib.contextmanager
@@ -24,7 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path = os.fspath(path)
     folder, name = os.path.split(path)
     stem, suffix = os.path.splitext(name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.{TEMP_MARK}", suffix=f".tmp{suffix}", dir=folder or ".")
     os.close(fd)
     try:
         yield tmp
@@ -36,16 +40,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-def remove_temp_files(folder: str | os.PathLike) -> list[str]:
+def temp_target(name: str) -> Optional[str]:
+    """The file name a temporary file of :func:`atomic_path` named ``name`` was to become, or None
+    when ``name`` is not such a temporary name."""
+    found = TEMP_NAME.fullmatch(name)
+    return found["stem"] + (found["suffix"] or "") if found else None
+
+
+def remove_temp_files(folder: str | os.PathLike, owned: Callable[[str], bool]) -> list[str]:
     """Delete the temporary files of :func:`atomic_path` left in ``folder`` (not in its sub-folders)
-    by a killed writer; returns their paths. Call it only when no writer is at work there."""
+    by a killed writer, of the files for which ``owned(name)`` is true (the caller's own names: a
+    user's files that happen to look alike are kept); returns their paths. Call it only when no
+    writer is at work there."""
     removed = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
-        if TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+        target = temp_target(entry.name)
+        if target is not None and owned(target) and entry.is_file(follow_symlinks=False):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
                 removed.append(entry.path)

@@ -115,7 +115,8 @@ class RunRecord:
 
     Attributes:
         run: index in the plan (0-based).
-        folder: the run folder, relative to the folder holding ``runs.jsonl``.
+        folder: the run folder, relative to the folder holding ``runs.jsonl``, normalised (``/``-separated,
+            no ``.`` parts or trailing ``/``: ``./0000-a/`` is ``0000-a``; a run in that folder itself is ``.``).
         prompt: the prompts of the run's batch.
         seed: its base seed (None when not recorded).
         status: "done", "skipped" (complete from an earlier call) or "failed".
@@ -152,18 +153,24 @@ def parse_runs_jsonl(text: str, where: str) -> list[RunRecord]:
         UserError: a line that is not a JSON object with the right fields (names the line and the fix).
     """
     records: list[RunRecord] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    spelled: list[str] = []  # each record's folder as written
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and the like may be in a prompt
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{where} line {n} is not JSON ({exc.msg}); fix or delete that line") from None
+        except RecursionError:
+            raise UserError(f"{where} line {n} nests its JSON values too deeply to be read; fix or delete that line") from None
         records.append(_record(obj, f"{where} line {n}"))
-    names = [r.folder for r in records]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise UserError(f"{where} lists folder {dup!r} twice; keep one line per run")
+        spelled.append(obj["folder"])
+    seen: dict[str, str] = {}  # normalised folder -> as written on its first line
+    for r, raw in zip(records, spelled):
+        if r.folder in seen:
+            also = f" (as {seen[r.folder]!r} and {raw!r})" if seen[r.folder] != raw else ""
+            raise UserError(f"{where} lists folder {r.folder!r} twice{also}; keep one line per run")
+        seen[r.folder] = raw
     return records
 
 
@@ -191,7 +198,7 @@ def _record(obj: Any, where: str) -> RunRecord:
     process = obj.get("process", 0)
     return RunRecord(
         run=run,
-        folder=folder,
+        folder=os.path.normpath(folder).replace(os.sep, "/"),  # "./0000-a" and "0000-a/" are "0000-a"
         prompt=tuple(prompt),
         seed=seed,
         status=status,

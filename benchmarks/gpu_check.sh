@@ -12,7 +12,8 @@
 #      takes and its self-check verdicts; then the time of stock and of each path (kernel-lse,
 #      side-lse, chunked), interleaved, with the ratio to stock;
 #   4. a summary of the ratios per path for both settings.
-# Usage: bash benchmarks/gpu_check.sh OUT_DIR      (writes *.txt logs and *.json figures there)
+# Usage: bash benchmarks/gpu_check.sh OUT_DIR      (writes *.txt logs and *.json figures there;
+#        PYTHON=/path/to/python picks the interpreter, default python3)
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -21,6 +22,8 @@ rm -f "$out"/sd35-medium*.json  # no stale figures in the summary
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 budget=${GPU_CHECK_BUDGET_S:-280}
+# The interpreter that holds torch: $PYTHON, else python3 (GPU images often have no plain `python`).
+py=${PYTHON:-$(command -v python3 || command -v python)}
 status=0
 
 step() {  # step NAME CAP_SECONDS CMD...: CMD under a timeout of min(CAP, time left), logged to $out/NAME.txt
@@ -58,10 +61,10 @@ print("SD3.5-medium joint attention, bf16 (2, 24, 4429, 64): torch._fused_sdp_ch
 '
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt" || true
-step versions 30 python -c "$versions"
-step versions-deprioritized 30 env TORCH_CUDNN_SDPA_DEPRIORITIZED=1 python -c "$versions"
-step test_cuda 90 python -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
-bench=(python benchmarks/bench_capture.py --preset sd35-medium --steps 6 --repeats 3 --skip-fullmatrix --kernel-report)
+step versions 30 "$py" -c "$versions"
+step versions-deprioritized 30 env TORCH_CUDNN_SDPA_DEPRIORITIZED=1 "$py" -c "$versions"
+step test_cuda 90 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
+bench=("$py" benchmarks/bench_capture.py --preset sd35-medium --steps 6 --repeats 3 --skip-fullmatrix --kernel-report)
 step sd35-medium 90 "${bench[@]}" --json "$out/sd35-medium.json"
 step sd35-medium-deprioritized 90 env TORCH_CUDNN_SDPA_DEPRIORITIZED=1 "${bench[@]}" \
     --json "$out/sd35-medium-deprioritized.json"
@@ -88,6 +91,6 @@ for key in ("kernel", "side", "chunked", "capture"):
     print(row % (key, *cells))
 print(row % ("identical to stock", *(str(r["capture_output_identical_to_stock"]) for r in runs.values())))
 '
-step summary 20 python -c "$summary" "$out"
+step summary 20 "$py" -c "$summary" "$out"
 echo "=== done in ${SECONDS}s, status $status ==="
 exit $status

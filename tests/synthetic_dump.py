@@ -7,6 +7,9 @@ Reusable by every test and benchmark that needs a dump without running a pipelin
     arrays["sum_token_map"][0, :4, :4, layout.positions("clip", 0, "barn")] += 5.0  # plant a known answer
     write_dump(run_folder, layout, arrays)                                 # format 2 (or original=True)
 
+With concept maps (``--concepts``): ``extra, keys = concept_arrays(1, ["cat", "sky"], 4, 6, (8, 8))``,
+then ``arrays.update(extra)`` and ``write_dump(..., meta=keys)``.
+
 Tokens come from a simple built-in tokenizer (CLIP-like ``word</w>`` pieces, T5-like ``▁word``
 pieces, both with exact character offsets), or from a real Hugging Face tokenizer passed in
 (``make_layout(..., clip_tokenizer=tok)``), which is only called, never imported here.
@@ -140,6 +143,43 @@ def random_arrays(layout: Layout, num_blocks: int = 4, num_steps: int = 6, grid:
         "per_block_step_token_max": np.minimum(mean * 3.0, 1.0).astype(np.float32),
         "timesteps": default_timesteps(num_steps),
     }
+
+
+def concept_arrays(
+    B: int, concepts: Sequence[str], num_blocks: int = 4, num_steps: int = 6, grid: tuple[int, int] = (8, 8), seed: int = 0,
+    *, nan_blocks: Sequence[int] = (), block_maps: bool = False, logits: Optional[np.ndarray] = None,
+) -> tuple[dict, dict]:
+    """The optional concept arrays and metadata of a dump made with ``--concepts`` (issue #23), as
+    (npz arrays, metadata keys): add them to :func:`random_arrays`' and pass the keys as ``meta``.
+
+    Every (step, block) update is a softmax over the concepts at each grid cell (random logits, or
+    ``logits`` (B, Hc, Wc, C) plus noise to plant an answer); ``nan_blocks`` have no concept stream
+    (their curves and maps are NaN and they are not in ``concept_blocks``).
+    """
+    rng = np.random.default_rng(seed)
+    C = len(concepts)
+    stream = [k for k in range(num_blocks) if k not in set(nan_blocks)]
+    base = np.zeros((B, grid[0], grid[1], C)) if logits is None else np.asarray(logits, dtype=np.float64)
+    per_block = np.full((B, num_blocks, grid[0], grid[1], C), np.nan)
+    step_mean = np.full((B, num_blocks, num_steps, C), np.nan)
+    for k in stream:
+        per_block[:, k] = 0.0
+        for s in range(num_steps):
+            z = base + rng.normal(size=base.shape)
+            p = np.exp(z - z.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+            per_block[:, k] += p
+            step_mean[:, k, s] = p.mean(axis=(1, 2))
+    arrays = {
+        "concept_sum_map": per_block[:, stream].sum(axis=1).astype(np.float32),
+        "concept_N": np.asarray(len(stream) * num_steps, dtype=np.int64),
+        "concept_per_block_step_mean": step_mean.astype(np.float32),
+    }
+    if block_maps:
+        arrays["concept_per_block_map"] = per_block.astype(np.float32)
+    meta = {"concepts": list(concepts), "concept_blocks": stream, "concept_steps": list(range(num_steps)),
+            "concept_rule": "flux-default"}
+    return arrays, meta
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

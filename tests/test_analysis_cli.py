@@ -105,7 +105,7 @@ def check_tables(folder, ref, words=WORDS, blocks=None):
         np.testing.assert_allclose(np.array([[float(v) for v in r[1:]] for r in rows]), ref[key], rtol=2e-6, atol=1e-9)
     header, rows = read_csv(os.path.join(folder, "tables", "words_summary.csv"))
     assert header == ["word", "mass", "peak_block", "peak_step", "word_index"]
-    assert [r[0] for r in rows] == words and [int(r[4]) for r in rows] == list(range(len(words)))
+    assert [r[0] for r in rows] == labels(words) and [int(r[4]) for r in rows] == list(range(len(words)))
     np.testing.assert_allclose([float(r[1]) for r in rows], ref["mass"], rtol=2e-6)
     assert [(int(r[2]), int(r[3])) for r in rows] == ref["peaks"]
 
@@ -131,7 +131,7 @@ def test_tables_match_reference(bicycle, capsys):
         check_tables(out / enc, reference(arrays, word_positions(layout, enc)))
     assert not list(out.rglob("*.png"))  # tables only: no figures, no image copy
     assert sorted(p.name for p in (out / "clip" / "tables").iterdir()) == [
-        "words_auc.csv", "words_stepavg.csv", "words_summary.csv",
+        "README.txt", "words_auc.csv", "words_auc_norm.csv", "words_stepavg.csv", "words_summary.csv",
     ]  # fmt: skip
     assert "wrote" in capsys.readouterr().out
 

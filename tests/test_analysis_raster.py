@@ -201,7 +201,9 @@ def test_bands_draw_what_fill_between_draws():
 
     def reference(ax):
         for j in range(3):
-            ax.fill_between(x, mean[:, j] - std[:, j], mean[:, j] + std[:, j], color=plots.LINE_COLOURS[j], alpha=0.2, lw=0)
+            ax.fill_between(x, mean[:, j] - std[:, j], mean[:, j] + std[:, j], color=plots.LINE_COLOURS[j], alpha=plots.BAND_ALPHA, lw=0)
+            for edge in (mean[:, j] + std[:, j], mean[:, j] - std[:, j]):  # the outlines
+                ax.plot(x, edge, "--", color=plots.LINE_COLOURS[j], lw=0.7, alpha=0.8, zorder=1.5)
 
     want = render(reference)
     got = render(lambda ax: plots.draw_bands(ax, x, mean - std, mean + std))

@@ -155,6 +155,74 @@ def test_a_damaged_run_is_listed_and_the_others_are_analysed(tmp_path, capsys):
     assert 'href="0001-b/index.html"' not in html and 'href="0002-c/index.html"' in html
 
 
+def _png_header_only(path, width, height):
+    """A PNG that declares ``width`` x ``height`` pixels (signature, IHDR, IEND: no pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def _npz_claiming(path, key, shape):
+    """Rewrite ``key``'s member of the npz at ``path`` so that its npy header claims ``shape`` (data unchanged)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    arr = np.lib.format.read_array(io.BytesIO(members[key + ".npy"]))
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False,
+                                                "shape": shape})
+    members[key + ".npy"] = head.getvalue() + arr.tobytes()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def test_bad_runs_memory_recursion_and_image_bomb_are_one_line_each(tmp_path, capsys):
+    """Issue 21.5: an npy header claiming 56 PiB, metadata nested 200,000 deep and a listed 30000x30000
+    image: one line per bad run and the others analysed (exit 1); a single bad run: one line, exit 2."""
+    names = ["0000-good", "0001-huge", "0002-deep", "0003-bomb"]
+    for k, name in enumerate(names):
+        good_run(tmp_path / name, seed=k)
+    _npz_claiming(tmp_path / "0001-huge" / "stepavg_token_maps_v1.npz", "sum_token_map", (2**20, 2**20, 2**14, 1))
+    # claimed: 2**54 values (32 PiB of the float16 stored; 56 PiB in the issue's report)
+    meta = json.loads((tmp_path / "0002-deep" / "metadata.json").read_text())
+    meta["notes"] = "x"
+    text = json.dumps(meta)
+    (tmp_path / "0002-deep" / "metadata.json").write_text(text[:-1] + ', "deep": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    meta = json.loads((tmp_path / "0003-bomb" / "metadata.json").read_text())
+    _png_header_only(tmp_path / "0003-bomb" / meta["images"][0], 30000, 30000)
+    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [BICYCLE], "status": "done"} for k, f in enumerate(names)])
+    capsys.readouterr()
+    assert run("--root", tmp_path, "--tables-only") == 1  # --tables-only does not open images: the bomb is analysed
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("analyse_stepavg.py", "error"))]
+    assert len(lines) == 3, err
+    assert "0001-huge" in lines[0] and "0002-deep" in lines[1] and "2 of 4 runs" in lines[2]
+    assert (tmp_path / "analysis" / "0000-good" / "clip" / "tables" / "words_auc.csv").is_file()
+    assert run("--root", tmp_path) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("analyse_stepavg.py", "error"))]
+    assert "Traceback" not in err and len(lines) == 4 and "0003-bomb" in lines[2] and "900000000 pixels" in lines[2], err
+    with open(tmp_path / "runs.jsonl", "a", encoding="utf-8") as fh:  # runs.jsonl itself nested too deeply
+        fh.write("[" * 200_000 + "]" * 200_000 + "\n")
+    assert run("--root", tmp_path, "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 5" in err and "too deeply" in err, err
+    for name in names[1:]:  # each alone: one line, exit 2
+        assert run("--root", tmp_path / name, "--tables-only" if name != "0003-bomb" else "--dpi=50") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
 def test_a_run_that_changes_after_planning_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
     from attention_map_diffusers.analysis import write
 
@@ -230,6 +298,31 @@ def test_stale_runs_jsonl(tmp_path, capsys):
     assert not (out / "0002-c").exists()
 
 
+def test_runs_jsonl_folder_spellings_count_one_run_once(tmp_path, capsys):
+    """Issue 21.17: ``./0000-a`` and ``0000-a/`` name the run ``0000-a``: compared normalised, a run is
+    analysed and aggregated once (two lines for it are refused like an exact duplicate)."""
+    for k, name in enumerate(["0000-a", "0001-a"]):
+        good_run(tmp_path / name, seed=k)
+    row = {"prompt": [BICYCLE], "status": "done"}
+    write_runs(tmp_path, [dict(row, run=0, folder="./0000-a"), dict(row, run=1, folder="0001-a/")])
+    assert [r.folder for r in parse_runs_jsonl((tmp_path / "runs.jsonl").read_text(), "runs.jsonl")] == ["0000-a", "0001-a"]
+    capsys.readouterr()
+    assert run("--root", tmp_path, "--tables-only") == 0
+    assert "does not list" not in capsys.readouterr().err  # both folders recognised as listed
+    out = tmp_path / "analysis"
+    (summary,) = list(out.glob("aggregate/*/clip/tables/words_summary.csv"))
+    with open(summary, newline="", encoding="utf-8") as fh:
+        assert {r["n_runs"] for r in csv.DictReader(fh)} == {"2"}
+    write_runs(tmp_path, [dict(row, run=0, folder="0000-a"), dict(row, run=1, folder="./0000-a"), dict(row, run=2, folder="0001-a/")])
+    shutil.rmtree(out)
+    assert run("--root", tmp_path, "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'0000-a' twice" in err and "'./0000-a'" in err and not out.exists()
+    # a prompt holding U+2028 (json.dumps(ensure_ascii=False) leaves it as is) is one line
+    (rec,) = parse_runs_jsonl(json.dumps(dict(row, run=0, folder="0000-a", prompt=["a\u2028b\x85c"]), ensure_ascii=False) + "\n", "r")
+    assert rec.prompt == ("a\u2028b\x85c",)
+
+
 def test_interrupted_run_folder_without_runs_jsonl(tmp_path, capsys):
     good_run(tmp_path / "0000-a")
     good_run(tmp_path / "0001-b")
@@ -272,6 +365,69 @@ def test_first_missing():
     assert first_missing([(3, 10**12)], [0, 1]) == 3
 
 
+def test_long_word_in_prompt_is_cut_in_figures_and_kept_in_tables(tmp_path, capsys):
+    """Issue 21.4: a prompt with a 100-letter word (wide glyphs) used to stop the whole analysis in
+    fixed_layout ("left cannot be >= right"); figures now show it cut, tables keep it whole."""
+    long = "W" * 100
+    prompt = f"A {long} in front of a barn"
+    runs = [("0000-a", prompt, 0), ("0001-a", prompt, 1)]
+    for folder, p, seed in runs:
+        good_run(tmp_path / folder, prompt=p, seed=seed)
+    write_runs(tmp_path, [{"run": k, "folder": f, "prompt": [p], "seed": s, "status": "done"} for k, (f, p, s) in enumerate(runs)])
+    assert run("--root", tmp_path, "--phrases", f"{long} in front") == 0
+    out = tmp_path / "analysis"
+    for folder, _, _ in runs:
+        for enc in ("clip", "t5"):
+            assert (out / folder / enc / "overview.png").is_file()
+    for enc in ("clip", "t5"):
+        assert long in header(out / "0000-a" / enc / "tables" / "words_auc.csv")
+    assert list((out / "aggregate").glob("*/t5/heatmaps_mean.png"))
+
+    from attention_map_diffusers.analysis.layout import MIN_PANELS, fixed_layout
+    from attention_map_diffusers.analysis.views import MAX_LABEL_CHARS, figure_labels
+
+    class W:  # the two fields figure_labels reads
+        def __init__(self, text, index):
+            self.text, self.index = text, index
+
+    cut = "W" * (MAX_LABEL_CHARS - 1) + "\u2026"
+    assert figure_labels([W(long, 0), W("barn", 1), W(long.lower(), 2)]) == [f"{cut} #0", "barn", f"{cut.lower()[:-1]}\u2026 #2"]
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3))
+    fig.subplots()
+    fixed_layout(fig, left=30.0, right=10.0, top=5.0, bottom=5.0)  # margins wider than the figure: no error
+    p = fig.subplotpars
+    assert p.right - p.left == pytest.approx(MIN_PANELS) and p.top - p.bottom == pytest.approx(MIN_PANELS)
+    assert p.left == pytest.approx(0.8 * 30 / 40)
+
+
+def test_encoders_clip_on_a_flux_dump_is_refused(tmp_path, capsys):
+    """Issue 21.15: --encoders clip on a FLUX.1 dump (T5 only) used to write an empty report with exit 0;
+    refused like evaluate_segmentation.py --encoder clip (exit 2, nothing written); t5 is analysed."""
+    layout = make_layout([BICYCLE], clip_len=77, t5_len=16)
+    arrays = random_arrays(layout, num_blocks=2, num_steps=3, grid=(4, 4))
+    write_dump(tmp_path / "f", layout, arrays, meta={
+        "model_family": "flux", "text_spans": {"t5": [77, layout.T]}, "tokens": None, "special_mask": None,
+        "token_offsets_clip": None})
+    capsys.readouterr()
+    assert run("--root", tmp_path / "f", "--encoders", "clip", "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no clip tokens" in err and "FLUX.1" in err and "--encoders t5" in err
+    assert not (tmp_path / "f" / "analysis").exists()
+    assert run("--root", tmp_path / "f", "--encoders", "t5", "--tables-only") == 0
+    assert header(tmp_path / "f" / "analysis" / "t5" / "tables" / "words_auc.csv")[1:] == ["A #0"] + WORDS[1:6] + ["a #6", "barn"]
+    # in a folder of runs: that run is listed, the others analysed (exit 1)
+    shutil.rmtree(tmp_path / "f" / "analysis")
+    (tmp_path / "runs").mkdir()
+    os.replace(tmp_path / "f", tmp_path / "runs" / "f")
+    good_run(tmp_path / "runs" / "g")
+    capsys.readouterr()
+    assert run("--root", tmp_path / "runs", "--encoders", "clip", "--tables-only") == 1
+    err = capsys.readouterr().err
+    assert "has no clip tokens" in err and (tmp_path / "runs" / "analysis" / "g" / "clip" / "tables" / "words_auc.csv").is_file()
+
+
 # --- the output folder -------------------------------------------------------------------------
 
 
@@ -301,6 +457,23 @@ def test_out_holding_other_files_is_refused_and_left_alone(tmp_path, capsys):
     assert run("--root", tmp_path / "run", "--tables-only") == 0  # only our files: replaced
 
 
+def test_out_under_a_regular_file_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    """Issue 21.18: --out file.txt/sub used to fail with exit 1 after all the work; refused first (exit 2)."""
+    from attention_map_diffusers.analysis import plan
+
+    good_run(tmp_path / "run")
+    (tmp_path / "file.txt").write_text("mine")
+    planned = []
+    monkeypatch.setattr(plan, "plan_run", lambda *a, **k: planned.append(a) or pytest.fail("planned a run"))
+    for out in (tmp_path / "file.txt" / "sub", tmp_path / "file.txt" / "a" / "b"):
+        capsys.readouterr()
+        assert run("--root", tmp_path / "run", "--out", out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "file.txt is a file, not a folder" in err, err
+    assert not planned and (tmp_path / "file.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "run"]
+
+
 def test_out_of_an_earlier_version_without_manifest_is_refused(tmp_path, capsys):
     good_run(tmp_path / "run")
     out = tmp_path / "run" / "analysis"
@@ -318,8 +491,10 @@ def test_leftovers_of_a_killed_analysis_are_removed(tmp_path, capsys):
     root = tmp_path / "run"
     assert run("--root", root, "--tables-only") == 0
     # what a kill leaves: a temp folder being written, and an earlier analysis moved aside
-    tmp = outdir.new_folder(str(root / "analysis"))
-    (open(os.path.join(tmp, "half.csv"), "w")).write("x")
+    tmp = outdir.new_folder(str(root / "analysis"))  # killed after its manifest listed its files
+    (open(os.path.join(tmp, "done.csv"), "w")).write("x")
+    json.dump({"generator": json.load(open(os.path.join(tmp, outdir.MANIFEST)))["generator"], "files": ["done.csv"]},
+              open(os.path.join(tmp, outdir.MANIFEST), "w"))
     os.replace(root / "analysis", root / ".analysis.old-abcd1234")
     # look-alikes that are not ours stay
     (root / ".analysis.tmp-notours1").mkdir()
@@ -331,6 +506,74 @@ def test_leftovers_of_a_killed_analysis_are_removed(tmp_path, capsys):
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [".analysis.tmp-notours1", ".other.tmp-abcdefgh"]
     assert (root / ".analysis.tmp-notours1" / "keep.txt").read_text() == "keep"
     assert (root / "analysis" / "index.html").is_file()
+
+
+def test_leftover_holding_user_files_is_kept(tmp_path, capsys):
+    """Issue 21.2: a leftover-looking folder with a manifest is removed only when it holds nothing but
+    the files its manifest lists; a user file, an extra folder or a link keeps it, with one warning."""
+    root = tmp_path / "run"
+    good_run(root)
+    assert run("--root", root, "--tables-only") == 0
+    listed = json.load(open(root / "analysis" / outdir.MANIFEST))
+    folders = {}
+    for name, extra in [("old-notes", "notes.txt"), ("old-dir", "mine/"), ("old-link", "link"), ("tmp-half", "half.csv")]:
+        path = root / f".analysis.{name}"
+        shutil.copytree(root / "analysis", path)
+        if extra == "notes.txt":
+            (path / "notes.txt").write_text("my notes")
+        elif extra == "mine/":
+            (path / "mine").mkdir()
+        elif extra == "link":
+            os.symlink(root / "metadata.json", path / "link")
+        else:  # killed half way: the manifest lists nothing yet
+            json.dump(dict(listed, files=[]), open(path / outdir.MANIFEST, "w"))
+        folders[path] = tree(path)
+    capsys.readouterr()
+    assert run("--root", root, "--tables-only") == 0
+    err = capsys.readouterr().err
+    warnings_ = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings_) == 1 and "leaving alone" in warnings_[0]
+    for path, before in folders.items():
+        assert tree(path) == before, path  # nothing in them deleted
+        assert path.name in warnings_[0]
+    assert "notes.txt" in warnings_[0]
+    assert "removing what an interrupted analysis left" not in err
+
+
+def test_edited_output_file_is_refused_without_overwrite(tmp_path, capsys):
+    """Issue 21.3: the manifest records each file's size and sha256; a re-run into an analysis whose
+    table was edited is refused (one line naming it, exit 2, nothing changed) unless --overwrite."""
+    import hashlib
+
+    root = tmp_path / "run"
+    good_run(root)
+    out = root / "analysis"
+    assert run("--root", root, "--tables-only") == 0
+    listed = json.load(open(out / outdir.MANIFEST))["files"]
+    on_disk = {os.path.relpath(os.path.join(d, f), out).replace(os.sep, "/") for d, _, fs in os.walk(out) for f in fs}
+    assert {e["path"] for e in listed} == on_disk - {outdir.MANIFEST}
+    for e in listed:  # recorded: each file's own size and hash
+        data = (out / e["path"]).read_bytes()
+        assert e["size"] == len(data) and e["sha256"] == hashlib.sha256(data).hexdigest()
+    table = out / "clip" / "tables" / "words_auc.csv"
+    with open(table, "a", encoding="utf-8") as fh:
+        fh.write("my,own,line\n")
+    before = tree(out)
+    capsys.readouterr()
+    assert run("--root", root, "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "clip/tables/words_auc.csv" in err and "--overwrite" in err
+    assert tree(out) == before
+    assert "--overwrite" in analyse_stepavg.build_parser().format_help()
+    assert run("--root", root, "--tables-only", "--overwrite") == 0
+    assert "my,own,line" not in table.read_text(encoding="utf-8")
+    # a manifest of an earlier version (names only) is still read: replaced without a check
+    names = json.load(open(out / outdir.MANIFEST))
+    json.dump(dict(names, files=[e["path"] for e in names["files"]]), open(out / outdir.MANIFEST, "w"))
+    with open(table, "a", encoding="utf-8") as fh:
+        fh.write("x\n")
+    assert run("--root", root, "--tables-only") == 0
+    assert isinstance(json.load(open(out / outdir.MANIFEST))["files"][0], dict)
 
 
 # --- hand-edited inputs ------------------------------------------------------------------------
@@ -360,6 +603,48 @@ def test_every_hand_edited_metadata_value_gives_a_user_error(tmp_path, original)
             except Exception as exc:  # noqa: BLE001 - what this test looks for
                 unexpected.append(f"{key}={value!r}: {type(exc).__name__}: {exc}")
     assert not unexpected, unexpected[:5]
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, None, []])
+def test_random_weights_of_the_wrong_type_is_refused(tmp_path, capsys, value):
+    """Issue 21.20: ``"random_weights": "no"`` used to show the random-weights warning; only true/false is read."""
+    good_run(tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    (tmp_path / "run" / "metadata.json").write_text(json.dumps(dict(meta, random_weights=value)))
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"metadata random_weights must be true or false, got {value!r}" in err
+    assert "random weights (--model" not in err
+    good_run(tmp_path / "ok", meta={"random_weights": False})
+    assert run("--root", tmp_path / "ok", "--tables-only") == 0
+    assert "random weights" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["num_blocks", "num_steps", "batch_size", "T_from_model"])
+def test_metadata_count_as_a_string_names_the_key_and_type(tmp_path, capsys, key):
+    """Issue 21.20: ``num_blocks: "4"`` gave "num_blocks='4' but the arrays have Bk=4"; now the key and the type."""
+    good_run(tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    meta[key] = str(meta[key])
+    (tmp_path / "run" / "metadata.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"metadata {key} must be a whole number" in err and f"got {meta[key]!r} (a string)" in err
+
+
+def test_duplicate_phrases_are_analysed_once(tmp_path, capsys):
+    """Issue 21.20: --phrases "a barn|a barn" gave duplicate columns; each phrase once, one warning line."""
+    good_run(tmp_path / "run")
+    capsys.readouterr()
+    assert run("--root", tmp_path / "run", "--tables-only", "--phrases", "a barn|in front|A  barn|a barn") == 0
+    err = capsys.readouterr().err
+    assert len([ln for ln in err.splitlines() if "more than once" in ln]) == 1
+    for enc in ("clip", "t5"):
+        tables = tmp_path / "run" / "analysis" / enc / "tables"
+        heads = [header(p)[1:] for p in sorted(tables.glob("phrases_*.csv"))]
+        assert heads and all(h == ["a barn", "in front"] for h in heads), heads
 
 
 def test_every_hand_edited_runs_jsonl_value_gives_a_user_error():

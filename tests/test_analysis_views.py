@@ -162,7 +162,7 @@ def test_views_written_for_each_encoder(tmp_path):
         for name in ("word_grids.png", "segmentation.png", "token_groups.png", "strips/steps.png", "summary.png", "overview.png"):
             assert (d / name).is_file(), name
         assert not (d / "strips" / "blocks.png").exists()  # the dump kept no per-block maps
-        assert len(list((d / "frames").glob("step*.png"))) == 6 * 2  # 6 of 7 steps x top 2 words
+        assert len(list((d / "frames").glob("step*.png"))) == 7 * 2  # every step (the slider offers all) x top 2 words
         words, maps = dump.word_maps(0, enc)
         with np.load(d / "word_maps.npz") as z:
             assert z["maps"].dtype == np.float32 and z["maps"].shape == (8, 6, 6)

@@ -77,6 +77,49 @@ def test_find_words_definition():
     assert [x.text for x in find_words("cafe\u0301 au lait")] == ["cafe\u0301", "au", "lait"]
 
 
+def test_selectors_joiners_and_marks_attach_to_the_character_before():
+    def words(text):
+        return [w.text for w in find_words(text)]
+
+    # after a non-word character (an emoji, a space) they belong to no word and start none
+    assert words("a \u2764\ufe0f cat") == ["a", "cat"]  # red heart: U+2764 + variation selector 16
+    assert words("\ufe0f") == [] and words(" \U000E0100 x") == ["x"] and words("\u200d\u200c") == []
+    assert words("\U0001F44D\U0001F3FD ok \u0301") == ["ok"]  # thumbs up + skin tone; a lone accent
+    assert words("\U0001F468\u200d\U0001F469 family") == ["family"]  # a ZWJ sequence is no word
+    # after a letter or digit they stay in its word
+    assert words("a\ufe0f b\U000E0101 c") == ["a\ufe0f", "b\U000E0101", "c"]
+    assert words("1\ufe0f\u20e3 x") == ["1\ufe0f\u20e3", "x"]  # keycap one
+    assert words("क्\u200dष") == ["क्\u200dष"]  # a ZWJ inside a Devanagari word keeps it whole
+
+
+@needs_bpe
+def test_emoji_token_belongs_to_no_word_real_tokens():
+    prompt = "a \u2764\ufe0f cat"
+    tokens, special, offsets = encode(clip_tok(), prompt, 77)
+    for offs in (offsets, None):  # stored offsets, and tokens aligned to the prompt
+        wm = map_words(tokens, special, prompt, 77, offs)
+        assert [w.text for w in wm.words] == ["a", "cat"] and not wm.dropped
+        heart = [j for j, o in enumerate(offsets) if o is not None and o[0] == 2]
+        assert heart and wm.weights[heart].sum() == 0
+
+
+@needs_bpe
+def test_typed_special_tokens_are_no_words_and_no_truncation():
+    tokens, special, offsets = encode(clip_tok(), "<|endoftext|>", 77)
+    assert tokens == ["<|startoftext|>", "<|endoftext|>", "<|endoftext|>"] and all(special)
+    for offs in (offsets, None):
+        wm = map_words(tokens, special, "<|endoftext|>", 77, offs)
+        assert wm.words == () and wm.dropped == () and [w.text for w in wm.in_specials] == ["endoftext"]
+    prompt = "a cat <|endoftext|> on a mat <|endoftext|>"
+    wm = map_words(*encode(clip_tok(), prompt, 77)[:2], prompt, 77, encode(clip_tok(), prompt, 77)[2])
+    assert [w.text for w in wm.words] == ["a", "cat", "on", "a", "mat"] and wm.dropped == ()
+    assert [w.index for w in wm.in_specials] == [2, 6]
+    # truncation still names the first cut word, even when a typed special token stands after the cut
+    prompt = LONG + " <|endoftext|>"
+    wm = map_words(*encode(clip_tok(), prompt, 77)[:2], prompt, 77, encode(clip_tok(), prompt, 77)[2])
+    assert wm.dropped and wm.dropped[-1].text == "endoftext" and wm.in_specials == ()
+
+
 def test_scripts_without_spaces_give_a_word_per_character():
     def words(text):
         return [w.text for w in find_words(text)]
@@ -300,3 +343,19 @@ def _plain(prompt):
 
     ms = list(re.finditer(r"\w+|[^\w\s]", prompt))
     return [m.group() for m in ms], [False] * len(ms), prompt, len(ms)
+
+
+@needs_bpe
+def test_prompt_of_special_tokens_only_says_so(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, REPO)
+    import analyse_stepavg
+    from synthetic_dump import make_layout, random_arrays, write_dump
+
+    layout = make_layout(["<|endoftext|>"], clip_len=77, t5_len=8, clip_tokenizer=clip_tok())
+    write_dump(tmp_path / "run", layout, random_arrays(layout, 2, 2, (4, 4)))
+    assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--tables-only", "--encoders", "clip"]) == 0
+    err = capsys.readouterr().err
+    assert "CLIP: the prompt holds only special tokens (<|endoftext|>), which are no words" in err
+    assert "truncated" not in err

@@ -116,7 +116,7 @@ def test_bench_analysis_small(tmp_path, monkeypatch):
             assert {"clip/summary.png", "t5/summary.png"} <= set(pngs)
         for enc in ("clip", "t5"):
             got, want = c["tables"][enc], c["expected"][enc]
-            assert [w for w, _ in got] == [w for w, _ in want]
+            assert [w.split(" #")[0] for w, _ in got] == [w for w, _ in want]  # repeated words are numbered: "a #6"
             np.testing.assert_allclose([m for _, m in got], [m for _, m in want], rtol=1e-5, err_msg=enc)
 
     full = tmp_path / "full"

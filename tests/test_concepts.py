@@ -265,3 +265,18 @@ def test_bfloat16_images_unchanged(flux_dir):
 
     pipe = load_flux_pipeline(flux_dir, dtype=torch.bfloat16)
     check(pipe, "a cat on a table", dict(FLUX_ARGS, num_inference_steps=1), cfg=False, tol=0.1)
+
+
+def test_finite_check_allows_only_whole_nan_block_rows():
+    """The dump refuses non-finite maps; the concept arrays' all-NaN rows (blocks without a concept
+    stream) are by design, a NaN inside a concept block's row is an overflow."""
+    from attention_map_diffusers.dump.writer import NonFiniteMaps, check_finite
+
+    mean = np.full((1, 4, 2, 3), 0.25, dtype=np.float16)
+    mean[:, 2:] = np.nan
+    check_finite({"concept_per_block_step_mean": mean})
+    mean[0, 1, 0, 0] = np.nan
+    with pytest.raises(NonFiniteMaps, match="concept_per_block_step_mean"):
+        check_finite({"concept_per_block_step_mean": mean})
+    with pytest.raises(NonFiniteMaps):
+        check_finite({"concept_sum_map": np.full((1, 2, 2, 3), np.nan)})

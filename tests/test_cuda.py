@@ -68,7 +68,7 @@ def test_every_path_is_sdpa_and_probs_are_exact(backend, dtype, method):
     for att in outs:
         if att.image_lse is None:
             assert att.path == "chunked"
-            p = image_text_probs_from_keys(q[1:, :, :rows], k[1:], D**-0.5, mean_heads=False)
+            p = image_text_probs_from_keys(q[1:, :, :rows], k[1:], D**-0.5, mean_heads=False, text=slice(N, N + T))
         else:
             assert att.image_lse.shape == (1, H, N)
             p = image_text_probs(q[1:, :, :rows], k[1:, :, N:], att.image_lse[..., :rows], D**-0.5, mean_heads=False)

@@ -18,6 +18,7 @@ from attention_map_diffusers.dump.loading import Placement
 from attention_map_diffusers.dump.runs import Run
 from attention_map_diffusers.dump.source_images import cover_crop_box, read_source
 from conftest import load_pipeline
+from image_files import bomb_png
 from reference import ReferenceTap, reference_aggregate
 from test_dump import files_under
 
@@ -138,6 +139,11 @@ def _bad_files(tmp):
     frames = [Image.new("RGB", (40, 40), c) for c in ("red", "blue")]
     frames[0].save(tmp / "anim.gif", save_all=True, append_images=frames[1:])
     (tmp / "nocols.csv").write_text("file,text\nok.png,a\n")
+    (tmp / "extra.csv").write_text("image,prompt\nok.png,a\nok.png,a cat,left\n")  # unquoted comma
+    (tmp / "twice.csv").write_text("Image,prompt,image\nok.png,a,ok.png\n")
+    (tmp / "quote.csv").write_text('image,prompt\nok.png,a\nok.png,"a cat\nok.png,b\n')  # never closed
+    bomb_png(tmp / "bomb.png", 30000, 30000)  # past 2 x MAX_IMAGE_PIXELS: Pillow raises
+    bomb_png(tmp / "big.png", 10000, 10000)  # past MAX_IMAGE_PIXELS: Pillow only warns
 
 
 BAD_IMAGES = {
@@ -146,8 +152,13 @@ BAD_IMAGES = {
     "too small": (["--image", "{tmp}/tiny.png", "--prompt", "a"], "too small"),
     "16-bit": (["--image", "{tmp}/deep.png", "--prompt", "a"], "has pixel mode 'I"),  # 'I;16' ('I' in Pillow < 10)
     "animation": (["--image", "{tmp}/anim.gif", "--prompt", "a"], "has 2 frames"),
+    "decompression bomb": (["--image", "{tmp}/bomb.png", "--prompt", "a"], "bomb.png': Image size (900000000 pixels)"),
+    "past the pixel limit": (["--image", "{tmp}/big.png", "--prompt", "a"], "more than the 89,478,485 pixels"),
     "no prompt": (["--image", "{tmp}/ok.png"], "--image needs the prompt"),
     "csv columns": (["--images-csv", "{tmp}/nocols.csv"], "columns image,prompt"),
+    "csv extra cell": (["--images-csv", "{tmp}/extra.csv"], "row 3: 3 cells but the header names 2 columns"),
+    "csv column twice": (["--images-csv", "{tmp}/twice.csv"], "the header names the column 'image' 2 times"),
+    "csv open quote": (["--images-csv", "{tmp}/quote.csv"], "row 3: not valid CSV from there on (unexpected end"),
     "levels without image": (["--noise-levels", "0.5"], "add --image"),
     "level out of range": (["--image", "{tmp}/ok.png", "--prompt", "a", "--noise-levels", "1.2"], "must lie in [0, 1]"),
     "timestep out of range": (["--image", "{tmp}/ok.png", "--prompt", "a", "--timesteps", "1001"], "[0, 1000]"),
@@ -199,3 +210,74 @@ def test_image_mode_on_the_loaded_pipeline_is_the_library_call(sd3_dir, tmp_path
     for key, value in res.arrays().items():
         np.testing.assert_allclose(z[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
     assert torch.is_tensor(torch.as_tensor(z["per_step_token_map"]))
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_exif_orientation_is_applied_before_fitting(tmp_path, orientation):
+    """A photo stored sideways with the EXIF tag that turns it upright is read as the upright photo:
+    same size, crop box and fitted pixels (PNG: exactly; JPEG: as its decoded pixels turned by hand)."""
+    from image_files import with_orientation
+
+    upright = Image.open(_write_picture(tmp_path / "up.png", (96, 64)))
+    stored = with_orientation(upright, orientation)
+    stored.save(tmp_path / "side.png", exif=stored.info["exif"])
+    stored.save(tmp_path / "side.jpg", exif=stored.info["exif"], quality=95)
+    assert Image.open(tmp_path / "side.png").size != (96, 64) or orientation == 3  # stored turned
+    want = read_source(str(tmp_path / "up.png"), 64, 64)
+    got = read_source(str(tmp_path / "side.png"), 64, 64)
+    assert (got.size, got.crop_box, got.orientation) == (want.size, want.crop_box, orientation) == ((96, 64), want.crop_box, orientation)
+    np.testing.assert_array_equal(np.asarray(got.fitted), np.asarray(want.fitted))
+    assert got.record()["exif_orientation"] == orientation and want.record()["exif_orientation"] == 1
+    assert got.record()["size"] == [96, 64]
+    # JPEG: the decoded stored pixels, turned back by hand (the transpose that undoes each tag)
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90}[orientation]
+    by_hand = Image.open(tmp_path / "side.jpg").convert("RGB").transpose(undo)
+    assert by_hand.size == (96, 64)
+    ref = by_hand.resize((64, 64), Image.Resampling.BICUBIC, box=cover_crop_box(96, 64, 64, 64))
+    jpg = read_source(str(tmp_path / "side.jpg"), 64, 64)
+    assert jpg.size == (96, 64) and jpg.orientation == orientation
+    np.testing.assert_array_equal(np.asarray(jpg.fitted), np.asarray(ref))
+
+
+def test_sideways_photo_dump_takes_the_upright_masks(sd3_dir, tmp_path, capsys):
+    """The dump of a photo stored sideways (EXIF 6) records the upright size and crop box, so that the
+    masks drawn on the upright photo are accepted and scored like those of the same photo stored upright."""
+    from image_files import with_orientation
+
+    import evaluate_segmentation
+
+    upright = Image.open(_write_picture(tmp_path / "up.png", (96, 64)))
+    stored = with_orientation(upright, 6)
+    stored.save(tmp_path / "side.png", exif=stored.info["exif"])
+    out = tmp_path / "out"
+    argv = ["--model", sd3_dir, "--image", tmp_path / "up.png", tmp_path / "side.png", "--prompt", "a red disc",
+            "--noise-levels", "0.5", "--guidance-scale", "1", "--out", out, *SMALL]
+    assert dump.main([str(x) for x in argv]) == 0, capsys.readouterr().err
+    up, side = (json.loads((out / d / "metadata.json").read_text())["source_image"] for d in ("0000-up", "0001-side"))
+    assert side["size"] == up["size"] == [96, 64] and side["crop_box"] == up["crop_box"]
+    assert (side["exif_orientation"], up["exif_orientation"]) == (6, 1)
+    disc = np.zeros((64, 96), np.uint8)
+    disc[(np.mgrid[:64, :96][0] - 32) ** 2 + (np.mgrid[:64, :96][1] - 28.8) ** 2 < 12.8 ** 2] = 255
+    for key in ("up", "side"):
+        os.makedirs(tmp_path / "m" / key)
+        Image.fromarray(disc).save(tmp_path / "m" / key / "disc.png")
+    capsys.readouterr()
+    code = evaluate_segmentation.main(["--dumps", str(out), "--masks", str(tmp_path / "m"), "--out",
+                                       str(tmp_path / "seg"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    import csv
+
+    rows = {k: list(csv.DictReader(open(tmp_path / "seg" / "per_image" / f"{k}.csv"))) for k in ("up", "side")}
+    # the model saw the same pixels, so every score is the same (but the random baseline's, seeded by the key)
+    same = [[r for r in rows[k] if r["method"] != "random"] for k in ("side", "up")]
+    assert same[0] == same[1] and len(same[0]) == 12 and int(same[0][0]["gt_px"]) > 0
+
+
+def test_a_damaged_exif_block_reads_as_upright_without_a_warning(tmp_path, recwarn):
+    """Pillow warns "Corrupt EXIF data" for a truncated block; the image is read as stored, silently."""
+    path = _write_picture(tmp_path / "p.png", (64, 48))
+    Image.open(path).save(tmp_path / "bad.png", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12")
+    src = read_source(str(tmp_path / "bad.png"), 32, 32)
+    assert src.orientation == 1 and src.size == (64, 48)
+    np.testing.assert_array_equal(np.asarray(src.fitted), np.asarray(read_source(path, 32, 32).fitted))
+    assert not [w for w in recwarn if "EXIF" in str(w.message)]

@@ -6,11 +6,13 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -180,6 +182,59 @@ def test_damaged_npz_or_metadata_is_redone_with_a_warning(sd3_dir, tmp_path, cap
     assert [r["status"] for r in rows] == ["done", "done", "skipped"]
 
 
+def _flip_a_bit_in_the_data(npz):
+    """Flip one bit inside the first large member's array data (the zip directory stays valid)."""
+    import zipfile
+
+    raw = bytearray(npz.read_bytes())
+    with zipfile.ZipFile(npz) as zf:
+        info = next(i for i in zf.infolist() if i.compress_size > 400)
+    assert info.compress_type == zipfile.ZIP_STORED
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    data = info.header_offset + 30 + name_len + extra_len
+    raw[data + 300] ^= 0x04  # past the 128-byte npy header: an array value
+    npz.write_bytes(bytes(raw))
+
+
+def test_resume_verifies_npz_crc_finite_values_and_listed_images(sd3_dir, tmp_path, capsys):
+    """Issue 21.6: a bit-flipped npz, an npz holding NaN and a run whose image was deleted are redone
+    with a one-line warning each, not skipped as complete."""
+    from attention_map_diffusers.contract import npz_problem
+
+    out = tmp_path / "verify"
+    args = ["--model", sd3_dir, *[a for w in ("cat", "dog", "owl", "cow") for a in ("--prompt", f"a {w}")],
+            "--out", out, *SMALL]
+    assert run_main(args) == 0
+    flipped = out / "0000-a-cat" / "stepavg_token_maps_v1.npz"
+    _flip_a_bit_in_the_data(flipped)
+    nan = out / "0001-a-dog" / "stepavg_token_maps_v1.npz"
+    with np.load(nan) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["sum_token_map"] = arrays["sum_token_map"].copy()
+    arrays["sum_token_map"].flat[7] = np.nan
+    np.savez(nan, **arrays)
+    image = out / "0002-a-owl" / "images" / "seed42-64x64-idx0.png"
+    image.unlink()
+    assert npz_problem(flipped) is None and npz_problem(nan) is None  # the zip directories still open
+    untouched = snapshot(out / "0003-a-cow")
+    capsys.readouterr()
+    assert run_main(args) == 0
+    cap = capsys.readouterr()
+    assert "3 run(s) written, 1 skipped" in cap.out
+    warnings = [ln for ln in messages(cap.err) if ln.startswith("warning:")]
+    assert len(warnings) == 3 and all(ln.endswith("; the run is done again") for ln in warnings)
+    assert "0000-a-cat" in warnings[0] and "CRC" in warnings[0]
+    assert "0001-a-dog" in warnings[1] and "sum_token_map holds 1 NaN or infinite value(s)" in warnings[1]
+    assert "0002-a-owl" in warnings[2] and "images/seed42-64x64-idx0.png" in warnings[2] and "missing" in warnings[2]
+    for npz in (flipped, nan):
+        with np.load(npz) as z:
+            assert all(np.isfinite(z[k]).all() for k in z.files)
+    assert image.is_file()
+    assert snapshot(out / "0003-a-cow") == untouched
+    assert [r.status for r in read_runs_jsonl(out / "runs.jsonl")] == ["done", "done", "done", "skipped"]
+
+
 def test_single_run_and_folder_of_runs_do_not_mix(single, sd3_dir, tmp_path, monkeypatch, capsys):
     """The analysis reads runs.jsonl when there is one: the other kind would be silently ignored."""
     out, args = single
@@ -210,22 +265,61 @@ def test_temp_files_left_by_a_kill_are_removed(sd3_dir, tmp_path, monkeypatch, c
     assert run_main(args) == 0
     run = out / "0000-a-cat"
     leftovers = [
-        run / ".stepavg_token_maps_v1.k2j4h5l1.tmp.npz",
-        run / ".metadata.ab_d1234.tmp.json",
-        run / "images" / ".seed42-64x64-idx0.zzzzzzzz.tmp.png",
-        out / ".runs.q1w2e3r4.tmp.jsonl",
+        run / ".stepavg_token_maps_v1.attnmap-k2j4h5l1.tmp.npz",
+        run / ".metadata.attnmap-ab_d1234.tmp.json",
+        run / "images" / ".seed42-64x64-idx0.attnmap-zzzzzzzz.tmp.png",
+        out / ".runs.attnmap-q1w2e3r4.tmp.jsonl",
+        out / "..runs-part-3.attnmap-q1w2e3r4.tmp.jsonl",
         out / ".runs-part-3.jsonl",
         out / ".runs.lock",
     ]
-    keep = [out / ".hidden", out / "notes.tmp", run / "images" / "mine.tmp.png"]
+    # a user's files, and (left alone, as docs/FORMAT.md says) the temporary names of older versions
+    keep = [out / ".hidden", out / "notes.tmp", run / "images" / "mine.tmp.png",
+            run / ".stepavg_token_maps_v1.k2j4h5l1.tmp.npz"]
     for p in leftovers + keep:
         p.write_bytes(b"x")
+    (out / ".runs-part-3.jsonl").write_text(json.dumps(
+        {"run": 0, "folder": "0000-a-cat", "prompt": ["a cat"], "seed": 42, "status": "done", "process": 3}) + "\n")
+    (out / ".runs.lock").write_bytes(b"")
     no_model(monkeypatch)  # both runs are complete: only the tidying is left
     capsys.readouterr()
     assert run_main(args) == 0
-    assert "removed 6 temporary file(s)" in capsys.readouterr().err
+    assert "removed 7 temporary file(s)" in capsys.readouterr().err
     assert [p for p in leftovers if p.exists()] == []
     assert all(p.exists() for p in keep)
+
+
+def test_leftover_cleanup_keeps_user_files_named_like_temp_files(sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.1: only the temporary files of this tool's own files go; a user's look-alikes stay."""
+    from attention_map_diffusers.atomic import atomic_path
+
+    out = tmp_path / "mine"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--out", out, "--no-image", *SMALL]
+    assert run_main(args) == 0
+    run = out / "0000-a-cat"
+    user = {}
+    for folder in (out, run):
+        for name in (".notes.20241201.tmp", ".draft.abcdefgh.tmp.txt"):  # the issue's two names
+            user[folder / name] = f"my notes in {folder.name}".encode()
+    # a user's files that read like the tool's own: a part of runs.jsonl that is no such thing, a lock
+    # with text in it
+    user[out / ".runs-part-0.jsonl"] = b"my own log\n"
+    user[out / ".runs.lock"] = b"do not delete"
+    for p, data in user.items():
+        p.write_bytes(data)
+    # a genuine leftover: the temporary file atomic_path made for the npz, kept as a kill would keep it
+    with pytest.raises(ZeroDivisionError):
+        with atomic_path(run / "stepavg_token_maps_v1.npz") as tmp:
+            shutil.copy(tmp, tmp + ".kept")
+            1 / 0
+    genuine = run / os.path.basename(tmp)
+    os.rename(tmp + ".kept", genuine)
+    no_model(monkeypatch)
+    capsys.readouterr()
+    assert run_main(args) == 0
+    assert "removed 1 temporary file(s)" in capsys.readouterr().err
+    assert not genuine.exists()
+    assert {p: p.read_bytes() for p in user} == user
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +360,60 @@ def test_runs_jsonl_lists_finished_runs_while_running_and_after_ctrl_c(sd3_dir, 
     assert run_main(args) == 0  # the same command resumes
     assert "2 run(s) written, 2 skipped" in capsys.readouterr().out
     assert [r.status for r in read_runs_jsonl(out / "runs.jsonl")] == ["skipped", "skipped", "done", "done"]
+
+
+def test_ctrl_c_during_a_metadata_write_leaves_no_half_run(sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.19: Ctrl-C while a run's metadata.json is being written. The half run is neither listed
+    in runs.jsonl nor left on disk for the analysis to count as failed; the same command resumes."""
+    import attention_map_diffusers.atomic as atomic
+    from attention_map_diffusers.analysis.discover import discover
+
+    out = tmp_path / "stopped"
+    real = atomic.write_bytes
+
+    def write_bytes(path, data):
+        if os.path.basename(path) == "metadata.json" and "0001-a-dog" in str(path):
+            with atomic.atomic_path(path) as tmp:
+                with open(tmp, "wb") as fh:
+                    fh.write(data[: len(data) // 2])
+                    fh.flush()
+                    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C half way through the file
+                    time.sleep(5)
+        return real(path, data)
+
+    monkeypatch.setattr(atomic, "write_bytes", write_bytes)
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--prompt", "a owl", "--out", out, *SMALL]
+    capsys.readouterr()
+    assert run_main(args) == 130
+    assert "interrupted by SIGINT: 1 run(s) finished" in one_line(capsys.readouterr().err)
+    assert [(r.folder, r.status) for r in read_runs_jsonl(out / "runs.jsonl")] == [("0000-a-cat", "done")]
+    assert sorted(os.listdir(out)) == ["0000-a-cat", "runs.jsonl"]  # the half run's npz and image are gone
+    entries, _ = discover(str(out), str(tmp_path / "analysis"))
+    assert [(e.folder, e.status, e.problem) for e in entries] == [("0000-a-cat", "done", None)]
+
+    monkeypatch.setattr(atomic, "write_bytes", real)
+    capsys.readouterr()
+    assert run_main(args) == 0
+    assert "2 run(s) written, 1 skipped" in capsys.readouterr().out
+
+
+def test_a_stop_keeps_a_run_being_redone_whole_and_user_files(tmp_path):
+    """discard_unfinished removes only what makes a half run: nothing in a folder whose metadata.json
+    is there, and never a file that is not the run's own."""
+    from attention_map_diffusers.dump.writer import discard_unfinished
+
+    whole = tmp_path / "0000-whole"
+    (whole / "images").mkdir(parents=True)
+    for name in ("metadata.json", "stepavg_token_maps_v1.npz", "images/seed1-64x64-idx0.png"):
+        (whole / name).write_bytes(b"x")
+    assert discard_unfinished(str(whole), own_folder=True) == [] and len(snapshot(whole)) == 3
+    half = tmp_path / "0001-half"
+    (half / "images").mkdir(parents=True)
+    for name in ("stepavg_token_maps_v1.npz", "images/seed1-64x64-idx0.png", "images/seed-2-64x64-idx1.jpg",
+                 "images/.seed1-64x64-idx0.attnmap-abcdefgh.tmp.png", "notes.txt", "images/mine.png"):
+        (half / name).write_bytes(b"x")
+    assert len(discard_unfinished(str(half), own_folder=True)) == 4
+    assert sorted(snapshot(half)) == ["images/mine.png", "notes.txt"]
 
 
 @pytest.mark.slow
@@ -335,6 +483,42 @@ def test_full_disk_stops_a_job_of_several_runs(sd3_dir, tmp_path, monkeypatch, c
 
 
 # ---------------------------------------------------------------------------------------------
+# Results that are not numbers
+
+
+def test_non_finite_maps_fail_the_run_and_are_never_marked_complete(sd3_dir, tmp_path, capsys):
+    """Issue 21.7: --guidance-scale 1e30 overflows the pipeline into NaN maps: the run fails (one line,
+    exit 1; listed as failed with its error) and its folder holds no metadata.json or npz."""
+    huge = ["--guidance-scale", "1e30"]
+    single = tmp_path / "single"
+    args = ["--model", sd3_dir, "--prompt", "a cat", "--out", single, *SMALL]
+    assert run_main(args) == 0  # a complete run with sane settings, then redone with the huge scale
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a warning would be a second line on stderr
+        assert run_main(args + huge + ["--overwrite"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("sd_35_stepavg_dump.py: error: the attention maps hold NaN or infinite values")
+    assert "--guidance-scale" in line
+    assert sorted(os.listdir(single)) == ["images"]  # the earlier run's npz and metadata are gone
+    assert os.listdir(single / "images") == ["seed42-64x64-idx0.png"]  # the earlier run's image: not replaced
+
+    many = tmp_path / "many"
+    assert run_main(["--model", sd3_dir, "--prompt", "a cat", "--prompt", "a dog", "--out", many, "--no-image", *SMALL,
+                     *huge]) == 1
+    cap = capsys.readouterr()
+    assert "0 run(s) written, 0 skipped (already complete), 2 failed" in cap.out
+    errors = [ln for ln in messages(cap.err) if ln.startswith("error:")]
+    assert len(errors) == 2 and all("NaN or infinite" in ln for ln in errors)
+    rows = read_runs_jsonl(many / "runs.jsonl")
+    assert [(r.folder, r.status) for r in rows] == [("0000-a-cat", "failed"), ("0001-a-dog", "failed")]
+    assert all("NaN or infinite" in r.error for r in rows)
+    for r in rows:
+        names = set(os.listdir(many / r.folder)) if (many / r.folder).exists() else set()
+        assert not names & {"metadata.json", "stepavg_token_maps_v1.npz"}, names
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input refused before the model loads
 
 
@@ -347,6 +531,90 @@ def test_bad_input_refused_before_the_model_loads(sd3_dir, tmp_path, monkeypatch
     line = one_line(capsys.readouterr().err)
     assert "--width 400 is larger than this model accepts: at most 384 pixels" in line
     assert snapshot(tmp_path) == before
+
+
+def _fake_hub_cache(monkeypatch, tmp_path, repo_id, model_dir):
+    """A Hugging Face cache holding ``repo_id``'s configs (copied from ``model_dir``), no weights."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub-cache"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    sha = "0" * 40
+    for sub in ("", "vae/", "transformer/"):
+        name = "model_index.json" if not sub else "config.json"
+        target = repo / "snapshots" / sha / sub / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(model_dir, sub, name), target)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+
+
+UPPER_BOUNDS = {
+    "canonical size": (["--canonical-size", "100000", "100000"],
+                       "--canonical-size 100000 100000 is finer than the image (64 x 64 pixels)"),
+    "steps": (["--steps", "100000000000"], "--steps must be at most 1000"),
+    "images per prompt": (["--num-images-per-prompt", "100000000"], "--num-images-per-prompt must be at most 64"),
+    "images per call": (["--batch-size", "3", "--num-images-per-prompt", "30"],
+                        "--batch-size 3 x --num-images-per-prompt 30 makes 90 images per pipeline call; at most 64"),
+    "skip layer, local folder": (["--skip-guidance-layers", "99"], "this model has blocks 0..1, got [99]"),
+    "skip layer, cached hub id": (["--skip-guidance-layers", "2", "--model", "someone/tiny-sd3"],
+                                  "this model has blocks 0..1, got [2]"),
+    "skip layer, tiny-random": (["--skip-guidance-layers", "4", "--model", "tiny-random"],
+                                "this model has blocks 0..3, got [4]"),
+}
+
+
+@pytest.mark.parametrize("case", list(UPPER_BOUNDS))
+def test_upper_bounds_refused_before_the_model_loads(case, sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.8: sizes, steps, images and block indices beyond what can run are refused with one line
+    and exit 2 before any model loads (block counts from a local folder's or the cache's config)."""
+    no_model(monkeypatch)
+    _fake_hub_cache(monkeypatch, tmp_path, "someone/tiny-sd3", sd3_dir)  # sd3_dir: 2 transformer blocks
+    _refused_before_loading(sd3_dir, tmp_path, capsys, *UPPER_BOUNDS[case])
+
+
+def _refused_before_loading(model, tmp_path, capsys, flags, expected):
+    """Three prompts with ``flags``: one line holding ``expected``, exit 2, nothing written."""
+    prompts = ["--prompt", "a cat", "--prompt", "a dog", "--prompt", "a owl"]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert run_main(["--model", model, *prompts, "--out", tmp_path / "o", *SMALL, *flags]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("sd_35_stepavg_dump.py: error: ") and expected in line, line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--skip-guidance-layers", "1", "1"], "block 1 is given twice, got [1, 1]"),
+    (["--skip-guidance-layers", "0", "1", "--skip-guidance-layers", "0"], "block 0 is given twice, got [0, 1, 0]"),
+], ids=["one flag", "repeated flags"])
+def test_skip_guidance_layers_given_twice_is_refused(flags, expected, sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.20 (dump part): a block named twice in --skip-guidance-layers."""
+    no_model(monkeypatch)
+    _refused_before_loading(sd3_dir, tmp_path, capsys, flags, expected)
+
+
+def test_upper_bounds_are_named_in_help(capsys):
+    with pytest.raises(SystemExit):
+        dump.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(at most 1000)" in text and "at most 64" in text and "at most the image size" in text
+    assert "each once and below the model's number of blocks" in text
+
+
+@pytest.mark.parametrize("out", ["", " ", os.fsdecode(b"out\xff")], ids=["empty", "blank", "not utf-8"])
+def test_out_empty_or_not_utf8_is_refused(out, sd3_dir, tmp_path, monkeypatch, capsys):
+    """Issue 21.9: --out "" would write into the current folder; a non-UTF-8 --out crashes the analysis
+    later. Both: one line, exit 2, nothing written."""
+    no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert dump.main(["--model", sd3_dir, "--prompt", "a cat", "--out", out, *SMALL]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("sd_35_stepavg_dump.py: error: --out ")
+    assert ("names no folder" in line) if not out.strip() else ("not valid UTF-8" in line and "folder name" in line)
+    assert os.listdir(tmp_path) == []
 
 
 def test_repeated_seed_flags_add_up():
@@ -370,6 +638,18 @@ def test_prompts_file_with_a_byte_order_mark(tmp_path):
     assert read_prompts_file(str(path)) == ["a cat", "a dog"]
     path.write_bytes("\ufeff# only a comment\n".encode("utf-8"))
     assert read_prompts_file(str(path)) == []
+
+
+def test_prompts_file_splits_on_newlines_only(tmp_path):
+    """Issue 21.13: a prompt holding U+2028, \\x0b, \\x0c, \\x85, U+2029, \\x1c or a lone \\r is one prompt;
+    lines end at \\n or \\r\\n."""
+    from attention_map_diffusers.dump.runs import read_prompts_file
+
+    inner = ["a cat\u2028on a mat", "a dog\x0bin fog", "a owl\x0cat night", "a cow\x85in snow",
+             "a fox\u2029by a box", "a bee\x1cin a tree", "a yak\ron a track"]
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(("\n".join(inner[:4]) + "\r\n" + "\r\n".join(inner[4:]) + "\n").encode("utf-8"))
+    assert read_prompts_file(str(path)) == inner
 
 
 @pytest.mark.slow
@@ -420,7 +700,8 @@ def _check_literal_specials(meta):
 
 
 def _words(folder, encoder):
-    return [w.lower() for w, _ in read_words(folder, encoder)]
+    """The words, without the ' #n' that numbers a repeated word in every table."""
+    return [re.sub(r" #\d+$", "", w).lower() for w, _ in read_words(folder, encoder)]
 
 
 def test_special_tokens_typed_in_a_prompt_belong_to_no_word(sd3_dir, tmp_path, capsys):

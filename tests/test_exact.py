@@ -61,6 +61,18 @@ def test_fallback_matches_float64(dtype, budget):
     assert (mean.double() - ref.mean(1)).abs().max() <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_fallback_on_a_subset_of_image_rows(dtype):
+    """Queries for some image rows only, the text keys named: T comes from ``text``, not from L - rows
+    (the CUDA test checks a sample of rows this way)."""
+    q, k, _ = qkv(dtype, seed=4)
+    rows = N // 3
+    ref = reference(q, k)[:, :, :rows]
+    p = image_text_probs_from_keys(q[:, :, :rows], k, D**-0.5, mean_heads=False, text=slice(N, k.shape[-2]))
+    assert p.shape == ref.shape
+    assert (p.double() - ref).abs().max() <= TOL[dtype]
+
+
 def test_head_chunking_does_not_change_the_mean():
     q, k, v = qkv(torch.float32, seed=3)
     _, lse = sdpa_with_lse(q, k, v)

@@ -96,7 +96,7 @@ def reports(tmp_path_factory):
     groups = sorted((out / "aggregate").glob("*/index.html"))
     assert len(groups) == 1
     for enc in ("clip", "t5"):
-        assert (groups[0].parent / enc / "curves_mean.png").is_file() and (groups[0].parent / enc / "heatmaps_mean.png").is_file()
+        assert (groups[0].parent / enc / "curves_mean.png").is_file() and (groups[0].parent / enc / "heatmaps_mean_01.png").is_file()
     return {"run": base / "single" / "analysis" / "index.html", "index": out / "index.html",
             "run_of_index": out / "0000-run-s1" / "index.html", "group": groups[0]}
 
@@ -166,7 +166,7 @@ def test_sliders_swap_the_images(browser, reports):
         before, after, label = browser.execute_script(
             "var box = document.querySelectorAll('.slider')[arguments[0]];"
             "var img = box.querySelector('img.frame'), input = box.querySelector('input[type=range]');"
-            "var before = img.src; input.value = input.max; input.dispatchEvent(new Event('input'));"
+            "var before = img.src; input.value = input.value === input.max ? 0 : input.max; input.dispatchEvent(new Event('input'));"
             "return [before, img.src, box.querySelector('output').textContent];",
             k,
         )
@@ -187,9 +187,61 @@ def test_index_links_both_ways(browser, reports):
     text = browser.execute_script("return document.body.innerText")
     assert "random weights" in text.lower() and "CUDA OOM" in text
     thumbs = browser.execute_script("return document.querySelectorAll('img.thumb').length")
-    assert thumbs == 3
+    assert thumbs == 3 * 2  # each analysed run: its image and its top word's map
     _open(browser, reports["run_of_index"], 1400)
     back = browser.execute_script("return document.querySelector('p.back a').href")
     assert back.endswith("/analysis/index.html")
     _open(browser, reports["group"], 1400)
     assert browser.execute_script("return document.querySelector('p.back a').href").endswith("/analysis/index.html")
+
+
+def test_curves_per_block_at_full_width(browser, reports):
+    """The per-block curves (a slider of one image per block) fill the content width, like every other figure."""
+    _open(browser, reports["run"], 1400)
+    boxes = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.slider[id*=curves]')).map(function(b){"
+        " var img = b.querySelector('img.frame'), cs = getComputedStyle(document.body);"
+        " var content = document.body.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);"
+        " return [b.className, img.getBoundingClientRect().width, content];});"
+    )
+    assert len(boxes) >= 2  # CLIP and T5 (and the phrases')
+    for cls, width, content in boxes:
+        assert "wide" in cls.split()
+        assert width >= 0.9 * content, f"curves shown {width:.0f} px wide of {content:.0f}"
+
+
+def test_narrow_screen_tables_scroll_names_stay_on_one_line_figures_open(browser, reports):
+    """At 420 px: the page never scrolls sideways (tables scroll in their own box), a run's name is
+    one line, every figure links its own file, and the summary is the top words' figures stacked."""
+    for key in ("run", "index", "group"):
+        _open(browser, reports[key], 420)
+        assert browser.execute_script("return document.scrollingElement.scrollWidth") <= 420, key
+        unlinked = browser.execute_script(
+            "return Array.from(document.querySelectorAll('figure img')).filter(function(i){"
+            " var a = i.parentNode; return !(a.tagName === 'A' && a.href === i.src);}).map(function(i){return i.src;});"
+        )
+        assert not unlinked, f"{key}: figures not linked to their file: {unlinked[:3]}"
+    _open(browser, reports["index"], 420)
+    lines = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#runs + .scroll td:nth-child(2) a')).map(function(a){"
+        " var lh = parseFloat(getComputedStyle(a).lineHeight); return [a.textContent, a.getBoundingClientRect().height / lh];});"
+    )
+    assert len(lines) >= 3
+    assert all(ratio < 1.5 for _, ratio in lines), lines  # one line per name, not one character per line
+    boxes = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.scroll')).map(function(b){return [b.scrollWidth, b.clientWidth];});"
+    )
+    assert any(sw > cw for sw, cw in boxes)  # the runs table is wider than the screen: it scrolls in its box
+    for width, shown, hidden in ((420, "narrow-only", "wide-only"), (1400, "wide-only", "narrow-only")):
+        _open(browser, reports["run"], width)
+        seen = browser.execute_script(
+            "function vis(c){return Array.from(document.querySelectorAll('.' + c + ' img')).filter(function(i){"
+            " return i.getBoundingClientRect().width > 0;}).length;} return [vis(arguments[0]), vis(arguments[1])];",
+            shown, hidden)
+        assert seen[0] >= 2 and seen[1] == 0, (width, seen)
+    # at 420 the stacked top words are as wide as the content
+    _open(browser, reports["run"], 420)
+    widths = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.narrow-only img')).map(function(i){"
+        " return i.getBoundingClientRect().width / document.body.clientWidth;});")
+    assert min(widths) >= 0.85

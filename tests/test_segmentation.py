@@ -295,7 +295,7 @@ def test_planted_word_is_found_by_daam_and_argmax_and_baselines_score_lower(tmp_
                 assert float(s[(m, enc)]["mAP"]) > float(s[(b, enc)]["mAP"]) + 0.3
         # the whole image: IoU = AP = the mask's share of the image (32 x 24 of 64 x 64)
         share = 32 * 24 / 64 / 64
-        for col in ("mIoU", "mAP", "pixel_acc"):
+        for col in ("mIoU", "mAP", "word_pixel_acc"):
             assert float(s[("whole", enc)][col]) == pytest.approx(share, abs=1e-6)
     rows = read_csv(out / "per_image" / "0000-run.csv")
     assert len(rows) == 15 and {r["word"] for r in rows} == {"circle"}
@@ -322,7 +322,8 @@ def test_argmax_separates_two_planted_words(tmp_path, capsys):
     assert code == 0, err
     s = summary(tmp_path / "o")
     assert float(s[("argmax", "both")]["mIoU"]) > 0.8
-    assert float(s[("argmax", "both")]["pixel_acc"]) > 0.8  # multi-class, background included
+    assert float(s[("argmax", "both")]["image_pixel_acc"]) > 0.8  # multi-class, background included
+    assert s[("whole", "both")]["image_pixel_acc"] == ""  # argmax only: one meaning per column
     assert float(s[("whole", "both")]["mIoU"]) == pytest.approx(0.25)
 
 
@@ -345,7 +346,7 @@ def test_voc_masks_void_ignored_class_phrases_and_skipped_classes(tmp_path, caps
     assert int(whole["pred_px"]) == valid and int(whole["gt_px"]) == 32 * 24
     assert float(whole["iou"]) == pytest.approx(32 * 24 / valid, abs=1e-6)
     assert float(whole["ap"]) == pytest.approx(32 * 24 / valid, abs=1e-6)
-    assert float(whole["pixel_acc"]) == pytest.approx(32 * 24 / valid, abs=1e-6)
+    assert float(whole["word_pixel_acc"]) == pytest.approx(32 * 24 / valid, abs=1e-6)
     assert float(rows[("daam", "pottedplant")]["iou"]) > float(whole["iou"]) + 0.4
     skipped = read_csv(tmp_path / "o" / "skipped.csv")
     assert [(r["key"], r["name"], r["reason"]) for r in skipped] == [("img1", "dog", "in the mask, not in the prompt")]
@@ -504,19 +505,116 @@ def test_script_runs_as_a_subprocess(tmp_path):
 
 
 def test_summary_means_pairs_classes_and_argmax_images():
+    from types import SimpleNamespace
+
     from attention_map_diffusers.segmentation.evaluate import Score
     from attention_map_diffusers.segmentation.tables import summarise
 
     S = lambda key, method, word, v, acc: Score(key, "t5", method, word, v, v / 2, acc, 1, 1)  # noqa: E731
     scores = [S("a", "daam", "cat", 0.9, 0.5), S("b", "daam", "cat", 0.7, 0.7), S("b", "daam", "Dog", 0.1, 0.9),
-              S("a", "argmax", "cat", 0.8, 0.6), S("b", "argmax", "cat", 0.4, 0.2), S("b", "argmax", "dog", 0.0, 0.2)]
-    rows = {r.method: r for r in summarise(scores, ("daam", "argmax", "whole"), ("t5",), "all")}
+              S("a", "argmax", "cat", 0.8, 0.6), S("b", "argmax", "cat", 0.4, 0.2), S("b", "argmax", "dog", 0.0, 0.1)]
+    images = [SimpleNamespace(key="a", argmax_acc={"t5": 0.75}), SimpleNamespace(key="b", argmax_acc={"t5": 0.25})]
+    rows = {r.method: r for r in summarise(scores, ("daam", "argmax", "whole"), ("t5",), "all", images)}
     assert set(rows) == {"daam", "argmax"}
     d, a = rows["daam"], rows["argmax"]
     assert (d.n, d.images) == (3, 2)
     assert d.miou == pytest.approx((0.9 + 0.7 + 0.1) / 3)
+    assert d.miou_se == pytest.approx(np.sqrt(((0.9 - 17 / 30) ** 2 + (0.7 - 17 / 30) ** 2 + (0.1 - 17 / 30) ** 2) / 2 / 3))
     assert d.class_miou == pytest.approx(((0.9 + 0.7) / 2 + 0.1) / 2)  # words compared case-insensitively
     assert d.map == pytest.approx((0.45 + 0.35 + 0.05) / 3)
-    assert d.pixel_acc == pytest.approx((0.5 + 0.7 + 0.9) / 3)
-    assert a.pixel_acc == pytest.approx((0.6 + 0.2) / 2)  # one multi-class accuracy per image
+    assert d.word_pixel_acc == pytest.approx((0.5 + 0.7 + 0.9) / 3) and np.isnan(d.image_pixel_acc)
+    assert a.word_pixel_acc == pytest.approx((0.6 + 0.2 + 0.1) / 3)  # each word's own mask
+    assert a.image_pixel_acc == pytest.approx((0.75 + 0.25) / 2)  # one multi-class accuracy per image
     assert a.class_miou == pytest.approx(((0.8 + 0.4) / 2 + 0.0) / 2)
+
+
+@pytest.mark.parametrize("side, message", [(30000, "Image size (900000000 pixels)"), (10000, "more than the 89,478,485 pixels")])
+def test_mask_past_the_pixel_limit_is_one_line_exit_2(tmp_path, capsys, side, message):
+    """A small PNG declaring 30000 x 30000 pixels (Pillow raises) or 10000 x 10000 (Pillow only warns)."""
+    from image_files import bomb_png
+
+    make_run(tmp_path / "r", "a cat on a sofa", [("cat", REGION[0], REGION[1])])
+    os.makedirs(tmp_path / "m" / "r")
+    bomb_png(tmp_path / "m" / "r" / "cat.png", side, side)
+    code, _, err = run_main(["--dumps", tmp_path / "r", "--masks", tmp_path / "m", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cat.png" in err and message in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_masks_stored_sideways_with_exif_are_read_upright(tmp_path, capsys, orientation):
+    """A mask saved sideways with the EXIF tag that turns it upright (as a phone writes a photo) is the
+    upright mask: binary and VOC masks read back as the array drawn, and the scores are the same."""
+    from image_files import with_orientation
+
+    labels = np.zeros((10, 14), np.uint8)
+    labels[2:5, 3:9], labels[6:9, 1:4], labels[0, :] = 8, 16, 255
+    voc_png(str(tmp_path / "up.png"), labels)
+    stored = with_orientation(Image.open(tmp_path / "up.png"), orientation)
+    assert stored.mode == "P" and stored.size == (10, 14)
+    stored.save(tmp_path / "side.png", exif=stored.info["exif"])
+    np.testing.assert_array_equal(gtmod.read_label_mask(str(tmp_path / "side.png")), labels)
+    np.testing.assert_array_equal(gtmod.read_binary_mask(str(tmp_path / "side.png")), labels != 0)
+    # end to end: the upright mask and the sideways one of the same drawing score the same
+    make_run(tmp_path / "r", "a cat on a sofa", [("cat", REGION[0], REGION[1])])
+    gt = box_mask(str(tmp_path / "m1" / "r" / "cat.png"))
+    side = with_orientation(Image.fromarray(gt.astype(np.uint8) * 255), orientation)
+    os.makedirs(tmp_path / "m2" / "r")
+    side.save(tmp_path / "m2" / "r" / "cat.png", exif=side.info["exif"])
+    got = []
+    for m in ("m1", "m2"):
+        code, _, err = run_main(["--dumps", tmp_path / "r", "--masks", tmp_path / m, "--out", tmp_path / f"o{m}"], capsys)
+        assert code == 0, err
+        got.append(read_csv(tmp_path / f"o{m}" / "per_image" / "r.csv"))
+    assert got[0] == got[1] and float(got[0][0]["iou"]) > 0.7
+
+
+def test_one_meaning_per_column_and_argmax_accuracy_once_per_image(tmp_path, capsys):
+    """per_image: each row's word_pixel_acc is its own mask's accuracy (argmax rows too), recomputed from
+    its IoU and pixel counts; images.csv: argmax's multi-class accuracy once per image and encoder,
+    recomputed from the kept predicted masks; summary: standard errors from the per-image rows; the
+    terminal shows percent and each baseline once."""
+    from attention_map_diffusers.segmentation.evaluate import evaluate_run
+    from attention_map_diffusers.segmentation.cli import options_from_args
+
+    prompt = "a dog and a ball"
+    for run, seed in (("r1", 0), ("r2", 1)):
+        make_run(tmp_path / "d" / run, prompt, [("dog", slice(0, 4), slice(0, 4)), ("ball", slice(4, 8), slice(4, 8))], seed=seed)
+        box_mask(str(tmp_path / "m" / run / "dog.png"), pixels=(slice(0, 32), slice(0, 24)))
+        box_mask(str(tmp_path / "m" / run / "ball.png"), pixels=(slice(40, 64), slice(32, 64)))
+    argv = ["--dumps", tmp_path / "d", "--masks", tmp_path / "m", "--out", tmp_path / "o"]
+    code, stdout, err = run_main(argv, capsys)
+    assert code == 0, err
+    N = SIDE * SIDE
+    ious = {}
+    for run in ("r1", "r2"):
+        for r in read_csv(tmp_path / "o" / "per_image" / f"{run}.csv"):
+            i, p, g = float(r["iou"]), int(r["pred_px"]), int(r["gt_px"])
+            inter = i * (p + g) / (1 + i)  # |P & G| from IoU = I / (P + G - I)
+            assert float(r["word_pixel_acc"]) == pytest.approx((N - p - g + 2 * inter) / N, abs=1e-5), r
+            ious.setdefault((r["method"], r["encoder"]), []).append(i)
+    images = read_csv(tmp_path / "o" / "images.csv")
+    assert [(r["key"], r["encoder"], r["words"]) for r in images] == [
+        (k, e, "2") for k in ("r1", "r2") for e in ("clip", "t5", "both")]
+    args = build_parser().parse_args([str(a) for a in argv])
+    for run in ("r1", "r2"):
+        im = evaluate_run(str(tmp_path / "d" / run), options_from_args(args), None, keep=True).images[0]
+        for enc in ("clip", "t5", "both"):
+            preds = [im.maps[(enc, "argmax", w)][0] for w in ("dog", "ball")]
+            gts = [next(c.gt for c in im.truth.concepts if c.name == w) for w in ("dog", "ball")]
+            right = (~preds[0] & ~preds[1] & ~gts[0] & ~gts[1]) | (preds[0] & gts[0]) | (preds[1] & gts[1])
+            got = next(float(r["image_pixel_acc"]) for r in images if r["key"] == run and r["encoder"] == enc)
+            assert got == pytest.approx(right.mean(), abs=1e-6)
+    s = summary(tmp_path / "o")
+    for (m, e), vals in ious.items():
+        assert float(s[(m, e)]["mIoU_se"]) == pytest.approx(np.std(vals, ddof=1) / np.sqrt(len(vals)), abs=1e-6)
+        assert (s[(m, e)]["image_pixel_acc"] == "") == (m != "argmax")
+    assert float(s[("argmax", "t5")]["image_pixel_acc"]) == pytest.approx(
+        np.mean([float(r["image_pixel_acc"]) for r in images if r["encoder"] == "t5"]), abs=1e-6)
+    lines = stdout.splitlines()
+    assert lines[0].startswith("in % (the CSV files hold fractions)")
+    for b in ("whole", "centre", "random"):
+        mine = [ln for ln in lines if ln.startswith(b + " ")]
+        assert len(mine) == 1 and mine[0].split()[1] == "none" and mine[0].endswith("(baseline)")
+    whole = next(ln for ln in lines if ln.startswith("whole "))
+    assert whole.split()[3] == f"{100 * float(s[('whole', 't5')]['mIoU']):.1f}"  # percent of the CSV's fraction

@@ -19,9 +19,9 @@ from typing import Optional
 
 from ..cli import OneLineParser, fail, parse
 from ..contract import UserError
-from .options import FORMATS, AnalysisOptions, parse_encoders
+from .options import FORMATS, WORD_RULES, AnalysisOptions, parse_encoders
 from .stats import WEIGHT_MODES, parse_blocks
-from .words import parse_phrases
+from .words import find_words, parse_phrases
 
 PROG = "analyse_stepavg.py"
 
@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: ROOT/analysis); replaced as a whole when it holds only an earlier analysis, "
         "refused when it holds anything else",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier analysis in --out even when some of its files were changed since it wrote them "
+        "(an edited table); without it such an --out is refused, naming the file. Files it did not write are "
+        "never replaced",
+    )
     p.add_argument("--topk", type=int, default=12, help="number of words (by heatmap mass) that get heatmaps and curves (default: 12)")
     p.add_argument(
         "--phrases",
@@ -61,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="attention",
         help="how a phrase combines its words: 'attention' weights each word by its heatmap mass, "
         "'uniform' equally (default: attention)",
+    )
+    p.add_argument(
+        "--words",
+        choices=WORD_RULES,
+        default="prompt",
+        help="what a word is. 'prompt': the prompt's words, the same for CLIP and T5, punctuation left out, a repeated "
+        "word numbered in tables ('a #6'); 'original': the original tool's words, built from each encoder's tokens "
+        "(CLIP: lower-case pieces, punctuation and contraction parts as words of their own: 'don', \"'t\", ','; T5: "
+        "punctuation glued on: 'barn,'), repeated words left bare, phrases matched word by word anywhere in the "
+        "prompt, for tables that reproduce its columns (default: prompt; see docs/analysis.md)",
     )
     p.add_argument("--encoders", default="clip,t5", help="text encoders to analyse, comma-separated, from clip,t5 (default: clip,t5)")
     p.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default: png)")
@@ -91,13 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def unique_phrases(phrases: list[str]) -> tuple[list[str], list[str]]:
+    """``phrases`` with each phrase once (the first spelling; phrases that have the same words, in any
+    case, are the same phrase), and those that were given again."""
+    kept: dict[tuple[str, ...], str] = {}
+    again = []
+    for p in phrases:
+        key = tuple(w.text.casefold() for w in find_words(p))
+        if key in kept:
+            again.append(p)
+        else:
+            kept[key] = p
+    return list(kept.values()), again
+
+
 def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
     """The parsed flags as :class:`AnalysisOptions` (raises :class:`UserError`)."""
     return AnalysisOptions(
         root=args.root,
         out=args.out,
         topk=args.topk,
-        phrases=tuple(parse_phrases(args.phrases)),
+        phrases=tuple(unique_phrases(parse_phrases(args.phrases))[0]),
         weights=args.weights,
         encoders=parse_encoders(args.encoders),
         fmt=args.format,
@@ -107,6 +138,8 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
         tables_only=args.tables_only,
         t5_tokenizer=args.t5_tokenizer,
         vmax_percentile=args.vmax_percentile,
+        overwrite=args.overwrite,
+        words=args.words,
     )
 
 
@@ -116,6 +149,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return code
     try:
         options = options_from_args(args)
+        again = unique_phrases(parse_phrases(args.phrases))[1]
+        if again:
+            print(f"warning: --phrases gives {', '.join(repr(p) for p in dict.fromkeys(again))} more than once; "
+                  "each phrase is analysed once", file=sys.stderr)
+        from . import outdir
+        from .plan import folders
+
+        outdir.check_out(folders(options)[1], options.overwrite)  # before any work (again when planning)
     except UserError as exc:
         return fail(PROG, str(exc))
     from .write import early_pool
@@ -135,10 +176,15 @@ def _analyse(options, pool) -> int:
         return fail(PROG, str(exc))
     for note in plan.notes:
         print(note, file=sys.stderr)
+    said: dict[tuple[str, str], list[str]] = {}  # a note that several runs share is printed once, naming them
     for run in plan.runs:
-        prefix = f"{run.folder}: " if run.folder else ""
         for note in run.notes:
-            print(f"{note.level}: {prefix}{note.text}", file=sys.stderr)
+            said.setdefault((note.level, note.text), []).append(run.folder or "")
+    for (level, text), where in said.items():
+        where = [w for w in where if w]
+        prefix = "" if not where else f"{where[0]}: " if len(where) == 1 else (
+            f"{len(where)} runs ({', '.join(where[:3])}{', ...' if len(where) > 3 else ''}): ")
+        print(f"{level}: {prefix}{text}", file=sys.stderr)
     reported = {id(e) for e in plan.failed}
     for entry in plan.failed:
         fail(PROG, entry.problem)

@@ -20,7 +20,21 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def json_type(v: Any) -> str:
+    """What a JSON value is, in the words of JSON (for messages about hand-edited metadata)."""
+    if isinstance(v, bool):
+        return "true/false"
+    if v is None:
+        return "null"
+    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
 def check_meta_int(meta: dict, key: str, actual: int, what: str, where: str) -> None:
+    if key in meta and not is_int(meta[key]):
+        raise UserError(
+            f"{where}: metadata {key} must be a whole number (the arrays have {what}={actual}), got {meta[key]!r} "
+            f"({json_type(meta[key])}); fix it or re-run the dump"
+        )
     if key in meta and meta[key] != actual:
         raise UserError(f"{where}: metadata {key}={meta[key]!r} but the arrays have {what}={actual}; re-run the dump")
 
@@ -172,7 +186,13 @@ def check_arrays(arrays: dict[str, np.ndarray], where: str) -> Shape:
 
 
 def check_metadata(meta: dict, shape: Shape, version: int, where: str) -> None:
-    """The metadata's counts and lists against the arrays."""
+    """The metadata's counts and lists against the arrays, and the types of the flags it states."""
+    if "random_weights" in meta and not isinstance(meta["random_weights"], bool):
+        value = meta["random_weights"]
+        raise UserError(
+            f"{where}: metadata random_weights must be true or false, got {value!r} ({json_type(value)}); "
+            "fix it or re-run the dump"
+        )
     check_meta_int(meta, "batch_size", shape.B, "B", where)
     check_meta_int(meta, "num_blocks", shape.Bk, "Bk", where)
     check_meta_int(meta, "num_steps", shape.S, "S", where)

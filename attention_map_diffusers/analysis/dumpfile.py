@@ -30,6 +30,7 @@ from ..contract import (
     prompt_tokens,
     read_runs_jsonl,
 )
+from . import concepts as concept_io
 from .dumpchecks import (
     Shape,
     check_arrays,
@@ -105,6 +106,7 @@ class Dump:
     notes: list[Note] = field(default_factory=list)
     block_maps: Optional[np.ndarray] = None  # (B, Bk, Hc, Wc, T) per_block_token_map, when read
     steps_flipped: bool = False  # the file stored steps by ascending timestep (original tool); flipped on load
+    concepts: Optional[concept_io.ConceptData] = None  # the concept maps (dumps made with --concepts)
 
     @classmethod
     def from_result(cls, result: Any, prompts: Sequence[str], tokenizers: dict[str, Any]) -> "Dump":
@@ -260,12 +262,14 @@ def _read_metadata(folder: str) -> dict:
         raise UserError(f"cannot read {path}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-run the dump") from None
+    except RecursionError:
+        raise UserError(f"{path} nests its JSON values too deeply to be read; the file is damaged, re-run the dump") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path} must hold a JSON object, got {type(meta).__name__}; re-run the dump")
     return meta
 
 
-def _read_arrays(folder: str, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+def _read_arrays(folder: str, required: Sequence[str], optional: Sequence[str] = (), meta: Optional[dict] = None) -> dict[str, np.ndarray]:
     path = os.path.join(folder, NPZ_NAME)
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing; point --root at a run folder written by sd_35_stepavg_dump.py")
@@ -278,6 +282,8 @@ def _read_arrays(folder: str, required: Sequence[str], optional: Sequence[str] =
     if not magic.startswith(b"PK"):
         raise UserError(f"{path} is not an .npz (zip) file; the file is damaged, re-run the dump")
     try:
+        headers = npy_headers(path)
+        check_headers(headers, meta, [*required, "timesteps", "per_block_step_token_max", *optional], path)
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in required if k not in npz.files]
             if missing:
@@ -292,7 +298,86 @@ def _read_arrays(folder: str, required: Sequence[str], optional: Sequence[str] =
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
         raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}); the file is damaged, re-run the dump") from None
+    except MemoryError:
+        raise UserError(f"{path} holds arrays too large for this machine's memory; analyse it on a larger one") from None
     return arrays
+
+
+MAX_DEFLATE_RATIO = 1100  # deflate expands at most ~1032:1; a member that claims more is damaged
+
+
+def npy_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each ``.npy`` member of the npz at ``path``: its name (without ``.npy``) -> (shape, dtype), read
+    from its header only, after checking that the data the header claims is what the member holds
+    (so that no array larger than the file is ever allocated). Raises :class:`UserError`."""
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            key = info.filename[:-4]
+            with zf.open(info) as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                elif version in ((2, 0), (3, 0)):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                else:
+                    raise ValueError(f"{key}: npy format {version} is not read")
+                header = fh.tell()
+            count = 1
+            for n in shape:
+                count *= n
+            claimed = count * dtype.itemsize
+            held = info.file_size - header
+            if dtype.hasobject or claimed != held or (
+                info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 4096
+            ):
+                raise UserError(
+                    f"{path}: the array {key!r} claims shape {tuple(shape)} of {dtype} ({_size(claimed)}) but the file "
+                    f"holds {_size(max(held, 0))} of it; the file is damaged, re-run the dump"
+                )
+            out[key] = (tuple(shape), dtype)
+    return out
+
+
+def check_headers(headers: dict, meta: Optional[dict], keys: Sequence[str], where: str) -> None:
+    """The shapes of the arrays ``keys`` (from their npy headers, nothing read yet) against the counts
+    the metadata states (batch_size, num_blocks, num_steps, T_from_model, canonical_size)."""
+    meta = meta or {}
+    want = {name: meta.get(name) for name in ("batch_size", "num_blocks", "num_steps", "T_from_model")}
+    size = meta.get("canonical_size")
+    grid = size if isinstance(size, list) and len(size) == 2 else [None, None]
+    axes = {  # per array, the metadata key of each axis (None: not stated)
+        "sum_token_map": ["batch_size", grid[0], grid[1], "T_from_model"],
+        "per_block_step_token_mean": ["batch_size", "num_blocks", "num_steps", "T_from_model"],
+        "per_block_step_token_max": ["batch_size", "num_blocks", "num_steps", "T_from_model"],
+        "per_block_token_map": ["batch_size", "num_blocks", grid[0], grid[1], "T_from_model"],
+        "timesteps": ["num_steps"],
+    }
+    for key in keys:
+        if key not in headers or key not in axes:
+            continue
+        shape = headers[key][0]
+        stated = [want.get(a) if isinstance(a, str) else a for a in axes[key]]
+        if len(shape) != len(stated):
+            continue  # check_arrays says what was expected, once the (small) arrays are read
+        for n, s, name in zip(shape, stated, axes[key]):
+            if isinstance(s, int) and not isinstance(s, bool) and n != s:
+                label = name if isinstance(name, str) else "canonical_size"
+                raise UserError(
+                    f"{where}: {key} has shape {shape} but the metadata says {label}={s}; the file is "
+                    "damaged, re-run the dump"
+                )
+
+
+def _size(n: int) -> str:
+    """Bytes in binary units: ``"32.0 PiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, block_maps: bool = False) -> Dump:
@@ -314,7 +399,9 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     meta = _read_metadata(folder)
     version = format_version(meta, where)
     required = NPZ_REQUIRED_ARRAYS if version >= 2 else NPZ_CORE_ARRAYS
-    arrays = _read_arrays(folder, required, optional=("per_block_token_map",) if block_maps else ())
+    optional = (("per_block_token_map",) if block_maps else ()) + concept_io.NPZ_REQUIRED
+    arrays = _read_arrays(folder, required, optional=optional + ((concept_io.BLOCK_MAP_KEY,) if block_maps else ()), meta=meta)
+    concept_arrays = concept_io.split_arrays(arrays)  # checked by read_concepts (NaN marks blocks without a stream)
     shape = check_arrays(arrays, where)
     check_metadata(meta, shape, version, where)
     prompts = read_prompts(meta, shape.B, where)
@@ -330,6 +417,9 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         timesteps = None if timesteps is None else np.ascontiguousarray(timesteps[::-1])
     if timesteps is None:
         notes.append(Note("note", "the dump has no timesteps (original tool): steps are numbered by index only, 0 = first denoising step"))
+    concepts = concept_io.read_concepts(concept_arrays, meta, shape.B, shape.Hc, shape.Wc, shape.Bk, shape.S, where)
+    if flip and concepts is not None:
+        concepts = concepts.flipped_steps()
     pbm = arrays.get("per_block_token_map")
     expected = (shape.B, shape.Bk, shape.Hc, shape.Wc, shape.T)
     if pbm is not None and pbm.shape != expected:
@@ -353,6 +443,7 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         notes=notes,
         block_maps=None if pbm is None else pbm.astype(np.float32, copy=False),
         steps_flipped=flip,
+        concepts=concepts,
     )
 
 

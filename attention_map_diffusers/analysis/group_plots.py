@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from .layout import EDGE, fixed_layout, fontsize_of, legend_height, suptitle_band, suptitle_height, x_axis_band, y_axis_band
 from .figure import footer_band, new_figure
-from .plots import CURVE_LABEL, LINE_COLOURS, draw_bands
+from .plots import CURVE_LABEL, LINE_COLOURS, draw_bands, step_ticks
 from .views import MAX_LINES, FigureFacts
 
 BLOCK_COLUMNS = 6  # panels per row of the per-block figure
@@ -32,15 +32,15 @@ def blocks_bands_figure(
     # layout and matplotlib's shared-limit bookkeeping cost seconds; every panel gets the same limits
     # and ticks instead, labelled on the outer panels only
     legend_width = 0.45 + 0.06 * max((len(t) for t in labels), default=0)
-    fig = new_figure(2.3 * cols + 0.8 + legend_width, 1.75 * rows + 0.9, layout=None, facts=facts)
+    fig = new_figure(2.3 * cols + 0.8 + legend_width, 1.75 * rows + 1.15, layout=None, facts=facts)
     axes = fig.subplots(rows, cols, squeeze=False)
-    fixed_layout(fig, top=0.75, bottom=0.3 + footer_band(facts), left=0.75, right=legend_width + 0.1,
+    fixed_layout(fig, top=0.75, bottom=0.55 + footer_band(facts), left=0.75, right=legend_width + 0.1,
                   wspace=0.12, hspace=0.38)
     top = float(np.nanmax(curves_mean + curves_std)) if curves_mean.size else 1.0
     ymax = top * 1.05 if top > 0 else 1.0
     x = np.arange(S)
-    ticks = [0, S - 1] if S > 1 else [0]
-    names = (["first", "last"] if S > 1 else ["step 0"]) if timesteps is not None else [str(t) for t in ticks]
+    ticks = step_ticks(S, 4)
+    names = [str(t) for t in ticks]
     lines = []
     for k, ax in enumerate(axes.flat):
         if k >= Bk:
@@ -65,10 +65,12 @@ def blocks_bands_figure(
         if k % cols:  # not in the first column
             ax.set_yticklabels([])
     fig.supylabel(CURVE_LABEL, fontsize=8)
+    fig.supxlabel("denoising step (0 = first, noisiest)", fontsize=8, y=(footer_band(facts) + 0.05) / fig.get_size_inches()[1],
+                  va="bottom")
     if lines:
         W, H = fig.get_size_inches()
         fig.legend(lines, labels, loc="upper left", bbox_to_anchor=(1 - legend_width / W, 1 - 0.7 / H), fontsize=7, frameon=False)
-    fig.suptitle(f"{title}\nx: denoising step, first (noisiest) to last; one y scale for every block; "
+    fig.suptitle(f"{title}\nx: denoising step, 0 = first (noisiest); one y scale for every block; "
                  "bands: mean \u00b1 sample std over the runs", fontsize=9)
     return fig
 

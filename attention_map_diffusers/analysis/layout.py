@@ -90,9 +90,23 @@ def title_band(fontsize: float, lines: int = 1) -> float:
 
 def fixed_layout(fig, *, top: float = 0.55, bottom: float = 0.15, left: float = 0.15, right: float = 0.1, wspace: float = 0.3,
                  hspace: float = 0.3) -> None:
-    """Margins in inches (no layout engine: constrained layout costs a full extra draw per figure)."""
+    """Margins in inches (no layout engine: constrained layout costs a full extra draw per figure).
+    Margins that would leave the panels less than :data:`MIN_PANELS` of the figure are shrunk in
+    proportion (the texts may then be clipped, but the figure is drawn)."""
     W, H = fig.get_size_inches()
+    left, right = _fit(left, right, W)
+    top, bottom = _fit(top, bottom, H)
     fig.subplots_adjust(left=left / W, right=1 - right / W, top=1 - top / H, bottom=bottom / H, wspace=wspace, hspace=hspace)
+
+
+MIN_PANELS = 0.2  # the least share of a figure's width (height) that fixed_layout leaves to its panels
+
+
+def _fit(a: float, b: float, size: float) -> tuple[float, float]:
+    """Margins ``a`` + ``b`` (inches) shrunk in proportion to leave :data:`MIN_PANELS` of ``size``."""
+    room = size * (1.0 - MIN_PANELS)
+    a, b = max(a, 0.0), max(b, 0.0)
+    return (a, b) if a + b <= room else (a * room / (a + b), b * room / (a + b))
 
 
 def colorbar_band(cbar, ticks_size: Optional[float] = None) -> float:

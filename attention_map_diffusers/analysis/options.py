@@ -10,6 +10,7 @@ from .stats import WEIGHT_MODES
 
 ENCODERS = ("clip", "t5")
 FORMATS = ("png", "svg", "pdf")
+WORD_RULES = ("prompt", "original")
 ENCODER_TITLES = {"clip": "CLIP", "t5": "T5"}
 
 
@@ -30,6 +31,8 @@ class AnalysisOptions:
     tables_only: bool = False  # CSV tables and index.html only, no figures
     t5_tokenizer: Optional[str] = None  # for original-tool dumps: a T5 tokenizer folder or id
     vmax_percentile: float = 99.0  # heatmap colour scales run from 0 to this percentile of the map (100: its maximum)
+    overwrite: bool = False  # replace an earlier analysis in --out even where one of its files was changed since
+    words: str = "prompt"  # what a word is: "prompt" (the prompt's words) or "original" (the original tool's, from tokens)
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -48,6 +51,8 @@ class AnalysisOptions:
             raise UserError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
         if self.block_ranges is not None and any(a < 0 or a > b for a, b in self.block_ranges):
             raise UserError(f"--blocks: ranges must be (first, last) with 0 <= first <= last, got {self.block_ranges}")
+        if self.words not in WORD_RULES:
+            raise UserError(f"--words must be one of {', '.join(WORD_RULES)}, got {self.words!r}")
         if self.fmt not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
 

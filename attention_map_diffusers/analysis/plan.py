@@ -14,6 +14,7 @@ from .discover import NOT_LISTED, RunEntry, discover
 from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer
 from .options import ENCODER_TITLES, AnalysisOptions
 from .stats import EncoderResult, analyse_encoder
+from .original_words import original_words
 from .words import map_words
 
 if TYPE_CHECKING:
@@ -108,6 +109,16 @@ def _load_image(path: Optional[str], where: str):
         with Image.open(path) as img:
             img.load()
             return path, display_image(img)
+    except Image.DecompressionBombError as exc:
+        raise UserError(
+            f"{where}: the image {path} listed by the dump is too large to open safely ({exc}); replace it, or "
+            "pass --no-overlay to analyse without it"
+        ) from None
+    except MemoryError:
+        raise UserError(
+            f"{where}: the image {path} listed by the dump is too large for this machine's memory; replace it, or "
+            "pass --no-overlay to analyse without it"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise UserError(
             f"{where}: the image {path} listed by the dump is missing or unreadable ({type(exc).__name__}); "
@@ -124,6 +135,14 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
     )
     positions = dump.select_blocks(options.block_ranges)
     sel_ids = [dump.block_ids[p] for p in positions]
+    have = [n for n in ENCODER_TITLES if n in dump.encoders]
+    if not any(n in dump.encoders for n in options.encoders):  # nothing to analyse: an empty report
+        why = "FLUX.1 dumps have t5 only" if dump.metadata.get("model_family") == "flux" else (
+            "dumps of the original tool have t5 only with --t5-tokenizer" if dump.format_version < 2 else "")
+        raise UserError(
+            f"--encoders {','.join(options.encoders)}: {run_dir} has no {' or '.join(options.encoders)} tokens "
+            f"(it has {', '.join(have) or 'none'}{'; ' + why if why else ''}); choose --encoders {','.join(have) or 'clip,t5'}"
+        )
     avg, notes = restrict_blocks(dump, options.block_ranges)
     notes = list(dump.notes) + notes
     images = []
@@ -139,6 +158,7 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
             images.append(None)  # --no-overlay: a lost image only costs the summary its first panel
             notes.append(Note("note", str(exc)))
     results: list[list[EncoderResult]] = []
+    missing: dict[str, list[str]] = {}  # phrase -> where it is absent: one warning per phrase, not per encoder
     for i in range(dump.batch_size):
         per_item = []
         for name in options.encoders:
@@ -149,7 +169,10 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
                     notes.append(Note("note", f"{ENCODER_TITLES[name]} not analysed: the dump has no text positions for it"))
                 continue
             offs = enc.offsets[i] if enc.offsets is not None else None
-            wm = map_words(enc.tokens[i], enc.special[i], dump.prompts[i], enc.length, offsets=offs)
+            if options.words == "original":
+                wm = original_words(enc.tokens[i], enc.special[i], enc.length, name)
+            else:
+                wm = map_words(enc.tokens[i], enc.special[i], dump.prompts[i], enc.length, offsets=offs)
             a, b = enc.span
             res = analyse_encoder(
                 avg[i, :, :, a:b],
@@ -170,17 +193,24 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
                     "zero), so their shares are undefined; the dump is damaged, re-run it"
                 )
             for ph in res.missing_phrases:
-                notes.append(Note("warning", f"phrase {ph!r} does not occur in the {where} words; no file for it"))
+                missing.setdefault(ph, []).append(where)
             if wm.dropped:
                 notes.append(Note(
                     "note",
                     f"{where}: the encoder truncated the prompt; {len(wm.dropped)} words from "
                     f"{wm.dropped[0].text!r} (word {wm.dropped[0].index}) on are absent from its analysis",
                 ))
-            if not wm.words:
+            if not wm.words and wm.in_specials:
+                typed = ", ".join(sorted({t for t, sp in zip(enc.tokens[i], enc.special[i]) if sp and t in dump.prompts[i]}))
+                notes.append(Note("note", f"{where}: the prompt holds only special tokens ({typed}), which are no words; "
+                                          "only empty tables are written"))
+            elif not wm.words:
                 notes.append(Note("note", f"{where}: the prompt has no words for this encoder; only empty tables are written"))
             per_item.append(res)
         results.append(per_item)
+    for ph, wheres in missing.items():
+        what = "its column is all zero" if options.words == "original" else "no file for it"
+        notes.append(Note("warning", f"phrase {ph!r} does not occur in the {' / '.join(wheres)} words; {what}"))
     return RunPlan(folder, dump, images, results, notes)
 
 
@@ -207,7 +237,7 @@ def make_plan(options: AnalysisOptions) -> Plan:
     root, out = folders(options)
     if not os.path.isdir(root):
         raise UserError(f"--root {options.root} is not a folder; give a run folder or a folder with runs.jsonl")
-    outdir.check_out(out)
+    outdir.check_out(out, options.overwrite)
 
     cache: dict = {}
 
@@ -244,8 +274,15 @@ def make_plan(options: AnalysisOptions) -> Plan:
         fonts = choose_fonts(sorted(texts))
         if fonts.note():
             notes.append(Note("warning", fonts.note()))
-    leftovers = outdir.leftovers(out)
+    leftovers, kept = outdir.leftovers(out)
     if leftovers:
         names = ", ".join(os.path.basename(p) for p in leftovers)
         notes.append(Note("note", f"removing what an interrupted analysis left next to {out}: {names}"))
+    if kept:
+        names = ", ".join(f"{os.path.basename(p)} (holds {what})" for p, what in kept)
+        notes.append(Note(
+            "warning",
+            f"leaving alone folders next to {out} that look like an interrupted analysis's but hold files their "
+            f"manifest does not list: {names}; delete them yourself once you have kept what you need",
+        ))
     return Plan(options, root, out, runs, entries or [], entries is not None, loader, notes, fonts, leftovers)

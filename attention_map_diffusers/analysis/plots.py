@@ -30,6 +30,7 @@ OVERLAY_ALPHA = 0.6
 SHARE_LABEL = "share of the words' attention"
 CURVE_LABEL = "mean attention (share of all text positions)"
 STEP_LABEL = "denoising step (left = first, noisiest)"
+LEVEL_LABEL = "noise level \u03c3 (independent levels of the given image, noisiest first)"
 DISPLAY_SIDE = 512  # images are drawn (under the maps) at most this many pixels on a side
 # Eight colours that stay distinct (tab10 without its grey and olive)
 LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -200,13 +201,23 @@ def summary_figure(
     return fig
 
 
-def step_axis(ax, timesteps: Optional[np.ndarray], max_ticks: int = 8, label: str = STEP_LABEL, S: Optional[int] = None) -> None:
-    """x axis in denoising order: ticks at steps, labelled ``step`` over ``t=timestep`` when timesteps are known."""
-    S = len(timesteps) if timesteps is not None else int(S or 0)
-    stride = max(1, math.ceil(S / max_ticks))
-    ticks = list(range(0, S, stride))
+def step_ticks(S: int, max_ticks: int = 8) -> list[int]:
+    """At most about ``max_ticks`` step positions of ``S``, evenly strided from 0."""
+    return list(range(0, S, max(1, math.ceil(S / max_ticks))))
+
+
+def step_axis(ax, timesteps: Optional[np.ndarray], max_ticks: int = 8, label: str = STEP_LABEL, S: Optional[int] = None,
+              levels: Optional[np.ndarray] = None) -> None:
+    """x axis in denoising order: ticks at steps, labelled ``step`` over ``t=timestep`` when timesteps are known.
+
+    ``levels``: (S,) noise levels σ of a given-image run (:mod:`.given`): ticks labelled σ instead."""
+    S = len(timesteps) if timesteps is not None else len(levels) if levels is not None else int(S or 0)
+    ticks = step_ticks(S, max_ticks)
     ax.set_xticks(ticks)
-    if timesteps is not None and len(timesteps):
+    if levels is not None:
+        ax.set_xticklabels([f"\u03c3={levels[i]:.2f}" for i in ticks], fontsize=7)
+        label = LEVEL_LABEL
+    elif timesteps is not None and len(timesteps):
         ax.set_xticklabels([f"{i}\nt={timesteps[i]:.0f}" for i in ticks], fontsize=7)
         label = label + " / timestep t"
     else:
@@ -225,41 +236,61 @@ def line_chunks(m: int, per_axis: int = MAX_LINES) -> list[range]:
     return [range(a, min(m, a + per_axis)) for a in range(0, max(m, 1), per_axis)]
 
 
+BAND_ALPHA = 0.15  # a band's fill; its edges are outlined in the line's colour so that overlapping bands stay apart
+
+
 def draw_bands(ax, x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> None:
-    """(S, m) bands between ``lower`` and ``upper``, band j in line j's colour at 20 % opacity, under
-    the lines: what ``fill_between`` draws (within 2 levels), as plain polygon collections, which cost
-    a fraction of its shape checks. One collection per band: in a single collection Agg draws
+    """(S, m) bands between ``lower`` and ``upper``, band j in line j's colour at :data:`BAND_ALPHA`
+    opacity with its upper and lower edges drawn as thin dashed lines of that colour, under the
+    lines: what ``fill_between`` draws (within 2 levels), as plain polygon collections, which cost a
+    fraction of its shape checks. One collection per band: in a single collection Agg draws
     overlapping polygons differently."""
     from matplotlib.collections import PolyCollection
 
+    def outline(j, colour):
+        for edge in (upper[:, j], lower[:, j]):
+            ax.plot(x, edge, "--", color=colour, lw=0.7, alpha=0.8, zorder=1.5)
+
     if not (np.isfinite(lower).all() and np.isfinite(upper).all()):  # gaps: fill_between leaves them out
         for j in range(lower.shape[1]):
-            ax.fill_between(x, lower[:, j], upper[:, j], color=LINE_COLOURS[j % len(LINE_COLOURS)], alpha=0.2, lw=0)
+            colour = LINE_COLOURS[j % len(LINE_COLOURS)]
+            ax.fill_between(x, lower[:, j], upper[:, j], color=colour, alpha=BAND_ALPHA, lw=0)
+            outline(j, colour)
         return
     xs = np.concatenate([x, x[::-1]])
     for j in range(lower.shape[1] if len(x) else 0):
         colour = LINE_COLOURS[j % len(LINE_COLOURS)]
         verts = np.column_stack([xs, np.concatenate([upper[:, j], lower[::-1, j]])])
-        ax.add_collection(PolyCollection([verts], facecolors=colour, edgecolors=colour, linewidths=0, alpha=0.2, zorder=1),
+        ax.add_collection(PolyCollection([verts], facecolors=colour, edgecolors=colour, linewidths=0, alpha=BAND_ALPHA, zorder=1),
                           autolim=False)
+        outline(j, colour)
 
 
-def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], *, spread: Optional[np.ndarray] = None, S: Optional[int] = None) -> list:
+def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], *, spread: Optional[np.ndarray] = None,
+                S: Optional[int] = None, levels: Optional[np.ndarray] = None) -> list:
     """(S, m) curves, one solid line per label (m <= 8: distinct colours), against the denoising step.
 
     ``spread``: (S, m) drawn as a band of +-spread around each line (e.g. the std over seeds).
+    ``levels``: (S,) noise levels σ of a given-image run: independent measurements, so one marker
+    per level and no joining line, on a σ axis.
     """
     x = np.arange(curves.shape[0])
     lines = []
     for j, label in enumerate(labels):
         colour = LINE_COLOURS[j % len(LINE_COLOURS)]
-        (line,) = ax.plot(x, curves[:, j], "-", color=colour, lw=1.6, marker="o" if len(x) < 3 else None, ms=3, label=label)
+        if levels is not None:
+            (line,) = ax.plot(x, curves[:, j], linestyle="None", color=colour, marker="o", ms=5, label=label)
+        else:
+            (line,) = ax.plot(x, curves[:, j], "-", color=colour, lw=1.6, marker="o" if len(x) < 3 else None, ms=3, label=label)
         lines.append(line)
+    ax.set_ylabel(CURVE_LABEL, fontsize=8)
     if spread is not None:
         draw_bands(ax, x, curves - spread, curves + spread)
-    step_axis(ax, timesteps, S=S if timesteps is None else None)
-    ax.set_ylabel(CURVE_LABEL, fontsize=8)
-    ax.set_ylim(bottom=0)
+        top = float(np.nanmax(curves + spread, initial=0.0))  # the band's top, not the mean's: no band is clipped
+        ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
+    else:
+        ax.set_ylim(bottom=0)
+    step_axis(ax, timesteps, S=S if timesteps is None else None, levels=levels)
     ax.grid(alpha=0.3)
     return lines
 
@@ -267,12 +298,16 @@ def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Option
 def curves_figure(
     curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], title: str, *, ymax: Optional[float] = None,
     spread: Optional[np.ndarray] = None, scale_text: str = "", facts: Optional[FigureFacts] = None,
+    levels: Optional[np.ndarray] = None,
 ) -> Figure:
     """(S, m) curves, at most :data:`MAX_LINES` per axis (further lines on further axes below), legends outside.
 
-    ``ymax``: a y scale shared with other figures (stated by ``scale_text``).
+    ``ymax``: a y scale shared with other figures (stated by ``scale_text``). ``levels``: see :func:`draw_curves`.
     """
     chunks = line_chunks(len(labels))
+    if ymax is None and spread is not None:  # one scale for every chunk's axis, from the bands' tops
+        top_band = float(np.nanmax(curves + spread, initial=0.0))
+        ymax = top_band * 1.05 if top_band > 0 else 1.0
     panel_w, panel_h, vgap = 5.6, 2.7, 0.3  # inches
     head = title + (f"\n{scale_text}" if scale_text else "")
     top = suptitle_height(head, 10)
@@ -285,7 +320,7 @@ def curves_figure(
     for ax, chunk in zip(axes, chunks):
         sub = list(chunk)
         draw_curves(ax, curves[:, sub], [labels[j] for j in sub], timesteps,
-                    spread=None if spread is None else spread[:, sub], S=curves.shape[0])
+                    spread=None if spread is None else spread[:, sub], S=curves.shape[0], levels=levels)
         if sub and labels:
             ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
         if ymax is not None:
@@ -310,6 +345,7 @@ def save_curves_per_block(
     dpi: int = 100,
     on_saved: Optional[Callable[[], None]] = None,
     facts: Optional[FigureFacts] = None,
+    levels: Optional[np.ndarray] = None,
 ) -> None:
     """One curves figure per block, drawn once and updated per block (much faster than a figure each).
 
@@ -322,7 +358,7 @@ def save_curves_per_block(
     top = float(np.max(curves, initial=0.0))
     ymax = top * 1.05 if top > 0 else 1.0
     fig = curves_figure(curves[0], labels, timesteps, titles[0], ymax=ymax,
-                        scale_text="same y scale for every block", facts=facts)
+                        scale_text="same y scale for every block", facts=facts, levels=levels)
     chunks = line_chunks(len(labels))
     axes = [ax for ax in fig.axes if ax.get_lines()]
     lines = [(ax, j, line) for ax, chunk in zip(axes, chunks) for j, line in zip(chunk, ax.get_lines())]
@@ -356,7 +392,7 @@ def _blit_blocks(fig: Figure, curves: np.ndarray, lines: list, titles: Sequence[
 
 def overview_figure(
     stepavg: np.ndarray, blockavg: np.ndarray, labels: Sequence[str], block_ids: Sequence[int], timesteps: Optional[np.ndarray],
-    title: str, facts: Optional[FigureFacts] = None,
+    title: str, facts: Optional[FigureFacts] = None, levels: Optional[np.ndarray] = None,
 ) -> Figure:
     """Word x block (step-averaged) and word x step (block-averaged) attention side by side.
 
@@ -381,7 +417,7 @@ def overview_figure(
     MapRaster(ax2, blockavg.T, im, aspect="auto")
     ax2.set_yticks(range(n))
     ax2.set_yticklabels([])
-    step_axis(ax2, timesteps, max_ticks=6, S=S)
+    step_axis(ax2, timesteps, max_ticks=6, S=S, levels=levels)
     ax2.set_title("averaged over blocks", fontsize=9)
     top = suptitle_band(fig, title) + title_band(9)
     bottom = EDGE + footer_band(facts) + x_axis_band(7, _step_tick_lines(timesteps), 8)
@@ -394,7 +430,7 @@ def overview_figure(
 
 def word_grid_figure(
     grids: np.ndarray, labels: Sequence[str], block_ids: Sequence[int], timesteps: Optional[np.ndarray], title: str,
-    facts: Optional[FigureFacts] = None,
+    facts: Optional[FigureFacts] = None, levels: Optional[np.ndarray] = None,
 ) -> Figure:
     """One small panel per word: blocks on y (top = first block), steps on x (denoising order), one colour scale.
 
@@ -422,13 +458,14 @@ def word_grid_figure(
         sstride = max(1, math.ceil(S / 5))
         ax.set_xticks(range(0, S, sstride))
         lowest = k + cols >= m  # the lowest panel of its column
-        ax.set_xticklabels([str(i) for i in range(0, S, sstride)] if lowest else [], fontsize=7)
+        names = [f"{levels[i]:.2f}" if levels is not None else str(i) for i in range(0, S, sstride)]
+        ax.set_xticklabels(names if lowest else [], fontsize=7)
         if k % cols == 0:
             ax.set_ylabel("block", fontsize=8)
         else:
             ax.set_yticklabels([])
         if lowest:
-            ax.set_xlabel("step (0 = noisiest)", fontsize=8)
+            ax.set_xlabel("noise level \u03c3" if levels is not None else "step (0 = noisiest)", fontsize=8)
     if m:
         cbar = fig.colorbar(im, ax=list(axes.ravel()), fraction=0.03, pad=0.01)
         cbar.set_label(CURVE_LABEL + "\n(one scale for every panel)", fontsize=8)
@@ -455,8 +492,9 @@ def segmentation_figure(
     lut = np.array([colour.get(v, other) for v in range(max(int(labels.max(initial=0)) + 1, 1))])
     rgb = lut[np.clip(labels, 0, None)]
     rgb[top < threshold] = grey
-    handles = [Patch(color=colour[p], label=names[p]) for p in shown[:MAX_LINES]]
-    if any(int(v) not in colour for v in np.unique(labels[top >= threshold])):
+    owners = {int(v) for v in np.unique(labels[top >= threshold])}  # words that own a cell: only they are listed
+    handles = [Patch(color=colour[p], label=names[p]) for p in shown[:MAX_LINES] if p in owners]
+    if any(v not in colour for v in owners):
         handles.append(Patch(color=other, label="another word"))
     handles.append(Patch(color=grey, label=f"undecided: top share < {threshold:.2f}"))
     panels = 2 if image is not None else 1
@@ -547,7 +585,7 @@ GROUP_COLOURS = {"words": "#1f77b4", "other prompt tokens": "#17becf", "special 
 
 def token_groups_figure(
     shares: np.ndarray, names: Sequence[str], group_labels: Sequence[str], timesteps: Optional[np.ndarray], title: str,
-    facts: Optional[FigureFacts] = None,
+    facts: Optional[FigureFacts] = None, levels: Optional[np.ndarray] = None,
 ) -> Figure:
     """Stacked areas over the steps, one axis per block group.
 
@@ -574,7 +612,7 @@ def token_groups_figure(
         else:
             x2, s2 = x, s
         ax.stackplot(x2, s2, colors=[GROUP_COLOURS.get(n, "#333333") for n in names], labels=list(names))
-        step_axis(ax, timesteps, max_ticks=5, label="step (0 = noisiest)", S=S)
+        step_axis(ax, timesteps, max_ticks=5, label="step (0 = noisiest)", S=S, levels=levels)
         ax.set_title(label, fontsize=9)
         ax.set_ylim(0, max(1.0, float(s.sum(axis=0).max(initial=0))))
         ax.grid(alpha=0.3)
@@ -614,11 +652,14 @@ def strip_figure(
 
 def spread_figure(
     mean: np.ndarray, std: np.ndarray, labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
+    vmaxes: Optional[tuple[float, float]] = None,
 ) -> Figure:
     """Per word (rows), the mean map over runs and its per-pixel std, each column on one scale.
 
     Args:
         mean, std: (m, H, W).
+        vmaxes: the tops of the mean's and the std's scales (default: their maxima here); pieces
+            of one set of words drawn as several figures pass the same ones.
     """
     m = mean.shape[0]
     rows = max(m, 1)
@@ -630,8 +671,7 @@ def spread_figure(
     fig = new_figure(7.0, top + maps_h + bottom, layout=None)  # the footer once the width is known
     suptitle_band(fig, title)
     W, H = fig.get_size_inches()
-    vm = float(mean.max(initial=0)) or 1.0
-    vs = float(std.max(initial=0)) or 1.0
+    vm, vs = vmaxes if vmaxes is not None else (float(mean.max(initial=0)) or 1.0, float(std.max(initial=0)) or 1.0)
     columns = [[], []]
     images = [None, None]
     x = left

@@ -33,14 +33,18 @@ figure.image img{width:auto;max-width:min(100%,640px)}
 figcaption{font-size:.85em;color:#555;overflow-wrap:anywhere}
 .grid{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(min(100%,600px),1fr))} .grid figure{margin:0}
 .scroll{max-width:100%;overflow-x:auto}
-table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
-th{white-space:nowrap} td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-td img.thumb{width:160px;max-width:22vw;height:auto;border:1px solid #ddd} td.nowrap{white-space:nowrap;overflow-wrap:normal}
+table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top;overflow-wrap:break-word}
+th{white-space:nowrap} td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} td.text{min-width:14em}
+td img.thumb{width:160px;max-width:22vw;height:auto;border:1px solid #ddd} td .pair{display:flex;gap:4px} td .pair img.thumb{width:120px} td.nowrap{white-space:nowrap;overflow-wrap:normal}
 details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider{border:1px solid #ddd;padding:.5em;margin:.6em 0} .slider input[type=range]{width:100%;max-width:600px}
 .slider .frames{display:grid;gap:8px;grid-template-columns:repeat(auto-fill,minmax(min(45%,250px),1fr))}
 .slider .frames figure{margin:0} .slider output{font-weight:600;margin-left:.5em}
+.slider.wide .frames{grid-template-columns:1fr}
 .links{font-size:.8em;columns:2 14em}
+.narrow-only{display:none}
+@media (max-width:700px){.narrow-only{display:block} .wide-only{display:none} body{padding:0 .5em}}
+.thumbs{display:flex;flex-wrap:wrap;gap:8px;margin:.4em 0} .thumbs figure{margin:0;width:160px;max-width:30vw}
 """
 
 # Swaps the images of each .slider as its range input moves (frames and labels in data attributes).
@@ -66,6 +70,8 @@ class Slider:
     labels: list[str]  # per frame
     words: list[str]  # per image of a frame ("" for a single image)
     frames: list[list[str]]  # per frame, per word: path relative to the page
+    title: str = ""  # what the reader sees instead of ``kind`` ("noise level" for a given image's levels)
+    start: int = 0  # the frame shown first (the most informative one)
 
 
 @dataclass
@@ -88,6 +94,8 @@ class EncoderPage:
     strips: list[tuple[str, str]] = field(default_factory=list)  # (kind, path)
     sliders: list[Slider] = field(default_factory=list)
     scale: str = ""
+    levels: bool = False  # the steps are a given image's noise levels σ, not denoising steps
+    top_word: Optional[tuple[str, str]] = None  # (caption, path) of the top word's bare map
 
 
 @dataclass
@@ -100,6 +108,8 @@ class ItemPage:
     encoders: list[EncoderPage]
     compare: Optional[str] = None  # clip_vs_t5 figure
     facts: Optional[object] = None  # plots.FigureFacts
+    concepts: Optional[object] = None  # concept_output.ConceptPage (dumps with concept maps)
+    given: Optional[object] = None  # given.GivenImage: a given-image run
 
 
 @dataclass
@@ -111,7 +121,7 @@ class GroupPage:
     tables: list[str]
     curves: Optional[str] = None
     blocks: Optional[str] = None  # per-block curves with bands
-    heatmaps: Optional[str] = None
+    heatmaps: list[str] = field(default_factory=list)  # the mean / spread heatmaps, in pieces of a few words each
 
 
 def href(path: str) -> str:
@@ -142,34 +152,60 @@ def _grid(items: Sequence[tuple[str, str]], fmt: str) -> str:
 
 
 def _slider(sl: Slider, anchor: str, caption: str) -> str:
-    """A range input over the frames; without scripts the first frame shows and every frame is linked below."""
+    """A range input over the frames, opened on frame ``sl.start``; without scripts that frame shows and every frame is linked below."""
     frames = [[quote(p.replace("\\", "/")) for p in fr] for fr in sl.frames]
+    k0 = sl.start if 0 <= sl.start < len(sl.frames) else 0
     imgs = "".join(
-        f'<figure><a href="{href(p)}"><img class="frame" src="{href(p)}" alt="{_e(w or sl.labels[0])}"></a>'
+        f'<figure><a href="{href(p)}"><img class="frame" src="{href(p)}" alt="{_e(w or sl.labels[k0])}"></a>'
         + (f"<figcaption>{_e(w)}</figcaption>" if w else "") + "</figure>"
-        for w, p in zip(sl.words or [""], sl.frames[0])
+        for w, p in zip(sl.words or [""], sl.frames[k0])
     )
     links = "".join(
         f'<li>{_e(lab)}: ' + ", ".join(f'<a href="{href(p)}">{_e(w or "image")}</a>' for w, p in zip(sl.words or [""], fr)) + "</li>"
         for lab, fr in zip(sl.labels, sl.frames)
     )
+    wide = " wide" if len(sl.words or [""]) == 1 else ""  # one image per frame (curves): at full width like every figure
     return (
-        f'<div class="slider" id="{_e(anchor)}" data-frames="{_e(json.dumps(frames))}" data-labels="{_e(json.dumps(sl.labels))}">'
-        f'<label>{_e(sl.kind)}: <input type="range" min="0" max="{len(sl.frames) - 1}" step="1" value="0" '
-        f'aria-label="{_e(sl.kind)}"><output>{_e(sl.labels[0])}</output></label>'
+        f'<div class="slider{wide}" id="{_e(anchor)}" data-frames="{_e(json.dumps(frames))}" data-labels="{_e(json.dumps(sl.labels))}">'
+        f'<label>{_e(sl.title or sl.kind)}: <input type="range" min="0" max="{len(sl.frames) - 1}" step="1" value="{k0}" '
+        f'aria-label="{_e(sl.title or sl.kind)}"><output>{_e(sl.labels[k0])}</output></label>'
         f'<p class="note">{_e(caption)}</p><div class="frames">{imgs}</div>'
         f'<details><summary>every frame</summary><ul class="links">{links}</ul></details></div>'
     )
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], num: Sequence[int] = ()) -> str:
-    """A table in a horizontally scrolling box; cells are HTML already; columns in ``num`` right-aligned."""
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], num: Sequence[int] = (), nowrap: Sequence[int] = (0,),
+           text: Sequence[int] = ()) -> str:
+    """A table in a horizontally scrolling box (on a narrow screen the table scrolls, not the page);
+    cells are HTML already; columns in ``num`` right-aligned, in ``nowrap`` (names) on one line, in
+    ``text`` (prompts) wrapped at a readable width."""
+    def attr(k):
+        name = "num" if k in num else "nowrap" if k in nowrap else "text" if k in text else ""
+        return f' class="{name}"' if name else ""
+
     def cells(tag, values):
-        num_cls = ' class="num"'
-        return "".join(f"<{tag}{num_cls if k in num else ''}>{v}</{tag}>" for k, v in enumerate(values))
+        return "".join(f"<{tag}{attr(k)}>{v}</{tag}>" for k, v in enumerate(values))
 
     body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
     return f'<div class="scroll"><table><tr>{cells("th", header)}</tr>{body}</table></div>'
+
+
+SINK_SHARE = 0.4  # a word taking more than this share of the words' attention is flagged as a sink
+
+
+def _sinks(res: EncoderResult) -> list[int]:
+    """Positions of the words that take more than :data:`SINK_SHARE` of the words' attention."""
+    return [j for j in range(len(res.words)) if float(res.mass[j]) > SINK_SHARE]
+
+
+def _sink_note(res: EncoderResult) -> str:
+    from .views import word_labels
+
+    labels = word_labels(res.words)
+    return " ".join(
+        f"Sink: “{labels[j]}” takes {100 * float(res.mass[j]):.0f}% of the words' attention (more than "
+        f"{100 * SINK_SHARE:.0f}%): the pixels park attention on it, as on a special token, whatever it names; the other "
+        "words' shares are small beside it." for j in _sinks(res))
 
 
 def _word_table(res: EncoderResult) -> str:
@@ -182,9 +218,11 @@ def _word_table(res: EncoderResult) -> str:
     for i, (w, mass, pb, ps) in enumerate(word_summary(res)):
         t = f" (t={ts[ps]:.0f})" if ts is not None else ""
         mark = " *" if i in top else ""
-        rows.append([_e(labels[i]) + mark, str(res.words[i].index), f"{100 * mass:.2f}%", str(pb), f"{ps}{t}"])
+        sink = ' <b class="sink">sink</b>' if mass > SINK_SHARE else ""
+        rows.append([_e(labels[i]) + mark + sink, str(res.words[i].index), f"{100 * mass:.2f}%", str(pb), f"{ps}{t}"])
     return (
-        "<details><summary>all words (mass, peak; * = shown as a heatmap)</summary>"
+        "<details><summary>all words (mass, peak; * = shown as a heatmap; sink = more than "
+        f"{100 * SINK_SHARE:.0f}% of the words' attention)</summary>"
         + _table(["word", "#", "mass", "peak block", "peak step"], rows, num=(1, 2, 3, 4))
         + "</details>"
     )
@@ -210,7 +248,8 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
         toc.append((aid, title or _SECTION_TITLES[key]))
         out.append(f'<h3 id="{aid}">{_e(title or _SECTION_TITLES[key])}</h3>' + body)
 
-    src = {"offsets": "token offsets stored in the dump", "aligned": "tokens aligned to the prompt", "markers": "sub-word markers (prompt alignment failed)"}
+    src = {"offsets": "token offsets stored in the dump", "aligned": "tokens aligned to the prompt", "markers": "sub-word markers (prompt alignment failed)",
+           "original": "the original tool's rule on the tokens (--words original)"}
     out.append(f"<p>{len(res.words)} words, from {_e(src.get(res.wordmap.source, res.wordmap.source))}.</p>")
     if res.wordmap.dropped:
         first = res.wordmap.dropped[0]
@@ -219,11 +258,17 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
             f"&ldquo;{_e(first.text)}&rdquo; (word {first.index}) on are absent from its analysis.</p>"
         )
     scale = f" Each map on its own {page.scale}." if page.scale else ""
+    sink = _sink_note(res) if res.words else ""
     if page.summary or res.words:
-        body = _figure(page.summary, f"top words by mass, over the image.{scale}", fmt) if page.summary else ""
-        section("summary", body + (_word_table(res) if res.words else ""))
+        body = _figure(page.summary, f"top words by mass, over the image.{scale}" + (f" {sink}" if sink else ""), fmt) if page.summary else ""
+        if body and page.word_heatmaps and fmt != "pdf":  # a narrow screen: the top words' own figures, one under another
+            body = (f'<div class="wide-only">{body}</div><div class="narrow-only">'
+                    + "".join(_figure(p, c, fmt) for c, p in page.word_heatmaps) + "</div>")
+        alone = (f'<p>The top word\'s map alone (the index\'s thumbnail): <a href="{href(page.top_word[1])}">'
+                 f"{_e(page.top_word[0])}</a>.</p>" if page.top_word else "")
+        section("summary", (f'<p class="warn">{_e(sink)}</p>' if sink else "") + body + alone + (_word_table(res) if res.words else ""))
     if page.word_grids:
-        section("grids", _figure(page.word_grids, "per top word: blocks (y) x denoising steps (x), one colour scale for all panels", fmt))
+        section("grids", _figure(page.word_grids, "per top word: blocks (y) x " + ("noise levels σ" if page.levels else "denoising steps") + " (x), one colour scale for all panels", fmt))
     if page.segmentation:
         thr = page.segmentation_threshold
         body = _figure(page.segmentation, f"each pixel coloured by the word with the largest share; grey: top share below {thr:.2f}", fmt)
@@ -238,15 +283,18 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
     if page.strips or page.sliders:
         body = "".join(_figure(p, f"top words at a few {k}s (each row on one colour scale)", fmt) for k, p in page.strips)
         body += "".join(
-            _slider(sl, _anchor(base, "slider", sl.kind), f"Move the slider to swap each word's heatmap for its map at that {sl.kind} "
-                    "(each word on one colour scale for all frames, inferno from 0 to the value in its caption).")
+            _slider(sl, _anchor(base, "slider", sl.kind), f"Move the slider to swap each word's heatmap for its map at that {sl.title or sl.kind} "
+                    "(each word on one colour scale for all frames, inferno from 0 to the value in its caption). Every "
+                    f"{sl.title or sl.kind} is offered; it opens on the one whose maps vary most across the image "
+                    "(largest mean spatial std over the words).")
             for sl in page.sliders
         )
         section("strips", body)
     if page.token_groups:
-        section("groups", _figure(page.token_groups, "share of the text attention on words, other prompt tokens, special tokens, "
-                                  "padding and the other encoder, per step and block group: heatmaps are shares over the words "
-                                  "only, curves shares of all text positions", fmt))
+        section("groups", _figure(page.token_groups, "share of the text attention on words, other prompt tokens (punctuation "
+                                  "outside every word; only when the prompt has some), special tokens, padding and the other "
+                                  "encoder, per step and block group: heatmaps are shares over the words only, curves shares of "
+                                  "all text positions", fmt))
     if page.overview:
         section("overview", _figure(page.overview, "words x blocks (averaged over steps) and words x steps (averaged over blocks)", fmt))
     if page.word_curves:
@@ -260,6 +308,20 @@ def _encoder_sections(page: EncoderPage, fmt: str, prefix: str) -> tuple[str, li
         links = " &middot; ".join(f'<a href="{href(t)}">{_e(t.rsplit("/", 1)[-1])}</a>' for t in page.tables)
         section("tables", f"<p>{links}</p>")
     return "\n".join(out), toc
+
+
+def _given_line(given) -> str:
+    """A given-image run's mode, source, crop and noise levels (one paragraph)."""
+    if given is None:
+        return ""
+    parts = ["mode <b>image</b> (attention on a given image, not a generation)", f"source <b>{_e(given.name)}</b>"]
+    if given.crop_text:
+        parts.append(_e(given.crop_text))
+    if given.levels is not None:
+        parts.append(f"noise levels &sigma; <b>{_e(given.levels_text)}</b> (each an independent pass over the same image)")
+    elif given.strength is not None:
+        parts.append(f"img2img strength <b>{given.strength:g}</b>")
+    return f'<p class="given">{" &middot; ".join(parts)}</p>'
 
 
 def _facts_line(facts) -> str:
@@ -300,8 +362,13 @@ def run_page(
     back: Optional[str] = None, random_weights: bool = False,
 ) -> str:
     """HTML of one run's report: a table of contents, then per item and encoder the figures, at full width."""
-    keys = ("model_family", "model_id", "scheduler", "steps", "num_steps", "guidance_scale", "seed", "seeds", "image_size", "canonical_size", "num_blocks", "store_dtype", "random_weights", "timestamp")
-    facts = [[_e(k), _e(json.dumps(metadata[k]))] for k in keys if k in metadata]
+    keys = ("mode", "noise_levels", "strength", "model_family", "model_id", "scheduler", "steps", "num_steps", "guidance_scale", "seed",
+            "seeds", "image_size", "canonical_size", "num_blocks", "store_dtype", "random_weights", "timestamp")
+    facts = [[_e(k), _e(json.dumps(metadata[k]))] for k in keys
+             if k in metadata and not (k == "num_steps" and metadata.get("steps") == metadata[k])]  # the same number once
+    src = metadata.get("source_image")
+    if isinstance(src, dict):
+        facts.insert(1, ["source_image", _e(json.dumps({k: src[k] for k in ("name", "size", "crop_box") if k in src}))])
     setting_rows = [[_e(k), _e(v)] for k, v in settings.items()]
     head = [f"<h1>{_e(title)}</h1>"]
     if back:
@@ -318,8 +385,9 @@ def run_page(
         body.append(f'<h2 id="{aid}">{"Item " + str(it.item) if prefix else "Prompt"}</h2>')
         body.append(f'<div class="prompt">{_e(it.prompt)}</div>')
         body.append(_facts_line(it.facts))
+        body.append(_given_line(it.given))
         if it.image:
-            body.append(_figure(it.image, "generated image", "png", kind="image"))
+            body.append(_figure(it.image, it.given.describe if it.given is not None else "generated image", "png", kind="image"))
         if it.compare:
             cid = _anchor(prefix, "clip-vs-t5")
             toc.append((cid, "CLIP vs T5", 1))
@@ -331,12 +399,21 @@ def run_page(
             toc.append((_anchor(prefix, page.result.encoder), f"{name}" + (f" (item {it.item})" if prefix else ""), 0))
             toc += [(a, t, 1) for a, t in sub]
             body.append(html_)
+        if it.concepts is not None:
+            from .concept_output import concept_section
+
+            html_, (aid_c, title_c) = concept_section(it.concepts, fmt, prefix)
+            toc.append((aid_c, title_c + (f" (item {it.item})" if prefix else ""), 0))
+            body.append(html_)
     toc.append(("run", "Run and settings", 0))
     body.append(f'<h2 id="run">Run</h2>{_table(["key", "value"], facts)}<h2 id="settings">Analysis settings</h2>{_table(["setting", "value"], setting_rows)}')
+    levels = any(it.given is not None and it.given.levels is not None for it in items)
+    per = ("noise level σ of the given image, left = noisiest; the levels are independent passes, so the "
+           "curves are markers without joining lines" if levels else "denoising step, left = first (noisiest) step")
     body.append(
         "<p>Heatmaps show each word's share of the attention that the image pixels give to the prompt's "
-        "words (step- and block-averaged); curves show the mean attention of the image pixels on a word per "
-        "denoising step, left = first (noisiest) step. See docs/analysis.md.</p>"
+        f"words ({'level' if levels else 'step'}- and block-averaged); curves show the mean attention of the image pixels on a word per "
+        f"{per}. See docs/analysis.md.</p>"
     )
     return _page(title, "\n".join(head + [_toc(toc)] + body), script=True)
 
@@ -345,15 +422,32 @@ def _mass(mean: float, std: float) -> str:
     return f"{100 * mean:.1f}% &plusmn; {100 * std:.1f}"
 
 
-def group_page(title: str, pages: Sequence[GroupPage], back: str, run_links: Sequence[tuple[str, str]], fmt: str) -> str:
-    """HTML of one aggregated group (paths relative to the group's folder)."""
+_MEAN_NOTE = (
+    "What the mean maps mean: each pixel's share averaged over the runs at the same pixel position. The "
+    "seeds draw different images, so an object sits in different places in different runs: the mean map "
+    "mixes where the objects happened to be (layout) with where the attention went, and a large spread "
+    "(std) is mostly objects that moved, not attention that changed. Read the mean as 'where this word's "
+    "attention tends to land in this frame', compare it with the runs' images above, and look at each "
+    "run's own page for maps aligned with its image. No object-aligned view (maps registered to the "
+    "objects across seeds) is drawn."
+)
+
+
+def group_page(title: str, pages: Sequence[GroupPage], back: str, run_links: Sequence[tuple[str, str]], fmt: str,
+               run_images: Sequence[tuple[str, str]] = ()) -> str:
+    """HTML of one aggregated group (paths relative to the group's folder); ``run_images``: (run, image) per run."""
     from .views import word_labels
 
     res0 = pages[0].result
+    thumbs = "".join(
+        f'<figure><a href="{href(p)}"><img src="{href(p)}" alt="{_e(n)}" loading="lazy"></a><figcaption>{_e(n)}</figcaption></figure>'
+        for n, p in run_images)
     body = [f"<h1>{_e(title)}</h1>", f'<p class="back"><a href="{href(back)}">&larr; all runs</a></p>',
             f'<div class="prompt">{_e(res0.prompt)}</div>',
-            "<p>Runs: " + ", ".join(f'<a href="{href(p)}">{_e(n)}</a>' for n, p in run_links) + "</p>",
-            "<p>Means over the runs; spreads are sample standard deviations (ddof=1) over the runs.</p>"]
+            "<p>Runs: " + ", ".join(f'<a href="{href(p)}">{_e(n)}</a>' for n, p in run_links) + "</p>"
+            + (f'<div class="thumbs">{thumbs}</div>' if thumbs else "")
+            + "<p>Means over the runs; spreads are sample standard deviations (ddof=1) over the runs.</p>"
+            + f'<p class="note">{_e(_MEAN_NOTE)}</p>']
     toc = []
     for gp in pages:
         r = gp.result
@@ -365,14 +459,16 @@ def group_page(title: str, pages: Sequence[GroupPage], back: str, run_links: Seq
             body.append(_figure(gp.curves[len(strip):], "curves averaged over blocks: mean \u00b1 std over runs (bands)", fmt))
         if gp.blocks:
             body.append(_figure(gp.blocks[len(strip):], "the same per block, on one y scale: mean \u00b1 std over runs", fmt))
-        if gp.heatmaps:
-            body.append(_figure(gp.heatmaps[len(strip):], "mean heatmap over runs and its per-pixel std", fmt))
+        for k, path in enumerate(gp.heatmaps):
+            part = f" (part {k + 1} of {len(gp.heatmaps)})" if len(gp.heatmaps) > 1 else ""
+            body.append(_figure(path[len(strip):], f"mean heatmap over runs and its per-pixel std{part}; one colour scale for "
+                                "all words (0 to the largest mean), not each word on its own scale as in a single run", fmt))
         labels = word_labels(r.words)
         order = np.argsort(-r.mass_mean, kind="stable")
         rows = [[_e(labels[j]), str(r.words[j].index), _mass(r.mass_mean[j], r.mass_std[j]), str(r.n_runs)] for j in order]
         body.append(_table(["word", "#", "mass (mean &plusmn; std, %)", "runs"], rows, num=(1, 2, 3)))
         body.append("<p>Tables: " + " &middot; ".join(f'<a href="{href(t[len(strip):])}">{_e(t.rsplit("/", 1)[-1])}</a>' for t in gp.tables) + "</p>")
-    return _page(title, "\n".join(body[:5] + [_toc(toc)] + body[5:]))
+    return _page(title, "\n".join(body[:4] + [_toc(toc)] + body[4:]))
 
 
 def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (),
@@ -393,12 +489,22 @@ def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (
         cell = f'<a href="{href(r["link"])}">{name}</a>' if r.get("link") else name
         thumb = (f'<a href="{href(r["link"])}"><img class="thumb" src="{href(r["thumbnail"])}" alt="{name}" loading="lazy"></a>'
                  if r.get("thumbnail") and r.get("link") else "")
+        if r.get("top_map") and r.get("link"):
+            enc, caption, path = r["top_map"]
+            what = f"{enc.upper()} top word: {caption}"
+            thumb = (f'<div class="pair">{thumb}<a href="{href(path)}"><img class="thumb" src="{href(path)}" alt="{_e(what)}" '
+                     f'title="{_e(what)}" loading="lazy"></a></div><small>{_e(what)}</small>')
         status = _e(r["status"]) + (f": {_e(r['error'])}" if r.get("error") else "")
         grp = ", ".join(f'<a href="{href(g + "/index.html")}">{_e(g.rsplit("/", 1)[-1])}</a>' for g in r.get("groups") or [])
         seed = "" if r.get("seed") is None else _e(r["seed"])
         model = _e(r.get("model") or "") + (' <b style="color:#c00">random weights</b>' if r.get("random_weights") else "")
-        rows.append([thumb, cell, _e(" | ".join(r.get("prompt") or [])), seed, model, status, grp])
-    body.append('<h2 id="runs">Runs</h2>' + _table(["", "run", "prompt", "seed", "model", "status", "group"], rows, num=(3,)))
+        given = r.get("given")
+        prompt = _e(" | ".join(r.get("prompt") or []))
+        if given is not None:
+            prompt += (f'<br><span class="given">mode: image &middot; {_e(given.describe)}'
+                       + (f" &middot; &sigma; {_e(given.levels_text)}" if given.levels is not None else "") + "</span>")
+        rows.append([thumb, cell, prompt, seed, model, status, grp])
+    body.append('<h2 id="runs">Runs</h2>' + _table(["", "run", "prompt", "seed", "model", "status", "group"], rows, num=(3,), nowrap=(1, 6), text=(2,)))
     by_group: dict[str, list[GroupPage]] = {}
     for g in groups:
         by_group.setdefault(g.rel, []).append(g)
@@ -420,7 +526,7 @@ def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (
         body.append('<h2 id="groups">Groups of runs with the same prompt</h2>'
                     "<p>Word masses: mean &plusmn; sample std over the group's runs (%). Each group's page has curves with "
                     "bands, the mean heatmaps and their spread.</p>"
-                    + _table(["group", "prompt", "runs", "seeds", "top words by mean mass"], grows, num=(2,)))
+                    + _table(["group", "prompt", "runs", "seeds", "top words by mean mass"], grows, num=(2,), text=(1, 4)))
         from .aggregate_runs import words_across_prompts
 
         cross = []
@@ -434,7 +540,7 @@ def index_page(title: str, runs: Sequence[dict], groups: Sequence[GroupPage] = (
             body.append('<h2 id="cross">Words in several prompts</h2><p>Mass of the same word (any case) in each prompt\'s group.</p>'
                         + "".join(_figure(f, "the same word's mass in each prompt: mean \u00b1 std over the group's runs", fmt)
                                   for f in cross_figures)
-                        + _table(["encoder", "word", "prompt (word #): mass mean &plusmn; std (%)"], cross))
+                        + _table(["encoder", "word", "prompt (word #): mass mean &plusmn; std (%)"], cross, nowrap=(0, 1), text=(2,)))
     return _page(title, "\n".join(body[:2 if len(body) > 1 and 'class="warn"' in body[1] else 1] + [_toc(toc)]
                                   + body[2 if len(body) > 1 and 'class="warn"' in body[1] else 1:]))
 

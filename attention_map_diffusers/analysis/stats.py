@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..contract import RENORM_EPS, UserError
+from .original_words import ORIGINAL, original_phrase, original_phrase_name
 from .words import WordMap, find_phrase
 
 WEIGHT_MODES = ("attention", "uniform")
@@ -58,6 +59,14 @@ def auc(curves: np.ndarray, axis: int = -2) -> np.ndarray:
     if y.shape[0] < 2:
         return np.zeros(y.shape[1:])
     return (y[1:] + y[:-1]).sum(axis=0) / 2.0
+
+
+def auc_per_step(curves: np.ndarray, axis: int = -2) -> np.ndarray:
+    """:func:`auc` divided by S - 1, the number of step intervals: the trapezoid average of the curve, in the
+    curve's own unit and comparable across step counts (S = 1: the single step's value)."""
+    y = np.asarray(curves, dtype=np.float64)
+    S = y.shape[axis]
+    return auc(y, axis) / (S - 1) if S > 1 else np.take(y, 0, axis=axis)
 
 
 def step_average(curves: np.ndarray, axis: int = -2) -> np.ndarray:
@@ -142,7 +151,8 @@ def analyse_encoder(
         token_maps: (H, W, L) the encoder's slice of ``sum_token_map / N``.
         step_mean: (Bk, S, L) its slice of ``per_block_step_token_mean`` (blocks already selected).
         wordmap: its :class:`WordMap`.
-        phrases: in --phrases order; those that do not occur go to ``missing_phrases``.
+        phrases: in --phrases order; those that do not occur go to ``missing_phrases`` (with the original
+            tool's words, :mod:`.original_words`, they keep an all-zero column, as its phrase maps did).
     """
     shares = renormalise(word_maps(token_maps, wordmap.weights))
     mass = mass_shares(shares)
@@ -159,6 +169,13 @@ def analyse_encoder(
         top=top_k(mass, topk),
     )
     for index, phrase in enumerate(phrases):
+        if wordmap.source == ORIGINAL:  # the original tool's rule: every matching word, anywhere; a phrase never skipped
+            positions, w = original_phrase(wordmap.words, phrase, mass, weights)
+            if not positions:
+                result.missing_phrases.append(phrase)
+            occ = [positions] if positions else []
+            result.phrases.append(PhraseResult(index, original_phrase_name(phrase), occ, w, shares @ w, curves @ w))
+            continue
         occ = find_phrase(wordmap.words, phrase)
         if not occ:
             result.missing_phrases.append(phrase)
@@ -169,16 +186,20 @@ def analyse_encoder(
 
 
 def table_values(result: EncoderResult, kind: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Column names and (Bk, columns) AUC and step-average values for ``kind`` "words" or "phrases"."""
-    if kind == "words":
-        names = [w.text for w in result.words]
-        curves = result.curves  # (Bk, S, n)
-    elif kind == "phrases":
-        names = [p.phrase for p in result.phrases]
-        curves = np.stack([p.curves for p in result.phrases], axis=-1) if result.phrases else np.zeros(result.curves.shape[:2] + (0,))
-    else:
-        raise ValueError(f"kind must be 'words' or 'phrases', got {kind!r}")
+    """Column names and (Bk, columns) AUC and step-average values for ``kind`` "words" or "phrases"
+    (:func:`table_curves` gives the curves themselves)."""
+    names, curves = table_curves(result, kind)
     return names, auc(curves, axis=1), step_average(curves, axis=1)
+
+
+def table_curves(result: EncoderResult, kind: str) -> tuple[list[str], np.ndarray]:
+    """Column names and (Bk, S, columns) curves of ``kind`` "words" or "phrases"."""
+    if kind == "words":
+        return [w.text for w in result.words], result.curves  # (Bk, S, n)
+    if kind == "phrases":
+        names = [p.phrase for p in result.phrases]
+        return names, np.stack([p.curves for p in result.phrases], axis=-1) if result.phrases else np.zeros(result.curves.shape[:2] + (0,))
+    raise ValueError(f"kind must be 'words' or 'phrases', got {kind!r}")
 
 
 def word_summary(result: EncoderResult) -> list[tuple[str, float, int, int]]:

@@ -75,6 +75,20 @@ def word_labels(words: Sequence) -> list[str]:
     return [f"{w.text} #{w.index}" if counts[k] > 1 else w.text for w, k in zip(words, keys)]
 
 
+MAX_LABEL_CHARS = 32  # a word or phrase longer than this is cut in figures (tables keep it whole)
+
+
+def short_label(text: str, limit: int = MAX_LABEL_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, the last one an ellipsis, when it is longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def figure_labels(words: Sequence) -> list[str]:
+    """:func:`word_labels` as figures show them: each word cut to :data:`MAX_LABEL_CHARS` characters
+    (the `` #<number>`` of a repeated word kept), so that no word can push a panel off its figure."""
+    return [short_label(w.text) + label[len(w.text):] for w, label in zip(words, word_labels(words))]
+
+
 def robust_vmax(values: np.ndarray, percentile: float = DEFAULT_VMAX_PERCENTILE) -> float:
     """The colour scale's top: the ``percentile``-th percentile of ``values`` (100 = the maximum); 1.0 if it is 0."""
     v = np.asarray(values, dtype=np.float64)

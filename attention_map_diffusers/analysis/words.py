@@ -7,7 +7,10 @@ apostrophes (``'`` ``’``) or hyphens (``-`` ``‐`` ``‑``) between two such 
 ``capybara's``, ``well-known``, ``rock’n’roll``, ``42nd`` and ``3`` are one word each; ``e.g.`` is the
 two words ``e`` and ``g``; punctuation, whitespace and underscores separate words and belong to none.
 Combining marks (Unicode category M: accents of a prompt in NFD, Devanagari vowel signs, Thai
-tone marks) stay in the word of the character they follow. In scripts written without spaces
+tone marks, the variation selectors U+FE00-FE0F and U+E0100-E01EF), the zero-width (non-)joiners
+U+200C/U+200D and the emoji skin-tone modifiers belong to the character they follow: in a word they
+stay in it, after anything else (``❤️`` is U+2764 U+FE0F) they belong to no word, never start one.
+In scripts written without spaces
 between words (Han, Hiragana, Katakana, Bopomofo, Yi, Thai, Lao, Khmer, Myanmar; see
 :data:`NO_SPACE_SCRIPTS`) **each character is a word** (with its combining marks), since nothing
 in the text says where their words end: ``a 红色 circle`` is the four words ``a`` ``红`` ``色``
@@ -21,7 +24,9 @@ characters that fall in each word (a token inside one word has weight 1 for it; 
 whitespace), special tokens and padding belong to no word. SentencePiece can emit the word-start
 marker ``▁`` as a token of its own; it belongs to the word it starts (its span is that of the
 character that follows, as the tokenizers' own offsets say). A word no token reaches (cut by the
-encoder's truncation) is absent from that encoder's analysis (:attr:`WordMap.dropped`).
+encoder's truncation) is absent from that encoder's analysis (:attr:`WordMap.dropped`); a word
+inside a special token typed in the prompt (``<|endoftext|>``, which the tokenizer turns into the
+special token, so no token is that word's) is no word either (:attr:`WordMap.in_specials`).
 
 Spans come from the character offsets the dump stores (``token_offsets_*``). Without offsets
 (dumps of the original tool), the tokens are decoded (CLIP's byte-level BPE, SentencePiece's ``▁``,
@@ -47,6 +52,8 @@ from ..contract import UserError
 # U+FFFD stands for an unknown token in decoded text: it counts as a word character so that an
 # ``<unk>`` inside a word does not split it.
 _JOINERS = frozenset("'’-‐‑")
+# Not category M, yet they modify the character before them: ZWNJ, ZWJ, the emoji skin-tone modifiers.
+_ATTACHED = frozenset("\u200c\u200d\U0001F3FB\U0001F3FC\U0001F3FD\U0001F3FE\U0001F3FF")
 
 #: Code point ranges (inclusive) of the scripts written without spaces between words, whose
 #: letters are one word each: nothing but a dictionary could say where their words end.
@@ -81,7 +88,7 @@ NO_SPACE_SCRIPTS = (
 def _kind(ch: str) -> str:
     """"solo" (a letter of a script without spaces: a word on its own), "word" (letter or digit),
     "mark" (combining: stays with the character before it), "joiner" (apostrophe, hyphen) or "other"."""
-    if unicodedata.category(ch).startswith("M"):
+    if unicodedata.category(ch).startswith("M") or ch in _ATTACHED:
         return "mark"
     if ch == "\uFFFD":
         return "word"
@@ -120,6 +127,7 @@ class WordMap:
     text: str  # the text the word spans refer to (the prompt, or the decoded tokens)
     source: str  # "offsets" (stored by the dump), "aligned" (decoded + aligned) or "markers"
     dropped: tuple[Word, ...]  # prompt words that no token reaches (truncation)
+    in_specials: tuple[Word, ...] = ()  # prompt words inside special tokens typed in it (``<|endoftext|>``): no words
 
 
 def find_words(text: str) -> list[Word]:
@@ -128,7 +136,7 @@ def find_words(text: str) -> list[Word]:
     i, n = 0, len(text)
     while i < n:
         kind = _kind(text[i])
-        if kind in ("joiner", "other"):
+        if kind in ("joiner", "other", "mark"):  # a mark here follows no word character: it starts no word
             i += 1
             continue
         j = i + 1
@@ -356,8 +364,24 @@ def map_words(
             weights[j] = overlap / total
     reached = weights.sum(axis=0) > 0
     words = tuple(w for w, r in zip(all_words, reached) if r)
-    dropped = tuple(w for w, r in zip(all_words, reached) if not r)
-    return WordMap(words, weights[:, reached], text, source, dropped)
+    hidden = _typed_specials(text, [t for t, sp in zip(tokens, special) if sp])
+    missed = [w for w, r in zip(all_words, reached) if not r]
+    # Truncation cuts the tail: from the first missed word that is not inside a typed special token on.
+    cut = next((k for k, w in enumerate(missed) if not hidden[w.start : w.end].all()), len(missed))
+    return WordMap(words, weights[:, reached], text, source, tuple(missed[cut:]), tuple(missed[:cut]))
+
+
+def _typed_specials(text: str, specials: Sequence[str]) -> np.ndarray:
+    """(len(text),) bool: the characters of ``text`` inside an occurrence of one of the special token strings."""
+    hidden = np.zeros(len(text), dtype=bool)
+    for tok in set(specials):
+        if not tok:
+            continue
+        at = text.find(tok)
+        while at >= 0:
+            hidden[at : at + len(tok)] = True
+            at = text.find(tok, at + 1)
+    return hidden
 
 
 # ---------------------------------------------------------------------------------------------

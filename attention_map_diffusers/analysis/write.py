@@ -12,10 +12,11 @@ import numpy as np
 
 from ..atomic import write_bytes, write_npz, write_text
 from ..contract import UserError, slugify
-from . import framemaps, outdir
+from . import concept_output, framemaps, outdir
 from .aggregate_runs import RunSummary, aggregate, group_runs
 from .dumpfile import Dump, format_ranges
 from .fonts import FontChoice, use_fonts
+from .given import GivenImage, given_image
 from .options import ENCODER_TITLES, AnalysisOptions
 from .plan import Plan, RunPlan, index_rows, plan_run
 from .report import EncoderPage, GroupPage, ItemPage, Slider, group_page, index_page, run_page
@@ -23,7 +24,7 @@ from .stats import EncoderResult, step_average
 from .tables import write_group_tables, write_tables
 from .views import (
     MAX_LINES, FigureFacts, block_groups, common_words, dominant_words, frame_word_maps, pick_frames, robust_vmax, segmentation_threshold,
-    token_group_masks, token_groups, word_labels, word_maps_arrays,
+    figure_labels, short_label, token_group_masks, token_groups, word_maps_arrays,
 )
 
 
@@ -41,11 +42,12 @@ class FigureFiles:
     segmentation: str = ""
     word_maps: str = ""  # word_maps.npz (not a figure, counted with them)
     token_groups: str = ""
+    top_word: str = ""  # the top word's bare map (a PNG), the index's thumbnail beside the image
     strips: dict[str, str] = field(default_factory=dict)  # "step" / "block" -> file
     frames: dict[str, list[list[str]]] = field(default_factory=dict)  # kind -> per frame, per top word: file
 
     def __len__(self) -> int:
-        singles = [self.summary, self.overview, self.word_grids, self.segmentation, self.word_maps, self.token_groups]
+        singles = [self.summary, self.overview, self.word_grids, self.segmentation, self.word_maps, self.token_groups, self.top_word]
         return (len(self.words) + len(self.phrases) + sum(bool(x) for x in singles) + len(self.word_curves)
                 + len(self.phrase_curves) + len(self.strips) + len(self.frames))
 
@@ -55,8 +57,28 @@ class Frames:
     """The steps (or blocks) of the optional per-step (per-block) maps that strips and sliders show."""
 
     kind: str  # "step" or "block"
-    indices: list[int]  # positions on the dump's S (or Bk) axis
+    indices: list[int]  # positions on the dump's S (or Bk) axis: every step (block), up to SLIDER_FRAMES, for the slider
     labels: list[str]  # "step 0 (t=1000)" / "block 3"
+
+    @property
+    def strip(self) -> list[int]:
+        """The few frames (positions in :attr:`indices`) that the strip figure shows."""
+        return pick_frames(len(self.indices))
+
+
+SLIDER_FRAMES = 64  # the slider offers every step (block) up to this many, evenly picked beyond
+
+
+def informative_frame(maps: np.ndarray) -> int:
+    """The frame whose maps say the most: the largest mean over words of the map's spatial std.
+
+    Args:
+        maps: (m, K, H, W) each word's map per frame (shares: comparable between words).
+    """
+    if maps.size == 0:
+        return 0
+    spread = np.asarray(maps, dtype=np.float64).std(axis=(2, 3)).mean(axis=0)  # (K,)
+    return int(np.argmax(spread))
 
 
 def frame_plan(run: RunPlan, options: AnalysisOptions) -> list[Frames]:
@@ -68,12 +90,16 @@ def frame_plan(run: RunPlan, options: AnalysisOptions) -> list[Frames]:
     out = []
     if framemaps.STEP_KEY in have:
         S = dump.step_mean.shape[2]
-        idx = pick_frames(S)
+        idx = pick_frames(S, SLIDER_FRAMES)
         ts = _timesteps(dump.timesteps)
-        out.append(Frames("step", idx, [f"step {s}" + (f" (t={ts[s]:.0f})" if ts is not None else "") for s in idx]))
+        given = given_image(dump.metadata, S)
+        if given is not None and given.levels is not None:
+            out.append(Frames("step", idx, [f"\u03c3={given.levels[s]:.2f}" for s in idx]))
+        else:
+            out.append(Frames("step", idx, [f"step {s}" + (f" (t={ts[s]:.0f})" if ts is not None else "") for s in idx]))
     if framemaps.BLOCK_KEY in have:
         pos = dump.select_blocks(options.block_ranges)
-        idx = [pos[k] for k in pick_frames(len(pos))]
+        idx = [pos[k] for k in pick_frames(len(pos), SLIDER_FRAMES)]
         out.append(Frames("block", idx, [f"block {dump.block_ids[p]}" for p in idx]))
     return out
 
@@ -95,6 +121,7 @@ def figure_files(res: EncoderResult, options: AnalysisOptions, frames: Sequence[
         segmentation=f"segmentation.{fmt}",
         word_maps="word_maps.npz",
         token_groups=f"token_groups.{fmt}",
+        top_word="top_word.png",
         strips={f.kind: f"strips/{f.kind}s.{fmt}" for f in frames},
         frames={
             f.kind: [[f"frames/{f.kind}{i:03d}-{res.words[j].index:03d}.png" for j in top] for i in f.indices] for f in frames
@@ -106,6 +133,7 @@ def count_files(run: RunPlan, options: AnalysisOptions) -> int:
     """Progress-bar units of a run: one per encoder's tables, one per figure (and per item, CLIP vs T5)."""
     frames = frame_plan(run, options)
     n = sum(1 + len(figure_files(res, options, frames)) for per_item in run.results for res in per_item)
+    n += concept_output.count_files(run.dump, options)
     return n + sum(1 for per_item in run.results if _pair(per_item, options) is not None)
 
 
@@ -120,6 +148,7 @@ class ItemContext:
     positions: list[int]  # selected blocks, on the Bk axis
     frames: list[Frames]
     frame_maps: dict[str, np.ndarray]  # kind -> (K, Hc, Wc, T) for this item
+    given: Optional[GivenImage] = None  # a given-image run's source and noise levels; None for a generation
 
 
 def _timesteps(ts) -> Optional[np.ndarray]:
@@ -146,10 +175,13 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     disp = image[1] if image is not None else None
     over = disp if options.overlay else None
     words = res.words
-    labels = word_labels(words)
+    labels = figure_labels(words)
     ts = _timesteps(res.timesteps)
+    levels = ctx.given.levels if ctx.given is not None else None  # σ on the x axes instead of steps
+    steps_word = "noise levels \u03c3" if levels is not None else "denoising steps"
     scale = plots.scale_note(pct)
     page.scale = scale
+    page.levels = levels is not None
 
     def save(fig, name):
         save_figure(fig, os.path.join(folder, name), fmt, dpi, facts)
@@ -165,7 +197,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     for k, name in files.phrases:
         ph = res.phrases[k]
         occ = f"{len(ph.occurrences)} occurrence" + ("s" if len(ph.occurrences) > 1 else "")
-        heat_titles.append(f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights)")
+        heat_titles.append(f"{title}: \u201c{short_label(ph.phrase)}\u201d ({occ}, {options.weights} weights)")
         page.phrase_heatmaps.append((f"{ph.phrase} ({occ})", f"{rel}/{name}"))
     page.word_heatmaps.extend((f"{labels[j]} (mass {res.mass[j]:.1%})", f"{rel}/{name}") for j, name in files.words)
     plots.save_heatmap_figures(
@@ -174,19 +206,23 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     )
 
     heats = [res.shares[:, :, j] for j in res.top]
+    plots.write_heat_png(os.path.join(folder, files.top_word), heats[0], robust_vmax(heats[0], pct))
+    page.top_word = (f"{labels[res.top[0]]} ({res.mass[res.top[0]]:.1%})", f"{rel}/{files.top_word}")
+    tick()
     save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%})" for j in res.top], overlay=options.overlay,
                               title=f"{title}: top {len(res.top)} words by mass; each map on its own {scale}",
                               vmaxes=[robust_vmax(h, pct) for h in heats], facts=facts), files.summary)
     page.summary = f"{rel}/{files.summary}"
 
     save(plots.overview_figure(step_average(res.curves, axis=1), res.curves.mean(axis=0), labels, res.block_ids, ts,
-                               f"{title}: attention per word", facts=facts), files.overview)
+                               f"{title}: attention per word", facts=facts, levels=levels), files.overview)
     page.overview = f"{rel}/{files.overview}"
 
     top8 = res.top[:MAX_LINES]
     grids = np.moveaxis(res.curves[:, :, res.top], -1, 0)  # (m, Bk, S)
     save(plots.word_grid_figure(grids, [labels[j] for j in res.top], res.block_ids, ts,
-                                f"{title}: each top word over blocks (y) and denoising steps (x)", facts=facts), files.word_grids)
+                                f"{title}: each top word over blocks (y) and {steps_word} (x)", facts=facts, levels=levels),
+         files.word_grids)
     page.word_grids = f"{rel}/{files.word_grids}"
 
     dom, top_share = dominant_words(res.shares)
@@ -205,12 +241,14 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     i = ctx.item
     T = ctx.dump.step_mean.shape[-1]
     masks = token_group_masks(T, enc.span, len(enc.tokens[i]), enc.special[i], res.wordmap.weights)
+    # prompt tokens outside every word are punctuation: a prompt without any has none, and no row for them
+    masks = {k: v for k, v in masks.items() if k != "other prompt tokens" or v.any()}
     groups = token_groups(ctx.dump.step_mean[i][ctx.positions], masks)
     bgroups = block_groups(res.block_ids)
     shares = np.stack([groups.shares[:, pos].mean(axis=1) for _, pos in bgroups])  # (Gb, G, S)
     save(plots.token_groups_figure(shares, groups.names, [g for g, _ in bgroups], ts,
                                    f"{title}: where the pixels' text attention goes ({title} positions; the rest: the other encoder)",
-                                   facts=facts), files.token_groups)
+                                   facts=facts, levels=levels), files.token_groups)
     page.token_groups = f"{rel}/{files.token_groups}"
 
     for fr in ctx.frames:
@@ -222,7 +260,8 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         sel = np.moveaxis(fw[..., top8], -1, 0)  # (m, K, H, W)
         vmaxes = [robust_vmax(sel[r], pct) for r in range(len(top8))]
         name = files.strips[fr.kind]
-        save(plots.strip_figure(sel, [labels[j] for j in top8], fr.labels,
+        picks = fr.strip
+        save(plots.strip_figure(sel[:, picks], [labels[j] for j in top8], [fr.labels[k] for k in picks],
                                 f"{title}: top words per {fr.kind} (each row on one {scale})", vmaxes=vmaxes, facts=facts), name)
         for k, per_word in enumerate(files.frames[fr.kind]):
             for r, fname in enumerate(per_word):
@@ -230,18 +269,19 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         tick()
         page.strips.append((fr.kind, f"{rel}/{name}"))
         page.sliders.append(Slider(
-            kind=fr.kind, labels=list(fr.labels), words=[f"{labels[j]} (0 to {vmaxes[r]:.3g})" for r, j in enumerate(top8)],
-            frames=[[f"{rel}/{f}" for f in per_word] for per_word in files.frames[fr.kind]],
+            kind=fr.kind, title="noise level" if fr.kind == "step" and levels is not None else "", labels=list(fr.labels), words=[f"{labels[j]} (0 to {vmaxes[r]:.3g})" for r, j in enumerate(top8)],
+            frames=[[f"{rel}/{f}" for f in per_word] for per_word in files.frames[fr.kind]], start=informative_frame(sel),
         ))
 
     kinds = [(files.word_curves, res.curves[:, :, res.top], [labels[j] for j in res.top], "top words", page.word_curves)]
     if files.phrase_curves:
         curves = np.stack([p.curves for p in res.phrases], axis=-1)
-        kinds.append((files.phrase_curves, curves, [p.phrase for p in res.phrases], "phrases", page.phrase_curves))
+        kinds.append((files.phrase_curves, curves, [short_label(p.phrase) for p in res.phrases], "phrases", page.phrase_curves))
     for names, curves, lbls, what, listing in kinds:
         titles = [f"{title}: {what}, transformer_blocks.{bid}" for bid in res.block_ids]
         plots.save_curves_per_block(
-            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts
+            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts,
+            levels=levels,
         )
         listing.extend((f"block {bid}", f"{rel}/{n}") for bid, n in zip(res.block_ids, names))
     return page
@@ -249,7 +289,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
 
 def _pair(per_item: Sequence[EncoderResult], options: AnalysisOptions):
     """The (CLIP, T5) results of an item when both have words and figures are drawn."""
-    if options.tables_only:
+    if options.tables_only or options.words == "original":  # the original's CLIP and T5 words differ: no pairs
         return None
     by = {r.encoder: r for r in per_item}
     c, t = by.get("clip"), by.get("t5")
@@ -265,7 +305,7 @@ def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions)
 
     c, t = pair
     common = common_words(c.words, t.words)
-    labels = word_labels(c.words)
+    labels = figure_labels(c.words)
     where = dict(common)
     top = [j for j in c.top if j in where][:6]
     pairs = [(c.shares[:, :, j], t.shares[:, :, where[j]]) for j in top]
@@ -296,6 +336,8 @@ class RunOutcome:
     model: str
     seeds: list
     random_weights: bool
+    given: Optional[GivenImage] = None
+    top_map: Optional[tuple[str, str, str]] = None  # (encoder, caption, path relative to the run's page)
 
 
 def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[[], None], back: Optional[str] = None,
@@ -312,8 +354,10 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
     frames = frame_plan(run, options)
     positions = dump.select_blocks(options.block_ranges)
     flip = dump.steps_flipped
+    given = given_image(dump.metadata, dump.step_mean.shape[2])
     summaries: list[RunSummary] = []
     thumbnail = None
+    top_map = None  # (encoder, caption, path) of item 0's top word heatmap, shown beside the index's thumbnail
     for i in range(B):
         base = f"item{i}" if B > 1 else ""
         image_rel = None
@@ -331,7 +375,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
             if m is not None:
                 frame_maps[fr.kind] = m
         facts = run_facts(dump, i)
-        ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps)
+        ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps, given)
         pages = []
         results = run.results[i]
         forked = _fork_encoder(dest, base, results[1], ctx, options) if parallel and len(results) == 2 else None
@@ -352,18 +396,25 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
                                         tuple(res.block_ids), res.mass, res.curves, res.shares.astype(np.float32),
                                         _timesteps(res.timesteps), facts.model, facts.random_weights))
         del frame_maps
+        concepts = None
+        if dump.concepts is not None:
+            rel = f"{base}/concepts" if base else "concepts"
+            concepts = concept_output.write_concepts(os.path.join(dest, rel), rel, dump, i, image, facts, options, positions, tick)
         if thumbnail is None:
             thumbnail = image_rel or next((p.summary for p in pages if p.summary), None)
-        items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts))
+            top_map = next(((p.result.encoder, *p.top_word) for p in pages if p.top_word), None)
+        items.append(ItemPage(i, dump.prompts[i], image_rel, pages, compare=compare, facts=facts, given=given,
+                              concepts=concepts))
     settings = {
         "encoders": ",".join(options.encoders),
         "top-k": options.topk,
         "phrases": " | ".join(options.phrases) or "(none)",
         "phrase weights": options.weights,
         "blocks": format_ranges(run.results[0][0].block_ids) if run.results and run.results[0] else "",
-        "steps": "denoising order (0 = first)"
-        + (", flipped from the original tool's order" if dump.steps_flipped else "")
-        + ("; the dump has no timesteps" if dump.timesteps is None else ""),
+        "step order": ("independent noise levels \u03c3 of the given image, noisiest first" if given is not None and given.levels is not None
+                  else "denoising order (0 = first)"
+                  + (", flipped from the original tool's order" if dump.steps_flipped else "")
+                  + ("; the dump has no timesteps" if dump.timesteps is None else "")),
         "heatmap colour scale": ("0 to the maximum of each map" if options.vmax_percentile >= 100
                                  else f"0 to the {options.vmax_percentile:g}th percentile of each map (--vmax-percentile)"),
         "dump": dump.folder,
@@ -374,7 +425,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
                     back=back, random_weights=random)
     write_text(os.path.join(dest, "index.html"), html)
     seeds = [it.facts.seed for it in items]
-    return RunOutcome(summaries, thumbnail, str(dump.metadata.get("model_id") or ""), seeds, random)
+    return RunOutcome(summaries, thumbnail, str(dump.metadata.get("model_id") or ""), seeds, random, given, top_map)
 
 
 def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequence[RunSummary],
@@ -394,7 +445,7 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
         def label(prompt: str) -> str:
             return prompt if len(prompt) <= 60 else prompt[:59] + "\u2026"
 
-        rows = [(word, [(label(gs[g].prompt), f"{gs[g].words[j].text} #{gs[g].words[j].index}", m, sd)
+        rows = [(word, [(label(gs[g].prompt), f"{short_label(gs[g].words[j].text)} #{gs[g].words[j].index}", m, sd)
                         for g, j, m, sd in hits]) for word, hits in shared.items()]
         members = [m for m in summaries if m.encoder == enc and m.prompt in {g.prompt for g in gs}]
         facts = FigureFacts(prompt=" | ".join(dict.fromkeys(g.prompt for g in gs)), seed="several (see the groups)",
@@ -429,13 +480,16 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
         rel = f"aggregate/{k:03d}-{slugify(res.prompt, 40)}"
         folder = os.path.join(tmp, rel, res.encoder)
         os.makedirs(folder, exist_ok=True)
-        tables = [f"{rel}/{res.encoder}/{t}" for t in write_group_tables(folder, res)]
+        tables = [f"{rel}/{res.encoder}/{t}" for t in write_group_tables(folder, res, bare=options.words == "original")]
         page = GroupPage(res, rel, tables)
         if not options.tables_only and res.words:
             facts = FigureFacts(prompt=res.prompt, seed=", ".join(str(s) for s in res.seeds) + f" ({res.n_runs} runs)",
                                 model=members[0].model, random_weights=any(m.random_weights for m in members))
-            names = [f"{kind}.{options.fmt}" for kind in GROUP_FIGURES]
-            page.curves, page.blocks, page.heatmaps = (f"{rel}/{res.encoder}/{n}" for n in names)
+            names = [f"{kind}.{options.fmt}" for kind in GROUP_FIGURES[:2]]
+            pieces = spread_pieces(min(len(res.words), options.topk, MAX_LINES), options.dpi)
+            names += [f"heatmaps_mean_{k + 1:02d}.{options.fmt}" for k in range(len(pieces))]
+            page.curves, page.blocks = (f"{rel}/{res.encoder}/{n}" for n in names[:2])
+            page.heatmaps = [f"{rel}/{res.encoder}/{n}" for n in names[2:]]
             paths = [os.path.join(folder, n) for n in names]
             if pool is None:
                 _group_figures(paths, res, facts, options)
@@ -451,6 +505,17 @@ def _group_figures_with_fonts(fonts: Optional[FontChoice], *args) -> None:
 
 
 GROUP_FIGURES = ("curves_mean", "curves_blocks", "heatmaps_mean")  # a group's figures, in the order _group_figures draws them
+PIECE_MAX_PX = 1600  # the mean / spread heatmaps are split into figures at most this tall
+SPREAD_ROW_IN, SPREAD_EDGES_IN = 2.6, 1.3  # inches per word row of plots.spread_figure (map and gap); title, footer
+
+
+def spread_pieces(m: int, dpi: int) -> list[range]:
+    """The top ``m`` words in pieces of rows, each piece's figure at most :data:`PIECE_MAX_PX` tall at ``dpi``."""
+    per = max(1, int((PIECE_MAX_PX / dpi - SPREAD_EDGES_IN) // SPREAD_ROW_IN))
+    return [range(a, min(m, a + per)) for a in range(0, m, per)]
+
+
+SPREAD_NOTE = "one colour scale for all words (a single run: one per word)"  # the scale rule differs from a run's: said on the figure
 
 
 def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: AnalysisOptions) -> None:
@@ -459,13 +524,13 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     from . import group_plots, plots
     from .figure import save_figure
 
-    labels = word_labels(res.words)
+    labels = figure_labels(res.words)
     order = [int(j) for j in np.argsort(-res.mass_mean, kind="stable")[: options.topk]]
     title = ENCODER_TITLES[res.encoder]
     ts = res.timesteps
     fmt = options.fmt
     top8 = order[:MAX_LINES]
-    curves_path, blocks_path, heatmaps_path = paths
+    curves_path, blocks_path, heatmap_paths = paths[0], paths[1], paths[2:]
     fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
                               f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
                               spread=res.blockavg_std[:, top8], facts=facts)
@@ -474,10 +539,16 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
         res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
         f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts)
     save_figure(fig, blocks_path, fmt, options.dpi, facts)
-    fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
-                              [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
-                              f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts)
-    save_figure(fig, heatmaps_path, fmt, options.dpi, facts)
+    mean, std = np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0)
+    vmaxes = (float(mean.max(initial=0)) or 1.0, float(std.max(initial=0)) or 1.0)  # one scale over the pieces
+    pieces = spread_pieces(len(top8), options.dpi)
+    for k, (rows, path) in enumerate(zip(pieces, heatmap_paths)):
+        part = f" ({k + 1}/{len(pieces)})" if len(pieces) > 1 else ""
+        fig = plots.spread_figure(mean[rows.start:rows.stop], std[rows.start:rows.stop],
+                                  [f"{labels[top8[r]]} ({res.mass_mean[top8[r]]:.1%} \u00b1 {res.mass_std[top8[r]]:.1%})" for r in rows],
+                                  f"{title}: mean heatmap and its spread over {res.n_runs} runs{part}\n{SPREAD_NOTE}", facts=facts,
+                                  vmaxes=vmaxes)
+        save_figure(fig, path, fmt, options.dpi, facts)
 
 
 def write_plan(plan: Plan, pool=None) -> int:
@@ -503,9 +574,9 @@ def write_plan(plan: Plan, pool=None) -> int:
             outcomes = _write_runs(plan, tmp, pool)
             if plan.multi:
                 _write_index(plan, tmp, outcomes, pool)
-        return outdir.commit(tmp, plan.out)
+        return outdir.commit(tmp, plan.out, plan.options.overwrite)
     except BaseException:
-        outdir.remove([tmp])
+        outdir.discard(tmp)
         raise
 
 
@@ -594,8 +665,9 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
     for rel, pages in by_rel.items():
         up = "../" * (rel.count("/") + 1)
         links = [(r, f"{up}{r}/index.html") for r in dict.fromkeys(pages[0].result.runs)]
+        images = [(r, f"{up}{r}/{outcomes[r].thumbnail}") for r, _ in links if r in outcomes and outcomes[r].thumbnail]
         html = group_page(f"Runs of one prompt: {rel.rsplit('/', 1)[-1]}", pages, f"{up}index.html", links,
-                          "png" if options.tables_only else options.fmt)
+                          "png" if options.tables_only else options.fmt, images)
         write_text(os.path.join(tmp, rel, "index.html"), html)
     member_of: dict[str, list[str]] = {}
     for g in groups:
@@ -612,6 +684,8 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
             random_weights=bool(o is not None and o.random_weights),
             thumbnail=f"{row['folder']}/{o.thumbnail}" if o is not None and o.thumbnail else None,
             groups=member_of.get(row["folder"], []),
+            given=o.given if o is not None else None,
+            top_map=(o.top_map[0], o.top_map[1], f"{row['folder']}/{o.top_map[2]}") if o is not None and o.top_map else None,
         )
     first = {}  # runs of one prompt together, prompts in order of first appearance
     for row in rows:

@@ -86,8 +86,8 @@ def image_text_probs_from_keys(
     """
     B, H, N, D = q_img.shape
     L = key.shape[-2]
-    T = L - N
     text = slice(N, L) if text is None else text
+    T = len(range(L)[text])  # not L - N: the queries may be a subset of the image rows
     rows = max(1, min(N, budget_bytes // max(1, B * L * 4)))
     out_shape = (B, N, T) if mean_heads else (B, H, N, T)
     out = torch.zeros(out_shape, dtype=torch.float32, device=q_img.device)

@@ -21,9 +21,18 @@ from typing import Optional
 # torch-free imports only here, so that --help and bad input answer at once
 from ..cli import OneLineParser, fail, parse
 from ..atomic import remove_temp_files
-from ..contract import IMAGES_DIR, RUN_STATUSES, RUNS_NAME, RunRecord, UserError, read_runs_jsonl
+from ..contract import (
+    IMAGES_DIR,
+    METADATA_NAME,
+    NPZ_NAME,
+    RUN_STATUSES,
+    RUNS_NAME,
+    RunRecord,
+    UserError,
+    read_runs_jsonl,
+)
 from .interrupts import Interrupted, interrupts
-from .journal import RunsJournal, remove_leftovers
+from .journal import PART_RE, RunsJournal, remove_leftovers
 from .loading import (
     TINY_MODELS,
     Geometry,
@@ -31,6 +40,7 @@ from .loading import (
     load_pipeline,
     guess_family,
     model_geometry,
+    model_num_blocks,
     native_max_sequence_length,
     native_size,
     pipeline_family,
@@ -53,6 +63,8 @@ DEFAULT_T5_LENGTH = 256  # the pipeline's max_sequence_length default
 DEFAULT_SEED = 42
 # what torch.Generator.manual_seed accepts (negative seeds wrap around)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_STEPS = 1000  # the flow-matching schedulers' training timesteps: more steps repeat them
+MAX_BATCH_ITEMS = 64  # images per pipeline call (prompts per run x images per prompt)
 
 
 class _Extend(argparse.Action):
@@ -76,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=None,
                    help=f"prompt; repeat the flag for several prompts (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--neg", "--negative-prompt", dest="neg", default="", help="negative prompt")
-    g.add_argument("--steps", type=int, default=50, help="number of denoising steps")
+    g.add_argument("--steps", type=int, default=50, help=f"number of denoising steps (at most {MAX_STEPS})")
     g.add_argument("--guidance_scale", "--guidance-scale", dest="guidance_scale", type=float, default=7.5,
                    help="SD3: classifier-free guidance scale, <= 1 disables CFG (e.g. SD3.5 large turbo); "
                    "FLUX.1-dev: the distilled guidance embedding (e.g. 3.5; schnell ignores it)")
@@ -109,12 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "FLUX.1; default: the length the model was trained with when its folder records it "
                    "(toy-shapes), else 256")
     m.add_argument("--skip-guidance-layers", type=int, nargs="+", action=_Extend, default=None, metavar="I",
-                   help="SD3 / SD3.5 only: skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium); "
-                   "its extra transformer call is not recorded")
+                   help="SD3 / SD3.5 only: skip-layer guidance on these transformer blocks (e.g. 7 8 9 for SD3.5 medium), "
+                   "each once and below the model's number of blocks (checked before loading when the model is "
+                   "a local folder or its config is in the Hugging Face cache); its extra transformer call is not "
+                   "recorded")
 
     c = p.add_argument_group("capture and files")
     c.add_argument("--canonical-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="grid of the aggregated maps (default: the latent patch grid, e.g. 64 64 at 1024px)")
+                   help="grid of the aggregated maps, at most the image size (--height --width) (default: the "
+                   "latent patch grid, e.g. 64 64 at 1024px)")
     c.add_argument("--store-dtype", choices=("float16", "float32"), default="float16",
                    help="dtype of the stored maps (accumulation is always float32)")
     c.add_argument("--save-block-maps", action="store_true",
@@ -172,12 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("several runs")
     r.add_argument("--prompts-file", default=None,
                    help="UTF-8 text file, one prompt per line (blank lines and lines starting with # ignored)")
-    r.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (one run)")
-    r.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt in each run")
+    r.add_argument("--batch-size", type=int, default=1,
+                   help=f"prompts per pipeline call (one run); prompts x images per prompt: at most {MAX_BATCH_ITEMS}")
+    r.add_argument("--num-images-per-prompt", type=int, default=1,
+                   help=f"images per prompt in each run (at most {MAX_BATCH_ITEMS} images per run in all)")
     return p
 
 
 def _check_out(out: str) -> None:
+    if not out.strip():
+        raise UserError(f"--out {out!r} names no folder (it would write into the current one); give a folder name")
+    _check_text("--out", out)  # the analysis writes it into its tables and pages as UTF-8
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out!r} is an existing file; give a folder")
     probe = os.path.abspath(out)
@@ -201,7 +221,8 @@ def _check_text(flag: str, text: str) -> None:
     except UnicodeEncodeError as exc:
         raise UserError(
             f"{flag} {ascii(text[:40])} is not valid UTF-8 text (an undecodable byte at character {exc.start}); "
-            "check the terminal's encoding, or put the prompts in a UTF-8 --prompts-file"
+            + ("give a folder name that is valid UTF-8" if flag == "--out" else
+               "check the terminal's encoding, or put the prompts in a UTF-8 --prompts-file")
         ) from None
 
 
@@ -238,6 +259,10 @@ def _validate(args, jobs: Optional[list] = None) -> tuple[list[str], list[int], 
                         ("--num-images-per-prompt", args.num_images_per_prompt)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.steps > MAX_STEPS:
+        raise UserError(f"--steps must be at most {MAX_STEPS} (the scheduler's training timesteps), got {args.steps}")
+    if args.num_images_per_prompt > MAX_BATCH_ITEMS:
+        raise UserError(f"--num-images-per-prompt must be at most {MAX_BATCH_ITEMS}, got {args.num_images_per_prompt}")
     if not math.isfinite(args.guidance_scale):
         raise UserError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     seeds = _seeds(args)
@@ -246,13 +271,15 @@ def _validate(args, jobs: Optional[list] = None) -> tuple[list[str], list[int], 
         raise UserError(f"--max-sequence-length must be between 1 and {T5_MAX_LENGTH}, got {args.max_sequence_length}")
     if args.canonical_size is not None and min(args.canonical_size) < 1:
         raise UserError(f"--canonical-size must be two positive integers H W, got {args.canonical_size}")
-    if args.skip_guidance_layers is not None and min(args.skip_guidance_layers) < 0:
-        raise UserError(f"--skip-guidance-layers must be block indices >= 0, got {args.skip_guidance_layers}")
+    if args.canonical_size is not None and (args.canonical_size[0] > args.height or args.canonical_size[1] > args.width):
+        raise UserError(f"--canonical-size {args.canonical_size[0]} {args.canonical_size[1]} is finer than the image "
+                        f"({args.height} x {args.width} pixels): give at most the image size")
     if not math.isfinite(args.true_cfg_scale) or args.true_cfg_scale < 1:
         raise UserError(f"--true-cfg-scale must be a finite number >= 1, got {args.true_cfg_scale}")
     family = guess_family(args.model)
     if family is not None:
         check_family_flags(family, args.skip_guidance_layers, args.true_cfg_scale)
+    check_skip_layers(args.skip_guidance_layers, model_num_blocks(args.model))
     _check_text("--neg", args.neg)
     if jobs is not None:
         prompts = [job.prompt for job in jobs]
@@ -268,6 +295,10 @@ def _validate(args, jobs: Optional[list] = None) -> tuple[list[str], list[int], 
             prompts = [DEFAULT_PROMPT]
         if any(not p.strip() for p in prompts):
             raise UserError("empty prompt: every --prompt must have some text")
+    items = min(args.batch_size, len(prompts)) * args.num_images_per_prompt
+    if items > MAX_BATCH_ITEMS:
+        raise UserError(f"--batch-size {args.batch_size} x --num-images-per-prompt {args.num_images_per_prompt} makes "
+                        f"{items} images per pipeline call; at most {MAX_BATCH_ITEMS}: lower one of them")
     check_concept_flags(args)
     _check_out(args.out)
     return prompts, seeds, settings_from_args(args)
@@ -357,6 +388,20 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     )
 
 
+def check_skip_layers(layers, n_blocks: Optional[int]) -> None:
+    """--skip-guidance-layers: block indices >= 0, each once, below ``n_blocks`` when it is known.
+    Raises UserError."""
+    if layers is None:
+        return
+    if min(layers) < 0:
+        raise UserError(f"--skip-guidance-layers must be block indices >= 0, got {layers}")
+    dup = next((i for k, i in enumerate(layers) if i in layers[:k]), None)
+    if dup is not None:
+        raise UserError(f"--skip-guidance-layers: block {dup} is given twice, got {list(layers)}; give each block once")
+    if n_blocks is not None and max(layers) >= n_blocks:
+        raise UserError(f"--skip-guidance-layers: this model has blocks 0..{n_blocks - 1}, got {list(layers)}")
+
+
 def check_family_flags(family: str, skip_guidance_layers, true_cfg_scale: float) -> None:
     """Refuse the flags that do not apply to the model family. Raises UserError."""
     if family == "flux" and skip_guidance_layers:
@@ -379,9 +424,7 @@ def _check_model_limits(pipe, settings: RunSettings) -> None:
     Geometry(multiple, int(max_patches) * multiple if max_patches else None).check(
         settings.height, settings.width, " for this model")
     check_concepts_on_model(pipe, settings.concepts, settings.concept_blocks)
-    n_blocks = len(pipe.transformer.transformer_blocks)
-    if settings.skip_guidance_layers and max(settings.skip_guidance_layers) >= n_blocks:
-        raise UserError(f"--skip-guidance-layers: this model has blocks 0..{n_blocks - 1}, got {list(settings.skip_guidance_layers)}")
+    check_skip_layers(settings.skip_guidance_layers, len(pipe.transformer.transformer_blocks))
 
 
 def main(argv=None) -> int:
@@ -489,11 +532,20 @@ def _record(run, status: str, process: int, error=None) -> RunRecord:
 def _tidy(out: str, folders: list[str], is_main: bool) -> None:
     """Remove what a killed command left: temporary files in the run folders (this process's) and,
     on the main process, in ``out`` (with the per-process parts of runs.jsonl and their lock)."""
+    from .writer import IMAGE_FILE
+
+    def run_file(name: str) -> bool:
+        return name in (NPZ_NAME, METADATA_NAME)
+
+    def out_file(name: str) -> bool:  # a single run's folder is out itself
+        return run_file(name) or name == RUNS_NAME or bool(PART_RE.fullmatch(name))
+
     removed = []
     if is_main:
-        removed += remove_temp_files(out) + remove_leftovers(out)
+        removed += remove_temp_files(out, out_file) + remove_leftovers(out)
     for folder in folders:
-        removed += remove_temp_files(folder) + remove_temp_files(os.path.join(folder, IMAGES_DIR))
+        removed += remove_temp_files(folder, run_file)
+        removed += remove_temp_files(os.path.join(folder, IMAGES_DIR), lambda name: bool(IMAGE_FILE.fullmatch(name)))
     if removed:
         print(f"note: removed {len(set(removed))} temporary file(s) left by an interrupted command", file=sys.stderr)
 
@@ -525,12 +577,15 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
         from .run import run_one
 
         kernel_paths = KernelPaths()  # one self-check per configuration for all runs of this process
-        from .writer import WriteError
+        from .writer import NonFiniteMaps, WriteError, discard_unfinished
 
         for run in tqdm(todo, desc="runs", unit="run", disable=len(todo) < 2 or not is_main):
             try:
                 run_fn = run_image if run.image is not None else run_one
                 path = run_fn(pipe, run, settings, placement, folder_of(run), kernel_paths)
+            except Interrupted:  # leave no half run that the analysis would count as failed
+                discard_unfinished(folder_of(run), own_folder=bool(run.folder))
+                raise
             except WriteError as exc:  # a full disk fails every later run too: stop here
                 journal.record(_record(run, "failed", journal.process, str(exc)))
                 message = (f"{exc}; free some space (or fix the permissions) and run the same command again: "
@@ -539,6 +594,12 @@ def _execute(args, settings, placement, state, n_runs, todo, need_model, journal
                     return fail(PROG, message, 1)
                 tqdm.write(f"error: run {run.index} ({run.folder}): {message}; stopping", file=sys.stderr)
                 break
+            except NonFiniteMaps as exc:  # this run's numbers overflowed; the others may not
+                journal.record(_record(run, "failed", journal.process, str(exc)))
+                if n_runs == 1:
+                    return fail(PROG, str(exc), 1)
+                tqdm.write(f"error: run {run.index} ({run.folder}) failed: {exc}", file=sys.stderr)
+                continue
             except Exception as exc:  # a failed run is reported and the others go on
                 if n_runs == 1:
                     raise

@@ -16,11 +16,11 @@ import time
 
 from ..contract import IMAGES_DIR
 from .loading import Placement
-from .run import concept_options, prompt_token_lists, versions
+from .run import concept_options, prompt_token_lists, quiet_nan_cast, versions
 from .runs import Run
 from .settings import RunSettings
 from .source_images import read_source
-from .writer import WriteError, build_metadata, image_ext, image_name, save_image, write_run
+from .writer import WriteError, build_metadata, image_ext, image_name, refuse_non_finite, save_image, write_run
 
 
 def source_image_name(stem: str, width: int, height: int, fmt: str) -> str:
@@ -68,7 +68,7 @@ def run_image(pipe, run: Run, settings: RunSettings, placement: Placement, out_d
         img2img = StableDiffusion3Img2ImgPipeline(**pipe.components)
         img2img.set_progress_bar_config(leave=False)
         generator = torch.Generator(device=pipe._execution_device).manual_seed(run.seed)
-        with StepAverageRecorder(img2img, **recorder) as rec:
+        with StepAverageRecorder(img2img, **recorder) as rec, quiet_nan_cast():
             output = img2img(
                 prompt=[prompt], negative_prompt=settings.negative_prompt, image=source.fitted,
                 strength=settings.strength, num_inference_steps=settings.steps,
@@ -94,6 +94,7 @@ def run_image(pipe, run: Run, settings: RunSettings, placement: Placement, out_d
         versions=versions(), source=record,
     )
     if "saved" in record:  # the fitted source beside the img2img output
+        refuse_non_finite(out_dir, result.arrays())  # a run that fails writes nothing
         try:
             os.makedirs(os.path.join(out_dir, IMAGES_DIR), exist_ok=True)
             save_image(source.fitted, os.path.join(out_dir, record["saved"]), settings.image_format,

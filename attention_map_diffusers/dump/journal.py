@@ -128,16 +128,33 @@ class RunsJournal:
 
 
 def remove_leftovers(out: str) -> list[str]:
-    """Files of an earlier, killed command in ``out``: per-process parts and the lock. Call it from
-    the main process before the others start writing."""
+    """Files of an earlier, killed command in ``out``: per-process parts (only those that read as
+    run records) and the lock (only an empty one: this command never writes into it). A user's file
+    under such a name is kept. Call it from the main process before the others start writing."""
     removed = []
     try:
         names = os.listdir(out)
     except OSError:
         return removed
     for name in names:
-        if PART_RE.fullmatch(name) or name == LOCK_NAME:
+        path = os.path.join(out, name)
+        if (PART_RE.fullmatch(name) and _is_part(path)) or (name == LOCK_NAME and _is_empty_file(path)):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(out, name))
                 removed.append(os.path.join(out, name))
     return removed
+
+
+def _is_part(path: str) -> bool:
+    """A regular file that reads as ``runs.jsonl`` records (what :class:`RunsJournal` writes)."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
+    try:
+        read_runs_jsonl(path)
+    except UserError:
+        return False
+    return True
+
+
+def _is_empty_file(path: str) -> bool:
+    return os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == 0

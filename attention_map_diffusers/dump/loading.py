@@ -187,6 +187,23 @@ def _cached_config(model: str, sub: str, name: str = "config.json") -> Optional[
     return found if isinstance(found, str) else None
 
 
+def model_num_blocks(model: str) -> Optional[int]:
+    """The number of joint transformer blocks (``transformer_blocks``: the transformer config's
+    ``num_layers``) when it can be read without loading weights (``tiny-random``, a local folder, a
+    hub id whose configs are in the local cache); None otherwise."""
+    if model == TINY_RANDOM:
+        from ..models.tiny import demo_config
+
+        return demo_config().num_layers
+    if model in TINY_MODELS:
+        return None  # FLUX.1: no skip-layer guidance to check
+    configs = _vae_and_transformer_configs(model, cached=True)
+    try:
+        return int(configs[1]["num_layers"]) if configs else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def native_size(model: str) -> Optional[tuple[int, int]]:
     """(height, width) the model was trained at, when it can be read without loading weights: the
     transformer's ``sample_size`` (latent patches x patch size) times the VAE's scale factor, as the

@@ -1,15 +1,18 @@
 """Resume: what an existing ``--out`` and its run folders hold, decided before the model loads.
 
-Standard library only. A run folder is complete when its ``metadata.json`` records the settings
-fingerprint this command would write for it and its npz opens (docs/FORMAT.md). Anything else is
-either unfinished or damaged (redo it) or made with other settings (refuse: nothing is touched
-without ``--overwrite``).
+Standard library only, but for numpy in :func:`npz_damage`. A run folder is complete when its
+``metadata.json`` records the settings fingerprint this command would write for it, its npz reads
+whole (every member's CRC, finite values) and the images its metadata lists are there
+(docs/FORMAT.md). Anything else is either unfinished or damaged (redo it) or made with other
+settings (refuse: nothing is touched without ``--overwrite``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -69,10 +72,77 @@ def existing_run(folder: str, settings: RunSettings, run: Run) -> Existing:
         return Existing(OTHER, "it records no settings fingerprint: written by an older version or another tool")
     if found != settings.fingerprint(run.prompts, run.seed, sha):
         return Existing(OTHER, _difference(meta.get(SETTINGS_KEY), wanted))
-    problem = npz_problem(os.path.join(folder, NPZ_NAME))
+    problem = npz_problem(os.path.join(folder, NPZ_NAME)) or npz_damage(os.path.join(folder, NPZ_NAME))
     if problem:
         return Existing(REDO, f"{NPZ_NAME}: {problem}")
+    problem = missing_image(folder, meta)
+    if problem:
+        return Existing(REDO, problem)
     return Existing(COMPLETE)
+
+
+def npz_damage(path: str, chunk_bytes: int = 1 << 24) -> Optional[str]:
+    """Why the arrays of the npz at ``path`` cannot be trusted (a member fails its CRC check: a
+    flipped bit; an array is cut short or holds NaN or infinite values), or None. Reads every member
+    through once, ``chunk_bytes`` at a time (the memory stays small whatever the arrays' size)."""
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                array = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with zf.open(info) as fh:
+                    problem = _member_damage(np, fh, chunk_bytes)
+                if problem:
+                    return f"{array} {problem}"
+    except zipfile.BadZipFile as exc:  # "Bad CRC-32 for file 'N.npy'"
+        return f"it is damaged ({exc})"
+    except Exception as exc:  # noqa: BLE001 - any other failure to read it through is damage too
+        return f"it does not read ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _member_damage(np, fh, chunk_bytes: int) -> Optional[str]:
+    """One ``.npy`` member of an npz, read to its end (so that zipfile checks its CRC)."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:  # not written by this tool's np.savez; read the rest whole
+        fh.read()
+        return None
+    if dtype.hasobject:
+        return "holds Python objects"
+    left = math.prod(shape) * dtype.itemsize
+    step = max(1, chunk_bytes // max(1, dtype.itemsize)) * max(1, dtype.itemsize)
+    bad = 0
+    while left > 0:
+        data = fh.read(min(step, left))
+        if not data:
+            return "is cut short"
+        left -= len(data)
+        if dtype.kind in "fc" and len(data) % dtype.itemsize == 0:
+            bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data, dtype=dtype))))
+    fh.read()  # to the end: a CRC mismatch raises here at the latest
+    if bad:
+        return f"holds {bad} NaN or infinite value(s)"
+    return None
+
+
+def missing_image(folder: str, meta: dict) -> Optional[str]:
+    """The first image that ``meta`` (a run's metadata.json) lists and that is not in ``folder``
+    (``images``, and image mode's saved source), as a reason; None when all are there."""
+    listed = meta.get("images") or []
+    if not isinstance(listed, list):
+        return f"{METADATA_NAME} is damaged (images is not a list)"
+    source = meta.get("source_image")
+    if isinstance(source, dict) and source.get("saved"):
+        listed = listed + [source["saved"]]
+    for rel in listed:
+        if rel is not None and not (isinstance(rel, str) and os.path.isfile(os.path.join(folder, rel))):
+            return f"its image {rel} listed in {METADATA_NAME} is missing"
+    return None
 
 
 def _difference(old, new: dict) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+import warnings
+from typing import Iterator
 
 from ..contract import IMAGES_DIR, PromptTokens, prompt_tokens
 from .loading import Placement, pipeline_family
@@ -19,6 +22,15 @@ def versions() -> dict:
     import transformers
 
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+@contextlib.contextmanager
+def quiet_nan_cast() -> Iterator[None]:
+    """Silence numpy's "invalid value encountered in cast" from the pipeline's image decoding: a run
+    that diverged into NaN fails with one line of its own (writer.NonFiniteMaps)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="invalid value encountered in cast", category=RuntimeWarning)
+        yield
 
 
 def prompt_token_lists(pipe, prompts, settings: RunSettings, family: str):
@@ -102,7 +114,7 @@ def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir
         stats_dtype=torch.float16 if settings.store_dtype == "float16" else torch.float32,
         paths=paths,
         concepts=concept_options(settings),
-    ) as rec:
+    ) as rec, quiet_nan_cast():
         output = pipe(**kwargs)
     result = rec.result()
     elapsed = time.perf_counter() - t0

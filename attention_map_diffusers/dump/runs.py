@@ -32,15 +32,17 @@ class Run:
 
 
 def read_prompts_file(path: str) -> list[str]:
-    """Prompts from a UTF-8 text file: one per line; blank lines and lines starting with ``#``
-    ignored; a byte-order mark (Windows editors write one) is not part of the first prompt.
+    """Prompts from a UTF-8 text file: one per line (lines end at ``\n`` or ``\r\n`` only: other
+    characters that ``str.splitlines`` breaks at, such as U+2028, ``\x0b``, ``\x0c`` or ``\x85``,
+    stay inside the prompt); blank lines and lines starting with ``#`` ignored; a byte-order mark
+    (Windows editors write one) is not part of the first prompt.
 
     Raises:
         UserError: unreadable file (with the reason).
     """
     try:
-        with open(path, encoding="utf-8-sig") as fh:
-            lines = fh.read().splitlines()
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # newline="": no translation of "\r"
+            lines = [ln[:-1] if ln.endswith("\r") else ln for ln in fh.read().split("\n")]
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UserError(f"cannot read --prompts-file {path!r}: {reason}") from None

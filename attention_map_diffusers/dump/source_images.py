@@ -2,10 +2,10 @@
 model's size. PIL and the standard library only (no torch), so that bad images are refused before
 the model loads.
 
-Every image is resized so that it covers the target size (bicubic, aspect ratio kept) and the
-centre is cropped to it. ``crop_box`` records which source pixels that is, so that ground-truth
-masks given in source coordinates can be cut and resized the same way (the segmentation
-evaluation does).
+Every image is first turned upright (its EXIF orientation applied, as photo viewers show it), then
+resized so that it covers the target size (bicubic, aspect ratio kept) and the centre is cropped to
+it. ``crop_box`` records which pixels of the upright source that is, so that ground-truth masks
+drawn on the upright image can be cut and resized the same way (the segmentation evaluation does).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..contract import UserError
+from ..imagefile import TooManyPixels, open_upright
 
 MIN_SIDE = 32  # px: smaller images hold too little to be worth a map
 RESAMPLE = "bicubic"
@@ -41,8 +42,10 @@ class SourceImage:
     Attributes:
         path: as given. name: its file name. sha256: of its bytes (the run's settings record it,
         so that resuming with another file under the same name is refused).
-        size: (width, height) of the source. crop_box: (left, top, right, bottom) in source
-        pixels: the region resized to ``fitted``'s size. fitted: RGB PIL image of the target size.
+        size: (width, height) of the source, upright. crop_box: (left, top, right, bottom) in the
+        upright source's pixels: the region resized to ``fitted``'s size. fitted: RGB PIL image of
+        the target size. orientation: the EXIF orientation applied to make the source upright (1:
+        none; 6 and 8: a photo taken with the camera turned).
     """
 
     path: str
@@ -51,6 +54,7 @@ class SourceImage:
     size: tuple[int, int]
     crop_box: tuple[float, float, float, float]
     fitted: object  # PIL.Image.Image
+    orientation: int = 1
 
     def record(self) -> dict:
         """metadata.json's ``source_image`` (without ``saved``, added by the writer)."""
@@ -61,6 +65,7 @@ class SourceImage:
             "size": [int(self.size[0]), int(self.size[1])],
             "crop_box": [round(float(v), 4) for v in self.crop_box],
             "resample": RESAMPLE,
+            "exif_orientation": int(self.orientation),
         }
 
 
@@ -82,71 +87,106 @@ def cover_crop_box(src_w: int, src_h: int, width: int, height: int) -> tuple[flo
 
 
 def open_checked(path: str):
-    """The image at ``path`` as RGB, or UserError saying what is wrong with it."""
+    """The image at ``path`` as RGB, upright (EXIF orientation applied), or UserError saying what is
+    wrong with it."""
+    return _open_checked(path)[0]
+
+
+def _open_checked(path: str):
+    """(upright RGB image, EXIF orientation applied: 1 for none) of the image at ``path``."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise UserError(f"--image {path!r} does not exist (or is not a file)")
     try:
-        with Image.open(path) as img:
-            if getattr(img, "n_frames", 1) > 1:
-                raise UserError(f"--image {path!r} has {img.n_frames} frames (animation or multi-page); save the "
-                                "frame you want as a PNG and give that")
-            mode = img.mode
-            if mode not in _CONVERTIBLE and mode not in _WITH_ALPHA:
-                raise UserError(f"--image {path!r} has pixel mode {mode!r} (e.g. 16-bit or float), which has no "
-                                "faithful 8-bit RGB form here; convert it to 8-bit RGB first")
-            img.load()
-            w, h = img.size
-            if min(w, h) < MIN_SIDE:
-                raise UserError(f"--image {path!r} is {w}x{h} px: too small (at least {MIN_SIDE} px each side)")
-            if mode in _WITH_ALPHA:
-                rgba = img.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(white, rgba).convert("RGB")
-            return img.convert("RGB")
-    except UserError:
-        raise
+        opened = open_upright(path)
+    except TooManyPixels as exc:
+        raise UserError(f"--image {path!r}: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"--image {path!r} cannot be read as an image ({type(exc).__name__}: {exc})") from None
+    img = opened.image
+    if opened.frames > 1:
+        raise UserError(f"--image {path!r} has {opened.frames} frames (animation or multi-page); save the "
+                        "frame you want as a PNG and give that")
+    mode = img.mode
+    if mode not in _CONVERTIBLE and mode not in _WITH_ALPHA:
+        raise UserError(f"--image {path!r} has pixel mode {mode!r} (e.g. 16-bit or float), which has no "
+                        "faithful 8-bit RGB form here; convert it to 8-bit RGB first")
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise UserError(f"--image {path!r} is {w}x{h} px: too small (at least {MIN_SIDE} px each side)")
+    if mode in _WITH_ALPHA:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), opened.orientation
+    return img.convert("RGB"), opened.orientation
 
 
 def read_source(path: str, height: int, width: int) -> SourceImage:
     """Open, check and fit one image to ``height`` x ``width`` (cover + centre crop, bicubic)."""
     from PIL import Image
 
-    rgb = open_checked(path)
+    rgb, orientation = _open_checked(path)
     box = cover_crop_box(rgb.width, rgb.height, width, height)
     fitted = rgb.resize((width, height), Image.Resampling.BICUBIC, box=box)
-    return SourceImage(path, os.path.basename(path), file_sha256(path), rgb.size, box, fitted)
+    return SourceImage(path, os.path.basename(path), file_sha256(path), rgb.size, box, fitted, orientation)
 
 
 def read_images_csv(path: str) -> list[ImageJob]:
-    """``image,prompt`` rows (a header naming those columns; image paths relative to the CSV's folder)."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UserError(f"cannot read --images-csv {path!r}: {reason}") from None
-    if "image" not in fields or "prompt" not in fields:
+    """``image,prompt`` rows (a header naming those columns; image paths relative to the CSV's folder).
+
+    Rows are named as a spreadsheet numbers them (the header is row 1), which is the line of the file
+    a row starts on (a quoted cell may span lines)."""
+    rows = _csv_rows(path)
+    header = [c.strip().lower() for c in rows[0][1]] if rows else []
+    if "image" not in header or "prompt" not in header:
         raise UserError(f"--images-csv {path!r} needs a header line with the columns image,prompt (found: "
-                        f"{','.join(fields) or 'nothing'})")
+                        f"{','.join(header) or 'nothing'})")
+    for name in ("image", "prompt"):
+        where = [i + 1 for i, c in enumerate(header) if c == name]
+        if len(where) > 1:
+            raise UserError(f"--images-csv {path!r}: the header names the column {name!r} {len(where)} times "
+                            f"(columns {', '.join(map(str, where))}); keep one")
+    col = {name: header.index(name) for name in ("image", "prompt")}
     base = os.path.dirname(os.path.abspath(path))
     jobs = []
-    for line, row in enumerate(rows, start=2):
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-        if not row.get("image") and not row.get("prompt"):
+    for row, cells in rows[1:]:
+        if len(cells) > len(header):
+            raise UserError(f"--images-csv {path!r} row {row}: {len(cells)} cells but the header names {len(header)} "
+                            "columns; quote a cell that holds a comma (\"a cat, left\")")
+        cell = {name: cells[i].strip() if i < len(cells) else "" for name, i in col.items()}
+        if not any(c.strip() for c in cells):
             continue
-        if not row.get("image") or not row.get("prompt"):
-            raise UserError(f"--images-csv {path!r} line {line}: needs both an image and a prompt")
-        image = os.path.expanduser(row["image"])
-        jobs.append(ImageJob(image if os.path.isabs(image) else os.path.join(base, image), row["prompt"]))
+        if not cell["image"] or not cell["prompt"]:
+            raise UserError(f"--images-csv {path!r} row {row}: needs both an image and a prompt")
+        image = os.path.expanduser(cell["image"])
+        jobs.append(ImageJob(image if os.path.isabs(image) else os.path.join(base, image), cell["prompt"]))
     if not jobs:
         raise UserError(f"--images-csv {path!r} lists no image")
     return jobs
+
+
+def _csv_rows(path: str) -> list[tuple[int, list[str]]]:
+    """(row number, cells) of each row of a CSV file, blank lines left out (strict quoting)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, strict=True)
+            start = 1
+            try:
+                for cells in reader:
+                    if cells:
+                        rows.append((start, cells))
+                    start = reader.line_num + 1
+            except csv.Error as exc:
+                raise UserError(
+                    f"--images-csv {path!r} row {start}: not valid CSV from there on ({exc}); a quote (\") opened "
+                    "in a cell must close it, and a quote inside a quoted cell is written twice (\"\")"
+                ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"cannot read --images-csv {path!r}: {reason}") from None
+    return rows
 
 
 def pair_images(images: list[str], prompts: list[str]) -> list[ImageJob]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
+import re
 from typing import Optional, Sequence
 
 import numpy as np
 
 from .. import __version__
-from ..atomic import atomic_path, write_json, write_npz
+from ..atomic import atomic_path, remove_temp_files, write_json, write_npz
 from ..contract import FINGERPRINT_KEY, FORMAT_VERSION, IMAGES_DIR, METADATA_NAME, NPZ_NAME, SETTINGS_KEY, PromptTokens
 from .settings import RunSettings
 
@@ -24,6 +26,43 @@ class WriteError(Exception):
         self.error = error
         self.reason = error.strerror or str(error)
         super().__init__(f"cannot write {folder}: {self.reason}")
+
+
+#: The names of the images a run writes: :func:`image_name`, and image mode's fitted source
+#: (``source-{stem}-{w}x{h}.{ext}``, image_run.source_image_name).
+IMAGE_FILE = re.compile(r"(seed-?\d+-\d+x\d+-idx\d+|source-.+-\d+x\d+)\.(png|jpg)")
+
+
+class NonFiniteMaps(ValueError):
+    """The maps of a run hold NaN or infinite values (the pipeline's numbers overflowed, e.g. under a
+    huge --guidance-scale): the run fails and nothing of it is written."""
+
+
+# Arrays whose whole block rows (axis 1) are NaN by design: blocks without a concept stream (FLUX.1's
+# single blocks; docs/FORMAT.md, concept maps).
+_NAN_BLOCK_ROWS = ("concept_per_block_step_mean", "concept_per_block_map")
+
+
+def _non_finite(key: str, value) -> int:
+    v = np.asarray(value)
+    if key in _NAN_BLOCK_ROWS and v.ndim >= 2:
+        rows = np.isnan(v).reshape(v.shape[0], v.shape[1], -1).all(axis=(0, 2))  # (Bk,): a block without concepts
+        v = v[:, ~rows]
+    return int(np.count_nonzero(~np.isfinite(v)))
+
+
+def check_finite(arrays: dict) -> None:
+    """Raise :class:`NonFiniteMaps` when a floating array of ``arrays`` holds NaN or an infinity (the
+    all-NaN block rows of the concept arrays aside)."""
+    bad = {k: _non_finite(k, v) for k, v in arrays.items() if np.asarray(v).dtype.kind in "fc"}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        key = next(iter(bad))
+        more = f" and {len(bad) - 1} more array(s)" if len(bad) > 1 else ""
+        raise NonFiniteMaps(
+            f"the attention maps hold NaN or infinite values ({bad[key]} in {key}{more}): the pipeline's numbers "
+            "overflowed (check --guidance-scale, --dtype); nothing of this run was kept"
+        )
 
 
 def image_ext(fmt: str) -> str:
@@ -194,20 +233,9 @@ def write_run(folder: str, arrays: dict, metadata: dict, images: Sequence, image
 
     Raises:
         WriteError: a file could not be written (no temporary file is left behind).
+        NonFiniteMaps: the maps (as stored) hold NaN or infinite values; nothing is written, and an
+            earlier run's metadata.json and npz in ``folder`` (a run being redone) are removed.
     """
-    try:
-        _write_run(folder, arrays, metadata, images, image_format, embed, store_dtype)
-    except OSError as exc:
-        raise WriteError(folder, exc) from exc
-
-
-def _write_run(folder, arrays, metadata, images, image_format, embed, store_dtype) -> None:
-    os.makedirs(os.path.join(folder, IMAGES_DIR) if images else folder, exist_ok=True)
-    meta_path = os.path.join(folder, METADATA_NAME)
-    if os.path.exists(meta_path):
-        os.unlink(meta_path)  # overwriting: the folder is incomplete until the new metadata lands
-    for i, (img, rel) in enumerate(zip(images, metadata["images"])):
-        save_image(img, os.path.join(folder, rel), image_format, metadata if embed else None, i)
     stored = {}
     for key, value in arrays.items():
         if key in ("N", "concept_N"):
@@ -216,5 +244,64 @@ def _write_run(folder, arrays, metadata, images, image_format, embed, store_dtyp
             stored[key] = np.asarray(value, dtype=np.float32)
         else:
             stored[key] = np.asarray(value).astype(store_dtype, copy=False)
+    refuse_non_finite(folder, stored)  # after the cast: float16 overflows beyond 65504
+    try:
+        _write_run(folder, stored, metadata, images, image_format, embed)
+    except OSError as exc:
+        raise WriteError(folder, exc) from exc
+
+
+def refuse_non_finite(folder: str, arrays: dict) -> None:
+    """:func:`check_finite`; when it raises, first remove ``folder``'s metadata.json and npz (an
+    earlier run being redone there) so that the failed run's folder never reads as complete.
+
+    Raises:
+        NonFiniteMaps, or WriteError when those files cannot be removed.
+    """
+    try:
+        check_finite(arrays)
+    except NonFiniteMaps:
+        try:
+            for name in (METADATA_NAME, NPZ_NAME):
+                path = os.path.join(folder, name)
+                if os.path.lexists(path):
+                    os.unlink(path)
+        except OSError as exc:
+            raise WriteError(folder, exc) from exc
+        raise
+
+
+def discard_unfinished(folder: str, own_folder: bool) -> list[str]:
+    """After a stop (SIGTERM, Ctrl-C) in the middle of a run: unless ``folder`` holds its
+    metadata.json (then the run, or the earlier one being redone, is whole), remove what the run left
+    there: its npz, its images and the temporary files of both, then ``images/`` and, when
+    ``own_folder`` (a run sub-folder, not ``--out`` itself), ``folder`` if they are empty. Other files
+    stay. Returns the removed paths."""
+    if os.path.lexists(os.path.join(folder, METADATA_NAME)) or not os.path.isdir(folder):
+        return []
+    removed = remove_temp_files(folder, lambda name: name in (NPZ_NAME, METADATA_NAME))
+    images = os.path.join(folder, IMAGES_DIR)
+    removed += remove_temp_files(images, lambda name: bool(IMAGE_FILE.fullmatch(name)))
+    paths = [os.path.join(folder, NPZ_NAME)]
+    if os.path.isdir(images):
+        paths += [os.path.join(images, n) for n in sorted(os.listdir(images)) if IMAGE_FILE.fullmatch(n)]
+    for path in paths:
+        if os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+    for empty in ([images, folder] if own_folder else [images]):
+        with contextlib.suppress(OSError):
+            os.rmdir(empty)  # only when empty
+    return removed
+
+
+def _write_run(folder, stored, metadata, images, image_format, embed) -> None:
+    os.makedirs(os.path.join(folder, IMAGES_DIR) if images else folder, exist_ok=True)
+    meta_path = os.path.join(folder, METADATA_NAME)
+    if os.path.exists(meta_path):
+        os.unlink(meta_path)  # overwriting: the folder is incomplete until the new metadata lands
+    for i, (img, rel) in enumerate(zip(images, metadata["images"])):
+        save_image(img, os.path.join(folder, rel), image_format, metadata if embed else None, i)
     write_npz(os.path.join(folder, NPZ_NAME), stored)
     write_json(meta_path, metadata)

@@ -29,11 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description=(
             "Zero-shot segmentation with attention dumps (no model needed): per image and word, IoU and AP of "
-            "thresholded word maps (daam), of the argmax over the image's concept words (argmax) and of three "
-            "baselines (whole, centre, random); over the set, mIoU, class-averaged mIoU, pixel accuracy and mAP."
+            "thresholded word maps (daam), of the argmax over the image's concept words (argmax), of the dump's "
+            "concept maps (concept, concept-argmax) and of three baselines (whole, centre, random); over the set, "
+            "mIoU, class-averaged mIoU, pixel accuracy and mAP."
         ),
-        epilog="Outputs: OUT/summary.csv, OUT/per_image/<key>.csv, OUT/skipped.csv, OUT/summary.png, OUT/cases.png. "
-        "See the README section 'Zero-shot segmentation'.",
+        epilog="Outputs: OUT/index.html (the report: tables and figures), OUT/summary.csv, OUT/per_image/<key>.csv, OUT/images.csv (argmax's accuracy per image), "
+        "OUT/skipped.csv, OUT/summary.png, OUT/cases.png; CSV files hold fractions (0-1), the screen percent. "
+        "Exit codes: 0 everything found was scored (skipped.csv lists what the ground truth holds that was not); "
+        "1 the files are written but some runs could not be scored, or nothing could be (stderr says which); "
+        "2 bad input, nothing written. See the README section 'Zero-shot segmentation'.",
     )
     p.add_argument(
         "--dumps",
@@ -47,19 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="ground-truth folder: MASKS/<key>/<word>.png per word (nonzero = inside; <word> a word or phrase of the "
         "prompt, case-insensitive), or with --voc MASKS/<key>.png. The key of a run is the stem of its source image "
         "for a dump of a given image (mode \"image\"), else the run folder's name (+ -idx<i> when a run holds several "
-        "images). Masks of given images are in source-image pixels (cropped with the dump's crop_box and resized); "
+        "images). Masks of given images are in the upright source image's pixels (cropped with the dump's crop_box and resized); masks with an EXIF orientation tag are turned upright first; "
         "masks of generated images have the image's size",
     )
     p.add_argument(
         "--out",
         required=True,
-        help="output folder, written at the end as a whole; an earlier evaluation there is replaced, any other "
-        "non-empty folder is refused (see --overwrite)",
+        help="output folder, written at the end as a whole; an earlier evaluation there is replaced when every file "
+        "in it is one it wrote (listed in its .segmentation-manifest.json), any other non-empty folder is refused "
+        "(see --overwrite). Folders .OUT.tmp-* / .OUT.old-* that a killed evaluation left next to it are removed "
+        "when they hold only files of their manifest, else left alone with a warning",
     )
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into a non-empty --out that holds no earlier evaluation (its other files are kept)",
+        help="write into a non-empty --out that holds files this tool did not write: they are kept (a file of the "
+        "same name as one it writes is replaced), the files of an earlier evaluation there are replaced or removed",
     )
     p.add_argument(
         "--voc",
@@ -84,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         "upsampled bilinearly, min-max normalised, >= --tau; argmax: each pixel to the concept word with the "
         "highest normalised map, background below --bg-threshold; whole: every pixel; centre: a centred Gaussian "
         "(sigma = a quarter of each side) scored like daam; random: a uniform random map on the dump's grid "
-        "(fixed --seed) scored like daam",
+        "(fixed --seed) scored like daam. concept and concept-argmax score the dump's concept maps (dumps made with "
+        "--concepts; other runs are listed as skipped), with ConceptAttention's protocols: concept: the map of the "
+        "concept named like the class (case-insensitive words of its name or phrases), upsampled bilinearly, inside "
+        "where greater than its mean; concept-argmax: each pixel to its concept with the largest share, background "
+        "where that concept is named like no class (e.g. 'background', 'sky'). Their encoder column is 'concepts'",
     )
     p.add_argument(
         "--encoder",
@@ -148,7 +159,7 @@ def options_from_args(args: argparse.Namespace) -> SegmentationOptions:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from .report import build_outputs
-    from .write import check_out, commit, new_folder, remove
+    from .write import check_out, clean_leftovers, commit, new_folder, remove
 
     args, code = parse(build_parser(), argv)
     if args is None:
@@ -157,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         options = options_from_args(args)
         check_out(options.out, options.overwrite)
-        from .evaluate import evaluate
+        from .evaluate import evaluate, problems
 
         def progress(items):
             from tqdm import tqdm
@@ -179,4 +190,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         remove(tmp)
     print(table)
     print(f"wrote {n} files to {options.out}")
-    return 0
+    for line in clean_leftovers(options.out):
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
+    incomplete = problems(ev)
+    for level, line in incomplete:
+        print(f"{PROG}: {level}: {line}", file=sys.stderr)
+    return 1 if incomplete else 0

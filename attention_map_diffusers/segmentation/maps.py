@@ -12,10 +12,14 @@ import numpy as np
 
 from ..analysis.stats import renormalise, word_maps
 from ..analysis.words import Word, find_phrase, map_words
+from .concepts import METHODS as CONCEPT_METHODS
 
-#: Scoring methods, in the order they are reported; the last three are baselines.
-METHODS = ("daam", "argmax", "whole", "centre", "random")
 BASELINES = ("whole", "centre", "random")
+#: Scoring methods, in the order they are reported; the last three are baselines. The concept methods
+#: score a dump's concept maps (:mod:`.concepts`), not its word maps.
+METHODS = ("daam", "argmax") + CONCEPT_METHODS + BASELINES
+#: Methods whose pixel accuracy is the image's multi-class accuracy (the same on each of its rows).
+MULTICLASS = ("argmax", "concept-argmax")
 
 
 def upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Ground truth: per-word mask PNGs or VOC-style index PNGs, brought to the image the model saw.
 
 numpy, Pillow and the standard library. Every bad file raises :class:`UserError` with one line.
+Masks are read upright (an EXIF orientation tag applied, as for the dump's given images, whose
+``crop_box`` is in the upright image's pixels) and never past ``PIL.Image.MAX_IMAGE_PIXELS``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..analysis.words import find_words
 from ..contract import UserError
+from ..imagefile import TooManyPixels, open_upright
 
 #: VOC's label of pixels that no metric looks at (object borders, difficult regions).
 VOID = 255
@@ -56,7 +59,7 @@ def read_classes(path: str) -> list[ClassName]:
     Blank lines count (a label without a class); ``#`` starts no comment (a class could be called so).
     """
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is no part of class 0's name
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--classes {path}: cannot read it ({exc})") from None
@@ -76,10 +79,10 @@ def read_classes(path: str) -> list[ClassName]:
 
 def _open(path: str) -> Image.Image:
     try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except (OSError, UnidentifiedImageError) as exc:
+        return open_upright(path).image
+    except TooManyPixels as exc:
+        raise UserError(f"the mask {path}: {exc}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise UserError(f"cannot read the mask {path} ({exc}); masks must be PNG files") from None
 
 
@@ -115,7 +118,7 @@ def fit_mask(mask: np.ndarray, size_hw: tuple[int, int], crop_box: Optional[Sequ
     """The mask in the coordinates of the image the model saw.
 
     Without ``crop_box`` (a generated image) the mask must already be ``size_hw``. With it (a dump of a
-    given image) the mask is in source pixels (``source_hw`` when known): it is cropped to
+    given image) the mask is in the upright source's pixels (``source_hw`` when known): it is cropped to
     ``[left, top, right, bottom]`` and resized to ``size_hw`` by nearest neighbour.
     """
     H, W = size_hw
@@ -149,12 +152,39 @@ def nearest_resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
     return a[ys][:, xs]
 
 
-def word_mask_files(folder: str) -> list[tuple[str, str]]:
-    """``(word, path)`` for every ``*.png`` in ``folder`` (the per-word layout), by name."""
-    out = []
+def word_mask_files(folder: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The per-word layout's files in ``folder``, by name: ``(word, path)`` of every ``*.png`` mask, and
+    ``(name, reason)`` of every other entry, which is not read (a JPEG, a folder, a broken link or a
+    link loop...). Hidden names (``.DS_Store``) are neither."""
+    masks, others = [], []
     for name in sorted(os.listdir(folder)):
+        if name.startswith("."):
+            continue
         path = os.path.join(folder, name)
         stem, ext = os.path.splitext(name)
-        if ext.lower() == ".png" and os.path.isfile(path) and not name.startswith("."):
-            out.append((stem, path))
-    return out
+        problem = entry_problem(path)
+        if problem is None and ext.lower() != ".png":
+            problem = f"not a .png file (masks are PNG{'; JPEG artefacts change a mask' if ext.lower() in JPEG else ''})"
+        if problem is None:
+            masks.append((stem, path))
+        else:
+            others.append((name, problem))
+    return masks, others
+
+
+#: Extensions of the JPEG files that people save masks as by mistake.
+JPEG = (".jpg", ".jpeg", ".jpe")
+
+
+def entry_problem(path: str) -> Optional[str]:
+    """Why ``path`` (which exists as a name) is not a file a mask can be read from, or None."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return "a folder, not a mask file"
+    if os.path.islink(path):
+        try:
+            os.stat(path)
+        except OSError as exc:  # ELOOP: a link loop; ENOENT: a broken link
+            return f"a link that leads nowhere ({exc.strerror or exc})"
+    return "not a regular file"
