@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 
@@ -238,8 +237,3 @@ def reference_concept_maps(pipe, inputs: BlockInputs, concepts, *, max_length, r
         means.append(torch.stack(step_means, 1))  # (B, Bk, C)
     return {"mean_map": (sums / n).numpy(), "N": n,
             "per_block_step_mean": torch.stack(means, 2).numpy()}  # (B, Bk, S, C)
-
-
-def grid_of(mean_map_flat: np.ndarray, h: int, w: int) -> np.ndarray:
-    B, N, C = mean_map_flat.shape
-    return mean_map_flat.reshape(B, h, w, C)

@@ -280,3 +280,17 @@ def test_finite_check_allows_only_whole_nan_block_rows():
         check_finite({"concept_per_block_step_mean": mean})
     with pytest.raises(NonFiniteMaps):
         check_finite({"concept_sum_map": np.full((1, 2, 2, 3), np.nan)})
+
+
+def test_img2img_concept_steps_are_the_steps_it_runs(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from attention_map_diffusers.dump import cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    pic = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(pic)
+    # diffusers runs 28 - int(28 - 0.6 x 28) = 17 steps (not int(28 x 0.6) = 16): index 16 is the last one
+    code, cap = _dump(["--model", "tiny-random", "--image", pic, "--prompt", "a cat", "--strength", "0.6", "--steps",
+                       "28", "--concepts", "cat", "--concept-steps", "17", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "--concept-steps 17: the run has 17 step(s)" in cap.err, cap.err

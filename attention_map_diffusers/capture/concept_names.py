@@ -7,7 +7,7 @@ computes (see :mod:`~attention_map_diffusers.capture.concepts`). The dump comman
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable
 
 from ..contract import UserError
 
@@ -50,18 +50,3 @@ def check_rule(rule: str, *, flag: str = "--concept-rule") -> str:
     if rule not in CONCEPT_RULES:
         raise UserError(f"{flag} must be one of {', '.join(CONCEPT_RULES)}, got {rule!r}")
     return rule
-
-
-def check_indices(values: Optional[Sequence[int]], limit: int, what: str, flag: str) -> Optional[tuple[int, ...]]:
-    """``values`` sorted and unique, each in [0, limit) (negative values count from the end); None stays None."""
-    if values is None:
-        return None
-    out = []
-    for v in values:
-        i = int(v) + limit if int(v) < 0 else int(v)
-        if not 0 <= i < limit:
-            raise UserError(f"{flag}: {v} is not a {what} index (there are {limit}: 0..{limit - 1})")
-        out.append(i)
-    if not out:
-        raise UserError(f"{flag}: give at least one {what} index")
-    return tuple(sorted(set(out)))

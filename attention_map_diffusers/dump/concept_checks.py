@@ -30,9 +30,12 @@ def check_concept_flags(args) -> None:
                 raise UserError(f"{flag}: indices count from 0, got {bad[0]}")
             if len(set(values)) != len(values):
                 raise UserError(f"{flag}: an index is given twice ({values}); give each once")
-    if args.concept_steps is not None and max(args.concept_steps) >= args.steps:
-        raise UserError(f"--concept-steps {max(args.concept_steps)}: the run has {args.steps} step(s), "
-                        f"indices 0..{args.steps - 1}")
+    steps = args.steps
+    if getattr(args, "strength", None) is not None:  # img2img runs the last steps of the schedule (diffusers' count)
+        steps -= int(max(steps - min(steps * args.strength, steps), 0))
+    if args.concept_steps is not None and max(args.concept_steps) >= steps:
+        raise UserError(f"--concept-steps {max(args.concept_steps)}: the run has {steps} step(s), "
+                        f"indices 0..{steps - 1}")
     tokenizer = t5_tokenizer_without_model(args.model)
     if tokenizer is not None:
         check_concept_tokens(tokenizer, args.concepts)
