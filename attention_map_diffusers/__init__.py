@@ -17,6 +17,8 @@ Public names (imported lazily, so that ``analysis`` can be used without importin
 - :class:`StepAverageRecorder` / :class:`CaptureResult`: the streaming recorder (context manager).
 - :func:`init_pipeline` / :data:`attn_maps` / :func:`restore_pipeline`: upstream-compatible raw maps.
 - :class:`KernelPaths`: the capture paths and their self-checks, shareable by several recorders.
+- :func:`concept_maps` / :class:`ConceptResult`: ConceptAttention maps of concepts for one generated
+  image (:class:`ConceptOptions` for the recorder's ``concepts=``).
 - :class:`Dump`: a run in memory (from a folder, or from a ``CaptureResult``), for notebooks.
 """
 
@@ -31,6 +33,8 @@ if TYPE_CHECKING:  # real names for editors and type checkers; at run time they 
     from .analysis.dumpfile import Dump
     from .capture.aggregate import CaptureResult
     from .capture.compat import attn_maps, init_pipeline, restore_pipeline
+    from .capture.concept_maps import ConceptResult, concept_maps
+    from .capture.concepts import ConceptOptions
     from .capture.paths import KernelPaths
     from .capture.recorder import StepAverageRecorder
 
@@ -42,6 +46,9 @@ _LAZY = {
     "attn_maps": "capture.compat",
     "Dump": "analysis.dumpfile",
     "KernelPaths": "capture.paths",
+    "concept_maps": "capture.concept_maps",
+    "ConceptResult": "capture.concept_maps",
+    "ConceptOptions": "capture.concepts",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ class CaptureResult:
     - ``per_block_token_map`` (B, Bk, Hc, Wc, T) and ``per_step_token_map`` (B, S, Hc, Wc, T): the
       same sum split per block / per step; None unless asked for.
 
+    ``concepts``: the ConceptAttention maps (:class:`~.concepts.ConceptArrays`) when the recorder
+    was given ``concepts=``, else None; ``arrays()`` then adds their ``concept_*`` npz keys.
+
     How the row log-sum-exp was obtained (see :mod:`~attention_map_diffusers.capture.paths`):
     ``capture_path`` names the path that ran ("flash-lse", "efficient-lse", "cudnn-lse",
     "sdpa+side-lse" or "chunked"; several joined by ", " if configurations differed within the
@@ -67,6 +70,8 @@ class CaptureResult:
     capture_path: str = ""  # the path that gave the row log-sum-exp
     capture_verdicts: list[dict] = field(default_factory=list)  # the self-checks behind it
     model_family: str = "sd3"  # "sd3" or "flux" (FLUX.1: text_spans holds only "t5")
+    # ConceptAttention maps (capture.concepts.ConceptArrays) when the recorder was given concepts
+    concepts: Optional[Any] = None
 
     @property
     def num_steps(self) -> int:
@@ -95,6 +100,8 @@ class CaptureResult:
             out["per_block_token_map"] = self.per_block_token_map
         if self.per_step_token_map is not None:
             out["per_step_token_map"] = self.per_step_token_map
+        if self.concepts is not None:
+            out.update(self.concepts.arrays())
         return out
 
 

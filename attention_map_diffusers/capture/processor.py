@@ -53,6 +53,9 @@ class JointAttention:
         path: the path that answered the call ("flash-lse", "sdpa+side-lse", "chunked", ...).
         configuration: the key of that path's verdicts in the sink's ``KernelPaths``.
         text_first: the sequence is ``[text, image]`` (FLUX.1).
+        value: (R, H, N + T, D) joint values (read by the concept stream).
+        output: (R, H, N + T, D) SDPA's output, before the output projection (the concept stream's
+            image attention outputs); the processor returns it unchanged.
     """
 
     query: torch.Tensor
@@ -63,6 +66,8 @@ class JointAttention:
     path: str = "chunked"
     configuration: Optional[Configuration] = None
     text_first: bool = False
+    value: Optional[torch.Tensor] = None
+    output: Optional[torch.Tensor] = None
 
     @property
     def layout(self) -> Layout:
@@ -119,7 +124,7 @@ class _SdpaTap(TorchFunctionMode):
                     self.sink.method, q, k, v, bound["scale"], self.num_image_tokens, first,
                     lambda: func(*args, **kwargs), text_first=self.text_first,
                 )
-                self.captured = (q[first:], k[first:], att, default_scale(q.shape[-1], bound["scale"]))
+                self.captured = (q[first:], k[first:], att, default_scale(q.shape[-1], bound["scale"]), v[first:])
                 return att.output
         return func(*args, **kwargs)
 
@@ -180,9 +185,9 @@ class CaptureProcessor:
                 "F.scaled_dot_product_attention on the joint image+text sequence, so its attention cannot be "
                 f"captured. Use diffusers' own processor on the native attention backend ({fix})."
             )
-        q, k, att, scale = tap.captured
+        q, k, att, scale, v = tap.captured
         joint = JointAttention(q, k, att.image_lse, scale, layout.num_image, att.path, att.configuration,
-                               layout.text_first)
+                               layout.text_first, v, att.output[att.output.shape[0] - q.shape[0]:])
         self.sink.on_attention(self.block_index, joint)
         return out
 

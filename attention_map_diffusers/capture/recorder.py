@@ -16,6 +16,7 @@ import torch
 from .aggregate import CaptureResult, StepAverageAccumulator
 from .blocks import attention_blocks, install_capture, restore_processors
 from .calls import TransformerCalls
+from .concepts import ConceptOptions, ConceptStream, encode_concepts
 from .family import family_of
 from .exact import image_text_probs, image_text_probs_from_keys
 from .paths import METHODS, KernelPaths
@@ -103,6 +104,8 @@ class StepAverageRecorder:
             recorder. Share one between recorders to check once per process.
         scratch_bytes: bound on the temporary float32 logits of one chunk of heads / rows.
         cfg: "auto" (ask the pipeline), or True / False.
+        concepts: a :class:`~attention_map_diffusers.capture.concepts.ConceptOptions`: also compute
+            ConceptAttention maps (``result().concepts``); needs the pipeline (its T5 encoder).
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class StepAverageRecorder:
         paths: Optional[KernelPaths] = None,
         scratch_bytes: int = 64 << 20,
         cfg="auto",
+        concepts: Optional[ConceptOptions] = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -140,6 +144,15 @@ class StepAverageRecorder:
         self._position = {i: pos for pos, (i, _) in enumerate(self.blocks)}
         self._calls = TransformerCalls(self.transformer, self.family.cfg_source(pipe, cfg), self._begin_step,
                                        self.family)
+        self._concepts: Optional[ConceptStream] = None
+        if concepts is not None:
+            if self.pipe is self.transformer:
+                raise ValueError("concept maps need the pipeline (its T5 encoder), not the bare transformer")
+            self._concepts = ConceptStream(
+                self.transformer, self.family, attention_blocks(self.transformer, self.family),
+                encode_concepts(pipe, concepts.concepts, concepts.max_sequence_length), concepts,
+                lambda: self._calls.recording, self.first_recorded_item,
+            )
         self._saved: Optional[dict] = None
         self._entered = False
         self._grid: tuple[int, int] = (0, 0)
@@ -155,7 +168,10 @@ class StepAverageRecorder:
         self._saved = install_capture(self.transformer, lambda i: self, self.family)
         try:
             self._calls.attach()
+            if self._concepts is not None:
+                self._concepts.attach()
         except BaseException:
+            self._calls.detach()
             restore_processors(self.transformer, self._saved)
             raise
         return self
@@ -163,6 +179,8 @@ class StepAverageRecorder:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self._calls.detach()
+            if self._concepts is not None:
+                self._concepts.detach()
         finally:
             if self._saved is not None:
                 restore_processors(self.transformer, self._saved)
@@ -184,6 +202,8 @@ class StepAverageRecorder:
         self._cfg_seen = cfg
         self._grid = grid
         self._acc.begin_step(timestep, grid)
+        if self._concepts is not None:
+            self._concepts.begin_step(self._acc.canonical_size)
 
     def on_attention(self, block_index: int, att: JointAttention) -> None:
         h, w = self._grid
@@ -196,11 +216,13 @@ class StepAverageRecorder:
         probs = recorded_probs(att, mean_heads=True, budget_bytes=self.scratch_bytes)
         B, _, T = probs.shape
         self._acc.add(self._position[block_index], probs.view(B, h, w, T))
+        if self._concepts is not None:
+            self._concepts.on_attention(self._position[block_index], att, self._grid)
 
     # -- results ---------------------------------------------------------------------------------------
     def state_bytes(self) -> int:
         """Bytes of the persistent capture state on the device right now."""
-        return self._acc.state_bytes()
+        return self._acc.state_bytes() + (self._concepts.state_bytes() if self._concepts is not None else 0)
 
     def result(self) -> CaptureResult:
         """The recording, on the host (numpy). Call after the pipeline returned."""
@@ -221,9 +243,10 @@ class StepAverageRecorder:
             num_tokens=int(acc.num_tokens),
             batch_size=int(acc.batch_size),
             cfg=bool(self._cfg_seen),
-            state_bytes=acc.state_bytes(),
+            state_bytes=self.state_bytes(),
             text_spans=self.family.text_spans(self.pipe, int(acc.num_tokens)) if self.pipe is not self.transformer else None,
             model_family=self.family.name,
             capture_path=path_summary(self._used),
             capture_verdicts=[v for c in self._used for v in self.paths.verdicts(c, self.method)],
+            concepts=self._concepts.result() if self._concepts is not None else None,
         )

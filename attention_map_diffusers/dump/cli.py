@@ -48,6 +48,8 @@ from .loading import (
 )
 from .resume import COMPLETE, OTHER, REDO, check_out_kind, existing_run, refuse_other_settings
 from .runs import plan_image_runs, plan_runs, read_prompts_file
+from ..capture.concept_names import CONCEPT_RULES, MAX_CONCEPTS
+from .concept_checks import check_concept_flags, check_concepts_on_model
 from .source_images import check_noise_levels, open_checked, pair_images, read_images_csv
 from .settings import RunSettings
 
@@ -161,6 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--strength", type=float, default=None, metavar="S",
                    help="instead of noise levels: img2img (StableDiffusion3Img2ImgPipeline) from level S in (0, 1], "
                    "int(--steps x S) denoising steps recorded like generation; the run's image is the output")
+
+    k = p.add_argument_group(
+        "concept maps (ConceptAttention, docs/concepts.md)",
+        "Each concept (its first T5 token) runs through the text stream's weights of every joint block in its own "
+        "stream; its map is the softmax over the concepts of the dot product of image and concept attention outputs, "
+        "per image token. The image is unchanged. Stored beside the word maps (docs/FORMAT.md: concept_*).")
+    k.add_argument("--concepts", nargs="+", action=_Extend, default=None, metavar="WORD",
+                   help=f"concepts to map, e.g. cat table sky background (1 to {MAX_CONCEPTS}, distinct "
+                   "case-insensitively); each adds one token to a side stream and 4 x (Hc x Wc + blocks x steps) "
+                   "bytes of state per image (SD3.5 large, 1024px, 50 steps: 24 KB)")
+    k.add_argument("--concept-blocks", type=int, nargs="+", action=_Extend, default=None, metavar="I",
+                   help="joint blocks (indices into 'blocks') averaged into the map; default: FLUX.1 the last four "
+                   "joint blocks (as upstream, 15-18 of 19), SD3 / SD3.5 all joint blocks")
+    k.add_argument("--concept-steps", type=int, nargs="+", action=_Extend, default=None, metavar="S",
+                   help="step indices (0 = first, noisiest; with --image the noise levels) averaged into the map; "
+                   "default: all")
+    k.add_argument("--concept-rule", choices=tuple(CONCEPT_RULES), default=None,
+                   help="keys the concept queries attend to: "
+                   + "; ".join(f"{name}: {text}" for name, text in CONCEPT_RULES.items())
+                   + " (default: concept)")
 
     r = p.add_argument_group("several runs")
     r.add_argument("--prompts-file", default=None,
@@ -277,6 +299,7 @@ def _validate(args, jobs: Optional[list] = None) -> tuple[list[str], list[int], 
     if items > MAX_BATCH_ITEMS:
         raise UserError(f"--batch-size {args.batch_size} x --num-images-per-prompt {args.num_images_per_prompt} makes "
                         f"{items} images per pipeline call; at most {MAX_BATCH_ITEMS}: lower one of them")
+    check_concept_flags(args)
     _check_out(args.out)
     return prompts, seeds, settings_from_args(args)
 
@@ -358,6 +381,10 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         random_weights=args.model in TINY_MODELS,
         noise_levels=args.noise_levels if args.strength is None else None,
         strength=args.strength,
+        concepts=tuple(args.concepts) if args.concepts else None,
+        concept_blocks=tuple(args.concept_blocks) if args.concept_blocks is not None else None,
+        concept_steps=tuple(args.concept_steps) if args.concept_steps is not None else None,
+        concept_rule=args.concept_rule or "concept",
     )
 
 
@@ -396,6 +423,7 @@ def _check_model_limits(pipe, settings: RunSettings) -> None:
     max_patches = getattr(pipe.transformer.config, "pos_embed_max_size", None)
     Geometry(multiple, int(max_patches) * multiple if max_patches else None).check(
         settings.height, settings.width, " for this model")
+    check_concepts_on_model(pipe, settings.concepts, settings.concept_blocks)
     check_skip_layers(settings.skip_guidance_layers, len(pipe.transformer.transformer_blocks))
 
 

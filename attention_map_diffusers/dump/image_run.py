@@ -16,7 +16,7 @@ import time
 
 from ..contract import IMAGES_DIR
 from .loading import Placement
-from .run import prompt_token_lists, quiet_nan_cast, versions
+from .run import concept_options, prompt_token_lists, quiet_nan_cast, versions
 from .runs import Run
 from .settings import RunSettings
 from .source_images import read_source
@@ -48,6 +48,7 @@ def run_image(pipe, run: Run, settings: RunSettings, placement: Placement, out_d
         keep_step_maps=settings.save_step_maps,
         stats_dtype=torch.float16 if settings.store_dtype == "float16" else torch.float32,
         paths=paths,
+        concepts=concept_options(settings),
     )
     stem = os.path.splitext(source.name)[0]
     record = source.record()

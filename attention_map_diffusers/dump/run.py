@@ -56,6 +56,16 @@ def prompt_token_lists(pipe, prompts, settings: RunSettings, family: str):
     return clip_len, clip, t5
 
 
+def concept_options(settings: RunSettings):
+    """The recorder's ``concepts=`` for ``settings`` (None without --concepts)."""
+    if not settings.concepts:
+        return None
+    from ..capture.concepts import ConceptOptions
+
+    return ConceptOptions(settings.concepts, settings.concept_blocks, settings.concept_steps, settings.concept_rule,
+                          keep_block_maps=settings.save_block_maps, max_sequence_length=settings.max_sequence_length)
+
+
 def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir: str, paths=None) -> str:
     """Generate the images of ``run`` with ``pipe`` under a :class:`StepAverageRecorder` and write
     its folder ``out_dir`` (npz, metadata.json, images). ``paths``: a ``KernelPaths`` shared by the
@@ -103,6 +113,7 @@ def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir
         keep_step_maps=settings.save_step_maps,
         stats_dtype=torch.float16 if settings.store_dtype == "float16" else torch.float32,
         paths=paths,
+        concepts=concept_options(settings),
     ) as rec, quiet_nan_cast():
         output = pipe(**kwargs)
     result = rec.result()

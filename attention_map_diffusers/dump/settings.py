@@ -33,6 +33,10 @@ class RunSettings:
     true_cfg_scale: float = 1.0  # FLUX.1's true CFG (> 1 with a negative prompt: a second, unrecorded call)
     noise_levels: Optional[tuple[float, ...]] = None  # image mode: the flow-matching levels, noisiest first
     strength: Optional[float] = None  # image mode: img2img from this level instead of noise levels
+    concepts: Optional[tuple[str, ...]] = None  # ConceptAttention concepts, or None (no concept maps)
+    concept_blocks: Optional[tuple[int, ...]] = None  # joint blocks averaged; None: the family's default
+    concept_steps: Optional[tuple[int, ...]] = None  # steps averaged; None: all
+    concept_rule: str = "concept"  # capture.concept_names.CONCEPT_RULES
 
     @property
     def image_mode(self) -> bool:
@@ -75,7 +79,11 @@ class RunSettings:
         } | ({"true_cfg_scale": float(self.true_cfg_scale)} if self.true_cfg_scale != 1.0 else {}) | (
             {"mode": "image", "image_sha256": image_sha256,
              "noise_levels": list(self.noise_levels) if self.noise_levels is not None else None,
-             "strength": self.strength} if self.image_mode else {})
+             "strength": self.strength} if self.image_mode else {}) | (
+            {"concepts": list(self.concepts),
+             "concept_blocks": list(self.concept_blocks) if self.concept_blocks is not None else None,
+             "concept_steps": list(self.concept_steps) if self.concept_steps is not None else None,
+             "concept_rule": self.concept_rule} if self.concepts else {})
         # (only when set, so that the fingerprints of earlier dumps stay what they were)
 
     def fingerprint(self, prompts: Sequence[str], seed: int, image_sha256: Optional[str] = None) -> str:

@@ -38,10 +38,23 @@ class NonFiniteMaps(ValueError):
     huge --guidance-scale): the run fails and nothing of it is written."""
 
 
+# Arrays whose whole block rows (axis 1) are NaN by design: blocks without a concept stream (FLUX.1's
+# single blocks; docs/FORMAT.md, concept maps).
+_NAN_BLOCK_ROWS = ("concept_per_block_step_mean", "concept_per_block_map")
+
+
+def _non_finite(key: str, value) -> int:
+    v = np.asarray(value)
+    if key in _NAN_BLOCK_ROWS and v.ndim >= 2:
+        rows = np.isnan(v).reshape(v.shape[0], v.shape[1], -1).all(axis=(0, 2))  # (Bk,): a block without concepts
+        v = v[:, ~rows]
+    return int(np.count_nonzero(~np.isfinite(v)))
+
+
 def check_finite(arrays: dict) -> None:
-    """Raise :class:`NonFiniteMaps` when a floating array of ``arrays`` holds NaN or an infinity."""
-    bad = {k: int(np.count_nonzero(~np.isfinite(v))) for k, v in arrays.items()
-           if np.asarray(v).dtype.kind in "fc"}
+    """Raise :class:`NonFiniteMaps` when a floating array of ``arrays`` holds NaN or an infinity (the
+    all-NaN block rows of the concept arrays aside)."""
+    bad = {k: _non_finite(k, v) for k, v in arrays.items() if np.asarray(v).dtype.kind in "fc"}
     bad = {k: n for k, n in bad.items() if n}
     if bad:
         key = next(iter(bad))
@@ -148,6 +161,9 @@ def build_metadata(
         for key in ("tokens", "special_mask", "token_offsets_clip"):
             del meta[key]
         meta["truncated"] = [{"t5": t.truncated} for t in t5]
+    concepts = getattr(result, "concepts", None)
+    if concepts is not None:  # ConceptAttention maps (docs/FORMAT.md): concepts, concept_blocks, concept_steps, concept_rule
+        meta.update(concepts.metadata())
     meta["mode"] = "image" if settings.image_mode else "generate"
     if settings.image_mode:
         if source is None:
@@ -222,7 +238,7 @@ def write_run(folder: str, arrays: dict, metadata: dict, images: Sequence, image
     """
     stored = {}
     for key, value in arrays.items():
-        if key in ("N",):
+        if key in ("N", "concept_N"):
             stored[key] = np.asarray(value, dtype=np.int64)
         elif key == "timesteps":
             stored[key] = np.asarray(value, dtype=np.float32)
