@@ -225,38 +225,61 @@ def line_chunks(m: int, per_axis: int = MAX_LINES) -> list[range]:
     return [range(a, min(m, a + per_axis)) for a in range(0, max(m, 1), per_axis)]
 
 
-def draw_bands(ax, x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> None:
-    """(S, m) bands between ``lower`` and ``upper``, band j in line j's colour at 20 % opacity, under
-    the lines: what ``fill_between`` draws (within 2 levels), as plain polygon collections, which cost
-    a fraction of its shape checks. One collection per band: in a single collection Agg draws
-    overlapping polygons differently."""
+def draw_bands(ax, x: np.ndarray, lower: np.ndarray, upper: np.ndarray, colours: Optional[Sequence[str]] = None) -> None:
+    """(S, m) bands between ``lower`` and ``upper``, band j in ``colours[j]`` (default: :func:`line_colours`)
+    at 20 % opacity, under the lines: what ``fill_between`` draws (within 2 levels), as plain polygon
+    collections, which cost a fraction of its shape checks. One collection per band: in a single
+    collection Agg draws overlapping polygons differently."""
     from matplotlib.collections import PolyCollection
 
+    colours = line_colours(lower.shape[1], colours)
     if not (np.isfinite(lower).all() and np.isfinite(upper).all()):  # gaps: fill_between leaves them out
         for j in range(lower.shape[1]):
-            ax.fill_between(x, lower[:, j], upper[:, j], color=LINE_COLOURS[j % len(LINE_COLOURS)], alpha=0.2, lw=0)
+            ax.fill_between(x, lower[:, j], upper[:, j], color=colours[j], alpha=0.2, lw=0)
         return
     xs = np.concatenate([x, x[::-1]])
     for j in range(lower.shape[1] if len(x) else 0):
-        colour = LINE_COLOURS[j % len(LINE_COLOURS)]
+        colour = colours[j]
         verts = np.column_stack([xs, np.concatenate([upper[:, j], lower[::-1, j]])])
         ax.add_collection(PolyCollection([verts], facecolors=colour, edgecolors=colour, linewidths=0, alpha=0.2, zorder=1),
                           autolim=False)
 
 
-def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], *, spread: Optional[np.ndarray] = None, S: Optional[int] = None) -> list:
-    """(S, m) curves, one solid line per label (m <= 8: distinct colours), against the denoising step.
+def line_colours(m: int, colours: Optional[Sequence[str]] = None) -> list[str]:
+    """``colours`` (one per line, e.g. :meth:`.colours.WordColours.colours`), or :data:`LINE_COLOURS` in turn."""
+    if colours is not None:
+        if len(colours) < m:
+            raise ValueError(f"{m} lines need {m} colours, got {len(colours)}")
+        return list(colours)
+    return [LINE_COLOURS[j % len(LINE_COLOURS)] for j in range(m)]
+
+
+def line_styles(colours: Sequence[str]) -> list[str]:
+    """Solid for a colour's first line, then dashed, dotted, dash-dotted: two words of one colour
+    (the same text twice, "a #0" and "a #6") stay apart."""
+    seen: dict[str, int] = {}
+    out = []
+    for c in colours:
+        out.append(("-", "--", ":", "-.")[min(seen.get(c, 0), 3)])
+        seen[c] = seen.get(c, 0) + 1
+    return out
+
+
+def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], *, spread: Optional[np.ndarray] = None,
+                S: Optional[int] = None, colours: Optional[Sequence[str]] = None) -> list:
+    """(S, m) curves, one line per label in ``colours`` (one per label: the words' own colours;
+    default :data:`LINE_COLOURS` in turn), against the denoising step.
 
     ``spread``: (S, m) drawn as a band of +-spread around each line (e.g. the std over seeds).
     """
     x = np.arange(curves.shape[0])
+    colours = line_colours(len(labels), colours)
     lines = []
-    for j, label in enumerate(labels):
-        colour = LINE_COLOURS[j % len(LINE_COLOURS)]
-        (line,) = ax.plot(x, curves[:, j], "-", color=colour, lw=1.6, marker="o" if len(x) < 3 else None, ms=3, label=label)
+    for j, (label, style) in enumerate(zip(labels, line_styles(colours))):
+        (line,) = ax.plot(x, curves[:, j], style, color=colours[j], lw=1.6, marker="o" if len(x) < 3 else None, ms=3, label=label)
         lines.append(line)
     if spread is not None:
-        draw_bands(ax, x, curves - spread, curves + spread)
+        draw_bands(ax, x, curves - spread, curves + spread, colours)
     step_axis(ax, timesteps, S=S if timesteps is None else None)
     ax.set_ylabel(CURVE_LABEL, fontsize=8)
     ax.set_ylim(bottom=0)
@@ -267,11 +290,13 @@ def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Option
 def curves_figure(
     curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], title: str, *, ymax: Optional[float] = None,
     spread: Optional[np.ndarray] = None, scale_text: str = "", facts: Optional[FigureFacts] = None,
+    colours: Optional[Sequence[str]] = None,
 ) -> Figure:
     """(S, m) curves, at most :data:`MAX_LINES` per axis (further lines on further axes below), legends outside.
 
-    ``ymax``: a y scale shared with other figures (stated by ``scale_text``).
+    ``ymax``: a y scale shared with other figures (stated by ``scale_text``). ``colours``: one per line.
     """
+    colours = line_colours(len(labels), colours)
     chunks = line_chunks(len(labels))
     panel_w, panel_h, vgap = 5.6, 2.7, 0.3  # inches
     head = title + (f"\n{scale_text}" if scale_text else "")
@@ -285,7 +310,7 @@ def curves_figure(
     for ax, chunk in zip(axes, chunks):
         sub = list(chunk)
         draw_curves(ax, curves[:, sub], [labels[j] for j in sub], timesteps,
-                    spread=None if spread is None else spread[:, sub], S=curves.shape[0])
+                    spread=None if spread is None else spread[:, sub], S=curves.shape[0], colours=[colours[j] for j in sub])
         if sub and labels:
             ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
         if ymax is not None:
@@ -310,6 +335,7 @@ def save_curves_per_block(
     dpi: int = 100,
     on_saved: Optional[Callable[[], None]] = None,
     facts: Optional[FigureFacts] = None,
+    colours: Optional[Sequence[str]] = None,
 ) -> None:
     """One curves figure per block, drawn once and updated per block (much faster than a figure each).
 
@@ -322,7 +348,7 @@ def save_curves_per_block(
     top = float(np.max(curves, initial=0.0))
     ymax = top * 1.05 if top > 0 else 1.0
     fig = curves_figure(curves[0], labels, timesteps, titles[0], ymax=ymax,
-                        scale_text="same y scale for every block", facts=facts)
+                        scale_text="same y scale for every block", facts=facts, colours=colours)
     chunks = line_chunks(len(labels))
     axes = [ax for ax in fig.axes if ax.get_lines()]
     lines = [(ax, j, line) for ax, chunk in zip(axes, chunks) for j, line in zip(chunk, ax.get_lines())]
@@ -436,29 +462,35 @@ def word_grid_figure(
     return fig
 
 
+UNDECIDED = "#ebebeb"  # segmentation cells whose top share is below the threshold (lighter than any word's colour)
+
+
 def segmentation_figure(
     image: Optional[np.ndarray], labels: np.ndarray, top: np.ndarray, threshold: float, names: Sequence[str],
-    shown: Sequence[int], title: str, facts: Optional[FigureFacts] = None,
+    colours: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
 ) -> Figure:
-    """Each pixel coloured by its dominant word; pixels whose top share is below ``threshold`` in grey.
+    """Each pixel coloured by its dominant word, in that word's colour; pixels whose top share is
+    below ``threshold`` in :data:`UNDECIDED`. The legend lists the words that own a cell.
 
     Args:
         labels: (H, W) position of each pixel's dominant word; top: (H, W) its share.
-        names: the labels of all words; shown: positions (at most 8) that get a colour, the rest is "other word".
+        names: the labels of all words; colours: one per word (:class:`.colours.WordColours`).
     """
     from matplotlib.colors import to_rgb
     from matplotlib.patches import Patch
 
-    colour = {p: to_rgb(LINE_COLOURS[k % len(LINE_COLOURS)]) for k, p in enumerate(shown[:MAX_LINES])}
-    other = to_rgb("#333333")
-    grey = (0.8, 0.8, 0.8)
-    lut = np.array([colour.get(v, other) for v in range(max(int(labels.max(initial=0)) + 1, 1))])
-    rgb = lut[np.clip(labels, 0, None)]
+    if len(colours) < len(names):
+        raise ValueError(f"{len(names)} words need {len(names)} colours, got {len(colours)}")
+    grey = to_rgb(UNDECIDED)
+    lut = np.array([to_rgb(c) for c in colours] or [grey])
+    rgb = lut[np.clip(labels, 0, len(lut) - 1)]
     rgb[top < threshold] = grey
-    handles = [Patch(color=colour[p], label=names[p]) for p in shown[:MAX_LINES]]
-    if any(int(v) not in colour for v in np.unique(labels[top >= threshold])):
-        handles.append(Patch(color=other, label="another word"))
-    handles.append(Patch(color=grey, label=f"undecided: top share < {threshold:.2f}"))
+    owners = sorted(int(v) for v in np.unique(labels[top >= threshold]) if 0 <= v < len(names))
+    by_colour: dict[str, list[int]] = {}
+    for p in owners:  # words of one colour (the same text twice) share a legend entry
+        by_colour.setdefault(colours[p], []).append(p)
+    handles = [Patch(color=c, label=", ".join(names[p] for p in ps)) for c, ps in by_colour.items()]
+    handles.append(Patch(facecolor=grey, edgecolor="#999999", label=f"undecided: top share < {threshold:.2f}"))
     panels = 2 if image is not None else 1
     side = 4.0  # inches per panel
     legend = legend_width([h.get_label() for h in handles], 8)
@@ -484,9 +516,10 @@ def segmentation_figure(
 
 def clip_vs_t5_figure(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequence[str], mass_clip: np.ndarray, mass_t5: np.ndarray,
-    scatter_labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
+    scatter_labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None, colours: Optional[Sequence[str]] = None,
 ) -> Figure:
-    """Per word, its CLIP and T5 heatmaps side by side on one shared scale, and CLIP mass against T5 mass."""
+    """Per word, its CLIP and T5 heatmaps side by side on one shared scale, and CLIP mass against T5 mass
+    (``colours``: one per scattered word; default: the first of :data:`LINE_COLOURS`)."""
     m = len(pairs)
     rows = max(1, m)
     side, vgap, hgap, scat = 1.9, 0.3, 0.08, 4.2  # inches: a map, between rows, between the two maps, the scatter
@@ -525,7 +558,7 @@ def clip_vs_t5_figure(
         place_colorbar(fig, cbar.ax, map_axes, gap=CBAR_GAP, width=CBAR_WIDTH)
         x += CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar)
     ax = fig.add_axes(rect(x, top, scat, scat))
-    ax.scatter(mass_clip, mass_t5, s=18, color=LINE_COLOURS[0])
+    ax.scatter(mass_clip, mass_t5, s=18, color=list(colours) if colours is not None else LINE_COLOURS[0])
     ax.tick_params(labelsize=8)
     for xm, ym, t in zip(mass_clip, mass_t5, scatter_labels):
         ax.annotate(t, (xm, ym), fontsize=7, xytext=(3, 2), textcoords="offset points", clip_on=True)  # labels stay in the axes

@@ -13,6 +13,7 @@ import numpy as np
 from ..atomic import write_bytes, write_npz, write_text
 from ..contract import UserError, slugify
 from . import framemaps, outdir
+from .colours import WordColours
 from .aggregate_runs import RunSummary, aggregate, group_runs
 from .dumpfile import Dump, format_ranges
 from .fonts import FontChoice, use_fonts
@@ -120,6 +121,7 @@ class ItemContext:
     positions: list[int]  # selected blocks, on the Bk axis
     frames: list[Frames]
     frame_maps: dict[str, np.ndarray]  # kind -> (K, Hc, Wc, T) for this item
+    colours: WordColours = field(default_factory=WordColours)  # the words' colours (the same in every run)
 
 
 def _timesteps(ts) -> Optional[np.ndarray]:
@@ -184,6 +186,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     page.overview = f"{rel}/{files.overview}"
 
     top8 = res.top[:MAX_LINES]
+    colour_of = ctx.colours.colours(labels)  # per word
     grids = np.moveaxis(res.curves[:, :, res.top], -1, 0)  # (m, Bk, S)
     save(plots.word_grid_figure(grids, [labels[j] for j in res.top], res.block_ids, ts,
                                 f"{title}: each top word over blocks (y) and denoising steps (x)", facts=facts), files.word_grids)
@@ -191,7 +194,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
 
     dom, top_share = dominant_words(res.shares)
     thr = segmentation_threshold(len(words))
-    save(plots.segmentation_figure(disp if options.overlay else None, dom, top_share, thr, labels, top8,
+    save(plots.segmentation_figure(disp if options.overlay else None, dom, top_share, thr, labels, colour_of,
                                    f"{title}: the word each pixel attends to most (shares over the words)", facts=facts),
          files.segmentation)
     page.segmentation = f"{rel}/{files.segmentation}"
@@ -241,7 +244,8 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     for names, curves, lbls, what, listing in kinds:
         titles = [f"{title}: {what}, transformer_blocks.{bid}" for bid in res.block_ids]
         plots.save_curves_per_block(
-            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts
+            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts,
+            colours=ctx.colours.colours(lbls),
         )
         listing.extend((f"block {bid}", f"{rel}/{n}") for bid, n in zip(res.block_ids, names))
     return page
@@ -258,7 +262,7 @@ def _pair(per_item: Sequence[EncoderResult], options: AnalysisOptions):
     return c, t
 
 
-def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions) -> str:
+def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions, colours: WordColours = WordColours()) -> str:
     """``clip_vs_t5.{fmt}`` of one item; returns its path relative to the page."""
     from . import plots
     from .figure import save_figure
@@ -273,6 +277,7 @@ def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions)
     fig = plots.clip_vs_t5_figure(
         pairs, [labels[j] for j in top], np.array([c.mass[i] for i, _ in common]), np.array([t.mass[k] for _, k in common]),
         [labels[i] for i, _ in common], "CLIP vs T5: heatmaps of the top CLIP words (one scale) and every word's mass", facts=facts,
+        colours=colours.colours([labels[i] for i, _ in common]),
     )
     save_figure(fig, os.path.join(dest, name), options.fmt, options.dpi, facts)
     return f"{rel}/{name}" if rel else name
@@ -299,15 +304,19 @@ class RunOutcome:
 
 
 def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[[], None], back: Optional[str] = None,
-              parallel: bool = False) -> RunOutcome:
+              parallel: bool = False, colours: Optional[WordColours] = None) -> RunOutcome:
     """A run's image copy, per-encoder outputs and ``index.html`` into ``dest``.
 
     ``back``: a link from the run's page to the page listing it (several runs). ``parallel``: write
     the second encoder in a forked process while this one writes the first (a single run on a
-    machine with two or more cores; see :func:`_fork_encoder`).
+    machine with two or more cores; see :func:`_fork_encoder`). ``colours``: the words' colours of
+    the whole analysis (default: from this run's words).
     """
     dump = run.dump
     B = dump.batch_size
+    if colours is None:
+        colours = WordColours.build([[w.text for res in per_item for w in res.words] + list(options.phrases)
+                                     for per_item in run.results])
     items = []
     frames = frame_plan(run, options)
     positions = dump.select_blocks(options.block_ranges)
@@ -331,14 +340,14 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
             if m is not None:
                 frame_maps[fr.kind] = m
         facts = run_facts(dump, i)
-        ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps)
+        ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps, colours)
         pages = []
         results = run.results[i]
         forked = _fork_encoder(dest, base, results[1], ctx, options) if parallel and len(results) == 2 else None
         pair = _pair(results, options)
         compare = None
         if pair is not None:  # drawn first: with a forked child, while it writes its encoder
-            compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options)
+            compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options, colours)
             tick()
         for res in results:
             rel = f"{base}/{res.encoder}" if base else res.encoder
@@ -409,7 +418,7 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
 
 
 def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOptions, pool=None,
-                 fonts: Optional[FontChoice] = None) -> tuple[list[GroupPage], list]:
+                 fonts: Optional[FontChoice] = None, colours: WordColours = WordColours()) -> tuple[list[GroupPage], list]:
     """Aggregate runs that share a prompt (two or more) into ``aggregate/<NNN-slug>/{enc}/``.
 
     The numbers and tables are computed here; each group's figures are drawn in ``pool`` (a process
@@ -438,9 +447,9 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
             page.curves, page.blocks, page.heatmaps = (f"{rel}/{res.encoder}/{n}" for n in names)
             paths = [os.path.join(folder, n) for n in names]
             if pool is None:
-                _group_figures(paths, res, facts, options)
+                _group_figures(paths, res, facts, options, colours)
             else:
-                pending.append(pool.submit(_group_figures_with_fonts, fonts, paths, res, facts, options))
+                pending.append(pool.submit(_group_figures_with_fonts, fonts, paths, res, facts, options, colours))
         pages.append(page)
     return pages, pending
 
@@ -453,7 +462,8 @@ def _group_figures_with_fonts(fonts: Optional[FontChoice], *args) -> None:
 GROUP_FIGURES = ("curves_mean", "curves_blocks", "heatmaps_mean")  # a group's figures, in the order _group_figures draws them
 
 
-def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: AnalysisOptions) -> None:
+def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: AnalysisOptions,
+                   colours: WordColours = WordColours()) -> None:
     """A group's figures (:data:`GROUP_FIGURES`) into ``paths``: block-averaged curves with bands,
     curves per block with bands, and the mean heatmaps with their spread."""
     from . import group_plots, plots
@@ -466,13 +476,14 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     fmt = options.fmt
     top8 = order[:MAX_LINES]
     curves_path, blocks_path, heatmaps_path = paths
+    colour_of = colours.colours([labels[j] for j in top8])
     fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
                               f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
-                              spread=res.blockavg_std[:, top8], facts=facts)
+                              spread=res.blockavg_std[:, top8], facts=facts, colours=colour_of)
     save_figure(fig, curves_path, fmt, options.dpi, facts)
     fig = group_plots.blocks_bands_figure(
         res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
-        f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts)
+        f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts, colours=colour_of)
     save_figure(fig, blocks_path, fmt, options.dpi, facts)
     fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
                               [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
@@ -568,7 +579,8 @@ def _write_runs(plan: Plan, tmp: str, pool) -> dict[str, RunOutcome]:
             dest = os.path.join(tmp, run.folder) if run.folder else tmp
             os.makedirs(dest, exist_ok=True)
             outcomes[run.folder] = write_run(dest, run, options, lambda: bar.update(1), back=_back(plan, run.folder),
-                                             parallel=len(plan.runs) == 1 and _cpus() > 1 and not options.tables_only)
+                                             parallel=len(plan.runs) == 1 and _cpus() > 1 and not options.tables_only,
+                                             colours=plan.colours)
             del run
         return outcomes
 
@@ -583,7 +595,7 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
         if outcome is not None:
             summaries.extend(outcome.summaries)
             outcome.summaries = []
-    groups, drawing = write_groups(tmp, summaries, options, pool, plan.fonts)
+    groups, drawing = write_groups(tmp, summaries, options, pool, plan.fonts, plan.colours or WordColours())
     # the cross-prompt figures drawn here while the pool draws the groups'
     cross = [] if options.tables_only else write_cross_prompt(tmp, groups, summaries, options)
     for fut in drawing:
@@ -708,12 +720,12 @@ def _back(plan: Plan, folder: Optional[str]) -> Optional[str]:
 
 
 def _write_one(folder: str, run_dir: str, dest: str, options: AnalysisOptions, back: Optional[str],
-               fonts: Optional[FontChoice]) -> "RunOutcome":
+               fonts: Optional[FontChoice], colours: Optional[WordColours] = None) -> "RunOutcome":
     """One run of several, in a worker process: planned again from its folder and written into ``dest``."""
     with use_fonts(fonts):
         run = plan_run(folder, run_dir, options, None)
         os.makedirs(dest, exist_ok=True)
-        return write_run(dest, run, options, lambda: None, back=back)
+        return write_run(dest, run, options, lambda: None, back=back, colours=colours)
 
 
 def _write_runs_parallel(plan: Plan, tmp: str, pool, bar) -> dict:
@@ -724,7 +736,7 @@ def _write_runs_parallel(plan: Plan, tmp: str, pool, bar) -> dict:
     outcomes = {}
     futures = {
         pool.submit(_write_one, spec.folder, spec.run_dir, os.path.join(tmp, spec.folder), plan.options,
-                    _back(plan, spec.folder), plan.fonts): spec
+                    _back(plan, spec.folder), plan.fonts, plan.colours): spec
         for spec in plan.runs
     }
     for fut in as_completed(futures):
