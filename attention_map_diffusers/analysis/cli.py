@@ -19,7 +19,7 @@ from typing import Optional
 
 from ..cli import OneLineParser, fail, parse
 from ..contract import UserError
-from .options import FORMATS, AnalysisOptions, parse_encoders
+from .options import FORMATS, SCALES, AnalysisOptions, parse_encoders
 from .stats import WEIGHT_MODES, parse_blocks
 from .words import parse_phrases
 
@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         "darken the rest (100: the maximum; default: 99)",
     )
     p.add_argument(
+        "--scale",
+        choices=SCALES,
+        default="own",
+        help="colour scale of the word maps: 'own' scales each map from 0 to its own P-th percentile (shapes are "
+        "easy to see, but a near-uniform map looks as structured as a sharp one); 'shared' uses one scale for all "
+        "the words of an encoder, the P-th percentile of all their maps (compare words by colour). Default: own",
+    )
+    p.add_argument(
         "--blocks",
         default=None,
         help="blocks to analyse, by index: comma-separated indices and ranges, e.g. 0-5,12 (default: all). "
@@ -107,6 +115,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
         tables_only=args.tables_only,
         t5_tokenizer=args.t5_tokenizer,
         vmax_percentile=args.vmax_percentile,
+        scale=args.scale,
     )
 
 

@@ -156,3 +156,52 @@ def tick_labels(axis) -> list[str]:
     eps = 1e-12 * max(abs(lo), abs(hi), 1)  # a tick at the limit, give or take rounding, is drawn
     locs = [v for v in axis.get_majorticklocs() if lo - eps <= v <= hi + eps]
     return list(axis.get_major_formatter().format_ticks(locs)) if locs else []
+
+
+EVEN_LABEL = "even"  # the tick of the even split (1/n for n words) on a word-share colour bar
+EVEN_COLOUR = "#3fd0ff"  # its line across the bar: visible on every colour of inferno
+EVEN_ROOM = 0.07  # ticks closer than this share of the bar to the even tick are left out (their labels would overlap)
+
+
+def mark_even(cbar, even: float) -> None:
+    """On a vertical word-share colour bar, a tick labelled :data:`EVEN_LABEL` at ``even`` (the share
+    each word would have if the attention were split evenly: 1/n) and a line across the bar there.
+
+    The tick comes and goes with the bar's limits (a bar redrawn with another ``vmax``), and
+    :func:`tick_labels` (so :func:`colorbar_band`) measures it like any other tick.
+    """
+    from matplotlib.ticker import Formatter, Locator
+
+    base_loc, base_fmt = cbar.locator, cbar.formatter
+
+    class EvenLocator(Locator):
+        def __call__(self):
+            base_loc.set_axis(self.axis)
+            lo, hi = sorted(self.axis.get_view_interval())
+            ticks = list(base_loc())
+            if lo <= even <= hi:
+                ticks = sorted([t for t in ticks if abs(t - even) > EVEN_ROOM * (hi - lo)] + [even])
+            return ticks
+
+    class EvenFormatter(Formatter):
+        def set_axis(self, axis):
+            super().set_axis(axis)
+            base_fmt.set_axis(axis)
+
+        def format_ticks(self, values):
+            others = [v for v in values if v != even]
+            labels = dict(zip(others, base_fmt.format_ticks(others))) if others else {}
+            return [EVEN_LABEL if v == even else labels[v] for v in values]
+
+        def __call__(self, x, pos=None):
+            return EVEN_LABEL if x == even else base_fmt(x, pos)
+
+        def get_offset(self):
+            return base_fmt.get_offset()
+
+    from matplotlib.lines import Line2D
+
+    cbar.locator = EvenLocator()
+    cbar.formatter = EvenFormatter()
+    # an artist, not axhline: the bar's limits must not grow to an even split above its scale
+    cbar.ax.add_artist(Line2D([0.0, 1.0], [even, even], transform=cbar.ax.get_yaxis_transform(), color=EVEN_COLOUR, lw=1.2))

@@ -10,6 +10,7 @@ from .stats import WEIGHT_MODES
 
 ENCODERS = ("clip", "t5")
 FORMATS = ("png", "svg", "pdf")
+SCALES = ("own", "shared")  # --scale
 ENCODER_TITLES = {"clip": "CLIP", "t5": "T5"}
 
 
@@ -30,6 +31,7 @@ class AnalysisOptions:
     tables_only: bool = False  # CSV tables and index.html only, no figures
     t5_tokenizer: Optional[str] = None  # for original-tool dumps: a T5 tokenizer folder or id
     vmax_percentile: float = 99.0  # heatmap colour scales run from 0 to this percentile of the map (100: its maximum)
+    scale: str = "own"  # "own": each word map on its own colour scale; "shared": one scale for all the words of an encoder
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -48,6 +50,8 @@ class AnalysisOptions:
             raise UserError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
         if self.block_ranges is not None and any(a < 0 or a > b for a, b in self.block_ranges):
             raise UserError(f"--blocks: ranges must be (first, last) with 0 <= first <= last, got {self.block_ranges}")
+        if self.scale not in SCALES:
+            raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if self.fmt not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
 

@@ -19,11 +19,11 @@ from PIL import Image
 from ..atomic import atomic_path
 from .figure import Blitter, footer_band, footer_width, new_figure, set_width, write_figure
 from .layout import (
-    EDGE, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, new_colorbar, place_colorbar,
+    EDGE, EVEN_COLOUR, EVEN_LABEL, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, mark_even, new_colorbar, place_colorbar,
     suptitle_band, suptitle_height, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
 )
-from .raster import MapRaster
-from .views import MAX_LINES, FigureFacts  # noqa: F401 - FigureFacts is part of this API
+from .raster import MapRaster, greyscale
+from .views import MAX_LINES, FigureFacts, even_note, scale_note  # noqa: F401 - FigureFacts, scale_note: part of this API
 
 HEAT_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
@@ -74,18 +74,15 @@ def rasters(ax) -> list[MapRaster]:
     return [a for a in ax.artists if isinstance(a, MapRaster)]
 
 
-def scale_note(percentile: float) -> str:
-    return "colour scale: 0 to the maximum" if percentile >= 100 else f"colour scale: 0 to the {percentile:g}th percentile"
-
-
 def heatmap_figure(
     heat: np.ndarray, title: str, image: Optional[np.ndarray] = None, *, vmax: Optional[float] = None,
-    scale: str = "", facts: Optional[FigureFacts] = None, room_for: Sequence[float] = (),
+    scale: str = "", facts: Optional[FigureFacts] = None, room_for: Sequence[float] = (), even: Optional[float] = None,
 ) -> Figure:
     """One map: the grid alone, and beside it the map over the image when one is given, with a colour bar.
 
     ``vmax`` is the colour scale's top (values above it saturate), ``scale`` says how it was chosen.
     ``room_for``: further scale tops the figure will be redrawn with (the colour bar's labels get room for each).
+    ``even``: the even split 1/n, marked on the colour bar (:func:`~.layout.mark_even`).
     """
     panels = 1 if image is None else 2
     side, gap = 3.2, 0.1  # inches
@@ -97,8 +94,11 @@ def heatmap_figure(
     im = draw_heatmap(axes[0], heat, title="attention map", vmax=vmax)
     if image is not None:
         draw_overlay(axes[1], image, heat, title="over the image", mappable=im)
-    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label=SHARE_LABEL + (f"\n({scale})" if scale else ""),
+    notes = [n for n in (scale, even_note(even)) if n]
+    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label=SHARE_LABEL + "".join(f"\n({n})" for n in notes),
                         extend="max" if vmax is not None else "neither")
+    if even is not None:
+        mark_even(cbar, even)
     band = colorbar_band(cbar)
     clim = im.get_clim()
     for v in room_for:
@@ -115,7 +115,7 @@ def heatmap_figure(
 def save_heatmap_figures(
     heats: Sequence[np.ndarray], titles: Sequence[str], paths: Sequence[str], image: Optional[np.ndarray] = None, *,
     vmaxes: Sequence[Optional[float]], scale: str = "", fmt: str = "png", dpi: int = 100,
-    on_saved: Optional[Callable[[], None]] = None, facts: Optional[FigureFacts] = None,
+    on_saved: Optional[Callable[[], None]] = None, facts: Optional[FigureFacts] = None, even: Optional[float] = None,
 ) -> None:
     """:func:`heatmap_figure` of each map, saved to ``paths``: one figure, built once and updated per
     map (its maps, colour scale and title), as building one costs about as much as drawing it; PNGs
@@ -128,7 +128,7 @@ def save_heatmap_figures(
     if not heats:
         return
     fig = heatmap_figure(heats[0], titles[0], image, vmax=vmaxes[0], scale=scale, facts=facts,
-                         room_for=[_vmax(h, v) for h, v in zip(heats, vmaxes)])
+                         room_for=[_vmax(h, v) for h, v in zip(heats, vmaxes)], even=even)
     maps = [r for ax in fig.axes for r in rasters(ax)]  # the map alone and over the image: one mappable
     blit = Blitter(fig, [*fig.axes, fig._suptitle], dpi) if fmt == "png" else None  # every axes changes; the footer not
     for heat, title, vmax, path in zip(heats, titles, vmaxes, paths):
@@ -146,11 +146,12 @@ def save_heatmap_figures(
 
 def summary_figure(
     image: Optional[np.ndarray], heats: Sequence[np.ndarray], titles: Sequence[str], *, overlay: bool = True, title: str = "",
-    vmaxes: Optional[Sequence[float]] = None, facts: Optional[FigureFacts] = None,
+    vmaxes: Optional[Sequence[float]] = None, facts: Optional[FigureFacts] = None, even: Optional[float] = None,
 ) -> Figure:
     """One panel per map (over ``image`` when ``overlay``), each with its colour bar, in a grid of up to 4 columns.
 
-    Without ``overlay`` the image gets a panel of its own first. ``vmaxes``: each map's colour scale top.
+    Without ``overlay`` the image gets a panel of its own first. ``vmaxes``: each map's colour scale
+    top; ``even``: the even split 1/n, marked on every colour bar.
     Panels and colour bars are placed in inches (no layout engine, no space stolen from the panels).
     """
     show_image = image is not None and not overlay
@@ -184,6 +185,8 @@ def summary_figure(
         else:
             im = draw_heatmap(ax, heat, title=name, vmax=vmax)
         cbar = new_colorbar(fig, im, bottom=0.0, top=H - ph, ticks_size=ticks, extend="max" if vmax is not None else "neither")
+        if even is not None:
+            mark_even(cbar, even)
         panels.append((ax, cbar))
     band = max([colorbar_band(cb, ticks) for _, cb in panels if cb is not None] + [0.0])
     lead = max(0.0, (text_width([ax.get_title() for ax, _ in panels] or [""], 9) - pw) / 2)  # titles wider than a panel
@@ -505,7 +508,7 @@ def segmentation_figure(
     if image is not None:
         h, w = image.shape[:2]
         extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-        axes[1].imshow(image, interpolation="antialiased", extent=extent)
+        axes[1].imshow(greyscale(image), interpolation="antialiased", extent=extent)  # the colours are the words'
         big = np.asarray(Image.fromarray((rgb * 255).astype(np.uint8)).resize((w, h), Image.NEAREST))
         axes[1].imshow(big, alpha=0.55, interpolation="nearest", extent=extent)
         _bare(axes[1], "over the image")
@@ -517,6 +520,7 @@ def segmentation_figure(
 def clip_vs_t5_figure(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequence[str], mass_clip: np.ndarray, mass_t5: np.ndarray,
     scatter_labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None, colours: Optional[Sequence[str]] = None,
+    even: Optional[float] = None,
 ) -> Figure:
     """Per word, its CLIP and T5 heatmaps side by side on one shared scale, and CLIP mass against T5 mass
     (``colours``: one per scattered word; default: the first of :data:`LINE_COLOURS`)."""
@@ -554,7 +558,10 @@ def clip_vs_t5_figure(
             ax_b.set_title("T5", fontsize=9)
     x = left + 2 * side + hgap
     if im is not None:
-        cbar = new_colorbar(fig, im, bottom=H - top - maps_h, top=top, label=SHARE_LABEL + " (one scale)")
+        cbar = new_colorbar(fig, im, bottom=H - top - maps_h, top=top,
+                            label=SHARE_LABEL + " (one scale)" + (f"\n({even_note(even)})" if even is not None else ""))
+        if even is not None:
+            mark_even(cbar, even)
         place_colorbar(fig, cbar.ax, map_axes, gap=CBAR_GAP, width=CBAR_WIDTH)
         x += CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar)
     ax = fig.add_axes(rect(x, top, scat, scat))
@@ -621,34 +628,65 @@ def token_groups_figure(
 
 def strip_figure(
     maps: np.ndarray, labels: Sequence[str], frame_labels: Sequence[str], title: str, *, vmaxes: Optional[Sequence[float]] = None,
-    facts: Optional[FigureFacts] = None,
+    facts: Optional[FigureFacts] = None, even: Optional[float] = None,
 ) -> Figure:
-    """Rows: words; columns: frames (steps or blocks); each row on one colour scale.
+    """Rows: words; columns: frames (steps or blocks); each row on one colour scale, its colour bar
+    at the row's right (``even``: the even split 1/n, marked on every bar). Placed in inches from
+    the measured texts: frame titles, row labels, the bars' tick labels, the title (its lines: a
+    ``\n`` in ``title`` breaks it) and the footer.
 
     Args:
         maps: (m, K, H, W).
     """
     m, K = maps.shape[:2]
-    side = 1.5  # inches per panel
-    fig = new_figure(K * side * 1.06 + 1.4, m * side * 1.12 + 0.8, layout=None, facts=facts)
-    axes = fig.subplots(m, K, squeeze=False)
-    fixed_layout(fig, top=0.7, bottom=0.1 + footer_band(facts), left=0.35, right=0.15, wspace=0.06, hspace=0.12)
+    side, hgap, vgap, ticks = 1.5, 0.06, 0.15, 7  # inches: a panel, between panels, between rows; points: bar ticks
+    bar_w = CBAR_WIDTH * 0.7
+    h, w = maps.shape[2:4] if maps.ndim == 4 and maps.shape[2] and maps.shape[3] else (1, 1)
+    pw, ph = (side, side * h / w) if w >= h else (side * w / h, side)
+    col = max(pw, text_width(frame_labels or [""], 9))  # a frame's title no wider than its column
+    head = suptitle_height(title, 10) + title_band(9)
+    bottom = EDGE + footer_band(facts)
+    left = EDGE + LABEL_PAD + text_height(9)
+    H = head + m * ph + (m - 1) * vgap + bottom
+    fig = new_figure(10.0, H, layout=None)  # the width once the bars are measured; the footer then
+    suptitle_band(fig, title, 10)
+    grid = []
+    bars = []
     for r in range(m):
         vmax = vmaxes[r] if vmaxes is not None else None
-        im = None
+        row, im = [], None
         for c in range(K):
-            im = draw_heatmap(axes[r, c], maps[r, c], vmax=vmax, title=frame_labels[c] if r == 0 else None)
-        row_label(axes[r, 0], labels[r])
-        cbar = fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01)
-        cbar.ax.tick_params(labelsize=6)
-    fig.suptitle(title)
+            ax = fig.add_axes((0, 0, 0.1, 0.1))
+            im = draw_heatmap(ax, maps[r, c], vmax=vmax, title=frame_labels[c] if r == 0 else None)
+            row.append(ax)
+        row_label(row[0], labels[r])
+        grid.append(row)
+        if im is not None:
+            cbar = new_colorbar(fig, im, bottom=0.0, top=H - ph, ticks_size=ticks, extend="max" if vmax is not None else "neither")
+            if even is not None:
+                mark_even(cbar, even)
+            bars.append(cbar)
+    band = max([colorbar_band(cb, ticks) for cb in bars] + [0.0])
+    W = max(left + K * col + (K - 1) * hgap + CBAR_GAP / 2 + bar_w + band + EDGE,
+            text_width([title], 10) + 2 * EDGE, footer_width(facts))
+    set_width(fig, W, facts)
+    for r, row in enumerate(grid):
+        y = head + r * (ph + vgap)
+        for c, ax in enumerate(row):
+            x = left + c * (col + hgap) + (col - pw) / 2
+            ax.set_position((x / W, 1.0 - (y + ph) / H, pw / W, ph / H))
+        if r < len(bars):
+            x = left + K * col + (K - 1) * hgap + CBAR_GAP / 2
+            bars[r].ax.set_position((x / W, 1.0 - (y + ph) / H, bar_w / W, ph / H))
     return fig
 
 
 def spread_figure(
     mean: np.ndarray, std: np.ndarray, labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
+    even: Optional[float] = None,
 ) -> Figure:
-    """Per word (rows), the mean map over runs and its per-pixel std, each column on one scale.
+    """Per word (rows), the mean map over runs and its per-pixel std, each column on one scale
+    (``even``: the even split 1/n, marked on the mean's colour bar).
 
     Args:
         mean, std: (m, H, W).
@@ -677,8 +715,10 @@ def spread_figure(
             columns[c].append(ax)
         x += side
         if images[c] is not None:
-            label = SHARE_LABEL if c == 0 else "std of the share"
+            label = SHARE_LABEL + (f"\n({even_note(even)})" if even is not None else "") if c == 0 else "std of the share"
             cbar = new_colorbar(fig, images[c], bottom=H - top - maps_h, top=top, label=label)
+            if c == 0 and even is not None:
+                mark_even(cbar, even)
             place_colorbar(fig, cbar.ax, columns[c], gap=CBAR_GAP, width=CBAR_WIDTH)
             x += CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar) + (0.25 if c == 0 else 0.0)
     set_width(fig, x + EDGE, facts)
@@ -711,10 +751,11 @@ BAR_GAP = 6
 BAR_TEXT = 44  # px kept right of the bar for its two labels
 
 
-def heat_frame(heat: np.ndarray, vmax: float, side: int = 256) -> Image.Image:
+def heat_frame(heat: np.ndarray, vmax: float, side: int = 256, even: Optional[float] = None) -> Image.Image:
     """A bare (Hc, Wc) map with a colour bar: the map (colour map applied, nearest-neighbour, ``side``
     pixels on its longer side) on white, then a vertical bar from 0 (bottom) to ``vmax`` (top),
-    labelled with both values. Used for the report's slider frames: hundreds take milliseconds."""
+    labelled with both values, and the even split ``even`` (1/n) as a line across the bar, labelled
+    "even" where the other labels leave room. Used for the report's slider frames: hundreds take milliseconds."""
     from matplotlib import colormaps
     from PIL import ImageDraw, ImageFont
 
@@ -733,11 +774,16 @@ def heat_frame(heat: np.ndarray, vmax: float, side: int = 256) -> Image.Image:
     x = W + BAR_GAP + BAR_WIDTH + 3
     draw.text((x, 0), f"{vmax:.3g}", fill=(0, 0, 0), font=font)
     draw.text((x, H - 12), "0", fill=(0, 0, 0), font=font)
+    if even is not None and 0 <= even <= vmax:
+        y = min(H - 1, round((1.0 - even / vmax) * (H - 1)))
+        draw.line([(W + BAR_GAP, y), (W + BAR_GAP + BAR_WIDTH - 1, y)], fill=EVEN_COLOUR, width=1)
+        if 12 <= y - 5 and y + 6 <= H - 12:  # clear of the labels at the top and the bottom
+            draw.text((x, y - 5), EVEN_LABEL, fill=(0, 0, 0), font=font)
     return img
 
 
-def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256) -> None:
+def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256, even: Optional[float] = None) -> None:
     """:func:`heat_frame` written as a PNG."""
-    img = heat_frame(heat, vmax, side)
+    img = heat_frame(heat, vmax, side, even)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", compress_level=1)

@@ -75,6 +75,28 @@ def word_labels(words: Sequence) -> list[str]:
     return [f"{w.text} #{w.index}" if counts[k] > 1 else w.text for w, k in zip(words, keys)]
 
 
+def scale_note(percentile: float, scale: str = "own") -> str:
+    """How the maps' colour scales were chosen, said on the figures."""
+    top = "the maximum" if percentile >= 100 else f"the {percentile:g}th percentile"
+    if scale == "shared":
+        return f"shared colour scale: 0 to {top} of all the top words' maps"
+    return f"own colour scale: 0 to {top} of each map"
+
+
+def even_note(even: Optional[float]) -> str:
+    """The even split said in words: each of n words' share if the attention were split evenly."""
+    return "" if even is None else f"even split 1/{round(1 / even)} = {even:.3g}"
+
+
+def scale_tops(maps: Sequence[np.ndarray], percentile: float = DEFAULT_VMAX_PERCENTILE, shared: bool = False) -> list[float]:
+    """Each map's colour scale top: its own :func:`robust_vmax`, or (``shared``) one for all, the
+    ``percentile``-th percentile of all their values together."""
+    if not shared:
+        return [robust_vmax(m, percentile) for m in maps]
+    top = robust_vmax(np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps]), percentile) if len(maps) else 1.0
+    return [top] * len(maps)
+
+
 def robust_vmax(values: np.ndarray, percentile: float = DEFAULT_VMAX_PERCENTILE) -> float:
     """The colour scale's top: the ``percentile``-th percentile of ``values`` (100 = the maximum); 1.0 if it is 0."""
     v = np.asarray(values, dtype=np.float64)
@@ -82,6 +104,25 @@ def robust_vmax(values: np.ndarray, percentile: float = DEFAULT_VMAX_PERCENTILE)
         return 1.0
     top = float(np.percentile(v, percentile)) if percentile < 100 else float(v.max())
     return top if top > 0 else (float(v.max()) if v.max() > 0 else 1.0)
+
+
+FLAT_RATIO = 1.5  # a map whose max / min is below this is "flat": its colours show noise, not a place
+
+
+def flat_ratio(heat: np.ndarray) -> float:
+    """max / min of a map (inf when its minimum is 0 or below: not flat)."""
+    h = np.asarray(heat, dtype=np.float64)
+    lo, hi = (float(h.min()), float(h.max())) if h.size else (0.0, 0.0)
+    return hi / lo if lo > 0 else float("inf")
+
+
+def flat_note(heat: np.ndarray, short: bool = False) -> str:
+    """``" (flat: max/min 1.21)"`` (``short``: ``", flat"``) for a map whose max / min is below
+    :data:`FLAT_RATIO`, else ""."""
+    r = flat_ratio(heat)
+    if r >= FLAT_RATIO:
+        return ""
+    return ", flat" if short else f" (flat: max/min {r:.2f})"
 
 
 def segmentation_threshold(n_words: int) -> float:

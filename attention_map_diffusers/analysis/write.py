@@ -23,8 +23,8 @@ from .report import EncoderPage, GroupPage, ItemPage, Slider, group_page, index_
 from .stats import EncoderResult, step_average
 from .tables import write_group_tables, write_tables
 from .views import (
-    MAX_LINES, FigureFacts, block_groups, common_words, dominant_words, frame_word_maps, pick_frames, robust_vmax, segmentation_threshold,
-    token_group_masks, token_groups, word_labels, word_maps_arrays,
+    MAX_LINES, FigureFacts, block_groups, common_words, dominant_words, even_note, flat_note, frame_word_maps, pick_frames, scale_tops,
+    scale_note, segmentation_threshold, token_group_masks, token_groups, word_labels, word_maps_arrays,
 )
 
 
@@ -150,8 +150,10 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     words = res.words
     labels = word_labels(words)
     ts = _timesteps(res.timesteps)
-    scale = plots.scale_note(pct)
+    scale = scale_note(pct, options.scale)
     page.scale = scale
+    shared = options.scale == "shared"
+    even = 1.0 / len(words)  # each word's share if the attention were split evenly
 
     def save(fig, name):
         save_figure(fig, os.path.join(folder, name), fmt, dpi, facts)
@@ -163,22 +165,26 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     for sub in {os.path.dirname(n) for n in names} - {""}:
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     heat_maps = [res.shares[:, :, j] for j, _ in files.words] + [res.phrases[k].map for k, _ in files.phrases]
-    heat_titles = [f"{title}: \u201c{labels[j]}\u201d (word {words[j].index}, mass {res.mass[j]:.1%})" for j, _ in files.words]
+    heat_titles = [f"{title}: \u201c{labels[j]}\u201d (word {words[j].index}, mass {res.mass[j]:.1%}){flat_note(res.shares[:, :, j])}"
+                   for j, _ in files.words]
     for k, name in files.phrases:
         ph = res.phrases[k]
         occ = f"{len(ph.occurrences)} occurrence" + ("s" if len(ph.occurrences) > 1 else "")
-        heat_titles.append(f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights)")
+        heat_titles.append(f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights){flat_note(ph.map)}")
         page.phrase_heatmaps.append((f"{ph.phrase} ({occ})", f"{rel}/{name}"))
     page.word_heatmaps.extend((f"{labels[j]} (mass {res.mass[j]:.1%})", f"{rel}/{name}") for j, name in files.words)
+    heats = [res.shares[:, :, j] for j in res.top]
+    tops = scale_tops(heats, pct, shared)  # shared: one top for the top words' maps, used for the phrases too
     plots.save_heatmap_figures(
         heat_maps, heat_titles, [os.path.join(folder, n) for _, n in files.words + files.phrases], over,
-        vmaxes=[robust_vmax(h, pct) for h in heat_maps], scale=scale, fmt=fmt, dpi=dpi, on_saved=tick, facts=facts,
+        vmaxes=scale_tops(heat_maps, pct) if not shared else [tops[0]] * len(heat_maps), scale=scale, fmt=fmt, dpi=dpi,
+        on_saved=tick, facts=facts, even=even,
     )
 
-    heats = [res.shares[:, :, j] for j in res.top]
-    save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%})" for j in res.top], overlay=options.overlay,
-                              title=f"{title}: top {len(res.top)} words by mass; each map on its own {scale}",
-                              vmaxes=[robust_vmax(h, pct) for h in heats], facts=facts), files.summary)
+    save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%}){flat_note(res.shares[:, :, j], short=True)}"
+                                            for j in res.top], overlay=options.overlay,
+                              title=f"{title}: top {len(res.top)} words by mass; {scale}; {even_note(even)}",
+                              vmaxes=tops, facts=facts, even=even), files.summary)
     page.summary = f"{rel}/{files.summary}"
 
     save(plots.overview_figure(step_average(res.curves, axis=1), res.curves.mean(axis=0), labels, res.block_ids, ts,
@@ -223,13 +229,15 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         a, b = enc.span
         fw = frame_word_maps(maps[..., a:b], res.wordmap.weights)  # (K, H, W, n)
         sel = np.moveaxis(fw[..., top8], -1, 0)  # (m, K, H, W)
-        vmaxes = [robust_vmax(sel[r], pct) for r in range(len(top8))]
+        vmaxes = scale_tops(list(sel), pct, shared)
         name = files.strips[fr.kind]
+        rows = "every row on one" if shared else "each row on its"
         save(plots.strip_figure(sel, [labels[j] for j in top8], fr.labels,
-                                f"{title}: top words per {fr.kind} (each row on one {scale})", vmaxes=vmaxes, facts=facts), name)
+                                f"{title}: top words per {fr.kind}, {plots.SHARE_LABEL}\n({rows} {scale.replace(' of each map', ' of its maps')}; {even_note(even)})",
+                                vmaxes=vmaxes, facts=facts, even=even), name)
         for k, per_word in enumerate(files.frames[fr.kind]):
             for r, fname in enumerate(per_word):
-                plots.write_heat_png(os.path.join(folder, fname), sel[r, k], vmaxes[r])
+                plots.write_heat_png(os.path.join(folder, fname), sel[r, k], vmaxes[r], even=even)
         tick()
         page.strips.append((fr.kind, f"{rel}/{name}"))
         page.sliders.append(Slider(
@@ -278,6 +286,7 @@ def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions,
         pairs, [labels[j] for j in top], np.array([c.mass[i] for i, _ in common]), np.array([t.mass[k] for _, k in common]),
         [labels[i] for i, _ in common], "CLIP vs T5: heatmaps of the top CLIP words (one scale) and every word's mass", facts=facts,
         colours=colours.colours([labels[i] for i, _ in common]),
+        even=1.0 / len(c.words) if len(c.words) == len(t.words) else None,
     )
     save_figure(fig, os.path.join(dest, name), options.fmt, options.dpi, facts)
     return f"{rel}/{name}" if rel else name
@@ -373,8 +382,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
         "steps": "denoising order (0 = first)"
         + (", flipped from the original tool's order" if dump.steps_flipped else "")
         + ("; the dump has no timesteps" if dump.timesteps is None else ""),
-        "heatmap colour scale": ("0 to the maximum of each map" if options.vmax_percentile >= 100
-                                 else f"0 to the {options.vmax_percentile:g}th percentile of each map (--vmax-percentile)"),
+        "heatmap colour scale": scale_note(options.vmax_percentile, options.scale) + " (--scale, --vmax-percentile)",
         "dump": dump.folder,
     }
     title = f"Attention analysis: {run.folder or os.path.basename(dump.folder) or dump.folder}"
@@ -487,7 +495,7 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     save_figure(fig, blocks_path, fmt, options.dpi, facts)
     fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
                               [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
-                              f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts)
+                              f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts, even=1.0 / len(res.words))
     save_figure(fig, heatmaps_path, fmt, options.dpi, facts)
 
 
