@@ -60,6 +60,11 @@ def suptitle_height(text: str, fontsize=None) -> float:
     return EDGE + text_height(_title_points(fontsize), lines_of(text)) + 0.06 if text else EDGE
 
 
+def suptitle_width(texts, fontsize=None) -> float:
+    """The narrowest figure (inches) on which every one of ``texts`` fits as its title (:func:`suptitle_band`)."""
+    return text_width([t for t in texts if t], _title_points(fontsize)) + 2 * EDGE
+
+
 def suptitle_band(fig, text: str, fontsize=None) -> float:
     """Put ``text`` as the figure's title, its top :data:`EDGE` below the figure's top; the band it takes."""
     if text:

@@ -20,15 +20,15 @@ from ..atomic import atomic_path
 from .figure import Blitter, footer_band, footer_width, new_figure, set_width, write_figure
 from .layout import (
     EDGE, EVEN_COLOUR, EVEN_LABEL, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, mark_even, new_colorbar, place_colorbar,
-    suptitle_band, suptitle_height, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
+    suptitle_band, suptitle_height, suptitle_width, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
 )
 from .raster import MapRaster, greyscale
-from .views import MAX_LINES, FigureFacts, even_note, scale_note  # noqa: F401 - FigureFacts, scale_note: part of this API
+from .views import MAX_LINES, TEXT_SHARE, WORD_SHARE, FigureFacts, even_note, scale_note  # noqa: F401 - FigureFacts, scale_note: part of this API
 
 HEAT_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
-SHARE_LABEL = "share of the words' attention"
-CURVE_LABEL = "mean attention (share of all text positions)"
+SHARE_LABEL = WORD_SHARE
+CURVE_LABEL = f"mean attention ({TEXT_SHARE})"
 STEP_LABEL = "denoising step (left = first, noisiest)"
 DISPLAY_SIDE = 512  # images are drawn (under the maps) at most this many pixels on a side
 # Eight colours that stay distinct (tab10 without its grey and olive)
@@ -77,12 +77,14 @@ def rasters(ax) -> list[MapRaster]:
 def heatmap_figure(
     heat: np.ndarray, title: str, image: Optional[np.ndarray] = None, *, vmax: Optional[float] = None,
     scale: str = "", facts: Optional[FigureFacts] = None, room_for: Sequence[float] = (), even: Optional[float] = None,
+    titles: Sequence[str] = (),
 ) -> Figure:
     """One map: the grid alone, and beside it the map over the image when one is given, with a colour bar.
 
     ``vmax`` is the colour scale's top (values above it saturate), ``scale`` says how it was chosen.
     ``room_for``: further scale tops the figure will be redrawn with (the colour bar's labels get room for each).
-    ``even``: the even split 1/n, marked on the colour bar (:func:`~.layout.mark_even`).
+    ``even``: the even split 1/n, marked on the colour bar (:func:`~.layout.mark_even`). ``titles``:
+    further titles the figure will be redrawn with (the figure is made wide enough for each).
     """
     panels = 1 if image is None else 2
     side, gap = 3.2, 0.1  # inches
@@ -106,7 +108,7 @@ def heatmap_figure(
         band = max(band, colorbar_band(cbar))
     im.set_clim(*clim)
     right = CBAR_GAP + CBAR_WIDTH + band + EDGE
-    set_width(fig, EDGE + panels * side + (panels - 1) * gap + right, facts)
+    set_width(fig, max(EDGE + panels * side + (panels - 1) * gap + right, suptitle_width([title, *titles])), facts)
     fixed_layout(fig, top=top, bottom=bottom, left=EDGE, right=right, wspace=gap / side)
     place_colorbar(fig, cbar.ax, list(axes), gap=CBAR_GAP, width=CBAR_WIDTH)
     return fig
@@ -128,7 +130,7 @@ def save_heatmap_figures(
     if not heats:
         return
     fig = heatmap_figure(heats[0], titles[0], image, vmax=vmaxes[0], scale=scale, facts=facts,
-                         room_for=[_vmax(h, v) for h, v in zip(heats, vmaxes)], even=even)
+                         room_for=[_vmax(h, v) for h, v in zip(heats, vmaxes)], even=even, titles=titles)
     maps = [r for ax in fig.axes for r in rasters(ax)]  # the map alone and over the image: one mappable
     blit = Blitter(fig, [*fig.axes, fig._suptitle], dpi) if fmt == "png" else None  # every axes changes; the footer not
     for heat, title, vmax, path in zip(heats, titles, vmaxes, paths):
@@ -191,7 +193,7 @@ def summary_figure(
     band = max([colorbar_band(cb, ticks) for _, cb in panels if cb is not None] + [0.0])
     lead = max(0.0, (text_width([ax.get_title() for ax, _ in panels] or [""], 9) - pw) / 2)  # titles wider than a panel
     col_w = lead + pw + max(gap + bar_w + band, lead) + 0.25
-    W = max(EDGE + cols * col_w - 0.25 + EDGE, footer_width(facts))  # one narrow panel: room for the footer still
+    W = max(EDGE + cols * col_w - 0.25 + EDGE, footer_width(facts), suptitle_width([title]))  # one narrow panel: room for the footer and title
     set_width(fig, W, facts)
     for k, (ax, cbar) in enumerate(panels):
         r, c = divmod(k, cols)
@@ -414,7 +416,7 @@ def overview_figure(
     ax2.set_title("averaged over blocks", fontsize=9)
     top = suptitle_band(fig, title) + title_band(9)
     bottom = EDGE + footer_band(facts) + x_axis_band(7, _step_tick_lines(timesteps), 8)
-    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label="mean attention\n(share of all text positions)")
+    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label=f"mean attention\n({TEXT_SHARE})")
     fixed_layout(fig, top=top, bottom=bottom, left=EDGE + y_axis_band(labels, 8),
                  right=EDGE + CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar), wspace=0.04)
     place_colorbar(fig, cbar.ax, [ax1, ax2], gap=CBAR_GAP, width=CBAR_WIDTH)
@@ -498,7 +500,8 @@ def segmentation_figure(
     side = 4.0  # inches per panel
     legend = legend_width([h.get_label() for h in handles], 8)
     head = suptitle_height(title) + title_band(9)
-    fig = new_figure(EDGE + (side + 0.15) * panels + legend + EDGE, head + side + EDGE, layout=None, facts=facts)
+    fig = new_figure(max(EDGE + (side + 0.15) * panels + legend + EDGE, suptitle_width([title])), head + side + EDGE, layout=None,
+                     facts=facts)
     suptitle_band(fig, title)
     bottom = EDGE + footer_band(facts)
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -597,7 +600,7 @@ def token_groups_figure(
     Gb, G, S = shares.shape
     legend = legend_width(list(names), 8)
     panel_w, panel_h, gap = 3.9, 2.6, 0.3  # inches
-    ylabel = "share of the text attention\n(all T positions)"
+    ylabel = TEXT_SHARE.replace("share of all", "share of all\n")
     top = suptitle_height(title) + title_band(9)
     bottom = EDGE + footer_band(facts) + x_axis_band(7, _step_tick_lines(timesteps), 8)
     ymax = max(1.0, float(shares.sum(axis=1).max(initial=0)))
@@ -715,13 +718,13 @@ def spread_figure(
             columns[c].append(ax)
         x += side
         if images[c] is not None:
-            label = SHARE_LABEL + (f"\n({even_note(even)})" if even is not None else "") if c == 0 else "std of the share"
+            label = SHARE_LABEL + (f"\n({even_note(even)})" if even is not None else "") if c == 0 else f"std over runs of the\n{WORD_SHARE}"
             cbar = new_colorbar(fig, images[c], bottom=H - top - maps_h, top=top, label=label)
             if c == 0 and even is not None:
                 mark_even(cbar, even)
             place_colorbar(fig, cbar.ax, columns[c], gap=CBAR_GAP, width=CBAR_WIDTH)
             x += CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar) + (0.25 if c == 0 else 0.0)
-    set_width(fig, x + EDGE, facts)
+    set_width(fig, max(x + EDGE, suptitle_width([title])), facts)
     return fig
 
 

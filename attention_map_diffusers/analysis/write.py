@@ -24,7 +24,8 @@ from .stats import EncoderResult, step_average
 from .tables import write_group_tables, write_tables
 from .views import (
     MAX_LINES, FigureFacts, block_groups, common_words, dominant_words, even_note, flat_note, frame_word_maps, pick_frames, scale_tops,
-    scale_note, segmentation_threshold, token_group_masks, token_groups, word_labels, word_maps_arrays,
+    TEXT_SHARE, WORD_SHARE, scale_note, segmentation_threshold, token_group_masks, token_groups, word_labels,
+    word_maps_arrays,
 )
 
 
@@ -166,11 +167,11 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     heat_maps = [res.shares[:, :, j] for j, _ in files.words] + [res.phrases[k].map for k, _ in files.phrases]
     heat_titles = [f"{title}: \u201c{labels[j]}\u201d (word {words[j].index}, mass {res.mass[j]:.1%}){flat_note(res.shares[:, :, j])}"
-                   for j, _ in files.words]
+                   f"\n{WORD_SHARE}" for j, _ in files.words]
     for k, name in files.phrases:
         ph = res.phrases[k]
         occ = f"{len(ph.occurrences)} occurrence" + ("s" if len(ph.occurrences) > 1 else "")
-        heat_titles.append(f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights){flat_note(ph.map)}")
+        heat_titles.append(f"{title}: \u201c{ph.phrase}\u201d ({occ}, {options.weights} weights){flat_note(ph.map)}\n{WORD_SHARE}")
         page.phrase_heatmaps.append((f"{ph.phrase} ({occ})", f"{rel}/{name}"))
     page.word_heatmaps.extend((f"{labels[j]} (mass {res.mass[j]:.1%})", f"{rel}/{name}") for j, name in files.words)
     heats = [res.shares[:, :, j] for j in res.top]
@@ -183,25 +184,26 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
 
     save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%}){flat_note(res.shares[:, :, j], short=True)}"
                                             for j in res.top], overlay=options.overlay,
-                              title=f"{title}: top {len(res.top)} words by mass; {scale}; {even_note(even)}",
+                              title=f"{title}: top {len(res.top)} words by mass, {WORD_SHARE}\n{scale}; {even_note(even)}",
                               vmaxes=tops, facts=facts, even=even), files.summary)
     page.summary = f"{rel}/{files.summary}"
 
     save(plots.overview_figure(step_average(res.curves, axis=1), res.curves.mean(axis=0), labels, res.block_ids, ts,
-                               f"{title}: attention per word", facts=facts), files.overview)
+                               f"{title}: attention per word, {TEXT_SHARE}", facts=facts), files.overview)
     page.overview = f"{rel}/{files.overview}"
 
     top8 = res.top[:MAX_LINES]
     colour_of = ctx.colours.colours(labels)  # per word
     grids = np.moveaxis(res.curves[:, :, res.top], -1, 0)  # (m, Bk, S)
     save(plots.word_grid_figure(grids, [labels[j] for j in res.top], res.block_ids, ts,
-                                f"{title}: each top word over blocks (y) and denoising steps (x)", facts=facts), files.word_grids)
+                                f"{title}: each top word over blocks (y) and denoising steps (x), {TEXT_SHARE}", facts=facts),
+         files.word_grids)
     page.word_grids = f"{rel}/{files.word_grids}"
 
     dom, top_share = dominant_words(res.shares)
     thr = segmentation_threshold(len(words))
     save(plots.segmentation_figure(disp if options.overlay else None, dom, top_share, thr, labels, colour_of,
-                                   f"{title}: the word each pixel attends to most (shares over the words)", facts=facts),
+                                   f"{title}: the word each pixel attends to most (largest {WORD_SHARE})", facts=facts),
          files.segmentation)
     page.segmentation = f"{rel}/{files.segmentation}"
     page.segmentation_threshold = thr
@@ -218,7 +220,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     bgroups = block_groups(res.block_ids)
     shares = np.stack([groups.shares[:, pos].mean(axis=1) for _, pos in bgroups])  # (Gb, G, S)
     save(plots.token_groups_figure(shares, groups.names, [g for g, _ in bgroups], ts,
-                                   f"{title}: where the pixels' text attention goes ({title} positions; the rest: the other encoder)",
+                                   f"{title}: where the pixels' text attention goes, {TEXT_SHARE}\n({title} positions; the rest: the other encoder)",
                                    facts=facts), files.token_groups)
     page.token_groups = f"{rel}/{files.token_groups}"
 
@@ -233,7 +235,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         name = files.strips[fr.kind]
         rows = "every row on one" if shared else "each row on its"
         save(plots.strip_figure(sel, [labels[j] for j in top8], fr.labels,
-                                f"{title}: top words per {fr.kind}, {plots.SHARE_LABEL}\n({rows} {scale.replace(' of each map', ' of its maps')}; {even_note(even)})",
+                                f"{title}: top words per {fr.kind}, {WORD_SHARE}\n({rows} {scale.replace(' of each map', ' of its maps')}; {even_note(even)})",
                                 vmaxes=vmaxes, facts=facts, even=even), name)
         for k, per_word in enumerate(files.frames[fr.kind]):
             for r, fname in enumerate(per_word):
@@ -250,7 +252,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         curves = np.stack([p.curves for p in res.phrases], axis=-1)
         kinds.append((files.phrase_curves, curves, [p.phrase for p in res.phrases], "phrases", page.phrase_curves))
     for names, curves, lbls, what, listing in kinds:
-        titles = [f"{title}: {what}, transformer_blocks.{bid}" for bid in res.block_ids]
+        titles = [f"{title}: {what}, transformer_blocks.{bid}, {TEXT_SHARE}" for bid in res.block_ids]
         plots.save_curves_per_block(
             curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts,
             colours=ctx.colours.colours(lbls),
@@ -284,7 +286,7 @@ def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions,
     name = f"clip_vs_t5.{options.fmt}"
     fig = plots.clip_vs_t5_figure(
         pairs, [labels[j] for j in top], np.array([c.mass[i] for i, _ in common]), np.array([t.mass[k] for _, k in common]),
-        [labels[i] for i, _ in common], "CLIP vs T5: heatmaps of the top CLIP words (one scale) and every word's mass", facts=facts,
+        [labels[i] for i, _ in common], f"CLIP vs T5: heatmaps of the top CLIP words (one scale, {WORD_SHARE}) and every word's mass", facts=facts,
         colours=colours.colours([labels[i] for i, _ in common]),
         even=1.0 / len(c.words) if len(c.words) == len(t.words) else None,
     )
@@ -486,16 +488,17 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     curves_path, blocks_path, heatmaps_path = paths
     colour_of = colours.colours([labels[j] for j in top8])
     fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
-                              f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
+                              f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs, {TEXT_SHARE}",
                               spread=res.blockavg_std[:, top8], facts=facts, colours=colour_of)
     save_figure(fig, curves_path, fmt, options.dpi, facts)
     fig = group_plots.blocks_bands_figure(
         res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
-        f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts, colours=colour_of)
+        f"{title}: top words per block, mean over {res.n_runs} runs, {TEXT_SHARE}", facts=facts, colours=colour_of)
     save_figure(fig, blocks_path, fmt, options.dpi, facts)
     fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
                               [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
-                              f"{title}: mean heatmap and its spread over {res.n_runs} runs", facts=facts, even=1.0 / len(res.words))
+                              f"{title}: mean heatmap and its spread over {res.n_runs} runs, {WORD_SHARE}", facts=facts,
+                              even=1.0 / len(res.words))
     save_figure(fig, heatmaps_path, fmt, options.dpi, facts)
 
 
