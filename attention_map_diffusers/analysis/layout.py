@@ -210,3 +210,53 @@ def mark_even(cbar, even: float) -> None:
     cbar.formatter = EvenFormatter()
     # an artist, not axhline: the bar's limits must not grow to an even split above its scale
     cbar.ax.add_artist(Line2D([0.0, 1.0], [even, even], transform=cbar.ax.get_yaxis_transform(), color=EVEN_COLOUR, lw=1.2))
+
+
+def place_labels(points, sizes, bounds, *, offset: tuple[float, float] = (3.0, 2.0), avoid: float = 3.0,
+                 step: float = 4.0, rings: int = 40) -> tuple[list[tuple[float, float]], list[bool]]:
+    """Where to put a label beside each of ``points`` so that no two labels overlap (numbers only,
+    no drawing): each label, in order, takes the first free place on rings of growing radius around
+    its point (right-above first, the usual place; then right, left, above, below and the corners).
+
+    Args:
+        points: (x, y) of each point; sizes: (width, height) of each label; bounds: (x0, y0, x1, y1)
+            the labels stay within. One unit for all, y upwards (e.g. points of the axes).
+        avoid: the labels keep clear of every point by this much (its marker).
+
+    Returns:
+        the lower-left corner of each label, and whether it left the usual place (draw a leader line).
+        When no free place is found within ``rings`` rings, the one overlapping least is taken.
+    """
+    x0, y0, x1, y1 = bounds
+    placed: list[tuple[float, float, float, float]] = []
+    corners, moved = [], []
+
+    def overlap(a, b) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    for (px, py), (w, h) in zip(points, sizes):
+        dx, dy = offset
+        candidates = [(px + dx, py + dy)]
+        for k in range(1, rings + 1):
+            r = k * step
+            candidates += [(px + dx + r, py - h / 2), (px - dx - r - w, py - h / 2), (px - w / 2, py + dy + r),
+                           (px - w / 2, py - dy - r - h), (px + dx + r, py + dy + r), (px - dx - r - w, py + dy + r),
+                           (px + dx + r, py - dy - r - h), (px - dx - r - w, py - dy - r - h)]
+        best, best_cost = None, None
+        for cx, cy in candidates:
+            cx = min(max(cx, x0), x1 - w)  # kept within the bounds
+            cy = min(max(cy, y0), y1 - h)
+            box = (cx, cy, cx + w, cy + h)
+            cost = sum(overlap(box, b) for b in placed)
+            cost += sum(overlap(box, (qx - avoid, qy - avoid, qx + avoid, qy + avoid)) for qx, qy in points)
+            if cost == 0:
+                best = (cx, cy)
+                break
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (cx, cy), cost
+        placed.append((best[0], best[1], best[0] + w, best[1] + h))
+        corners.append(best)
+        moved.append(abs(best[0] - (px + dx)) > 0.5 or abs(best[1] - (py + dy)) > 0.5)
+    return corners, moved

@@ -19,7 +19,8 @@ from PIL import Image
 from ..atomic import atomic_path
 from .figure import Blitter, footer_band, footer_width, new_figure, set_width, write_figure
 from .layout import (
-    EDGE, EVEN_COLOUR, EVEN_LABEL, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, mark_even, new_colorbar, place_colorbar,
+    EDGE, EVEN_COLOUR, EVEN_LABEL, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, mark_even, new_colorbar,
+    place_colorbar, place_labels,
     suptitle_band, suptitle_height, suptitle_width, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
 )
 from .raster import MapRaster, greyscale
@@ -570,8 +571,8 @@ def clip_vs_t5_figure(
     ax = fig.add_axes(rect(x, top, scat, scat))
     ax.scatter(mass_clip, mass_t5, s=18, color=list(colours) if colours is not None else LINE_COLOURS[0])
     ax.tick_params(labelsize=8)
-    for xm, ym, t in zip(mass_clip, mass_t5, scatter_labels):
-        ax.annotate(t, (xm, ym), fontsize=7, xytext=(3, 2), textcoords="offset points", clip_on=True)  # labels stay in the axes
+    label_words(ax, np.asarray(mass_clip, dtype=float), np.asarray(mass_t5, dtype=float), scatter_labels, (top_mass, top_mass),
+                (scat, scat))
     ax.plot([0, top_mass], [0, top_mass], color="#999999", lw=0.8, ls=":")
     ax.set_xlim(0, top_mass)
     ax.set_ylim(0, top_mass)
@@ -583,6 +584,25 @@ def clip_vs_t5_figure(
     ax.set_position(rect(x, top, scat, scat))
     set_width(fig, x + scat + 0.35 + EDGE, facts)  # the last x tick label reaches past the axes
     return fig
+
+
+LABEL_SIZE = 7  # points of the scatter's word labels
+
+
+def label_words(ax, x: np.ndarray, y: np.ndarray, labels: Sequence[str], top: tuple[float, float], size: tuple[float, float]) -> None:
+    """Label each point (x, y) of a scatter from 0 to ``top`` on axes ``size`` inches big, the
+    labels pushed apart (:func:`~.layout.place_labels`, in points) and joined to their point by a
+    thin leader line when moved from the usual place; the points with the largest x + y are labelled first."""
+    to_pt = np.array([size[0] / top[0], size[1] / top[1]]) * 72.0
+    pts = np.column_stack([x, y]) * to_pt
+    h = text_height(LABEL_SIZE) * 72.0
+    sizes = [(text_width([t], LABEL_SIZE) * 72.0, h) for t in labels]
+    order = sorted(range(len(labels)), key=lambda i: -(x[i] + y[i]))
+    corners, moved = place_labels([tuple(pts[i]) for i in order], [sizes[i] for i in order], (0.0, 0.0, size[0] * 72.0, size[1] * 72.0))
+    for i, (cx, cy), m in zip(order, corners, moved):
+        ax.annotate(labels[i], (x[i], y[i]), xytext=(cx - pts[i, 0], cy - pts[i, 1]), textcoords="offset points", fontsize=LABEL_SIZE,
+                    ha="left", va="bottom", clip_on=True,
+                    arrowprops=dict(arrowstyle="-", color="#888888", lw=0.5, shrinkA=0, shrinkB=2) if m else None)
 
 
 GROUP_COLOURS = {"words": "#1f77b4", "other prompt tokens": "#17becf", "special tokens": "#ff7f0e", "padding": "#bbbbbb", "other encoder": "#9467bd"}
