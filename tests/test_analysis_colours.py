@@ -77,7 +77,7 @@ def _mask(rgb, colour):
 
 def test_segmentation_and_curves_paint_each_word_in_its_colour_in_every_run(tmp_path):
     _two_runs(tmp_path)
-    assert analyse_stepavg.main(["--root", str(tmp_path), "--dpi", "60", "--topk", "3", "--no-overlay", "--encoders", "clip"]) == 0
+    assert analyse_stepavg.main(["--root", str(tmp_path), "--dpi", "150", "--topk", "3", "--no-overlay", "--encoders", "clip"]) == 0
     out = tmp_path / "analysis"
     for folder in ("0000-s0", "0001-s1"):
         rgb = np.asarray(Image.open(out / folder / "clip" / "segmentation.png").convert("RGB")).astype(int)

@@ -227,36 +227,34 @@ def place_labels(points, sizes, bounds, *, offset: tuple[float, float] = (3.0, 2
         the lower-left corner of each label, and whether it left the usual place (draw a leader line).
         When no free place is found within ``rings`` rings, the one overlapping least is taken.
     """
+    import numpy as np
+
     x0, y0, x1, y1 = bounds
-    placed: list[tuple[float, float, float, float]] = []
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    marks = np.column_stack([pts - avoid, pts + avoid])  # (n, 4) the points' markers
+    placed = np.zeros((0, 4))
     corners, moved = [], []
+    dx, dy = offset
+    r = step * np.arange(1, rings + 1)[:, None]  # (rings, 1)
 
-    def overlap(a, b) -> float:
-        w = min(a[2], b[2]) - max(a[0], b[0])
-        h = min(a[3], b[3]) - max(a[1], b[1])
-        return w * h if w > 0 and h > 0 else 0.0
+    def overlap(boxes, others):  # (c, 4) x (k, 4) -> (c,) summed overlap areas
+        w = np.minimum(boxes[:, None, 2], others[None, :, 2]) - np.maximum(boxes[:, None, 0], others[None, :, 0])
+        h = np.minimum(boxes[:, None, 3], others[None, :, 3]) - np.maximum(boxes[:, None, 1], others[None, :, 1])
+        return (np.clip(w, 0, None) * np.clip(h, 0, None)).sum(axis=1)
 
-    for (px, py), (w, h) in zip(points, sizes):
-        dx, dy = offset
-        candidates = [(px + dx, py + dy)]
-        for k in range(1, rings + 1):
-            r = k * step
-            candidates += [(px + dx + r, py - h / 2), (px - dx - r - w, py - h / 2), (px - w / 2, py + dy + r),
-                           (px - w / 2, py - dy - r - h), (px + dx + r, py + dy + r), (px - dx - r - w, py + dy + r),
-                           (px + dx + r, py - dy - r - h), (px - dx - r - w, py - dy - r - h)]
-        best, best_cost = None, None
-        for cx, cy in candidates:
-            cx = min(max(cx, x0), x1 - w)  # kept within the bounds
-            cy = min(max(cy, y0), y1 - h)
-            box = (cx, cy, cx + w, cy + h)
-            cost = sum(overlap(box, b) for b in placed)
-            cost += sum(overlap(box, (qx - avoid, qy - avoid, qx + avoid, qy + avoid)) for qx, qy in points)
-            if cost == 0:
-                best = (cx, cy)
-                break
-            if best_cost is None or cost < best_cost:
-                best, best_cost = (cx, cy), cost
-        placed.append((best[0], best[1], best[0] + w, best[1] + h))
-        corners.append(best)
-        moved.append(abs(best[0] - (px + dx)) > 0.5 or abs(best[1] - (py + dy)) > 0.5)
+    for (px, py), (w, h) in zip(pts, sizes):
+        ring = [(px + dx + r, py - h / 2 + 0 * r), (px - dx - r - w, py - h / 2 + 0 * r), (px - w / 2 + 0 * r, py + dy + r),
+                (px - w / 2 + 0 * r, py - dy - r - h), (px + dx + r, py + dy + r), (px - dx - r - w, py + dy + r),
+                (px + dx + r, py - dy - r - h), (px - dx - r - w, py - dy - r - h)]
+        cx = np.concatenate([[px + dx], np.concatenate([c[0] for c in ring], axis=1).ravel()])  # ring by ring, 8 places each
+        cy = np.concatenate([[py + dy], np.concatenate([c[1] for c in ring], axis=1).ravel()])
+        cx = np.clip(cx, x0, x1 - w)  # kept within the bounds
+        cy = np.clip(cy, y0, y1 - h)
+        boxes = np.column_stack([cx, cy, cx + w, cy + h])
+        cost = overlap(boxes, placed) + overlap(boxes, marks)
+        free = np.flatnonzero(cost <= 0)
+        k = int(free[0]) if free.size else int(np.argmin(cost))
+        placed = np.vstack([placed, boxes[k]])
+        corners.append((float(cx[k]), float(cy[k])))
+        moved.append(abs(cx[k] - (px + dx)) > 0.5 or abs(cy[k] - (py + dy)) > 0.5)
     return corners, moved

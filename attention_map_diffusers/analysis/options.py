@@ -25,7 +25,7 @@ class AnalysisOptions:
     weights: str = "attention"  # how a phrase combines its words: "attention" (by mass) or "uniform"
     encoders: tuple[str, ...] = ENCODERS  # text encoders to analyse, in this order
     fmt: str = "png"  # figure file format
-    dpi: int = 200  # figure resolution: a 1024x1024 image and a 64x64 map stay legible
+    dpi: int = 200  # the highest figure resolution (views.sensible_dpi: each figure at what its maps and texts need)
     block_ranges: Optional[tuple[tuple[int, int], ...]] = None  # blocks to analyse, inclusive (first, last) ranges; None: all
     overlay: bool = True  # draw heatmaps over the generated image
     tables_only: bool = False  # CSV tables and index.html only, no figures

@@ -16,8 +16,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ..atomic import atomic_path
-from .figure import Blitter, footer_band, footer_width, new_figure, set_width, write_figure
+from .pngfile import write_png
+from .figure import PHOTO, Blitter, footer_band, footer_width, new_figure, set_width, write_figure
 from .layout import (
     EDGE, EVEN_COLOUR, EVEN_LABEL, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, mark_even, new_colorbar,
     place_colorbar, place_labels,
@@ -35,6 +35,8 @@ DISPLAY_SIDE = 512  # images are drawn (under the maps) at most this many pixels
 # Eight colours that stay distinct (tab10 without its grey and olive)
 LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 CBAR_GAP, CBAR_WIDTH = 0.12, 0.16  # inches between panels and their colour bar, and its width
+# inches of a map panel's longer side, per figure (the figures' dpi is chosen from them: views.sensible_dpi)
+HEATMAP_SIDE, SUMMARY_SIDE, SEGMENTATION_SIDE, PAIR_SIDE, STRIP_SIDE, SPREAD_SIDE = 3.2, 2.45, 4.0, 1.9, 1.5, 2.3
 
 
 def display_image(image: Image.Image, max_side: int = DISPLAY_SIDE) -> np.ndarray:
@@ -88,7 +90,7 @@ def heatmap_figure(
     further titles the figure will be redrawn with (the figure is made wide enough for each).
     """
     panels = 1 if image is None else 2
-    side, gap = 3.2, 0.1  # inches
+    side, gap = HEATMAP_SIDE, 0.1  # inches
     top = suptitle_height(title) + title_band(9)
     bottom = EDGE + footer_band(facts)
     fig = new_figure(10.0, top + side + bottom, layout=None)  # its width and footer once the colour bar is measured
@@ -161,7 +163,7 @@ def summary_figure(
     cells = len(heats) + show_image
     cols = max(1, min(4, cells))
     rows = max(1, math.ceil(cells / cols))
-    side, vgap, ticks = 2.45, 0.2, 7  # inches: a panel's longer side, between rows; points: colour bar tick labels
+    side, vgap, ticks = SUMMARY_SIDE, 0.2, 7  # inches: a panel's longer side, between rows; points: colour bar tick labels
     gap, bar_w = CBAR_GAP / 2, CBAR_WIDTH * 0.7  # inches: panel to its colour bar, the bar (narrower than elsewhere)
     h, w = (image.shape[:2] if image is not None else heats[0].shape) if cells else (1, 1)
     pw, ph = (side, side * h / w) if w >= h else (side * w / h, side)
@@ -177,7 +179,7 @@ def summary_figure(
     panels = []  # (axes, its colour bar or None), placed once the widths are known
     if show_image:
         ax = fig.add_axes((0, 0, 0.1, 0.1))
-        ax.imshow(image, interpolation="antialiased")
+        ax.imshow(image, interpolation="antialiased", gid=PHOTO)
         _bare(ax, "generated image")
         panels.append((ax, None))
     for m, (heat, name) in enumerate(zip(heats, titles)):
@@ -498,7 +500,7 @@ def segmentation_figure(
     handles = [Patch(color=c, label=", ".join(names[p] for p in ps)) for c, ps in by_colour.items()]
     handles.append(Patch(facecolor=grey, edgecolor="#999999", label=f"undecided: top share < {threshold:.2f}"))
     panels = 2 if image is not None else 1
-    side = 4.0  # inches per panel
+    side = SEGMENTATION_SIDE  # inches per panel
     legend = legend_width([h.get_label() for h in handles], 8)
     head = suptitle_height(title) + title_band(9)
     fig = new_figure(max(EDGE + (side + 0.15) * panels + legend + EDGE, suptitle_width([title])), head + side + EDGE, layout=None,
@@ -530,7 +532,7 @@ def clip_vs_t5_figure(
     (``colours``: one per scattered word; default: the first of :data:`LINE_COLOURS`)."""
     m = len(pairs)
     rows = max(1, m)
-    side, vgap, hgap, scat = 1.9, 0.3, 0.08, 4.2  # inches: a map, between rows, between the two maps, the scatter
+    side, vgap, hgap, scat = PAIR_SIDE, 0.3, 0.08, 4.2  # inches: a map, between rows, between the two maps, the scatter
     top = suptitle_height(title) + title_band(9)
     bottom = EDGE + footer_band(facts)
     left = EDGE + LABEL_PAD + text_height(9)
@@ -662,7 +664,7 @@ def strip_figure(
         maps: (m, K, H, W).
     """
     m, K = maps.shape[:2]
-    side, hgap, vgap, ticks = 1.5, 0.06, 0.15, 7  # inches: a panel, between panels, between rows; points: bar ticks
+    side, hgap, vgap, ticks = STRIP_SIDE, 0.06, 0.15, 7  # inches: a panel, between panels, between rows; points: bar ticks
     bar_w = CBAR_WIDTH * 0.7
     h, w = maps.shape[2:4] if maps.ndim == 4 and maps.shape[2] and maps.shape[3] else (1, 1)
     pw, ph = (side, side * h / w) if w >= h else (side * w / h, side)
@@ -716,7 +718,7 @@ def spread_figure(
     """
     m = mean.shape[0]
     rows = max(m, 1)
-    side, vgap = 2.3, 0.3  # inches: a map, between rows
+    side, vgap = SPREAD_SIDE, 0.3  # inches: a map, between rows
     top = suptitle_height(title) + title_band(9)
     bottom = EDGE + footer_band(facts)
     left = EDGE + LABEL_PAD + text_height(9)
@@ -807,6 +809,4 @@ def heat_frame(heat: np.ndarray, vmax: float, side: int = 256, even: Optional[fl
 
 def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256, even: Optional[float] = None) -> None:
     """:func:`heat_frame` written as a PNG."""
-    img = heat_frame(heat, vmax, side, even)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=1)
+    write_png(path, np.asarray(heat_frame(heat, vmax, side, even)), palette=True)

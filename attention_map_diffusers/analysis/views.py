@@ -92,6 +92,22 @@ def even_note(even: Optional[float]) -> str:
     return "" if even is None else f"even split 1/{round(1 / even)} = {even:.3g}"
 
 
+CELL_PX = 8  # pixels a map cell gets at least (when --dpi allows)
+TEXT_SHARE_OF_DPI = 0.6  # figures are drawn at no less than this share of --dpi: their texts stay legible (120 of 200)
+
+
+def sensible_dpi(dpi: int, panel: float = 0.0, *, image: int = 0, cells: int = 0) -> int:
+    """The dpi a figure is drawn at, at most ``dpi`` (``--dpi``): enough for its map panels
+    (``panel`` inches on their longer side) to show the image at its display size (``image``
+    pixels) and every one of the map's ``cells`` (on its longer side) with :data:`CELL_PX` pixels,
+    and at least :data:`TEXT_SHARE_OF_DPI` of ``dpi`` for its texts. A small grid, a small image,
+    or no map at all (curves) need fewer pixels than a 64x64 map over a 1024x1024 image: the
+    viewer enlarges them, the files stay small.
+    """
+    need = max(image / panel, cells * CELL_PX / panel) if panel > 0 else 0.0
+    return max(1, min(int(dpi), int(np.ceil(max(need, dpi * TEXT_SHARE_OF_DPI)))))
+
+
 def scale_tops(maps: Sequence[np.ndarray], percentile: float = DEFAULT_VMAX_PERCENTILE, shared: bool = False) -> list[float]:
     """Each map's colour scale top: its own :func:`robust_vmax`, or (``shared``) one for all, the
     ``percentile``-th percentile of all their values together."""

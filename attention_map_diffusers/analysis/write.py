@@ -24,7 +24,7 @@ from .stats import EncoderResult, step_average
 from .tables import write_group_tables, write_tables
 from .views import (
     MAX_LINES, FigureFacts, block_groups, common_words, dominant_words, even_note, flat_note, frame_word_maps, pick_frames, scale_tops,
-    TEXT_SHARE, WORD_SHARE, scale_note, segmentation_threshold, token_group_masks, token_groups, word_labels,
+    TEXT_SHARE, WORD_SHARE, scale_note, segmentation_threshold, sensible_dpi, token_group_masks, token_groups, word_labels,
     word_maps_arrays,
 )
 
@@ -156,8 +156,13 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     shared = options.scale == "shared"
     even = 1.0 / len(words)  # each word's share if the attention were split evenly
 
-    def save(fig, name):
-        save_figure(fig, os.path.join(folder, name), fmt, dpi, facts)
+    # each figure at the dpi its maps and image need (small grids and line plots: fewer pixels)
+    cells = max(res.shares.shape[:2])
+    side = max(disp.shape[:2]) if disp is not None else 0
+    text_dpi = sensible_dpi(dpi)
+
+    def save(fig, name, at=text_dpi):
+        save_figure(fig, os.path.join(folder, name), fmt, at, facts)
         tick()
 
     # only the folders that get files: an empty one would not be in the output's manifest
@@ -178,14 +183,16 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     tops = scale_tops(heats, pct, shared)  # shared: one top for the top words' maps, used for the phrases too
     plots.save_heatmap_figures(
         heat_maps, heat_titles, [os.path.join(folder, n) for _, n in files.words + files.phrases], over,
-        vmaxes=scale_tops(heat_maps, pct) if not shared else [tops[0]] * len(heat_maps), scale=scale, fmt=fmt, dpi=dpi,
+        vmaxes=scale_tops(heat_maps, pct) if not shared else [tops[0]] * len(heat_maps), scale=scale, fmt=fmt,
+        dpi=sensible_dpi(dpi, plots.HEATMAP_SIDE, image=side if over is not None else 0, cells=cells),
         on_saved=tick, facts=facts, even=even,
     )
 
     save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%}){flat_note(res.shares[:, :, j], short=True)}"
                                             for j in res.top], overlay=options.overlay,
                               title=f"{title}: top {len(res.top)} words by mass, {WORD_SHARE}\n{scale}; {even_note(even)}",
-                              vmaxes=tops, facts=facts, even=even), files.summary)
+                              vmaxes=tops, facts=facts, even=even), files.summary,
+         sensible_dpi(dpi, plots.SUMMARY_SIDE, image=side, cells=cells))
     page.summary = f"{rel}/{files.summary}"
 
     save(plots.overview_figure(step_average(res.curves, axis=1), res.curves.mean(axis=0), labels, res.block_ids, ts,
@@ -204,7 +211,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     thr = segmentation_threshold(len(words))
     save(plots.segmentation_figure(disp if options.overlay else None, dom, top_share, thr, labels, colour_of,
                                    f"{title}: the word each pixel attends to most (largest {WORD_SHARE})", facts=facts),
-         files.segmentation)
+         files.segmentation, sensible_dpi(dpi, plots.SEGMENTATION_SIDE, image=side if options.overlay else 0, cells=cells))
     page.segmentation = f"{rel}/{files.segmentation}"
     page.segmentation_threshold = thr
     size = ctx.dump.metadata.get("image_size")
@@ -236,7 +243,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         rows = "every row on one" if shared else "each row on its"
         save(plots.strip_figure(sel, [labels[j] for j in top8], fr.labels,
                                 f"{title}: top words per {fr.kind}, {WORD_SHARE}\n({rows} {scale.replace(' of each map', ' of its maps')}; {even_note(even)})",
-                                vmaxes=vmaxes, facts=facts, even=even), name)
+                                vmaxes=vmaxes, facts=facts, even=even), name, sensible_dpi(dpi, plots.STRIP_SIDE, cells=cells))
         for k, per_word in enumerate(files.frames[fr.kind]):
             for r, fname in enumerate(per_word):
                 plots.write_heat_png(os.path.join(folder, fname), sel[r, k], vmaxes[r], even=even)
@@ -254,7 +261,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     for names, curves, lbls, what, listing in kinds:
         titles = [f"{title}: {what}, transformer_blocks.{bid}, {TEXT_SHARE}" for bid in res.block_ids]
         plots.save_curves_per_block(
-            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts,
+            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, text_dpi, on_saved=tick, facts=facts,
             colours=ctx.colours.colours(lbls),
         )
         listing.extend((f"block {bid}", f"{rel}/{n}") for bid, n in zip(res.block_ids, names))
@@ -290,7 +297,8 @@ def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions,
         colours=colours.colours([labels[i] for i, _ in common]),
         even=1.0 / len(c.words) if len(c.words) == len(t.words) else None,
     )
-    save_figure(fig, os.path.join(dest, name), options.fmt, options.dpi, facts)
+    at = sensible_dpi(options.dpi, plots.PAIR_SIDE, cells=max(c.shares.shape[:2]))
+    save_figure(fig, os.path.join(dest, name), options.fmt, at, facts)
     return f"{rel}/{name}" if rel else name
 
 
@@ -422,7 +430,7 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
         fig = group_plots.cross_prompt_figure(rows, f"{ENCODER_TITLES[enc]}: words in several prompts", facts=facts)
         rel = f"aggregate/words_across_prompts_{enc}.{options.fmt}"
         os.makedirs(os.path.join(tmp, "aggregate"), exist_ok=True)
-        save_figure(fig, os.path.join(tmp, rel), options.fmt, options.dpi, facts)
+        save_figure(fig, os.path.join(tmp, rel), options.fmt, sensible_dpi(options.dpi), facts)
         written.append(rel)
     return written
 
@@ -490,16 +498,16 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
                               f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs, {TEXT_SHARE}",
                               spread=res.blockavg_std[:, top8], facts=facts, colours=colour_of)
-    save_figure(fig, curves_path, fmt, options.dpi, facts)
+    save_figure(fig, curves_path, fmt, sensible_dpi(options.dpi), facts)
     fig = group_plots.blocks_bands_figure(
         res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
         f"{title}: top words per block, mean over {res.n_runs} runs, {TEXT_SHARE}", facts=facts, colours=colour_of)
-    save_figure(fig, blocks_path, fmt, options.dpi, facts)
+    save_figure(fig, blocks_path, fmt, sensible_dpi(options.dpi), facts)
     fig = plots.spread_figure(np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0),
                               [f"{labels[j]} ({res.mass_mean[j]:.1%} \u00b1 {res.mass_std[j]:.1%})" for j in top8],
                               f"{title}: mean heatmap and its spread over {res.n_runs} runs, {WORD_SHARE}", facts=facts,
                               even=1.0 / len(res.words))
-    save_figure(fig, heatmaps_path, fmt, options.dpi, facts)
+    save_figure(fig, heatmaps_path, fmt, sensible_dpi(options.dpi, plots.SPREAD_SIDE, cells=max(res.map_mean.shape[:2])), facts)
 
 
 def write_plan(plan: Plan, pool=None) -> int:
