@@ -36,6 +36,9 @@ PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#e377c2", "#17becf", "#bcbd22", "#d62728", "#8c564b",
     "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#5254a3", "#e7969c", "#9edae5", "#c5b0d5",
     "#98df8a", "#ffbb78", "#aec7e8", "#dbdb8d",
+    # further shades (matplotlib's tab20b / tab20c): a prompt of 30 words still gets 30 colours
+    "#3182bd", "#e6550d", "#31a354", "#756bb1", "#ad494a", "#a55194", "#8ca252", "#bd9e39", "#6b6ecf", "#d6616b",
+    "#ce6dbd", "#6baed6", "#fd8d3c", "#74c476", "#9e9ac8", "#b5cf6b", "#e7ba52", "#9c9ede", "#de9ed6", "#cedb9c",
 )
 CLOSE_HUE = 30.0  # degrees: a palette colour this close in hue to a colour word's is not given to other words
 MIN_PALETTE = 4  # when the colour words leave fewer colours, the ones farthest in hue from theirs are kept
