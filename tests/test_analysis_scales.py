@@ -82,7 +82,7 @@ def test_even_split_tick_and_line_sit_at_one_over_n():
 
 
 def test_slider_frame_marks_the_even_split():
-    from attention_map_diffusers.analysis.plots import BAR_GAP, BAR_WIDTH
+    from attention_map_diffusers.analysis.plots import BAR_GAP
 
     img = np.asarray(plots.heat_frame(np.zeros((4, 4)), vmax=0.5, side=64, even=0.25))
     want = np.array([int(layout.EVEN_COLOUR[i : i + 2], 16) for i in (1, 3, 5)])

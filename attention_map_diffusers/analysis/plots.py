@@ -24,7 +24,7 @@ from .layout import (
     suptitle_band, suptitle_height, suptitle_width, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
 )
 from .raster import MapRaster, greyscale
-from .views import MAX_LINES, TEXT_SHARE, WORD_SHARE, FigureFacts, even_note, scale_note  # noqa: F401 - FigureFacts, scale_note: part of this API
+from .views import MAX_LINES, TEXT_SHARE, WORD_SHARE, FigureFacts, even_note  # noqa: F401 - FigureFacts is part of this API
 
 HEAT_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
