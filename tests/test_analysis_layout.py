@@ -47,9 +47,9 @@ def _figures():
         "overview, one word, no timesteps": lambda: plots.overview_figure(rng.uniform(size=(Bk, 1)), rng.uniform(size=(S, 1)),
                                                                           [LONG], list(range(Bk)), None, "CLIP", facts=FACTS),
         "segmentation": lambda: plots.segmentation_figure(image, rng.integers(0, n, (g, g)), rng.uniform(size=(g, g)), 0.1,
-                                                          _labels(n), list(range(8)), TITLE, facts=FACTS),
+                                                          _labels(n), [plots.LINE_COLOURS[i % 8] for i in range(n)], TITLE, facts=FACTS),
         "segmentation, no image": lambda: plots.segmentation_figure(None, rng.integers(0, 2, (g, g)), rng.uniform(size=(g, g)),
-                                                                    0.1, ["a", "cat"], [0, 1], "CLIP", facts=FACTS),
+                                                                    0.1, ["a", "cat"], ["#d62728", "#1f4fd6"], "CLIP", facts=FACTS),
         "token groups": lambda: plots.token_groups_figure(shares, ["words", "other prompt tokens", "special tokens", "padding",
                                                                    "other encoder"], ["early 0-1", "middle 2-3", "late 4-5"],
                                                           ts, TITLE, facts=FACTS),
@@ -75,6 +75,16 @@ def _figures():
                                                      facts=FACTS),
         "strip": lambda: plots.strip_figure(rng.uniform(size=(3, 6, g, g)), _labels(3), [f"step {i}" for i in range(6)], TITLE,
                                             facts=FACTS),
+        "strip, 3 steps, ticks like 0.175": lambda: plots.strip_figure(
+            rng.uniform(size=(2, 3, g, g)) * 0.175, [LONG, "a"], ["step 0 (t=1000)", "step 14 (t=500)", "step 27 (t=20)"],
+            "CLIP: top words per step, share of the words' attention\n(each row on its own colour scale: 0 to the 99th percentile "
+            "of its maps)", vmaxes=[0.175, 0.175], facts=FACTS),
+        "strip, one frame, even split marked": lambda: plots.strip_figure(
+            rng.uniform(size=(2, 1, g, g)) * 0.175, ["a", LONG], ["block 23"], TITLE, vmaxes=[0.175, 0.3], facts=FACTS, even=0.125),
+        "heatmap, even split marked": lambda: plots.heatmap_figure(heat * 100, TITLE, image, vmax=0.3, scale="own colour scale",
+                                                                 facts=FACTS, even=1 / 7),
+        "summary, even split marked": lambda: plots.summary_figure(image, [heat * 100] * 3, _labels(3), title=TITLE,
+                                                                 vmaxes=[0.3] * 3, facts=FACTS, even=0.125),
         "blocks bands": lambda: group_plots.blocks_bands_figure(rng.uniform(size=(Bk, S, 3)), rng.uniform(size=(Bk, S, 3)) * 0.1,
                                                                 _labels(3), list(range(Bk)), ts, TITLE, facts=FACTS),
     }

@@ -49,3 +49,79 @@ def test_both_deflate_backends_decode_to_the_data():
     for fast in (True, False):
         for level in (1, 6):
             assert zlib.decompress(pngfile.deflate(data, level, fast=fast)) == data
+
+
+def _decoded(data):
+    with Image.open(io.BytesIO(data)) as im:
+        return im.mode, np.asarray(im.convert("RGB")).astype(int), (len(im.getpalette()) // 3 if im.mode == "P" else 0)
+
+
+def test_palette_is_exact_for_at_most_256_colours():
+    rng = np.random.default_rng(3)
+    colours = rng.integers(0, 256, (200, 3), dtype=np.uint8)
+    pixels = colours[rng.integers(0, 200, (40, 50))]
+    mode, back, n = _decoded(png_bytes(pixels, palette=True))
+    assert mode == "P" and n <= 200
+    np.testing.assert_array_equal(back, pixels)
+    opaque = np.concatenate([pixels, np.full((40, 50, 1), 255, np.uint8)], axis=-1)
+    assert _decoded(png_bytes(opaque))[0] == "RGB"  # an opaque RGBA picture loses its alpha, not its pixels
+
+
+def _figure_like():
+    """White, with black text-like strokes and a smooth gradient box: thousands of colours."""
+    y, x = np.mgrid[0:120, 0:160]
+    pixels = np.full((120, 160, 3), 255, np.uint8)
+    pixels[10:20, 10:150] = 0
+    box = np.stack([x[30:110, 20:140] * 2, y[30:110, 20:140] * 3, 255 - x[30:110, 20:140]], -1)
+    pixels[30:110, 20:140] = np.clip(box, 0, 255)
+    return pixels
+
+
+def test_palette_of_many_colours_stays_close_and_keeps_white_and_black():
+    pixels = _figure_like()
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 256
+    mode, back, n = _decoded(png_bytes(pixels, palette=True))
+    assert mode == "P" and n <= 256
+    err = np.abs(back - pixels)
+    assert err.mean() < 3 and err.max() < 40
+    assert (back[:5, :5] == 255).all() and (back[12:18, 20:140] == 0).all()  # background and text exact
+
+
+def test_dithered_boxes_keep_gradients_on_average():
+    """Within a dither box, 8x8 block means of the written picture follow the gradient closer than
+    the plain palette's (no bands); outside it the pixels are the plain palette's."""
+    pixels = _figure_like()
+    box = (30, 20, 110, 140)
+    _, plain, _ = _decoded(png_bytes(pixels, palette=True))
+    _, dith, _ = _decoded(png_bytes(pixels, palette=True, dither=[box]))
+
+    def block_err(img):
+        a = (img[30:110, 20:140] - pixels[30:110, 20:140].astype(int)).reshape(10, 8, 15, 8, 3).mean(axis=(1, 3))
+        return np.abs(a).mean()
+
+    assert block_err(dith) < 0.8 * block_err(plain)
+    np.testing.assert_array_equal(dith[:30], plain[:30])
+
+
+def test_figures_without_a_colour_photo_are_palette_pngs(tmp_path):
+    from attention_map_diffusers.analysis import figure, plots
+
+    rng = np.random.default_rng(0)
+    curves = plots.curves_figure(rng.uniform(size=(6, 3)), ["a", "b", "c"], None, "t")
+    photo = plots.summary_figure(rng.integers(0, 256, (32, 32, 3)).astype(np.uint8), [rng.uniform(size=(4, 4))], ["a"], overlay=False)
+    over = plots.summary_figure(rng.integers(0, 256, (32, 32, 3)).astype(np.uint8), [rng.uniform(size=(4, 4))], ["a"])
+    for fig, mode in ((curves, "P"), (photo, "RGB"), (over, "P")):
+        figure.write_figure(fig, str(tmp_path / "f.png"), "png", 50)
+        with Image.open(tmp_path / "f.png") as im:
+            assert im.mode == mode
+
+
+def test_each_figure_gets_the_dpi_its_maps_and_texts_need():
+    from attention_map_diffusers.analysis.views import sensible_dpi
+
+    assert sensible_dpi(200) == 120  # curves: texts only, 0.6 x 200
+    assert sensible_dpi(200, 3.2, image=512, cells=64) == 160  # a 512-px image or 64 cells x 8 px on 3.2 in
+    assert sensible_dpi(200, 2.45, image=512, cells=64) == 200  # would need 209: --dpi caps it
+    assert sensible_dpi(200, 3.2, image=256, cells=16) == 120  # a toy run: the texts decide
+    assert sensible_dpi(300, 1.5, cells=64) == 300 and sensible_dpi(600, 1.5, cells=64) == 360  # 64 x 8 / 1.5 = 341.3
+    assert sensible_dpi(30) == 18

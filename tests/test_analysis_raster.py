@@ -151,7 +151,7 @@ def test_rasters_draw_in_vector_formats():
 @pytest.mark.parametrize("with_image,vmaxes", [(True, [0.9, 1.5, 0.7]), (False, [0.9, 1.5, 0.7]), (True, [None] * 3)])
 def test_blitted_heatmaps_equal_full_renders(tmp_path, with_image, vmaxes):
     """save_heatmap_figures draws only what changes; each PNG equals a fresh heatmap_figure rendered whole
-    (its colour bar ticks, the maps, the title)."""
+    and written (its colour bar ticks, the maps, the title; the same palette)."""
     rng = np.random.default_rng(4)
     heats = [rng.uniform(size=(16, 16)) * (k + 1) for k in range(3)]
     image = (rng.uniform(size=(64, 64, 3)) * 255).astype(np.uint8) if with_image else None
@@ -160,12 +160,21 @@ def test_blitted_heatmaps_equal_full_renders(tmp_path, with_image, vmaxes):
     plots.save_heatmap_figures(heats, titles, paths, image, vmaxes=vmaxes, scale="colour scale: x", dpi=60, facts=FACTS)
     room = [plots._vmax(h, v) for h, v in zip(heats, vmaxes)]
     for heat, title, vmax, path in zip(heats, titles, vmaxes, paths):
-        fig = plots.heatmap_figure(heat, title, image, vmax=vmax, scale="colour scale: x", facts=FACTS, room_for=room)
-        want = figure.render_rgba(fig, 60)
+        fig = plots.heatmap_figure(heat, title, image, vmax=vmax, scale="colour scale: x", facts=FACTS, room_for=room, titles=titles)
+        want = _written(fig, 60, tmp_path)
         with Image.open(path) as img:
-            got = np.asarray(img)
+            got = np.asarray(img.convert("RGB"))
             assert img.text["Title"] == title
+        assert got.shape == figure.render_rgba(fig, 60)[..., :3].shape
         np.testing.assert_array_equal(got, want)
+
+
+def _written(fig, dpi, folder):
+    """The RGB pixels of ``fig`` written whole by write_figure."""
+    path = str(folder / "whole.png")
+    figure.write_figure(fig, path, "png", dpi)
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def test_blitted_block_curves_equal_full_renders(tmp_path):
@@ -180,7 +189,7 @@ def test_blitted_block_curves_equal_full_renders(tmp_path):
     for b in range(3):
         fig = plots.curves_figure(curves[b], labels, ts, titles[b], ymax=ymax, scale_text="same y scale for every block", facts=FACTS)
         with Image.open(paths[b]) as img:
-            np.testing.assert_array_equal(np.asarray(img), figure.render_rgba(fig, 50))
+            np.testing.assert_array_equal(np.asarray(img.convert("RGB")), _written(fig, 50, tmp_path))
 
 
 def test_bands_draw_what_fill_between_draws():

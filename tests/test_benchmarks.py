@@ -190,3 +190,19 @@ def test_bench_analysis_baseline_ratio(tmp_path, monkeypatch):
         bench_analysis.main(["--modes", "runs8"])
     with pytest.raises(SystemExit):
         bench_analysis.main(["--modes", "tables_only", "--baseline", str(tmp_path)])
+
+
+def test_png_bytes_counts_every_file_and_a_toy_run_fits_in_4_mb(tmp_path, capsys):
+    """benchmarks/png_bytes.py: its kinds add up to the bytes on disk, and a toy-shapes-sized run
+    with every view (16x16 grid, 4 blocks, 20 steps, step and block maps, a photograph) writes at
+    most 4 MB (issue 22: it wrote ~21 MB before palette PNGs and the figures' own dpi)."""
+    import png_bytes
+
+    out = tmp_path / "out"
+    assert png_bytes.main(["--size", "toy", "--keep", str(out), "--json", str(tmp_path / "b.json")]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    assert res["total"] == on_disk == sum(k["bytes"] for k in res["kinds"].values())
+    assert res["kinds"]["slider frames"]["files"] == 160 and res["kinds"]["curves per block"]["files"] == 8
+    assert res["total"] <= 4_000_000, res["kinds"]
+    assert "figures" in capsys.readouterr().out

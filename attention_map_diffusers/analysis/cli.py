@@ -19,7 +19,7 @@ from typing import Optional
 
 from ..cli import OneLineParser, fail, parse
 from ..contract import UserError
-from .options import FORMATS, WORD_RULES, AnalysisOptions, parse_encoders
+from .options import FORMATS, SCALES, WORD_RULES, AnalysisOptions, parse_encoders
 from .stats import WEIGHT_MODES, parse_blocks
 from .words import find_words, parse_phrases
 
@@ -81,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--encoders", default="clip,t5", help="text encoders to analyse, comma-separated, from clip,t5 (default: clip,t5)")
     p.add_argument("--format", choices=FORMATS, default="png", help="figure file format (default: png)")
-    p.add_argument("--dpi", type=int, default=200, help="figure resolution in dots per inch (default: 200)")
+    p.add_argument(
+        "--dpi",
+        type=int,
+        default=200,
+        help="the highest figure resolution in dots per inch (default: 200). Each figure is drawn at the least "
+        "resolution that shows its image at its display size and every map cell with 8 pixels, and at no less than "
+        "0.6 x DPI for its texts: curves and small maps (a 16x16 grid) get 120 at the default, a 64x64 map over a "
+        "1024x1024 image 160 to 200",
+    )
     p.add_argument(
         "--vmax-percentile",
         type=float,
@@ -89,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="heatmap colour scales run from 0 to the P-th percentile of each map, so that one hot pixel does not "
         "darken the rest (100: the maximum; default: 99)",
+    )
+    p.add_argument(
+        "--scale",
+        choices=SCALES,
+        default="own",
+        help="colour scale of the word maps: 'own' scales each map from 0 to its own P-th percentile (shapes are "
+        "easy to see, but a near-uniform map looks as structured as a sharp one); 'shared' uses one scale for all "
+        "the words of an encoder, the P-th percentile of all their maps (compare words by colour). Default: own",
     )
     p.add_argument(
         "--blocks",
@@ -140,6 +156,7 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
         vmax_percentile=args.vmax_percentile,
         overwrite=args.overwrite,
         words=args.words,
+        scale=args.scale,
     )
 
 

@@ -1,6 +1,6 @@
 """A figure's canvas and its way to disk: figures on their own Agg canvas (no pyplot), the run's
 facts in a footer fitted to the figure's width, and PNGs rendered by savefig and written by the
-analysis's own writer (:mod:`.pngfile`), or blitted (:class:`Blitter`) when only part of a figure
+analysis's own writer (:mod:`.pngfile`; palette PNGs for figures without a photograph), or blitted (:class:`Blitter`) when only part of a figure
 changes from one file to the next. What is drawn on the figures lives in :mod:`.plots` and
 :mod:`.group_plots`.
 """
@@ -119,7 +119,38 @@ def write_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi)
         return
-    write_png(path, render_rgba(fig, dpi), png_meta(fig, facts), dpi)
+    pixels = render_rgba(fig, dpi)
+    write_png(path, pixels, png_meta(fig, facts), dpi, palette=not has_photo(fig), dither=dither_boxes(fig, *pixels.shape[:2]))
+
+
+PHOTO = "photo"  # the gid of an image artist that shows a photograph in colour (the run's image)
+
+
+def has_photo(fig: Figure) -> bool:
+    """Whether ``fig`` shows a photograph in colour (an image artist marked :data:`PHOTO`): then it
+    is written in full colour, else as a palette PNG (:mod:`.pngfile`; lines, text and maps alone
+    lose a level or two where the palette merges neighbouring shades)."""
+    return any(im.get_gid() == PHOTO for ax in fig.axes for im in ax.images)
+
+
+def dither_boxes(fig: Figure, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """Pixel boxes (top, left, bottom, right) of ``fig``'s panels that show maps over the image, and
+    of its colour bars, as last drawn (``height``: the picture's rows): blends of a grey image and a
+    colour map, too many for 256 colours, and gradients, which a dithered palette renders within a
+    few levels without bands. ``height`` x ``width``: the picture's pixels (the panels' places are
+    fractions of the figure: right at any dpi)."""
+    from .raster import MapRaster
+
+    boxes = []
+    for ax in fig.axes:
+        over = any(isinstance(a, MapRaster) and a.image is not None for a in ax.artists)
+        over |= any(im.get_alpha() is not None and im.get_alpha() < 1 for im in ax.images)  # segmentation over the image
+        over |= getattr(ax, "_colorbar", None) is not None  # matplotlib marks a colour bar's axes so
+        if over:
+            b = ax.get_position()
+            boxes.append((max(0, int((1 - b.y1) * height)), max(0, int(b.x0 * width)),
+                          min(height, int(np.ceil((1 - b.y0) * height))), min(width, int(np.ceil(b.x1 * width)))))
+    return boxes
 
 
 def png_meta(fig: Figure, facts: Optional[FigureFacts]) -> dict[str, str]:
@@ -151,6 +182,7 @@ class Blitter:
 
     def __init__(self, fig: Figure, dynamic: Sequence, dpi: float):
         self.fig, self.dynamic, self.dpi = fig, list(dynamic), dpi
+        self.palette = not has_photo(fig)
         fig.set_dpi(dpi)
         shown = [a.get_visible() for a in self.dynamic]
         for a in self.dynamic:
@@ -170,7 +202,9 @@ class Blitter:
 
     def write(self, path: str, facts: Optional[FigureFacts] = None) -> None:
         """:meth:`render` as a PNG at ``path``, with the text chunks :func:`write_figure` gives it."""
-        write_png(path, self.render(), png_meta(self.fig, facts), self.dpi)
+        pixels = self.render()
+        write_png(path, pixels, png_meta(self.fig, facts), self.dpi, palette=self.palette,
+                  dither=dither_boxes(self.fig, *pixels.shape[:2]))
 
 
 def save_figure(fig: Figure, path: str, fmt: str = "png", dpi: int = 100, facts: Optional[FigureFacts] = None) -> None:

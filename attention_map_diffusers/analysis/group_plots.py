@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from .layout import EDGE, fixed_layout, fontsize_of, legend_height, suptitle_band, suptitle_height, x_axis_band, y_axis_band
 from .figure import footer_band, new_figure
-from .plots import CURVE_LABEL, LINE_COLOURS, draw_bands, step_ticks
+from .plots import CURVE_LABEL, LINE_COLOURS, draw_bands, line_colours, line_styles, step_ticks
 from .views import MAX_LINES, FigureFacts
 
 BLOCK_COLUMNS = 6  # panels per row of the per-block figure
@@ -19,10 +19,10 @@ BLOCK_COLUMNS = 6  # panels per row of the per-block figure
 
 def blocks_bands_figure(
     curves_mean: np.ndarray, curves_std: np.ndarray, labels: Sequence[str], block_ids: Sequence[int],
-    timesteps: Optional[np.ndarray], title: str, *, facts: Optional[FigureFacts] = None,
+    timesteps: Optional[np.ndarray], title: str, *, facts: Optional[FigureFacts] = None, colours: Optional[Sequence[str]] = None,
 ) -> Figure:
     """One panel per block: (Bk, S, m) mean curves with their +- std bands (m <= :data:`MAX_LINES`),
-    one y scale for every block (stated), one legend."""
+    one y scale for every block (stated), one legend. ``colours``: one per word (default :data:`LINE_COLOURS`)."""
     Bk, S, m = curves_mean.shape
     if m > MAX_LINES:
         raise ValueError(f"at most {MAX_LINES} lines per panel, got {m}")
@@ -41,6 +41,8 @@ def blocks_bands_figure(
     x = np.arange(S)
     ticks = step_ticks(S, 4)
     names = [str(t) for t in ticks]
+    colours = line_colours(m, colours)
+    styles = line_styles(colours)
     lines = []
     for k, ax in enumerate(axes.flat):
         if k >= Bk:
@@ -48,10 +50,9 @@ def blocks_bands_figure(
             continue
         lines = []
         for j in range(m):
-            colour = LINE_COLOURS[j % len(LINE_COLOURS)]
-            (line,) = ax.plot(x, curves_mean[k, :, j], "-", color=colour, lw=1.6, marker="o" if S < 3 else None, ms=3)
+            (line,) = ax.plot(x, curves_mean[k, :, j], styles[j], color=colours[j], lw=1.6, marker="o" if S < 3 else None, ms=3)
             lines.append(line)
-        draw_bands(ax, x, curves_mean[k] - curves_std[k], curves_mean[k] + curves_std[k])
+        draw_bands(ax, x, curves_mean[k] - curves_std[k], curves_mean[k] + curves_std[k], colours)
         ax.set_title(f"block {block_ids[k]}", fontsize=8)
         ax.set_xlim(-0.5, S - 0.5)
         ax.set_ylim(0.0, ymax)

@@ -60,6 +60,11 @@ def suptitle_height(text: str, fontsize=None) -> float:
     return EDGE + text_height(_title_points(fontsize), lines_of(text)) + 0.06 if text else EDGE
 
 
+def suptitle_width(texts, fontsize=None) -> float:
+    """The narrowest figure (inches) on which every one of ``texts`` fits as its title (:func:`suptitle_band`)."""
+    return text_width([t for t in texts if t], _title_points(fontsize)) + 2 * EDGE
+
+
 def suptitle_band(fig, text: str, fontsize=None) -> float:
     """Put ``text`` as the figure's title, its top :data:`EDGE` below the figure's top; the band it takes."""
     if text:
@@ -170,3 +175,100 @@ def tick_labels(axis) -> list[str]:
     eps = 1e-12 * max(abs(lo), abs(hi), 1)  # a tick at the limit, give or take rounding, is drawn
     locs = [v for v in axis.get_majorticklocs() if lo - eps <= v <= hi + eps]
     return list(axis.get_major_formatter().format_ticks(locs)) if locs else []
+
+
+EVEN_LABEL = "even"  # the tick of the even split (1/n for n words) on a word-share colour bar
+EVEN_COLOUR = "#3fd0ff"  # its line across the bar: visible on every colour of inferno
+EVEN_ROOM = 0.07  # ticks closer than this share of the bar to the even tick are left out (their labels would overlap)
+
+
+def mark_even(cbar, even: float) -> None:
+    """On a vertical word-share colour bar, a tick labelled :data:`EVEN_LABEL` at ``even`` (the share
+    each word would have if the attention were split evenly: 1/n) and a line across the bar there.
+
+    The tick comes and goes with the bar's limits (a bar redrawn with another ``vmax``), and
+    :func:`tick_labels` (so :func:`colorbar_band`) measures it like any other tick.
+    """
+    from matplotlib.ticker import Formatter, Locator
+
+    base_loc, base_fmt = cbar.locator, cbar.formatter
+
+    class EvenLocator(Locator):
+        def __call__(self):
+            base_loc.set_axis(self.axis)
+            lo, hi = sorted(self.axis.get_view_interval())
+            ticks = list(base_loc())
+            if lo <= even <= hi:
+                ticks = sorted([t for t in ticks if abs(t - even) > EVEN_ROOM * (hi - lo)] + [even])
+            return ticks
+
+    class EvenFormatter(Formatter):
+        def set_axis(self, axis):
+            super().set_axis(axis)
+            base_fmt.set_axis(axis)
+
+        def format_ticks(self, values):
+            others = [v for v in values if v != even]
+            labels = dict(zip(others, base_fmt.format_ticks(others))) if others else {}
+            return [EVEN_LABEL if v == even else labels[v] for v in values]
+
+        def __call__(self, x, pos=None):
+            return EVEN_LABEL if x == even else base_fmt(x, pos)
+
+        def get_offset(self):
+            return base_fmt.get_offset()
+
+    from matplotlib.lines import Line2D
+
+    cbar.locator = EvenLocator()
+    cbar.formatter = EvenFormatter()
+    # an artist, not axhline: the bar's limits must not grow to an even split above its scale
+    cbar.ax.add_artist(Line2D([0.0, 1.0], [even, even], transform=cbar.ax.get_yaxis_transform(), color=EVEN_COLOUR, lw=1.2))
+
+
+def place_labels(points, sizes, bounds, *, offset: tuple[float, float] = (3.0, 2.0), avoid: float = 3.0,
+                 step: float = 4.0, rings: int = 40) -> tuple[list[tuple[float, float]], list[bool]]:
+    """Where to put a label beside each of ``points`` so that no two labels overlap (numbers only,
+    no drawing): each label, in order, takes the first free place on rings of growing radius around
+    its point (right-above first, the usual place; then right, left, above, below and the corners).
+
+    Args:
+        points: (x, y) of each point; sizes: (width, height) of each label; bounds: (x0, y0, x1, y1)
+            the labels stay within. One unit for all, y upwards (e.g. points of the axes).
+        avoid: the labels keep clear of every point by this much (its marker).
+
+    Returns:
+        the lower-left corner of each label, and whether it left the usual place (draw a leader line).
+        When no free place is found within ``rings`` rings, the one overlapping least is taken.
+    """
+    import numpy as np
+
+    x0, y0, x1, y1 = bounds
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    marks = np.column_stack([pts - avoid, pts + avoid])  # (n, 4) the points' markers
+    placed = np.zeros((0, 4))
+    corners, moved = [], []
+    dx, dy = offset
+    r = step * np.arange(1, rings + 1)[:, None]  # (rings, 1)
+
+    def overlap(boxes, others):  # (c, 4) x (k, 4) -> (c,) summed overlap areas
+        w = np.minimum(boxes[:, None, 2], others[None, :, 2]) - np.maximum(boxes[:, None, 0], others[None, :, 0])
+        h = np.minimum(boxes[:, None, 3], others[None, :, 3]) - np.maximum(boxes[:, None, 1], others[None, :, 1])
+        return (np.clip(w, 0, None) * np.clip(h, 0, None)).sum(axis=1)
+
+    for (px, py), (w, h) in zip(pts, sizes):
+        ring = [(px + dx + r, py - h / 2 + 0 * r), (px - dx - r - w, py - h / 2 + 0 * r), (px - w / 2 + 0 * r, py + dy + r),
+                (px - w / 2 + 0 * r, py - dy - r - h), (px + dx + r, py + dy + r), (px - dx - r - w, py + dy + r),
+                (px + dx + r, py - dy - r - h), (px - dx - r - w, py - dy - r - h)]
+        cx = np.concatenate([[px + dx], np.concatenate([c[0] for c in ring], axis=1).ravel()])  # ring by ring, 8 places each
+        cy = np.concatenate([[py + dy], np.concatenate([c[1] for c in ring], axis=1).ravel()])
+        cx = np.clip(cx, x0, x1 - w)  # kept within the bounds
+        cy = np.clip(cy, y0, y1 - h)
+        boxes = np.column_stack([cx, cy, cx + w, cy + h])
+        cost = overlap(boxes, placed) + overlap(boxes, marks)
+        free = np.flatnonzero(cost <= 0)
+        k = int(free[0]) if free.size else int(np.argmin(cost))
+        placed = np.vstack([placed, boxes[k]])
+        corners.append((float(cx[k]), float(cy[k])))
+        moved.append(abs(cx[k] - (px + dx)) > 0.5 or abs(cy[k] - (py + dy)) > 0.5)
+    return corners, moved

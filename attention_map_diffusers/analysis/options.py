@@ -11,6 +11,7 @@ from .stats import WEIGHT_MODES
 ENCODERS = ("clip", "t5")
 FORMATS = ("png", "svg", "pdf")
 WORD_RULES = ("prompt", "original")
+SCALES = ("own", "shared")  # --scale
 ENCODER_TITLES = {"clip": "CLIP", "t5": "T5"}
 
 
@@ -25,7 +26,7 @@ class AnalysisOptions:
     weights: str = "attention"  # how a phrase combines its words: "attention" (by mass) or "uniform"
     encoders: tuple[str, ...] = ENCODERS  # text encoders to analyse, in this order
     fmt: str = "png"  # figure file format
-    dpi: int = 200  # figure resolution: a 1024x1024 image and a 64x64 map stay legible
+    dpi: int = 200  # the highest figure resolution (views.sensible_dpi: each figure at what its maps and texts need)
     block_ranges: Optional[tuple[tuple[int, int], ...]] = None  # blocks to analyse, inclusive (first, last) ranges; None: all
     overlay: bool = True  # draw heatmaps over the generated image
     tables_only: bool = False  # CSV tables and index.html only, no figures
@@ -33,6 +34,7 @@ class AnalysisOptions:
     vmax_percentile: float = 99.0  # heatmap colour scales run from 0 to this percentile of the map (100: its maximum)
     overwrite: bool = False  # replace an earlier analysis in --out even where one of its files was changed since
     words: str = "prompt"  # what a word is: "prompt" (the prompt's words) or "original" (the original tool's, from tokens)
+    scale: str = "own"  # "own": each word map on its own colour scale; "shared": one scale for all the words of an encoder
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -53,6 +55,8 @@ class AnalysisOptions:
             raise UserError(f"--blocks: ranges must be (first, last) with 0 <= first <= last, got {self.block_ranges}")
         if self.words not in WORD_RULES:
             raise UserError(f"--words must be one of {', '.join(WORD_RULES)}, got {self.words!r}")
+        if self.scale not in SCALES:
+            raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if self.fmt not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
 

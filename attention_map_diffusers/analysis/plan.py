@@ -10,6 +10,7 @@ import numpy as np
 
 from ..contract import UserError
 from . import outdir
+from .colours import WordColours
 from .discover import NOT_LISTED, RunEntry, discover
 from .dumpfile import Dump, Note, load_dump, load_t5_tokenizer
 from .options import ENCODER_TITLES, AnalysisOptions
@@ -57,6 +58,7 @@ class Plan:
     notes: list[Note] = field(default_factory=list)  # about the whole analysis, said once
     fonts: Optional["FontChoice"] = None  # for the words in figures (None: tables only)
     leftovers: list[str] = field(default_factory=list)  # folders of a killed analysis, removed when writing
+    colours: Optional[WordColours] = None  # one colour per word for every run's figures
 
     @property
     def failed(self) -> list[RunEntry]:
@@ -254,6 +256,7 @@ def make_plan(options: AnalysisOptions) -> Plan:
         todo = [(e.folder, os.path.join(root, e.folder), e) for e in entries if e.to_analyse]
     runs = []
     texts: set[str] = set()
+    prompt_words: list[list[str]] = []  # per (run, item): its words and the phrases, for their colours
     for folder, run_dir, entry in todo:
         try:
             rp = plan_run(folder, run_dir, options, loader)
@@ -265,6 +268,7 @@ def make_plan(options: AnalysisOptions) -> Plan:
         if entry is not None and (entry.status == NOT_LISTED or not entry.prompt):
             entry.prompt = list(rp.dump.prompts)
         texts |= _word_texts(rp, options)
+        prompt_words += [[w.text for res in per_item for w in res.words] + list(options.phrases) for per_item in rp.results]
         keep = rp if len(todo) == 1 else None
         runs.append(RunSpec(folder, run_dir, rp.notes, count_files(rp, options), keep, entry))
     fonts = None
@@ -285,4 +289,5 @@ def make_plan(options: AnalysisOptions) -> Plan:
             f"leaving alone folders next to {out} that look like an interrupted analysis's but hold files their "
             f"manifest does not list: {names}; delete them yourself once you have kept what you need",
         ))
-    return Plan(options, root, out, runs, entries or [], entries is not None, loader, notes, fonts, leftovers)
+    return Plan(options, root, out, runs, entries or [], entries is not None, loader, notes, fonts, leftovers,
+                WordColours.build(prompt_words))

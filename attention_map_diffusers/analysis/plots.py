@@ -16,25 +16,28 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ..atomic import atomic_path
-from .figure import Blitter, footer_band, footer_width, new_figure, set_width, write_figure
+from .pngfile import write_png
+from .figure import PHOTO, Blitter, footer_band, footer_width, new_figure, set_width, write_figure
 from .layout import (
-    EDGE, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, new_colorbar, place_colorbar,
-    suptitle_band, suptitle_height, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
+    EDGE, EVEN_COLOUR, EVEN_LABEL, LABEL_PAD, colorbar_band, fixed_layout, fontsize_of, legend_width, mark_even, new_colorbar,
+    place_colorbar, place_labels,
+    suptitle_band, suptitle_height, suptitle_width, text_height, text_width, tick_labels, tick_size, title_band, x_axis_band, y_axis_band,
 )
-from .raster import MapRaster
-from .views import MAX_LINES, FigureFacts  # noqa: F401 - FigureFacts is part of this API
+from .raster import MapRaster, greyscale
+from .views import MAX_LINES, TEXT_SHARE, WORD_SHARE, FigureFacts, even_note  # noqa: F401 - FigureFacts is part of this API
 
 HEAT_CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
-SHARE_LABEL = "share of the words' attention"
-CURVE_LABEL = "mean attention (share of all text positions)"
+SHARE_LABEL = WORD_SHARE
+CURVE_LABEL = f"mean attention ({TEXT_SHARE})"
 STEP_LABEL = "denoising step (left = first, noisiest)"
 LEVEL_LABEL = "noise level \u03c3 (independent levels of the given image, noisiest first)"
 DISPLAY_SIDE = 512  # images are drawn (under the maps) at most this many pixels on a side
 # Eight colours that stay distinct (tab10 without its grey and olive)
 LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 CBAR_GAP, CBAR_WIDTH = 0.12, 0.16  # inches between panels and their colour bar, and its width
+# inches of a map panel's longer side, per figure (the figures' dpi is chosen from them: views.sensible_dpi)
+HEATMAP_SIDE, SUMMARY_SIDE, SEGMENTATION_SIDE, PAIR_SIDE, STRIP_SIDE, SPREAD_SIDE = 3.2, 2.45, 4.0, 1.9, 1.5, 2.3
 
 
 def display_image(image: Image.Image, max_side: int = DISPLAY_SIDE) -> np.ndarray:
@@ -75,21 +78,20 @@ def rasters(ax) -> list[MapRaster]:
     return [a for a in ax.artists if isinstance(a, MapRaster)]
 
 
-def scale_note(percentile: float) -> str:
-    return "colour scale: 0 to the maximum" if percentile >= 100 else f"colour scale: 0 to the {percentile:g}th percentile"
-
-
 def heatmap_figure(
     heat: np.ndarray, title: str, image: Optional[np.ndarray] = None, *, vmax: Optional[float] = None,
-    scale: str = "", facts: Optional[FigureFacts] = None, room_for: Sequence[float] = (),
+    scale: str = "", facts: Optional[FigureFacts] = None, room_for: Sequence[float] = (), even: Optional[float] = None,
+    titles: Sequence[str] = (),
 ) -> Figure:
     """One map: the grid alone, and beside it the map over the image when one is given, with a colour bar.
 
     ``vmax`` is the colour scale's top (values above it saturate), ``scale`` says how it was chosen.
     ``room_for``: further scale tops the figure will be redrawn with (the colour bar's labels get room for each).
+    ``even``: the even split 1/n, marked on the colour bar (:func:`~.layout.mark_even`). ``titles``:
+    further titles the figure will be redrawn with (the figure is made wide enough for each).
     """
     panels = 1 if image is None else 2
-    side, gap = 3.2, 0.1  # inches
+    side, gap = HEATMAP_SIDE, 0.1  # inches
     top = suptitle_height(title) + title_band(9)
     bottom = EDGE + footer_band(facts)
     fig = new_figure(10.0, top + side + bottom, layout=None)  # its width and footer once the colour bar is measured
@@ -98,8 +100,11 @@ def heatmap_figure(
     im = draw_heatmap(axes[0], heat, title="attention map", vmax=vmax)
     if image is not None:
         draw_overlay(axes[1], image, heat, title="over the image", mappable=im)
-    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label=SHARE_LABEL + (f"\n({scale})" if scale else ""),
+    notes = [n for n in (scale, even_note(even)) if n]
+    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label=SHARE_LABEL + "".join(f"\n({n})" for n in notes),
                         extend="max" if vmax is not None else "neither")
+    if even is not None:
+        mark_even(cbar, even)
     band = colorbar_band(cbar)
     clim = im.get_clim()
     for v in room_for:
@@ -107,7 +112,7 @@ def heatmap_figure(
         band = max(band, colorbar_band(cbar))
     im.set_clim(*clim)
     right = CBAR_GAP + CBAR_WIDTH + band + EDGE
-    set_width(fig, EDGE + panels * side + (panels - 1) * gap + right, facts)
+    set_width(fig, max(EDGE + panels * side + (panels - 1) * gap + right, suptitle_width([title, *titles])), facts)
     fixed_layout(fig, top=top, bottom=bottom, left=EDGE, right=right, wspace=gap / side)
     place_colorbar(fig, cbar.ax, list(axes), gap=CBAR_GAP, width=CBAR_WIDTH)
     return fig
@@ -116,7 +121,7 @@ def heatmap_figure(
 def save_heatmap_figures(
     heats: Sequence[np.ndarray], titles: Sequence[str], paths: Sequence[str], image: Optional[np.ndarray] = None, *,
     vmaxes: Sequence[Optional[float]], scale: str = "", fmt: str = "png", dpi: int = 100,
-    on_saved: Optional[Callable[[], None]] = None, facts: Optional[FigureFacts] = None,
+    on_saved: Optional[Callable[[], None]] = None, facts: Optional[FigureFacts] = None, even: Optional[float] = None,
 ) -> None:
     """:func:`heatmap_figure` of each map, saved to ``paths``: one figure, built once and updated per
     map (its maps, colour scale and title), as building one costs about as much as drawing it; PNGs
@@ -129,7 +134,7 @@ def save_heatmap_figures(
     if not heats:
         return
     fig = heatmap_figure(heats[0], titles[0], image, vmax=vmaxes[0], scale=scale, facts=facts,
-                         room_for=[_vmax(h, v) for h, v in zip(heats, vmaxes)])
+                         room_for=[_vmax(h, v) for h, v in zip(heats, vmaxes)], even=even, titles=titles)
     maps = [r for ax in fig.axes for r in rasters(ax)]  # the map alone and over the image: one mappable
     blit = Blitter(fig, [*fig.axes, fig._suptitle], dpi) if fmt == "png" else None  # every axes changes; the footer not
     for heat, title, vmax, path in zip(heats, titles, vmaxes, paths):
@@ -147,18 +152,19 @@ def save_heatmap_figures(
 
 def summary_figure(
     image: Optional[np.ndarray], heats: Sequence[np.ndarray], titles: Sequence[str], *, overlay: bool = True, title: str = "",
-    vmaxes: Optional[Sequence[float]] = None, facts: Optional[FigureFacts] = None,
+    vmaxes: Optional[Sequence[float]] = None, facts: Optional[FigureFacts] = None, even: Optional[float] = None,
 ) -> Figure:
     """One panel per map (over ``image`` when ``overlay``), each with its colour bar, in a grid of up to 4 columns.
 
-    Without ``overlay`` the image gets a panel of its own first. ``vmaxes``: each map's colour scale top.
+    Without ``overlay`` the image gets a panel of its own first. ``vmaxes``: each map's colour scale
+    top; ``even``: the even split 1/n, marked on every colour bar.
     Panels and colour bars are placed in inches (no layout engine, no space stolen from the panels).
     """
     show_image = image is not None and not overlay
     cells = len(heats) + show_image
     cols = max(1, min(4, cells))
     rows = max(1, math.ceil(cells / cols))
-    side, vgap, ticks = 2.45, 0.2, 7  # inches: a panel's longer side, between rows; points: colour bar tick labels
+    side, vgap, ticks = SUMMARY_SIDE, 0.2, 7  # inches: a panel's longer side, between rows; points: colour bar tick labels
     gap, bar_w = CBAR_GAP / 2, CBAR_WIDTH * 0.7  # inches: panel to its colour bar, the bar (narrower than elsewhere)
     h, w = (image.shape[:2] if image is not None else heats[0].shape) if cells else (1, 1)
     pw, ph = (side, side * h / w) if w >= h else (side * w / h, side)
@@ -174,7 +180,7 @@ def summary_figure(
     panels = []  # (axes, its colour bar or None), placed once the widths are known
     if show_image:
         ax = fig.add_axes((0, 0, 0.1, 0.1))
-        ax.imshow(image, interpolation="antialiased")
+        ax.imshow(image, interpolation="antialiased", gid=PHOTO)
         _bare(ax, "generated image")
         panels.append((ax, None))
     for m, (heat, name) in enumerate(zip(heats, titles)):
@@ -185,11 +191,13 @@ def summary_figure(
         else:
             im = draw_heatmap(ax, heat, title=name, vmax=vmax)
         cbar = new_colorbar(fig, im, bottom=0.0, top=H - ph, ticks_size=ticks, extend="max" if vmax is not None else "neither")
+        if even is not None:
+            mark_even(cbar, even)
         panels.append((ax, cbar))
     band = max([colorbar_band(cb, ticks) for _, cb in panels if cb is not None] + [0.0])
     lead = max(0.0, (text_width([ax.get_title() for ax, _ in panels] or [""], 9) - pw) / 2)  # titles wider than a panel
     col_w = lead + pw + max(gap + bar_w + band, lead) + 0.25
-    W = max(EDGE + cols * col_w - 0.25 + EDGE, footer_width(facts))  # one narrow panel: room for the footer still
+    W = max(EDGE + cols * col_w - 0.25 + EDGE, footer_width(facts), suptitle_width([title]))  # one narrow panel: room for the footer and title
     set_width(fig, W, facts)
     for k, (ax, cbar) in enumerate(panels):
         r, c = divmod(k, cols)
@@ -239,13 +247,15 @@ def line_chunks(m: int, per_axis: int = MAX_LINES) -> list[range]:
 BAND_ALPHA = 0.15  # a band's fill; its edges are outlined in the line's colour so that overlapping bands stay apart
 
 
-def draw_bands(ax, x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> None:
-    """(S, m) bands between ``lower`` and ``upper``, band j in line j's colour at :data:`BAND_ALPHA`
-    opacity with its upper and lower edges drawn as thin dashed lines of that colour, under the
-    lines: what ``fill_between`` draws (within 2 levels), as plain polygon collections, which cost a
-    fraction of its shape checks. One collection per band: in a single collection Agg draws
-    overlapping polygons differently."""
+def draw_bands(ax, x: np.ndarray, lower: np.ndarray, upper: np.ndarray, colours: Optional[Sequence[str]] = None) -> None:
+    """(S, m) bands between ``lower`` and ``upper``, band j in ``colours[j]`` (default: :func:`line_colours`)
+    at :data:`BAND_ALPHA` opacity with its upper and lower edges drawn as thin dashed lines of that
+    colour, under the lines: what ``fill_between`` draws (within 2 levels), as plain polygon
+    collections, which cost a fraction of its shape checks. One collection per band: in a single
+    collection Agg draws overlapping polygons differently."""
     from matplotlib.collections import PolyCollection
+
+    colours = line_colours(lower.shape[1], colours)
 
     def outline(j, colour):
         for edge in (upper[:, j], lower[:, j]):
@@ -253,39 +263,59 @@ def draw_bands(ax, x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> None:
 
     if not (np.isfinite(lower).all() and np.isfinite(upper).all()):  # gaps: fill_between leaves them out
         for j in range(lower.shape[1]):
-            colour = LINE_COLOURS[j % len(LINE_COLOURS)]
-            ax.fill_between(x, lower[:, j], upper[:, j], color=colour, alpha=BAND_ALPHA, lw=0)
-            outline(j, colour)
+            ax.fill_between(x, lower[:, j], upper[:, j], color=colours[j], alpha=BAND_ALPHA, lw=0)
+            outline(j, colours[j])
         return
     xs = np.concatenate([x, x[::-1]])
     for j in range(lower.shape[1] if len(x) else 0):
-        colour = LINE_COLOURS[j % len(LINE_COLOURS)]
+        colour = colours[j]
         verts = np.column_stack([xs, np.concatenate([upper[:, j], lower[::-1, j]])])
         ax.add_collection(PolyCollection([verts], facecolors=colour, edgecolors=colour, linewidths=0, alpha=BAND_ALPHA, zorder=1),
                           autolim=False)
         outline(j, colour)
 
 
+def line_colours(m: int, colours: Optional[Sequence[str]] = None) -> list[str]:
+    """``colours`` (one per line, e.g. :meth:`.colours.WordColours.colours`), or :data:`LINE_COLOURS` in turn."""
+    if colours is not None:
+        if len(colours) < m:
+            raise ValueError(f"{m} lines need {m} colours, got {len(colours)}")
+        return list(colours)
+    return [LINE_COLOURS[j % len(LINE_COLOURS)] for j in range(m)]
+
+
+def line_styles(colours: Sequence[str]) -> list[str]:
+    """Solid for a colour's first line, then dashed, dotted, dash-dotted: two words of one colour
+    (the same text twice, "a #0" and "a #6") stay apart."""
+    seen: dict[str, int] = {}
+    out = []
+    for c in colours:
+        out.append(("-", "--", ":", "-.")[min(seen.get(c, 0), 3)])
+        seen[c] = seen.get(c, 0) + 1
+    return out
+
+
 def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], *, spread: Optional[np.ndarray] = None,
-                S: Optional[int] = None, levels: Optional[np.ndarray] = None) -> list:
-    """(S, m) curves, one solid line per label (m <= 8: distinct colours), against the denoising step.
+                S: Optional[int] = None, colours: Optional[Sequence[str]] = None, levels: Optional[np.ndarray] = None) -> list:
+    """(S, m) curves, one line per label in ``colours`` (one per label: the words' own colours;
+    default :data:`LINE_COLOURS` in turn), against the denoising step.
 
     ``spread``: (S, m) drawn as a band of +-spread around each line (e.g. the std over seeds).
     ``levels``: (S,) noise levels σ of a given-image run: independent measurements, so one marker
     per level and no joining line, on a σ axis.
     """
     x = np.arange(curves.shape[0])
+    colours = line_colours(len(labels), colours)
     lines = []
-    for j, label in enumerate(labels):
-        colour = LINE_COLOURS[j % len(LINE_COLOURS)]
+    for j, (label, style) in enumerate(zip(labels, line_styles(colours))):
         if levels is not None:
-            (line,) = ax.plot(x, curves[:, j], linestyle="None", color=colour, marker="o", ms=5, label=label)
+            (line,) = ax.plot(x, curves[:, j], linestyle="None", color=colours[j], marker="o", ms=5, label=label)
         else:
-            (line,) = ax.plot(x, curves[:, j], "-", color=colour, lw=1.6, marker="o" if len(x) < 3 else None, ms=3, label=label)
+            (line,) = ax.plot(x, curves[:, j], style, color=colours[j], lw=1.6, marker="o" if len(x) < 3 else None, ms=3, label=label)
         lines.append(line)
     ax.set_ylabel(CURVE_LABEL, fontsize=8)
     if spread is not None:
-        draw_bands(ax, x, curves - spread, curves + spread)
+        draw_bands(ax, x, curves - spread, curves + spread, colours)
         top = float(np.nanmax(curves + spread, initial=0.0))  # the band's top, not the mean's: no band is clipped
         ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
     else:
@@ -298,12 +328,15 @@ def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Option
 def curves_figure(
     curves: np.ndarray, labels: Sequence[str], timesteps: Optional[np.ndarray], title: str, *, ymax: Optional[float] = None,
     spread: Optional[np.ndarray] = None, scale_text: str = "", facts: Optional[FigureFacts] = None,
+    colours: Optional[Sequence[str]] = None,
     levels: Optional[np.ndarray] = None,
 ) -> Figure:
     """(S, m) curves, at most :data:`MAX_LINES` per axis (further lines on further axes below), legends outside.
 
-    ``ymax``: a y scale shared with other figures (stated by ``scale_text``). ``levels``: see :func:`draw_curves`.
+    ``ymax``: a y scale shared with other figures (stated by ``scale_text``). ``colours``: one per line.
+    ``levels``: see :func:`draw_curves`.
     """
+    colours = line_colours(len(labels), colours)
     chunks = line_chunks(len(labels))
     if ymax is None and spread is not None:  # one scale for every chunk's axis, from the bands' tops
         top_band = float(np.nanmax(curves + spread, initial=0.0))
@@ -320,7 +353,8 @@ def curves_figure(
     for ax, chunk in zip(axes, chunks):
         sub = list(chunk)
         draw_curves(ax, curves[:, sub], [labels[j] for j in sub], timesteps,
-                    spread=None if spread is None else spread[:, sub], S=curves.shape[0], levels=levels)
+                    spread=None if spread is None else spread[:, sub], S=curves.shape[0], colours=[colours[j] for j in sub],
+                    levels=levels)
         if sub and labels:
             ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
         if ymax is not None:
@@ -345,6 +379,7 @@ def save_curves_per_block(
     dpi: int = 100,
     on_saved: Optional[Callable[[], None]] = None,
     facts: Optional[FigureFacts] = None,
+    colours: Optional[Sequence[str]] = None,
     levels: Optional[np.ndarray] = None,
 ) -> None:
     """One curves figure per block, drawn once and updated per block (much faster than a figure each).
@@ -358,7 +393,7 @@ def save_curves_per_block(
     top = float(np.max(curves, initial=0.0))
     ymax = top * 1.05 if top > 0 else 1.0
     fig = curves_figure(curves[0], labels, timesteps, titles[0], ymax=ymax,
-                        scale_text="same y scale for every block", facts=facts, levels=levels)
+                        scale_text="same y scale for every block", facts=facts, colours=colours, levels=levels)
     chunks = line_chunks(len(labels))
     axes = [ax for ax in fig.axes if ax.get_lines()]
     lines = [(ax, j, line) for ax, chunk in zip(axes, chunks) for j, line in zip(chunk, ax.get_lines())]
@@ -421,7 +456,7 @@ def overview_figure(
     ax2.set_title("averaged over blocks", fontsize=9)
     top = suptitle_band(fig, title) + title_band(9)
     bottom = EDGE + footer_band(facts) + x_axis_band(7, _step_tick_lines(timesteps), 8)
-    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label="mean attention\n(share of all text positions)")
+    cbar = new_colorbar(fig, im, bottom=bottom, top=top, label=f"mean attention\n({TEXT_SHARE})")
     fixed_layout(fig, top=top, bottom=bottom, left=EDGE + y_axis_band(labels, 8),
                  right=EDGE + CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar), wspace=0.04)
     place_colorbar(fig, cbar.ax, [ax1, ax2], gap=CBAR_GAP, width=CBAR_WIDTH)
@@ -473,35 +508,41 @@ def word_grid_figure(
     return fig
 
 
+UNDECIDED = "#ebebeb"  # segmentation cells whose top share is below the threshold (lighter than any word's colour)
+
+
 def segmentation_figure(
     image: Optional[np.ndarray], labels: np.ndarray, top: np.ndarray, threshold: float, names: Sequence[str],
-    shown: Sequence[int], title: str, facts: Optional[FigureFacts] = None,
+    colours: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
 ) -> Figure:
-    """Each pixel coloured by its dominant word; pixels whose top share is below ``threshold`` in grey.
+    """Each pixel coloured by its dominant word, in that word's colour; pixels whose top share is
+    below ``threshold`` in :data:`UNDECIDED`. The legend lists the words that own a cell.
 
     Args:
         labels: (H, W) position of each pixel's dominant word; top: (H, W) its share.
-        names: the labels of all words; shown: positions (at most 8) that get a colour, the rest is "other word".
+        names: the labels of all words; colours: one per word (:class:`.colours.WordColours`).
     """
     from matplotlib.colors import to_rgb
     from matplotlib.patches import Patch
 
-    colour = {p: to_rgb(LINE_COLOURS[k % len(LINE_COLOURS)]) for k, p in enumerate(shown[:MAX_LINES])}
-    other = to_rgb("#333333")
-    grey = (0.8, 0.8, 0.8)
-    lut = np.array([colour.get(v, other) for v in range(max(int(labels.max(initial=0)) + 1, 1))])
-    rgb = lut[np.clip(labels, 0, None)]
+    if len(colours) < len(names):
+        raise ValueError(f"{len(names)} words need {len(names)} colours, got {len(colours)}")
+    grey = to_rgb(UNDECIDED)
+    lut = np.array([to_rgb(c) for c in colours] or [grey])
+    rgb = lut[np.clip(labels, 0, len(lut) - 1)]
     rgb[top < threshold] = grey
-    owners = {int(v) for v in np.unique(labels[top >= threshold])}  # words that own a cell: only they are listed
-    handles = [Patch(color=colour[p], label=names[p]) for p in shown[:MAX_LINES] if p in owners]
-    if any(v not in colour for v in owners):
-        handles.append(Patch(color=other, label="another word"))
-    handles.append(Patch(color=grey, label=f"undecided: top share < {threshold:.2f}"))
+    owners = sorted(int(v) for v in np.unique(labels[top >= threshold]) if 0 <= v < len(names))
+    by_colour: dict[str, list[int]] = {}
+    for p in owners:  # words of one colour (the same text twice) share a legend entry
+        by_colour.setdefault(colours[p], []).append(p)
+    handles = [Patch(color=c, label=", ".join(names[p] for p in ps)) for c, ps in by_colour.items()]
+    handles.append(Patch(facecolor=grey, edgecolor="#999999", label=f"undecided: top share < {threshold:.2f}"))
     panels = 2 if image is not None else 1
-    side = 4.0  # inches per panel
+    side = SEGMENTATION_SIDE  # inches per panel
     legend = legend_width([h.get_label() for h in handles], 8)
     head = suptitle_height(title) + title_band(9)
-    fig = new_figure(EDGE + (side + 0.15) * panels + legend + EDGE, head + side + EDGE, layout=None, facts=facts)
+    fig = new_figure(max(EDGE + (side + 0.15) * panels + legend + EDGE, suptitle_width([title])), head + side + EDGE, layout=None,
+                     facts=facts)
     suptitle_band(fig, title)
     bottom = EDGE + footer_band(facts)
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -511,7 +552,7 @@ def segmentation_figure(
     if image is not None:
         h, w = image.shape[:2]
         extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-        axes[1].imshow(image, interpolation="antialiased", extent=extent)
+        axes[1].imshow(greyscale(image), interpolation="antialiased", extent=extent)  # the colours are the words'
         big = np.asarray(Image.fromarray((rgb * 255).astype(np.uint8)).resize((w, h), Image.NEAREST))
         axes[1].imshow(big, alpha=0.55, interpolation="nearest", extent=extent)
         _bare(axes[1], "over the image")
@@ -522,12 +563,14 @@ def segmentation_figure(
 
 def clip_vs_t5_figure(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequence[str], mass_clip: np.ndarray, mass_t5: np.ndarray,
-    scatter_labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
+    scatter_labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None, colours: Optional[Sequence[str]] = None,
+    even: Optional[float] = None,
 ) -> Figure:
-    """Per word, its CLIP and T5 heatmaps side by side on one shared scale, and CLIP mass against T5 mass."""
+    """Per word, its CLIP and T5 heatmaps side by side on one shared scale, and CLIP mass against T5 mass
+    (``colours``: one per scattered word; default: the first of :data:`LINE_COLOURS`)."""
     m = len(pairs)
     rows = max(1, m)
-    side, vgap, hgap, scat = 1.9, 0.3, 0.08, 4.2  # inches: a map, between rows, between the two maps, the scatter
+    side, vgap, hgap, scat = PAIR_SIDE, 0.3, 0.08, 4.2  # inches: a map, between rows, between the two maps, the scatter
     top = suptitle_height(title) + title_band(9)
     bottom = EDGE + footer_band(facts)
     left = EDGE + LABEL_PAD + text_height(9)
@@ -559,14 +602,17 @@ def clip_vs_t5_figure(
             ax_b.set_title("T5", fontsize=9)
     x = left + 2 * side + hgap
     if im is not None:
-        cbar = new_colorbar(fig, im, bottom=H - top - maps_h, top=top, label=SHARE_LABEL + " (one scale)")
+        cbar = new_colorbar(fig, im, bottom=H - top - maps_h, top=top,
+                            label=SHARE_LABEL + " (one scale)" + (f"\n({even_note(even)})" if even is not None else ""))
+        if even is not None:
+            mark_even(cbar, even)
         place_colorbar(fig, cbar.ax, map_axes, gap=CBAR_GAP, width=CBAR_WIDTH)
         x += CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar)
     ax = fig.add_axes(rect(x, top, scat, scat))
-    ax.scatter(mass_clip, mass_t5, s=18, color=LINE_COLOURS[0])
+    ax.scatter(mass_clip, mass_t5, s=18, color=list(colours) if colours is not None else LINE_COLOURS[0])
     ax.tick_params(labelsize=8)
-    for xm, ym, t in zip(mass_clip, mass_t5, scatter_labels):
-        ax.annotate(t, (xm, ym), fontsize=7, xytext=(3, 2), textcoords="offset points", clip_on=True)  # labels stay in the axes
+    label_words(ax, np.asarray(mass_clip, dtype=float), np.asarray(mass_t5, dtype=float), scatter_labels, (top_mass, top_mass),
+                (scat, scat))
     ax.plot([0, top_mass], [0, top_mass], color="#999999", lw=0.8, ls=":")
     ax.set_xlim(0, top_mass)
     ax.set_ylim(0, top_mass)
@@ -578,6 +624,25 @@ def clip_vs_t5_figure(
     ax.set_position(rect(x, top, scat, scat))
     set_width(fig, x + scat + 0.35 + EDGE, facts)  # the last x tick label reaches past the axes
     return fig
+
+
+LABEL_SIZE = 7  # points of the scatter's word labels
+
+
+def label_words(ax, x: np.ndarray, y: np.ndarray, labels: Sequence[str], top: tuple[float, float], size: tuple[float, float]) -> None:
+    """Label each point (x, y) of a scatter from 0 to ``top`` on axes ``size`` inches big, the
+    labels pushed apart (:func:`~.layout.place_labels`, in points) and joined to their point by a
+    thin leader line when moved from the usual place; the points with the largest x + y are labelled first."""
+    to_pt = np.array([size[0] / top[0], size[1] / top[1]]) * 72.0
+    pts = np.column_stack([x, y]) * to_pt
+    h = text_height(LABEL_SIZE) * 72.0
+    sizes = [(text_width([t], LABEL_SIZE) * 72.0, h) for t in labels]
+    order = sorted(range(len(labels)), key=lambda i: -(x[i] + y[i]))
+    corners, moved = place_labels([tuple(pts[i]) for i in order], [sizes[i] for i in order], (0.0, 0.0, size[0] * 72.0, size[1] * 72.0))
+    for i, (cx, cy), m in zip(order, corners, moved):
+        ax.annotate(labels[i], (x[i], y[i]), xytext=(cx - pts[i, 0], cy - pts[i, 1]), textcoords="offset points", fontsize=LABEL_SIZE,
+                    ha="left", va="bottom", clip_on=True,
+                    arrowprops=dict(arrowstyle="-", color="#888888", lw=0.5, shrinkA=0, shrinkB=2) if m else None)
 
 
 GROUP_COLOURS = {"words": "#1f77b4", "other prompt tokens": "#17becf", "special tokens": "#ff7f0e", "padding": "#bbbbbb", "other encoder": "#9467bd"}
@@ -595,7 +660,7 @@ def token_groups_figure(
     Gb, G, S = shares.shape
     legend = legend_width(list(names), 8)
     panel_w, panel_h, gap = 3.9, 2.6, 0.3  # inches
-    ylabel = "share of the text attention\n(all T positions)"
+    ylabel = TEXT_SHARE.replace("share of all", "share of all\n")
     top = suptitle_height(title) + title_band(9)
     bottom = EDGE + footer_band(facts) + x_axis_band(7, _step_tick_lines(timesteps), 8)
     ymax = max(1.0, float(shares.sum(axis=1).max(initial=0)))
@@ -626,35 +691,66 @@ def token_groups_figure(
 
 def strip_figure(
     maps: np.ndarray, labels: Sequence[str], frame_labels: Sequence[str], title: str, *, vmaxes: Optional[Sequence[float]] = None,
-    facts: Optional[FigureFacts] = None,
+    facts: Optional[FigureFacts] = None, even: Optional[float] = None,
 ) -> Figure:
-    """Rows: words; columns: frames (steps or blocks); each row on one colour scale.
+    """Rows: words; columns: frames (steps or blocks); each row on one colour scale, its colour bar
+    at the row's right (``even``: the even split 1/n, marked on every bar). Placed in inches from
+    the measured texts: frame titles, row labels, the bars' tick labels, the title (its lines: a
+    ``\n`` in ``title`` breaks it) and the footer.
 
     Args:
         maps: (m, K, H, W).
     """
     m, K = maps.shape[:2]
-    side = 1.5  # inches per panel
-    fig = new_figure(K * side * 1.06 + 1.4, m * side * 1.12 + 0.8, layout=None, facts=facts)
-    axes = fig.subplots(m, K, squeeze=False)
-    fixed_layout(fig, top=0.7, bottom=0.1 + footer_band(facts), left=0.35, right=0.15, wspace=0.06, hspace=0.12)
+    side, hgap, vgap, ticks = STRIP_SIDE, 0.06, 0.15, 7  # inches: a panel, between panels, between rows; points: bar ticks
+    bar_w = CBAR_WIDTH * 0.7
+    h, w = maps.shape[2:4] if maps.ndim == 4 and maps.shape[2] and maps.shape[3] else (1, 1)
+    pw, ph = (side, side * h / w) if w >= h else (side * w / h, side)
+    col = max(pw, text_width(frame_labels or [""], 9))  # a frame's title no wider than its column
+    head = suptitle_height(title, 10) + title_band(9)
+    bottom = EDGE + footer_band(facts)
+    left = EDGE + LABEL_PAD + text_height(9)
+    H = head + m * ph + (m - 1) * vgap + bottom
+    fig = new_figure(10.0, H, layout=None)  # the width once the bars are measured; the footer then
+    suptitle_band(fig, title, 10)
+    grid = []
+    bars = []
     for r in range(m):
         vmax = vmaxes[r] if vmaxes is not None else None
-        im = None
+        row, im = [], None
         for c in range(K):
-            im = draw_heatmap(axes[r, c], maps[r, c], vmax=vmax, title=frame_labels[c] if r == 0 else None)
-        row_label(axes[r, 0], labels[r])
-        cbar = fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01)
-        cbar.ax.tick_params(labelsize=6)
-    fig.suptitle(title)
+            ax = fig.add_axes((0, 0, 0.1, 0.1))
+            im = draw_heatmap(ax, maps[r, c], vmax=vmax, title=frame_labels[c] if r == 0 else None)
+            row.append(ax)
+        row_label(row[0], labels[r])
+        grid.append(row)
+        if im is not None:
+            cbar = new_colorbar(fig, im, bottom=0.0, top=H - ph, ticks_size=ticks, extend="max" if vmax is not None else "neither")
+            if even is not None:
+                mark_even(cbar, even)
+            bars.append(cbar)
+    band = max([colorbar_band(cb, ticks) for cb in bars] + [0.0])
+    W = max(left + K * col + (K - 1) * hgap + CBAR_GAP / 2 + bar_w + band + EDGE,
+            text_width([title], 10) + 2 * EDGE, footer_width(facts))
+    set_width(fig, W, facts)
+    for r, row in enumerate(grid):
+        y = head + r * (ph + vgap)
+        for c, ax in enumerate(row):
+            x = left + c * (col + hgap) + (col - pw) / 2
+            ax.set_position((x / W, 1.0 - (y + ph) / H, pw / W, ph / H))
+        if r < len(bars):
+            x = left + K * col + (K - 1) * hgap + CBAR_GAP / 2
+            bars[r].ax.set_position((x / W, 1.0 - (y + ph) / H, bar_w / W, ph / H))
     return fig
 
 
 def spread_figure(
     mean: np.ndarray, std: np.ndarray, labels: Sequence[str], title: str, facts: Optional[FigureFacts] = None,
     vmaxes: Optional[tuple[float, float]] = None,
+    even: Optional[float] = None,
 ) -> Figure:
-    """Per word (rows), the mean map over runs and its per-pixel std, each column on one scale.
+    """Per word (rows), the mean map over runs and its per-pixel std, each column on one scale
+    (``even``: the even split 1/n, marked on the mean's colour bar).
 
     Args:
         mean, std: (m, H, W).
@@ -663,7 +759,7 @@ def spread_figure(
     """
     m = mean.shape[0]
     rows = max(m, 1)
-    side, vgap = 2.3, 0.3  # inches: a map, between rows
+    side, vgap = SPREAD_SIDE, 0.3  # inches: a map, between rows
     top = suptitle_height(title) + title_band(9)
     bottom = EDGE + footer_band(facts)
     left = EDGE + LABEL_PAD + text_height(9)
@@ -684,11 +780,13 @@ def spread_figure(
             columns[c].append(ax)
         x += side
         if images[c] is not None:
-            label = SHARE_LABEL if c == 0 else "std of the share"
+            label = SHARE_LABEL + (f"\n({even_note(even)})" if even is not None else "") if c == 0 else f"std over runs of the\n{WORD_SHARE}"
             cbar = new_colorbar(fig, images[c], bottom=H - top - maps_h, top=top, label=label)
+            if c == 0 and even is not None:
+                mark_even(cbar, even)
             place_colorbar(fig, cbar.ax, columns[c], gap=CBAR_GAP, width=CBAR_WIDTH)
             x += CBAR_GAP + CBAR_WIDTH + colorbar_band(cbar) + (0.25 if c == 0 else 0.0)
-    set_width(fig, x + EDGE, facts)
+    set_width(fig, max(x + EDGE, suptitle_width([title])), facts)
     return fig
 
 
@@ -718,10 +816,11 @@ BAR_GAP = 6
 BAR_TEXT = 44  # px kept right of the bar for its two labels
 
 
-def heat_frame(heat: np.ndarray, vmax: float, side: int = 256) -> Image.Image:
+def heat_frame(heat: np.ndarray, vmax: float, side: int = 256, even: Optional[float] = None) -> Image.Image:
     """A bare (Hc, Wc) map with a colour bar: the map (colour map applied, nearest-neighbour, ``side``
     pixels on its longer side) on white, then a vertical bar from 0 (bottom) to ``vmax`` (top),
-    labelled with both values. Used for the report's slider frames: hundreds take milliseconds."""
+    labelled with both values, and the even split ``even`` (1/n) as a line across the bar, labelled
+    "even" where the other labels leave room. Used for the report's slider frames: hundreds take milliseconds."""
     from matplotlib import colormaps
     from PIL import ImageDraw, ImageFont
 
@@ -740,11 +839,14 @@ def heat_frame(heat: np.ndarray, vmax: float, side: int = 256) -> Image.Image:
     x = W + BAR_GAP + BAR_WIDTH + 3
     draw.text((x, 0), f"{vmax:.3g}", fill=(0, 0, 0), font=font)
     draw.text((x, H - 12), "0", fill=(0, 0, 0), font=font)
+    if even is not None and 0 <= even <= vmax:
+        y = min(H - 1, round((1.0 - even / vmax) * (H - 1)))
+        draw.line([(W + BAR_GAP, y), (W + BAR_GAP + BAR_WIDTH - 1, y)], fill=EVEN_COLOUR, width=1)
+        if 12 <= y - 5 and y + 6 <= H - 12:  # clear of the labels at the top and the bottom
+            draw.text((x, y - 5), EVEN_LABEL, fill=(0, 0, 0), font=font)
     return img
 
 
-def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256) -> None:
+def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256, even: Optional[float] = None) -> None:
     """:func:`heat_frame` written as a PNG."""
-    img = heat_frame(heat, vmax, side)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=1)
+    write_png(path, np.asarray(heat_frame(heat, vmax, side, even)), palette=True)

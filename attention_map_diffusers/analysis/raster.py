@@ -10,7 +10,8 @@ as with any image.
 
 The picture is the one ``imshow`` would draw up to resampling: the map's cells as nearest-neighbour
 squares (``interpolation="nearest"``), or the map upsampled bilinearly (pixel centres aligned) to
-the image and blended over it; colours come from the colour map's own 8-bit table, indexed as
+the image and blended over its greyscale copy (:func:`greyscale`: a red object under the overlay
+must not read as "heat"); colours come from the colour map's own 8-bit table, indexed as
 :class:`~matplotlib.colors.Colormap` indexes it (``floor(value / vmax * N)``, clipped to the table).
 """
 
@@ -62,10 +63,20 @@ def resized_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B: Pillow's convert("L")
+
+
+def greyscale(rgb: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 -> (h, w, 3) uint8 with R = G = B = the pixel's luma (:data:`LUMA`), rounded."""
+    luma = np.rint(np.asarray(rgb[..., :3], dtype=np.float32) @ np.asarray(LUMA, dtype=np.float32))
+    return np.repeat(np.clip(luma, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
 class MapRaster(Artist):
     """A (Hc, Wc) map drawn at its box's exact pixel size: alone, as squares, in the data box
     [-0.5, Wc-0.5] x [-0.5, Hc-0.5]; or over an (h, w) ``image``, smooth, in the image's box
-    [-0.5, w-0.5] x [-0.5, h-0.5] (so that things can be drawn on it in image pixels). Top row first.
+    [-0.5, w-0.5] x [-0.5, h-0.5] (so that things can be drawn on it in image pixels), the image
+    in greyscale (:func:`greyscale`). Top row first.
 
     The colour scale is the ``mappable``'s (its colour map, and its norm's ``vmax`` at draw time, 0 at
     the bottom), so a colour bar of the same mappable always agrees with the picture. ``aspect``: as
@@ -119,7 +130,7 @@ class MapRaster(Artist):
         """(height, width, 4) uint8 RGBA (opaque), top row first: the picture at that size.
 
         Over an image, the blend is computed in 1/256 steps (uint16): within one level of the exact
-        ``(1 - alpha) * image + alpha * colour``, ~4x faster than in floats.
+        ``(1 - alpha) * greyscale(image) + alpha * colour``, ~4x faster than in floats.
         """
         vmax = float(self.mappable.norm.vmax or 0.0)
         vmax = vmax if vmax > 0 else 1.0
@@ -130,7 +141,8 @@ class MapRaster(Artist):
         base = self._base.get((height, width))
         if base is None:  # the image's share of the blend (and 0 alpha), once per size
             base = np.zeros((height, width, 4), np.uint16)
-            base[..., :3] = np.rint(resized_rgb(self.image, height, width) * np.float32(256 * (1.0 - self.blend)))
+            grey = greyscale(resized_rgb(self.image, height, width))
+            base[..., :3] = np.rint(grey * np.float32(256 * (1.0 - self.blend)))
             self._base[(height, width)] = base
         mix = np.take(lut, colour_indices(bilinear(self.heat, height, width), vmax, len(lut)), axis=0)
         mix += base  # at most 255 * 256: no overflow

@@ -17,6 +17,10 @@ DEFAULT_VMAX_PERCENTILE = 99.0
 FRAMES = 6  # steps (or blocks) shown in a strip and offered by the report's slider
 MAX_LINES = 8  # lines (or coloured words) per axis; more go to further axes
 RANDOM_WARNING = "RANDOM WEIGHTS: these maps say nothing about SD3.5"
+# The two units of the figures, named in every title and colour bar: heatmaps (renormalised per
+# pixel over the prompt's words) against curves and grids (shares of all T text positions)
+WORD_SHARE = "share of the words' attention"
+TEXT_SHARE = "share of all text positions"
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,42 @@ def figure_labels(words: Sequence) -> list[str]:
     """:func:`word_labels` as figures show them: each word cut to :data:`MAX_LABEL_CHARS` characters
     (the `` #<number>`` of a repeated word kept), so that no word can push a panel off its figure."""
     return [short_label(w.text) + label[len(w.text):] for w, label in zip(words, word_labels(words))]
+def scale_note(percentile: float, scale: str = "own") -> str:
+    """How the maps' colour scales were chosen, said on the figures."""
+    top = "the maximum" if percentile >= 100 else f"the {percentile:g}th percentile"
+    if scale == "shared":
+        return f"shared colour scale: 0 to {top} of all the top words' maps"
+    return f"own colour scale: 0 to {top} of each map"
+
+
+def even_note(even: Optional[float]) -> str:
+    """The even split said in words: each of n words' share if the attention were split evenly."""
+    return "" if even is None else f"even split 1/{round(1 / even)} = {even:.3g}"
+
+
+CELL_PX = 8  # pixels a map cell gets at least (when --dpi allows)
+TEXT_SHARE_OF_DPI = 0.6  # figures are drawn at no less than this share of --dpi: their texts stay legible (120 of 200)
+
+
+def sensible_dpi(dpi: int, panel: float = 0.0, *, image: int = 0, cells: int = 0) -> int:
+    """The dpi a figure is drawn at, at most ``dpi`` (``--dpi``): enough for its map panels
+    (``panel`` inches on their longer side) to show the image at its display size (``image``
+    pixels) and every one of the map's ``cells`` (on its longer side) with :data:`CELL_PX` pixels,
+    and at least :data:`TEXT_SHARE_OF_DPI` of ``dpi`` for its texts. A small grid, a small image,
+    or no map at all (curves) need fewer pixels than a 64x64 map over a 1024x1024 image: the
+    viewer enlarges them, the files stay small.
+    """
+    need = max(image / panel, cells * CELL_PX / panel) if panel > 0 else 0.0
+    return max(1, min(int(dpi), int(np.ceil(max(need, dpi * TEXT_SHARE_OF_DPI)))))
+
+
+def scale_tops(maps: Sequence[np.ndarray], percentile: float = DEFAULT_VMAX_PERCENTILE, shared: bool = False) -> list[float]:
+    """Each map's colour scale top: its own :func:`robust_vmax`, or (``shared``) one for all, the
+    ``percentile``-th percentile of all their values together."""
+    if not shared:
+        return [robust_vmax(m, percentile) for m in maps]
+    top = robust_vmax(np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps]), percentile) if len(maps) else 1.0
+    return [top] * len(maps)
 
 
 def robust_vmax(values: np.ndarray, percentile: float = DEFAULT_VMAX_PERCENTILE) -> float:
@@ -96,6 +136,25 @@ def robust_vmax(values: np.ndarray, percentile: float = DEFAULT_VMAX_PERCENTILE)
         return 1.0
     top = float(np.percentile(v, percentile)) if percentile < 100 else float(v.max())
     return top if top > 0 else (float(v.max()) if v.max() > 0 else 1.0)
+
+
+FLAT_RATIO = 1.5  # a map whose max / min is below this is "flat": its colours show noise, not a place
+
+
+def flat_ratio(heat: np.ndarray) -> float:
+    """max / min of a map (inf when its minimum is 0 or below: not flat)."""
+    h = np.asarray(heat, dtype=np.float64)
+    lo, hi = (float(h.min()), float(h.max())) if h.size else (0.0, 0.0)
+    return hi / lo if lo > 0 else float("inf")
+
+
+def flat_note(heat: np.ndarray, short: bool = False) -> str:
+    """``" (flat: max/min 1.21)"`` (``short``: ``", flat"``) for a map whose max / min is below
+    :data:`FLAT_RATIO`, else ""."""
+    r = flat_ratio(heat)
+    if r >= FLAT_RATIO:
+        return ""
+    return ", flat" if short else f" (flat: max/min {r:.2f})"
 
 
 def segmentation_threshold(n_words: int) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 from ..atomic import write_bytes, write_npz, write_text
 from ..contract import UserError, slugify
 from . import concept_output, framemaps, outdir
+from .colours import WordColours
 from .aggregate_runs import RunSummary, aggregate, group_runs
 from .dumpfile import Dump, format_ranges
 from .fonts import FontChoice, use_fonts
@@ -23,8 +24,9 @@ from .report import EncoderPage, GroupPage, ItemPage, Slider, group_page, index_
 from .stats import EncoderResult, step_average
 from .tables import write_group_tables, write_tables
 from .views import (
-    MAX_LINES, FigureFacts, block_groups, common_words, dominant_words, frame_word_maps, pick_frames, robust_vmax, segmentation_threshold,
-    figure_labels, short_label, token_group_masks, token_groups, word_maps_arrays,
+    MAX_LINES, FigureFacts, block_groups, common_words, dominant_words, even_note, figure_labels, flat_note, frame_word_maps,
+    pick_frames, scale_tops, TEXT_SHARE, WORD_SHARE, scale_note, segmentation_threshold, sensible_dpi, short_label,
+    token_group_masks, token_groups, word_maps_arrays,
 )
 
 
@@ -149,6 +151,7 @@ class ItemContext:
     frames: list[Frames]
     frame_maps: dict[str, np.ndarray]  # kind -> (K, Hc, Wc, T) for this item
     given: Optional[GivenImage] = None  # a given-image run's source and noise levels; None for a generation
+    colours: WordColours = field(default_factory=WordColours)  # the words' colours (the same in every run)
 
 
 def _timesteps(ts) -> Optional[np.ndarray]:
@@ -179,12 +182,19 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     ts = _timesteps(res.timesteps)
     levels = ctx.given.levels if ctx.given is not None else None  # σ on the x axes instead of steps
     steps_word = "noise levels \u03c3" if levels is not None else "denoising steps"
-    scale = plots.scale_note(pct)
+    scale = scale_note(pct, options.scale)
     page.scale = scale
     page.levels = levels is not None
+    shared = options.scale == "shared"
+    even = 1.0 / len(words)  # each word's share if the attention were split evenly
 
-    def save(fig, name):
-        save_figure(fig, os.path.join(folder, name), fmt, dpi, facts)
+    # each figure at the dpi its maps and image need (small grids and line plots: fewer pixels)
+    cells = max(res.shares.shape[:2])
+    side = max(disp.shape[:2]) if disp is not None else 0
+    text_dpi = sensible_dpi(dpi)
+
+    def save(fig, name, at=text_dpi):
+        save_figure(fig, os.path.join(folder, name), fmt, at, facts)
         tick()
 
     # only the folders that get files: an empty one would not be in the output's manifest
@@ -193,43 +203,50 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     for sub in {os.path.dirname(n) for n in names} - {""}:
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     heat_maps = [res.shares[:, :, j] for j, _ in files.words] + [res.phrases[k].map for k, _ in files.phrases]
-    heat_titles = [f"{title}: \u201c{labels[j]}\u201d (word {words[j].index}, mass {res.mass[j]:.1%})" for j, _ in files.words]
+    heat_titles = [f"{title}: \u201c{labels[j]}\u201d (word {words[j].index}, mass {res.mass[j]:.1%}){flat_note(res.shares[:, :, j])}"
+                   f"\n{WORD_SHARE}" for j, _ in files.words]
     for k, name in files.phrases:
         ph = res.phrases[k]
         occ = f"{len(ph.occurrences)} occurrence" + ("s" if len(ph.occurrences) > 1 else "")
-        heat_titles.append(f"{title}: \u201c{short_label(ph.phrase)}\u201d ({occ}, {options.weights} weights)")
+        heat_titles.append(f"{title}: \u201c{short_label(ph.phrase)}\u201d ({occ}, {options.weights} weights){flat_note(ph.map)}\n{WORD_SHARE}")
         page.phrase_heatmaps.append((f"{ph.phrase} ({occ})", f"{rel}/{name}"))
     page.word_heatmaps.extend((f"{labels[j]} (mass {res.mass[j]:.1%})", f"{rel}/{name}") for j, name in files.words)
+    heats = [res.shares[:, :, j] for j in res.top]
+    tops = scale_tops(heats, pct, shared)  # shared: one top for the top words' maps, used for the phrases too
     plots.save_heatmap_figures(
         heat_maps, heat_titles, [os.path.join(folder, n) for _, n in files.words + files.phrases], over,
-        vmaxes=[robust_vmax(h, pct) for h in heat_maps], scale=scale, fmt=fmt, dpi=dpi, on_saved=tick, facts=facts,
+        vmaxes=scale_tops(heat_maps, pct) if not shared else [tops[0]] * len(heat_maps), scale=scale, fmt=fmt,
+        dpi=sensible_dpi(dpi, plots.HEATMAP_SIDE, image=side if over is not None else 0, cells=cells),
+        on_saved=tick, facts=facts, even=even,
     )
 
-    heats = [res.shares[:, :, j] for j in res.top]
-    plots.write_heat_png(os.path.join(folder, files.top_word), heats[0], robust_vmax(heats[0], pct))
+    plots.write_heat_png(os.path.join(folder, files.top_word), heats[0], tops[0], even=even)
     page.top_word = (f"{labels[res.top[0]]} ({res.mass[res.top[0]]:.1%})", f"{rel}/{files.top_word}")
     tick()
-    save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%})" for j in res.top], overlay=options.overlay,
-                              title=f"{title}: top {len(res.top)} words by mass; each map on its own {scale}",
-                              vmaxes=[robust_vmax(h, pct) for h in heats], facts=facts), files.summary)
+    save(plots.summary_figure(disp, heats, [f"{labels[j]} ({res.mass[j]:.1%}){flat_note(res.shares[:, :, j], short=True)}"
+                                            for j in res.top], overlay=options.overlay,
+                              title=f"{title}: top {len(res.top)} words by mass, {WORD_SHARE}\n{scale}; {even_note(even)}",
+                              vmaxes=tops, facts=facts, even=even), files.summary,
+         sensible_dpi(dpi, plots.SUMMARY_SIDE, image=side, cells=cells))
     page.summary = f"{rel}/{files.summary}"
 
     save(plots.overview_figure(step_average(res.curves, axis=1), res.curves.mean(axis=0), labels, res.block_ids, ts,
-                               f"{title}: attention per word", facts=facts, levels=levels), files.overview)
+                               f"{title}: attention per word, {TEXT_SHARE}", facts=facts, levels=levels), files.overview)
     page.overview = f"{rel}/{files.overview}"
 
     top8 = res.top[:MAX_LINES]
+    colour_of = ctx.colours.colours(labels)  # per word
     grids = np.moveaxis(res.curves[:, :, res.top], -1, 0)  # (m, Bk, S)
     save(plots.word_grid_figure(grids, [labels[j] for j in res.top], res.block_ids, ts,
-                                f"{title}: each top word over blocks (y) and {steps_word} (x)", facts=facts, levels=levels),
+                                f"{title}: each top word over blocks (y) and {steps_word} (x), {TEXT_SHARE}", facts=facts, levels=levels),
          files.word_grids)
     page.word_grids = f"{rel}/{files.word_grids}"
 
     dom, top_share = dominant_words(res.shares)
     thr = segmentation_threshold(len(words))
-    save(plots.segmentation_figure(disp if options.overlay else None, dom, top_share, thr, labels, top8,
-                                   f"{title}: the word each pixel attends to most (shares over the words)", facts=facts),
-         files.segmentation)
+    save(plots.segmentation_figure(disp if options.overlay else None, dom, top_share, thr, labels, colour_of,
+                                   f"{title}: the word each pixel attends to most (largest {WORD_SHARE})", facts=facts),
+         files.segmentation, sensible_dpi(dpi, plots.SEGMENTATION_SIDE, image=side if options.overlay else 0, cells=cells))
     page.segmentation = f"{rel}/{files.segmentation}"
     page.segmentation_threshold = thr
     size = ctx.dump.metadata.get("image_size")
@@ -247,7 +264,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     bgroups = block_groups(res.block_ids)
     shares = np.stack([groups.shares[:, pos].mean(axis=1) for _, pos in bgroups])  # (Gb, G, S)
     save(plots.token_groups_figure(shares, groups.names, [g for g, _ in bgroups], ts,
-                                   f"{title}: where the pixels' text attention goes ({title} positions; the rest: the other encoder)",
+                                   f"{title}: where the pixels' text attention goes, {TEXT_SHARE}\n({title} positions; the rest: the other encoder)",
                                    facts=facts, levels=levels), files.token_groups)
     page.token_groups = f"{rel}/{files.token_groups}"
 
@@ -258,14 +275,16 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         a, b = enc.span
         fw = frame_word_maps(maps[..., a:b], res.wordmap.weights)  # (K, H, W, n)
         sel = np.moveaxis(fw[..., top8], -1, 0)  # (m, K, H, W)
-        vmaxes = [robust_vmax(sel[r], pct) for r in range(len(top8))]
+        vmaxes = scale_tops(list(sel), pct, shared)
         name = files.strips[fr.kind]
         picks = fr.strip
+        rows = "every row on one" if shared else "each row on its"
         save(plots.strip_figure(sel[:, picks], [labels[j] for j in top8], [fr.labels[k] for k in picks],
-                                f"{title}: top words per {fr.kind} (each row on one {scale})", vmaxes=vmaxes, facts=facts), name)
+                                f"{title}: top words per {fr.kind}, {WORD_SHARE}\n({rows} {scale.replace(' of each map', ' of its maps')}; {even_note(even)})",
+                                vmaxes=vmaxes, facts=facts, even=even), name, sensible_dpi(dpi, plots.STRIP_SIDE, cells=cells))
         for k, per_word in enumerate(files.frames[fr.kind]):
             for r, fname in enumerate(per_word):
-                plots.write_heat_png(os.path.join(folder, fname), sel[r, k], vmaxes[r])
+                plots.write_heat_png(os.path.join(folder, fname), sel[r, k], vmaxes[r], even=even)
         tick()
         page.strips.append((fr.kind, f"{rel}/{name}"))
         page.sliders.append(Slider(
@@ -278,10 +297,10 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
         curves = np.stack([p.curves for p in res.phrases], axis=-1)
         kinds.append((files.phrase_curves, curves, [short_label(p.phrase) for p in res.phrases], "phrases", page.phrase_curves))
     for names, curves, lbls, what, listing in kinds:
-        titles = [f"{title}: {what}, transformer_blocks.{bid}" for bid in res.block_ids]
+        titles = [f"{title}: {what}, transformer_blocks.{bid}, {TEXT_SHARE}" for bid in res.block_ids]
         plots.save_curves_per_block(
-            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, dpi, on_saved=tick, facts=facts,
-            levels=levels,
+            curves, lbls, ts, titles, [os.path.join(folder, n) for n in names], fmt, text_dpi, on_saved=tick, facts=facts,
+            colours=ctx.colours.colours(lbls), levels=levels,
         )
         listing.extend((f"block {bid}", f"{rel}/{n}") for bid, n in zip(res.block_ids, names))
     return page
@@ -298,7 +317,7 @@ def _pair(per_item: Sequence[EncoderResult], options: AnalysisOptions):
     return c, t
 
 
-def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions) -> str:
+def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions, colours: WordColours = WordColours()) -> str:
     """``clip_vs_t5.{fmt}`` of one item; returns its path relative to the page."""
     from . import plots
     from .figure import save_figure
@@ -312,9 +331,12 @@ def write_clip_vs_t5(dest: str, rel: str, pair, facts, options: AnalysisOptions)
     name = f"clip_vs_t5.{options.fmt}"
     fig = plots.clip_vs_t5_figure(
         pairs, [labels[j] for j in top], np.array([c.mass[i] for i, _ in common]), np.array([t.mass[k] for _, k in common]),
-        [labels[i] for i, _ in common], "CLIP vs T5: heatmaps of the top CLIP words (one scale) and every word's mass", facts=facts,
+        [labels[i] for i, _ in common], f"CLIP vs T5: heatmaps of the top CLIP words (one scale, {WORD_SHARE}) and every word's mass", facts=facts,
+        colours=colours.colours([labels[i] for i, _ in common]),
+        even=1.0 / len(c.words) if len(c.words) == len(t.words) else None,
     )
-    save_figure(fig, os.path.join(dest, name), options.fmt, options.dpi, facts)
+    at = sensible_dpi(options.dpi, plots.PAIR_SIDE, cells=max(c.shares.shape[:2]))
+    save_figure(fig, os.path.join(dest, name), options.fmt, at, facts)
     return f"{rel}/{name}" if rel else name
 
 
@@ -341,15 +363,19 @@ class RunOutcome:
 
 
 def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[[], None], back: Optional[str] = None,
-              parallel: bool = False) -> RunOutcome:
+              parallel: bool = False, colours: Optional[WordColours] = None) -> RunOutcome:
     """A run's image copy, per-encoder outputs and ``index.html`` into ``dest``.
 
     ``back``: a link from the run's page to the page listing it (several runs). ``parallel``: write
     the second encoder in a forked process while this one writes the first (a single run on a
-    machine with two or more cores; see :func:`_fork_encoder`).
+    machine with two or more cores; see :func:`_fork_encoder`). ``colours``: the words' colours of
+    the whole analysis (default: from this run's words).
     """
     dump = run.dump
     B = dump.batch_size
+    if colours is None:
+        colours = WordColours.build([[w.text for res in per_item for w in res.words] + list(options.phrases)
+                                     for per_item in run.results])
     items = []
     frames = frame_plan(run, options)
     positions = dump.select_blocks(options.block_ranges)
@@ -375,14 +401,14 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
             if m is not None:
                 frame_maps[fr.kind] = m
         facts = run_facts(dump, i)
-        ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps, given)
+        ctx = ItemContext(dump, i, image, facts, positions, frames, frame_maps, given, colours)
         pages = []
         results = run.results[i]
         forked = _fork_encoder(dest, base, results[1], ctx, options) if parallel and len(results) == 2 else None
         pair = _pair(results, options)
         compare = None
         if pair is not None:  # drawn first: with a forked child, while it writes its encoder
-            compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options)
+            compare = write_clip_vs_t5(os.path.join(dest, base) if base else dest, base, pair, facts, options, colours)
             tick()
         for res in results:
             rel = f"{base}/{res.encoder}" if base else res.encoder
@@ -415,8 +441,7 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
                   else "denoising order (0 = first)"
                   + (", flipped from the original tool's order" if dump.steps_flipped else "")
                   + ("; the dump has no timesteps" if dump.timesteps is None else "")),
-        "heatmap colour scale": ("0 to the maximum of each map" if options.vmax_percentile >= 100
-                                 else f"0 to the {options.vmax_percentile:g}th percentile of each map (--vmax-percentile)"),
+        "heatmap colour scale": scale_note(options.vmax_percentile, options.scale) + " (--scale, --vmax-percentile)",
         "dump": dump.folder,
     }
     title = f"Attention analysis: {run.folder or os.path.basename(dump.folder) or dump.folder}"
@@ -454,13 +479,13 @@ def write_cross_prompt(tmp: str, groups: Sequence[GroupPage], summaries: Sequenc
         fig = group_plots.cross_prompt_figure(rows, f"{ENCODER_TITLES[enc]}: words in several prompts", facts=facts)
         rel = f"aggregate/words_across_prompts_{enc}.{options.fmt}"
         os.makedirs(os.path.join(tmp, "aggregate"), exist_ok=True)
-        save_figure(fig, os.path.join(tmp, rel), options.fmt, options.dpi, facts)
+        save_figure(fig, os.path.join(tmp, rel), options.fmt, sensible_dpi(options.dpi), facts)
         written.append(rel)
     return written
 
 
 def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOptions, pool=None,
-                 fonts: Optional[FontChoice] = None) -> tuple[list[GroupPage], list]:
+                 fonts: Optional[FontChoice] = None, colours: WordColours = WordColours()) -> tuple[list[GroupPage], list]:
     """Aggregate runs that share a prompt (two or more) into ``aggregate/<NNN-slug>/{enc}/``.
 
     The numbers and tables are computed here; each group's figures are drawn in ``pool`` (a process
@@ -492,9 +517,9 @@ def write_groups(tmp: str, summaries: Sequence[RunSummary], options: AnalysisOpt
             page.heatmaps = [f"{rel}/{res.encoder}/{n}" for n in names[2:]]
             paths = [os.path.join(folder, n) for n in names]
             if pool is None:
-                _group_figures(paths, res, facts, options)
+                _group_figures(paths, res, facts, options, colours)
             else:
-                pending.append(pool.submit(_group_figures_with_fonts, fonts, paths, res, facts, options))
+                pending.append(pool.submit(_group_figures_with_fonts, fonts, paths, res, facts, options, colours))
         pages.append(page)
     return pages, pending
 
@@ -518,7 +543,8 @@ def spread_pieces(m: int, dpi: int) -> list[range]:
 SPREAD_NOTE = "one colour scale for all words (a single run: one per word)"  # the scale rule differs from a run's: said on the figure
 
 
-def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: AnalysisOptions) -> None:
+def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: AnalysisOptions,
+                   colours: WordColours = WordColours()) -> None:
     """A group's figures (:data:`GROUP_FIGURES`) into ``paths``: block-averaged curves with bands,
     curves per block with bands, and the mean heatmaps with their spread."""
     from . import group_plots, plots
@@ -531,24 +557,25 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     fmt = options.fmt
     top8 = order[:MAX_LINES]
     curves_path, blocks_path, heatmap_paths = paths[0], paths[1], paths[2:]
+    colour_of = colours.colours([labels[j] for j in top8])
     fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
-                              f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs",
-                              spread=res.blockavg_std[:, top8], facts=facts)
-    save_figure(fig, curves_path, fmt, options.dpi, facts)
+                              f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs, {TEXT_SHARE}",
+                              spread=res.blockavg_std[:, top8], facts=facts, colours=colour_of)
+    save_figure(fig, curves_path, fmt, sensible_dpi(options.dpi), facts)
     fig = group_plots.blocks_bands_figure(
         res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
-        f"{title}: top words per block, mean over {res.n_runs} runs", facts=facts)
-    save_figure(fig, blocks_path, fmt, options.dpi, facts)
+        f"{title}: top words per block, mean over {res.n_runs} runs, {TEXT_SHARE}", facts=facts, colours=colour_of)
+    save_figure(fig, blocks_path, fmt, sensible_dpi(options.dpi), facts)
     mean, std = np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0)
     vmaxes = (float(mean.max(initial=0)) or 1.0, float(std.max(initial=0)) or 1.0)  # one scale over the pieces
-    pieces = spread_pieces(len(top8), options.dpi)
+    pieces = spread_pieces(len(top8), options.dpi)  # sized at --dpi: at a lower dpi the pieces are only smaller
     for k, (rows, path) in enumerate(zip(pieces, heatmap_paths)):
         part = f" ({k + 1}/{len(pieces)})" if len(pieces) > 1 else ""
         fig = plots.spread_figure(mean[rows.start:rows.stop], std[rows.start:rows.stop],
                                   [f"{labels[top8[r]]} ({res.mass_mean[top8[r]]:.1%} \u00b1 {res.mass_std[top8[r]]:.1%})" for r in rows],
-                                  f"{title}: mean heatmap and its spread over {res.n_runs} runs{part}\n{SPREAD_NOTE}", facts=facts,
-                                  vmaxes=vmaxes)
-        save_figure(fig, path, fmt, options.dpi, facts)
+                                  f"{title}: mean heatmap and its spread over {res.n_runs} runs{part}, {WORD_SHARE}\n{SPREAD_NOTE}",
+                                  facts=facts, vmaxes=vmaxes, even=1.0 / len(res.words))
+        save_figure(fig, path, fmt, sensible_dpi(options.dpi, plots.SPREAD_SIDE, cells=max(res.map_mean.shape[:2])), facts)
 
 
 def write_plan(plan: Plan, pool=None) -> int:
@@ -639,7 +666,8 @@ def _write_runs(plan: Plan, tmp: str, pool) -> dict[str, RunOutcome]:
             dest = os.path.join(tmp, run.folder) if run.folder else tmp
             os.makedirs(dest, exist_ok=True)
             outcomes[run.folder] = write_run(dest, run, options, lambda: bar.update(1), back=_back(plan, run.folder),
-                                             parallel=len(plan.runs) == 1 and _cpus() > 1 and not options.tables_only)
+                                             parallel=len(plan.runs) == 1 and _cpus() > 1 and not options.tables_only,
+                                             colours=plan.colours)
             del run
         return outcomes
 
@@ -654,7 +682,7 @@ def _write_index(plan: Plan, tmp: str, outcomes: dict[str, RunOutcome], pool) ->
         if outcome is not None:
             summaries.extend(outcome.summaries)
             outcome.summaries = []
-    groups, drawing = write_groups(tmp, summaries, options, pool, plan.fonts)
+    groups, drawing = write_groups(tmp, summaries, options, pool, plan.fonts, plan.colours or WordColours())
     # the cross-prompt figures drawn here while the pool draws the groups'
     cross = [] if options.tables_only else write_cross_prompt(tmp, groups, summaries, options)
     for fut in drawing:
@@ -782,12 +810,12 @@ def _back(plan: Plan, folder: Optional[str]) -> Optional[str]:
 
 
 def _write_one(folder: str, run_dir: str, dest: str, options: AnalysisOptions, back: Optional[str],
-               fonts: Optional[FontChoice]) -> "RunOutcome":
+               fonts: Optional[FontChoice], colours: Optional[WordColours] = None) -> "RunOutcome":
     """One run of several, in a worker process: planned again from its folder and written into ``dest``."""
     with use_fonts(fonts):
         run = plan_run(folder, run_dir, options, None)
         os.makedirs(dest, exist_ok=True)
-        return write_run(dest, run, options, lambda: None, back=back)
+        return write_run(dest, run, options, lambda: None, back=back, colours=colours)
 
 
 def _write_runs_parallel(plan: Plan, tmp: str, pool, bar) -> dict:
@@ -798,7 +826,7 @@ def _write_runs_parallel(plan: Plan, tmp: str, pool, bar) -> dict:
     outcomes = {}
     futures = {
         pool.submit(_write_one, spec.folder, spec.run_dir, os.path.join(tmp, spec.folder), plan.options,
-                    _back(plan, spec.folder), plan.fonts): spec
+                    _back(plan, spec.folder), plan.fonts, plan.colours): spec
         for spec in plan.runs
     }
     for fut in as_completed(futures):
