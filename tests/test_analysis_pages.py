@@ -190,7 +190,7 @@ def test_segmentation_legend_lists_only_words_that_own_cells():
     names = ["a", "red", "circle", "blue"]
     labels = np.array([[0, 0, 1], [1, 3, 3], [2, 2, 0]])
     top = np.array([[0.9, 0.9, 0.9], [0.9, 0.9, 0.9], [0.1, 0.1, 0.9]])  # "circle" wins only undecided cells
-    fig = plots.segmentation_figure(None, labels, top, 0.5, names, [0, 1, 2, 3], "segmentation")
+    fig = plots.segmentation_figure(None, labels, top, 0.5, names, ["#444444", "#d62728", "#2ca02c", "#1f77b4"], "segmentation")
     listed = [t.get_text() for t in fig.legends[0].get_texts()]
     owners = [names[k] for k in range(4) if any(labels[y, x] == k and top[y, x] >= 0.5 for y in range(3) for x in range(3))]
     assert owners == ["a", "red", "blue"]

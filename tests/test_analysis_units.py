@@ -42,7 +42,7 @@ def test_every_figure_names_its_unit(tmp_path):
     (agg,) = list((out / "aggregate").iterdir())
     word = [*(run / "clip" / "heatmaps" / "words").glob("*.png"), *(run / "t5" / "heatmaps" / "phrases").glob("*.png"),
             run / "clip" / "summary.png", run / "t5" / "strips" / "steps.png", run / "clip" / "segmentation.png",
-            run / "clip_vs_t5.png", agg / "clip" / "heatmaps_mean.png"]
+            run / "clip_vs_t5.png", agg / "clip" / "heatmaps_mean_01.png"]
     text = [*(run / "t5" / "curves").glob("*.png"), run / "clip" / "overview.png", run / "t5" / "word_grids.png",
             run / "clip" / "token_groups.png", agg / "t5" / "curves_mean.png", agg / "clip" / "curves_blocks.png"]
     assert len(word) == 8 and len(text) == 9 and all(p.is_file() for p in word + text)

@@ -239,3 +239,57 @@ def test_slider_frame_has_its_colour_bar():
     np.testing.assert_array_equal(bar[-1, 0], colour(0.0))
     labels = img[:, 64 + BAR_GAP + BAR_WIDTH:]
     assert (labels[:12].min(axis=-1) < 100).any() and (labels[-12:].min(axis=-1) < 100).any()  # "0.2" and "0" drawn
+
+
+def test_slider_frames_are_maps_at_grid_size_with_one_bar_per_word(tmp_path):
+    """The report's slider frames are the maps at one pixel per cell, coloured exactly as the colour
+    map gives each value / vmax (clipped), enlarged by the browser without smoothing; each word's
+    row has one colour bar (vmax at the top, 0 at the bottom) beside its frame (issue 22, item 14:
+    a 16 x 16 frame was a 256 x 256 picture with its bar drawn in, 3 kB; now under 1 kB)."""
+    from html.parser import HTMLParser
+
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from attention_map_diffusers.analysis.plots import HEAT_CMAP
+
+    lay = make_layout(["A red circle next to a blue square"], clip_len=24, t5_len=16)
+    arrays = random_arrays(lay, num_blocks=2, num_steps=3, grid=(4, 6), seed=3)
+    arrays["per_step_token_map"] = np.random.default_rng(3).uniform(size=(1, 3, 4, 6, lay.T)).astype(np.float32)
+    write_dump(tmp_path / "run", lay, arrays, store_dtype="float32")
+    assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--dpi", "40", "--topk", "2", "--encoders", "t5"]) == 0
+    out = tmp_path / "run" / "analysis"
+    frames = sorted((out / "t5" / "frames").glob("step*.png"))
+    bars = sorted((out / "t5" / "frames").glob("bar-step-*.png"))
+    assert len(frames) == 3 * 2 and len(bars) == 2
+    cmap = colormaps[HEAT_CMAP]
+    for path in frames:
+        img = np.asarray(Image.open(path).convert("RGB"))
+        assert img.shape == (4, 6, 3)  # one pixel per cell
+        # every pixel is a colour of the colour map (a palette PNG of at most 24 distinct cells is exact)
+        table = (np.asarray(cmap(np.linspace(0, 1, cmap.N)))[:, :3] * 255).astype(np.uint8)
+        dist = np.abs(img[:, :, None, :].astype(int) - table[None, None].astype(int)).sum(-1).min(-1)
+        assert dist.max() <= 3
+    bar = np.asarray(Image.open(bars[0]).convert("RGB"))
+    assert bar.shape[0] == round(256 * 4 / 6)  # as tall as the 4 x 6 frame is shown at 256 px wide
+    top, bottom = bar[0], bar[-1]  # the bar's ramp (256 colours) plus its labels: reduced to a palette, within a few levels
+    assert any((abs(top[x].astype(int) - (np.asarray(cmap(1.0)[:3]) * 255).astype(int)).sum() <= 12 for x in range(bar.shape[1])))
+    assert any((abs(bottom[x].astype(int) - (np.asarray(cmap(0.0)[:3]) * 255).astype(int)).sum() <= 12 for x in range(bar.shape[1])))
+
+    class Slider(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.imgs = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.imgs.append(dict(attrs))
+
+    page = Slider()
+    page.feed((out / "index.html").read_text(encoding="utf-8"))
+    html = (out / "index.html").read_text(encoding="utf-8")
+    grid = [a for a in page.imgs if "grid" in a.get("class", "").split()]
+    shown_bars = [a for a in page.imgs if a.get("class") == "bar"]
+    assert len(grid) == 2 and len(shown_bars) == 2  # the opening frame of each of the 2 words, each with its bar
+    assert {a["src"].rsplit("/", 1)[-1] for a in shown_bars} == {p.name for p in bars}
+    assert "image-rendering:pixelated" in html.replace(" ", "")

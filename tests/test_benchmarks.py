@@ -203,6 +203,8 @@ def test_png_bytes_counts_every_file_and_a_toy_run_fits_in_4_mb(tmp_path, capsys
     res = json.loads((tmp_path / "b.json").read_text())
     on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     assert res["total"] == on_disk == sum(k["bytes"] for k in res["kinds"].values())
-    assert res["kinds"]["slider frames"]["files"] == 160 and res["kinds"]["curves per block"]["files"] == 8
+    # every step and block offered by the sliders: (20 steps + 4 blocks) x 8 top words x 2 encoders maps at grid
+    # size, and one colour bar per (kind, word, encoder)
+    assert res["kinds"]["slider frames"]["files"] == (20 + 4) * 8 * 2 + 2 * 8 * 2 and res["kinds"]["curves per block"]["files"] == 8
     assert res["total"] <= 4_000_000, res["kinds"]
     assert "figures" in capsys.readouterr().out

@@ -850,3 +850,25 @@ def heat_frame(heat: np.ndarray, vmax: float, side: int = 256, even: Optional[fl
 def write_heat_png(path: str, heat: np.ndarray, vmax: float, side: int = 256, even: Optional[float] = None) -> None:
     """:func:`heat_frame` written as a PNG."""
     write_png(path, np.asarray(heat_frame(heat, vmax, side, even)), palette=True)
+
+
+def grid_frame(heat: np.ndarray, vmax: float) -> np.ndarray:
+    """(Hc, Wc) map -> (Hc, Wc, 3) uint8: the colour map applied, one pixel per cell (0 to ``vmax``).
+    The report's slider frames: the browser enlarges them without smoothing
+    (``image-rendering: pixelated``), so a 16 x 16 map is 256 pixels, not 65,536."""
+    from matplotlib import colormaps
+
+    norm = np.clip(np.asarray(heat, dtype=np.float64) / (vmax if vmax > 0 else 1.0), 0.0, 1.0)
+    return (colormaps[HEAT_CMAP](norm)[..., :3] * 255).astype(np.uint8)
+
+
+def write_grid_png(path: str, heat: np.ndarray, vmax: float) -> None:
+    """:func:`grid_frame` written as a palette PNG."""
+    write_png(path, grid_frame(heat, vmax), palette=True)
+
+
+def write_bar_png(path: str, vmax: float, height: int = 256, even: Optional[float] = None) -> None:
+    """The colour bar of a slider row (0 at the bottom, ``vmax`` at the top, the even split marked):
+    :func:`heat_frame`'s bar and labels alone, drawn once per word instead of into every frame."""
+    img = np.asarray(heat_frame(np.zeros((1, 1)), vmax, height, even))  # a 1 x 1 map: the bar starts at x = height
+    write_png(path, np.ascontiguousarray(img[:, height + BAR_GAP - 2:]), palette=True)

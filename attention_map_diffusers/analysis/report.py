@@ -41,6 +41,9 @@ details{margin:.5em 0} code{background:#f0f0f0;padding:0 3px}
 .slider .frames{display:grid;gap:8px;grid-template-columns:repeat(auto-fill,minmax(min(45%,250px),1fr))}
 .slider .frames figure{margin:0} .slider output{font-weight:600;margin-left:.5em}
 .slider.wide .frames{grid-template-columns:1fr}
+.slider .fb{display:flex;align-items:flex-start;gap:4px} .slider .fb>a{flex:0 1 80%;max-width:256px}
+.slider img.grid{width:100%;height:auto;image-rendering:pixelated} .slider .fb>a.bar{flex:0 1 18%;max-width:58px}
+.slider img.bar{width:100%;height:auto}
 .links{font-size:.8em;columns:2 14em}
 .narrow-only{display:none}
 @media (max-width:700px){.narrow-only{display:block} .wide-only{display:none} body{padding:0 .5em}}
@@ -72,6 +75,7 @@ class Slider:
     frames: list[list[str]]  # per frame, per word: path relative to the page
     title: str = ""  # what the reader sees instead of ``kind`` ("noise level" for a given image's levels)
     start: int = 0  # the frame shown first (the most informative one)
+    bars: list[str] = field(default_factory=list)  # per word: its colour bar, beside its frame (maps at grid size)
 
 
 @dataclass
@@ -155,11 +159,14 @@ def _slider(sl: Slider, anchor: str, caption: str) -> str:
     """A range input over the frames, opened on frame ``sl.start``; without scripts that frame shows and every frame is linked below."""
     frames = [[quote(p.replace("\\", "/")) for p in fr] for fr in sl.frames]
     k0 = sl.start if 0 <= sl.start < len(sl.frames) else 0
-    imgs = "".join(
-        f'<figure><a href="{href(p)}"><img class="frame" src="{href(p)}" alt="{_e(w or sl.labels[k0])}"></a>'
-        + (f"<figcaption>{_e(w)}</figcaption>" if w else "") + "</figure>"
-        for w, p in zip(sl.words or [""], sl.frames[k0])
-    )
+    bars = sl.bars or [""] * len(sl.frames[k0])
+    def frame(w, p, b):
+        img = f'<a href="{href(p)}"><img class="frame{" grid" if b else ""}" src="{href(p)}" alt="{_e(w or sl.labels[k0])}"></a>'
+        if b:  # a map at grid size, enlarged by the browser cell by cell, and its row's colour bar beside it
+            img = f'<div class="fb">{img}<a class="bar" href="{href(b)}"><img class="bar" src="{href(b)}" alt="colour bar of {_e(w)}"></a></div>'
+        return f"<figure>{img}" + (f"<figcaption>{_e(w)}</figcaption>" if w else "") + "</figure>"
+
+    imgs = "".join(frame(w, p, b) for w, p, b in zip(sl.words or [""], sl.frames[k0], bars))
     links = "".join(
         f'<li>{_e(lab)}: ' + ", ".join(f'<a href="{href(p)}">{_e(w or "image")}</a>' for w, p in zip(sl.words or [""], fr)) + "</li>"
         for lab, fr in zip(sl.labels, sl.frames)

@@ -47,6 +47,7 @@ class FigureFiles:
     top_word: str = ""  # the top word's bare map (a PNG), the index's thumbnail beside the image
     strips: dict[str, str] = field(default_factory=dict)  # "step" / "block" -> file
     frames: dict[str, list[list[str]]] = field(default_factory=dict)  # kind -> per frame, per top word: file
+    bars: dict[str, list[str]] = field(default_factory=dict)  # kind -> per top word: its slider row's colour bar
 
     def __len__(self) -> int:
         singles = [self.summary, self.overview, self.word_grids, self.segmentation, self.word_maps, self.token_groups, self.top_word]
@@ -128,6 +129,7 @@ def figure_files(res: EncoderResult, options: AnalysisOptions, frames: Sequence[
         frames={
             f.kind: [[f"frames/{f.kind}{i:03d}-{res.words[j].index:03d}.png" for j in top] for i in f.indices] for f in frames
         },
+        bars={f.kind: [f"frames/bar-{f.kind}-{res.words[j].index:03d}.png" for j in top] for f in frames},
     )
 
 
@@ -200,6 +202,7 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
     # only the folders that get files: an empty one would not be in the output's manifest
     names = [n for _, n in files.words + files.phrases] + files.word_curves + files.phrase_curves
     names += list(files.strips.values()) + [n for per_frame in files.frames.values() for row in per_frame for n in row]
+    names += [n for row in files.bars.values() for n in row]
     for sub in {os.path.dirname(n) for n in names} - {""}:
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     heat_maps = [res.shares[:, :, j] for j, _ in files.words] + [res.phrases[k].map for k, _ in files.phrases]
@@ -284,12 +287,16 @@ def write_encoder(folder: str, rel: str, res: EncoderResult, ctx: ItemContext, o
                                 vmaxes=vmaxes, facts=facts, even=even), name, sensible_dpi(dpi, plots.STRIP_SIDE, cells=cells))
         for k, per_word in enumerate(files.frames[fr.kind]):
             for r, fname in enumerate(per_word):
-                plots.write_heat_png(os.path.join(folder, fname), sel[r, k], vmaxes[r], even=even)
+                plots.write_grid_png(os.path.join(folder, fname), sel[r, k], vmaxes[r])
+        for r, bname in enumerate(files.bars[fr.kind]):
+            gh, gw = sel.shape[2:]  # as tall as the frame is shown: 256 px for a square grid
+            plots.write_bar_png(os.path.join(folder, bname), vmaxes[r], height=max(64, round(256 * gh / max(gh, gw))), even=even)
         tick()
         page.strips.append((fr.kind, f"{rel}/{name}"))
         page.sliders.append(Slider(
             kind=fr.kind, title="noise level" if fr.kind == "step" and levels is not None else "", labels=list(fr.labels), words=[f"{labels[j]} (0 to {vmaxes[r]:.3g})" for r, j in enumerate(top8)],
             frames=[[f"{rel}/{f}" for f in per_word] for per_word in files.frames[fr.kind]], start=informative_frame(sel),
+            bars=[f"{rel}/{b}" for b in files.bars[fr.kind]],
         ))
 
     kinds = [(files.word_curves, res.curves[:, :, res.top], [labels[j] for j in res.top], "top words", page.word_curves)]
