@@ -14,7 +14,14 @@ all scenes, block maps kept), then:
   the chance rate (share of grid cells on the target); over all blocks and per block;
 - segmentation with evaluate_segmentation.py (methods concept, concept-argmax, daam, argmax and the
   baselines; one mask per colour word and per shape word, as bench_segmentation_toy.py writes them),
-  over all blocks and per block (``--blocks k``), with the colour / shape split.
+  over all blocks and per block (``--blocks k``), with the colour / shape split;
+- a control (``--no-control`` skips it): the same output-space map with the caption's own words in
+  place of the concepts, i.e. the dot product of the image tokens' attention outputs and the caption's
+  T5 tokens' attention outputs of the very same joint attention (both before the output projection,
+  read with forward pre-hooks on ``to_out[0]`` and ``to_add_out``; same image, noise and seed as the
+  dump), softmax over the caption's words. It tells whether the output space of this model locates
+  the words at all, apart from the concept stream. SD3's last block (``context_pre_only``) has no
+  text output: the control has no row for it, and its "all blocks" is the mean over the others.
 
     python benchmarks/bench_concepts_toy.py --n 64 --out conc_toy --json assets/toy_shapes/concepts.json
     python benchmarks/bench_concepts_toy.py --n 4 --out /tmp/c      # a quick look
@@ -23,10 +30,13 @@ all scenes, block maps kept), then:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 import time
+from contextlib import redirect_stderr
+from typing import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -43,6 +53,8 @@ from bench_segmentation_toy import evaluate, prepare_rendered  # noqa: E402
 LEVEL = 0.5
 CONCEPTS = ("red", "green", "blue", "yellow", "circle", "square", "triangle", "background")
 SOURCES = ("concept", "t5", "clip")  # the concept maps, then the caption words' cross-attention maps
+CONTROL = "t5-output-space"  # the control's source name
+SEED = 42  # the dump's default seed: the control sees the dump's noise
 KINDS = ("color", "shape")
 METHODS = "concept,concept-argmax,daam,argmax,whole,centre,random"
 
@@ -107,17 +119,77 @@ def pointing_of_dump(folder: str, masks: dict) -> list[dict]:
     return records
 
 
-def summarise_pointing(records: list[dict], blocks: list) -> dict:
+def output_space_control(n: int, masks: dict) -> tuple[list[dict], list[int]]:
+    """The control's pointing records (source :data:`CONTROL`) of the ``n`` scenes, and the block
+    positions it has (those whose attention gives text outputs)."""
+    import torch
+    from PIL import Image
+
+    from attention_map_diffusers.capture.on_image import record_on_image
+    from attention_map_diffusers.contract import prompt_tokens
+    from eval_toy_shapes import load
+
+    with redirect_stderr(io.StringIO()):  # the loaders' progress bars
+        pipe, msl = load("toy-shapes")
+    seen: dict = {}
+
+    def tap(k: int, name: str):
+        def hook(module, args):
+            seen[(k, name)] = args[0].detach()[-1].double()  # the last (conditional) batch item, (tokens, D)
+        return hook
+
+    handles = []
+    for k, block in enumerate(pipe.transformer.transformer_blocks):
+        handles.append(block.attn.to_out[0].register_forward_pre_hook(tap(k, "image")))
+        if block.attn.to_add_out is not None:  # None in SD3's context_pre_only last block
+            handles.append(block.attn.to_add_out.register_forward_pre_hook(tap(k, "text")))
+    records, with_text = [], []
+    try:
+        for key, (caption, obj_masks) in masks.items():
+            seen.clear()
+            with torch.no_grad():
+                res = record_on_image(pipe, Image.fromarray(render(int(key[len("scene"):])).image), caption, (LEVEL,),
+                                      seed=SEED, max_sequence_length=msl)
+            lo, _ = res.text_spans["t5"]
+            offsets = prompt_tokens(pipe.tokenizer_3, caption, msl).offsets
+            words = [i for i, o in enumerate(offsets) if o is not None and o[1] > o[0]]
+            grid = res.sum_token_map.shape[1:3]
+            with_text = sorted(k for k, name in seen if name == "text")
+            maps = []  # per block with text outputs: (Hc, Wc, words) softmax over the caption's words
+            for k in with_text:
+                image, text = seen[(k, "image")], seen[(k, "text")]
+                h = w = int(round(image.shape[0] ** 0.5))  # toy-shapes: square latent grid, as the canonical one
+                assert (h, w) == tuple(grid), (h, w, grid)
+                scores = image @ text[[lo + i for i in words]].T  # (tokens, words)
+                maps.append(torch.softmax(scores, dim=-1).reshape(h, w, -1).numpy())
+            for t in _word_targets(caption, obj_masks):
+                idx = [words.index(i) for i in word_token_indices(offsets, t["span"])]
+                per_block = [m[..., idx].mean(axis=-1) for m in maps]
+                records.append({
+                    "scene": key, "object": t["object"], "kind": t["kind"], "source": CONTROL,
+                    "chance": chance_rate(t["target"], grid), "hit": pointing_hit(np.mean(per_block, axis=0), t["target"]),
+                    "block_hits": [pointing_hit(m, t["target"]) for m in per_block],
+                })
+    finally:
+        for hd in handles:
+            hd.remove()
+    return records, with_text
+
+
+def summarise_pointing(records: list[dict], blocks: list, control_blocks: Sequence[int] = ()) -> dict:
     """selection ("all blocks", "block k") -> source -> kind -> {"rate", "n"}; plus "chance" per kind."""
     out: dict = {}
     selections = [("all blocks", None)] + [(f"block {k}", k) for k in range(len(blocks))]
     for name, k in selections:
         out[name] = {}
-        for source in SOURCES:
+        for source in SOURCES + (CONTROL,):
+            if source == CONTROL and (k is not None and k not in control_blocks or not control_blocks):
+                continue
             out[name][source] = {}
             for kind in KINDS:
                 sel = [r for r in records if r["source"] == source and r["kind"] == kind]
-                hits = [r["hit"] if k is None else r["block_hits"][k] for r in sel]
+                at = None if k is None else (list(control_blocks).index(k) if source == CONTROL else k)
+                hits = [r["hit"] if at is None else r["block_hits"][at] for r in sel]
                 out[name][source][kind] = {"rate": round(float(np.mean(hits)), 4) if hits else None, "n": len(hits)}
     out["chance"] = {kind: round(float(np.mean([r["chance"] for r in records if r["kind"] == kind and r["source"] == "concept"])), 4)
                      for kind in KINDS}
@@ -143,12 +215,14 @@ def print_tables(res: dict) -> None:
     print(f"\npointing game, toy-shapes rendered scenes, noise {res['level']}, n = {res['n']} scenes "
           f"({p['all blocks']['concept']['color']['n']} objects), hit rate in %; chance: colour "
           f"{100 * p['chance']['color']:.1f}, shape {100 * p['chance']['shape']:.1f}")
-    print(f"  {'selection':<11} {'colour: concept':>15} {'T5':>6} {'CLIP':>6}   {'shape: concept':>14} {'T5':>6} {'CLIP':>6}")
+    print(f"  {'selection':<11} {'colour: concept':>15} {'T5':>6} {'CLIP':>6} {'T5 out':>6}   "
+          f"{'shape: concept':>14} {'T5':>6} {'CLIP':>6} {'T5 out':>6}   (T5 out: the control)")
     for sel in [k for k in p if k != "chance"]:
-        v = {(s, k): p[sel][s][k]["rate"] for s in SOURCES for k in KINDS}
+        v = {(s, k): p[sel].get(s, {}).get(k, {}).get("rate") for s in SOURCES + (CONTROL,) for k in KINDS}
         f = lambda x: "" if x is None else f"{100 * x:.1f}"  # noqa: E731
-        print(f"  {sel:<11} {f(v['concept', 'color']):>15} {f(v['t5', 'color']):>6} {f(v['clip', 'color']):>6}   "
-              f"{f(v['concept', 'shape']):>14} {f(v['t5', 'shape']):>6} {f(v['clip', 'shape']):>6}")
+        print(f"  {sel:<11} {f(v['concept', 'color']):>15} {f(v['t5', 'color']):>6} {f(v['clip', 'color']):>6} "
+              f"{f(v[CONTROL, 'color']):>6}   {f(v['concept', 'shape']):>14} {f(v['t5', 'shape']):>6} "
+              f"{f(v['clip', 'shape']):>6} {f(v[CONTROL, 'shape']):>6}")
     print("\nsegmentation mIoU in % (colour / shape words split for concept, concept-argmax, daam T5)")
     print(f"  {'selection':<11} {'concept':>16} {'concept-argmax':>16} {'daam T5':>16} {'argmax T5':>9} {'daam CLIP':>9} "
           f"{'whole':>6} {'centre':>6} {'random':>6}")
@@ -165,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64, help="rendered scenes (evaluation seeds 0 to n-1; default 64)")
     p.add_argument("--out", required=True, help="folder for the scenes, masks, dumps and evaluations")
     p.add_argument("--json", default=None, help="results file (default: OUT/concepts.json)")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the control (the caption's own words in the output space, read with hooks; about 1 s per scene)")
     return p
 
 
@@ -183,7 +259,12 @@ def main(argv=None) -> int:
     records = [r for f in folders for r in pointing_of_dump(f, masks)]
     res: dict = {"n": args.n, "level": LEVEL, "concepts": list(CONCEPTS), "blocks": blocks,
                  "command": "python benchmarks/bench_concepts_toy.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    res["pointing"] = summarise_pointing(records, blocks)
+    control_blocks: list[int] = []
+    if not args.no_control:
+        control, control_blocks = output_space_control(args.n, masks)
+        records += control
+    res["control_blocks"] = control_blocks
+    res["pointing"] = summarise_pointing(records, blocks, control_blocks)
     res["segmentation"] = {"all blocks": evaluate(dumps, masks_dir, os.path.join(args.out, "eval", "all"), ["--methods", METHODS])}
     for k in range(len(blocks)):
         res["segmentation"][f"block {k}"] = evaluate(dumps, masks_dir, os.path.join(args.out, "eval", f"block{k}"),

@@ -212,7 +212,7 @@ def test_bench_concepts_toy_small(tmp_path, capsys):
     """Two rendered scenes through the concepts benchmark: the colour concepts' pointing rate (all
     blocks and block 0) and its chance rate, recomputed here from the dumps' npz with a brute-force
     4 px distance test; the evaluation has the concept methods next to daam and the baselines, over
-    all blocks and per block."""
+    all blocks and per block; the output-space control covers the blocks with a text output."""
     import json
 
     import numpy as np
@@ -256,5 +256,9 @@ def test_bench_concepts_toy_small(tmp_path, capsys):
     assert p["all blocks"]["concept"]["color"] == {"rate": pytest.approx(np.mean(hits_all), abs=1e-4), "n": len(hits_all)}
     assert p["block 0"]["concept"]["color"]["rate"] == pytest.approx(np.mean(hits_b0), abs=1e-4)
     assert p["chance"]["color"] == pytest.approx(np.mean(chance), abs=1e-4)
-    assert {"concept", "t5", "clip"} == set(p["all blocks"])
+    # the control (the caption's words in the output space) has every block with a text output: not
+    # SD3's context_pre_only last block
+    assert res["control_blocks"] == [0, 1, 2]
+    assert set(p["all blocks"]) == {"concept", "t5", "clip", "t5-output-space"} and "t5-output-space" not in p["block 3"]
+    assert p["block 2"]["t5-output-space"]["shape"]["n"] == len(hits_all)
     assert "pointing game" in capsys.readouterr().out
