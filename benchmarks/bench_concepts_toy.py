@@ -119,8 +119,8 @@ def pointing_of_dump(folder: str, masks: dict) -> list[dict]:
     return records
 
 
-def output_space_control(n: int, masks: dict) -> tuple[list[dict], list[int]]:
-    """The control's pointing records (source :data:`CONTROL`) of the ``n`` scenes, and the block
+def output_space_control(masks: dict) -> tuple[list[dict], list[int]]:
+    """The control's pointing records (source :data:`CONTROL`) of the scenes of ``masks``, and the block
     positions it has (those whose attention gives text outputs)."""
     import torch
     from PIL import Image
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                  "command": "python benchmarks/bench_concepts_toy.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     control_blocks: list[int] = []
     if not args.no_control:
-        control, control_blocks = output_space_control(args.n, masks)
+        control, control_blocks = output_space_control(masks)
         records += control
     res["control_blocks"] = control_blocks
     res["pointing"] = summarise_pointing(records, blocks, control_blocks)
