@@ -69,8 +69,9 @@ def _save_word_masks(folder: str, caption: str, masks: list) -> int:
     return len(words)
 
 
-def prepare_rendered(root: str, n: int) -> tuple[str, str, str]:
-    """Rendered scenes + true masks + the image-mode dumps. Returns (dumps, masks, images folder)."""
+def prepare_rendered(root: str, n: int, levels=LEVELS, extra=()) -> tuple[str, str, str]:
+    """Rendered scenes + true masks + the image-mode dumps at ``levels``, with the dump flags ``extra``.
+    Returns (dumps, masks, images folder)."""
     import sd_35_stepavg_dump
 
     images, masks, dumps = (os.path.join(root, "rendered", d) for d in ("images", "masks", "dumps"))
@@ -88,8 +89,8 @@ def prepare_rendered(root: str, n: int) -> tuple[str, str, str]:
         w.writerow(["image", "prompt"])
         w.writerows(rows)
     _quiet(sd_35_stepavg_dump.main, ["--model", "toy-shapes", "--images-csv", table, "--guidance-scale", "1",
-                                     "--noise-levels", *map(str, LEVELS), "--save-block-maps", "--device", "cpu",
-                                     "--out", dumps])
+                                     "--noise-levels", *map(str, levels), "--save-block-maps", "--device", "cpu",
+                                     *extra, "--out", dumps])
     return dumps, masks, images
 
 

@@ -208,3 +208,59 @@ def test_png_bytes_counts_every_file_and_a_toy_run_fits_in_4_mb(tmp_path, capsys
     assert res["kinds"]["slider frames"]["files"] == (20 + 4) * 8 * 2 + 2 * 8 * 2 and res["kinds"]["curves per block"]["files"] == 8
     assert res["total"] <= 4_000_000, res["kinds"]
     assert "figures" in capsys.readouterr().out
+
+
+def test_bench_concepts_toy_small(tmp_path, capsys):
+    """Two rendered scenes through the concepts benchmark: the colour concepts' pointing rate (all
+    blocks and block 0) and its chance rate, recomputed here from the dumps' npz with a brute-force
+    4 px distance test; the evaluation has the concept methods next to daam and the baselines, over
+    all blocks and per block; the output-space control covers the blocks with a text output."""
+    import json
+
+    import numpy as np
+
+    from attention_map_diffusers.models.toy_shapes.data import eval_seeds, render
+    from test_toy_shapes import _weights_present
+
+    if not _weights_present():
+        pytest.skip("no trained toy-shapes weights in this checkout")
+    import bench_concepts_toy as bench
+
+    out = tmp_path / "c.json"
+    assert bench.main(["--n", "2", "--out", str(tmp_path / "run"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 2 and res["level"] == 0.5 and len(res["blocks"]) == 4
+    assert set(res["segmentation"]) == {"all blocks", *(f"block {k}" for k in range(4))}
+    for sel in res["segmentation"].values():
+        assert {(r["method"], r["encoder"]) for r in sel["summary"]} >= {
+            ("concept", "concepts"), ("concept-argmax", "concepts"), ("daam", "t5"), ("argmax", "t5"), ("whole", "t5")}
+
+    def near(mask, y, x):  # the pixel (y, x) lies within 4 px of the mask
+        ys, xs = np.nonzero(mask)
+        return bool((((ys - y) ** 2 + (xs - x) ** 2) <= 16).any())
+
+    hits_all, hits_b0, chance = [], [], []
+    dumps = tmp_path / "run" / "rendered" / "dumps"
+    for seed in eval_seeds(2):
+        s = render(seed)
+        folder = next(d for d in dumps.iterdir() if d.name.endswith(f"scene{seed}"))
+        with np.load(folder / "stepavg_token_maps_v1.npz") as z:
+            full, b0 = z["concept_sum_map"][0], z["concept_per_block_map"][0, 0]  # (16, 16, C)
+        names = json.loads((folder / "metadata.json").read_text())["concepts"]
+        centres = [4 + 8 * i for i in range(16)]  # the centre pixel of each 8 px cell of the 128 px image
+        for obj, mask in zip(s.objects, s.masks):
+            c = names.index(obj.color)
+            for maps, acc in ((full, hits_all), (b0, hits_b0)):
+                i, j = np.unravel_index(int(np.argmax(maps[..., c])), (16, 16))
+                acc.append(near(mask, centres[i], centres[j]))
+            chance.append(np.mean([near(mask, y, x) for y in centres for x in centres]))
+    p = res["pointing"]
+    assert p["all blocks"]["concept"]["color"] == {"rate": pytest.approx(np.mean(hits_all), abs=1e-4), "n": len(hits_all)}
+    assert p["block 0"]["concept"]["color"]["rate"] == pytest.approx(np.mean(hits_b0), abs=1e-4)
+    assert p["chance"]["color"] == pytest.approx(np.mean(chance), abs=1e-4)
+    # the control (the caption's words in the output space) has every block with a text output: not
+    # SD3's context_pre_only last block
+    assert res["control_blocks"] == [0, 1, 2]
+    assert set(p["all blocks"]) == {"concept", "t5", "clip", "t5-output-space"} and "t5-output-space" not in p["block 3"]
+    assert p["block 2"]["t5-output-space"]["shape"]["n"] == len(hits_all)
+    assert "pointing game" in capsys.readouterr().out
