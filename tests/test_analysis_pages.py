@@ -110,6 +110,61 @@ def test_given_image_run_is_labelled_as_given(tmp_path, monkeypatch, one_cpu):
         assert [t.get_text() for t in ax.get_xticklabels()] == [f"\u03c3={s:.2f}" for s in LEVELS]
 
 
+def test_given_image_token_groups_are_bars_per_level():
+    """With noise levels (independent measurements) the token groups are stacked bars, one per
+    level, heights the groups' shares, and nothing (no area) joins two levels; σ on the x axis."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.patches import Rectangle
+
+    shares = np.array([[[0.5, 0.2, 0.1], [0.3, 0.6, 0.7]]])  # (Gb=1, G=2, S=3)
+    fig = plots.token_groups_figure(shares, ["words", "other encoder"], ["all blocks"], None, "t", levels=np.array(LEVELS))
+    ax = fig.axes[0]
+    assert not [c for c in ax.collections if isinstance(c, PolyCollection)]  # no stacked areas
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(bars) == 2 * 3
+    got = sorted((round(b.get_x() + b.get_width() / 2, 6), round(b.get_y(), 6), round(b.get_height(), 6)) for b in bars)
+    want = sorted((float(k), float(shares[0, :g, k].sum()), float(shares[0, g, k])) for g in range(2) for k in range(3))
+    assert np.allclose(got, want)
+    assert "\u03c3" in ax.get_xlabel()
+    areas = plots.token_groups_figure(shares, ["words", "other encoder"], ["all blocks"], None, "t")  # a generation: areas
+    assert [c for c in areas.axes[0].collections if isinstance(c, PolyCollection)]
+
+
+def test_given_image_groups_aggregate_per_level_with_error_bars(tmp_path, one_cpu):
+    """Two seeds of one given image: the group's curves are markers per noise level with error bars
+    (no line, no band joining two levels) on a σ axis; a generation's runs never join that group."""
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    from attention_map_diffusers.analysis import group_plots
+
+    root = tmp_path / "runs"
+    _image_dump(root / "0000-barn-s1", 1)
+    _image_dump(root / "0001-barn-s2", 2)
+    write_runs(root, [{"run": k, "folder": f, "prompt": [PROMPT], "seed": k + 1, "status": "done"}
+                      for k, f in enumerate(("0000-barn-s1", "0001-barn-s2"))])
+    made = []
+    original = group_plots.blocks_bands_figure
+
+    def watched(*args, **kwargs):
+        made.append((original(*args, **kwargs), kwargs.get("levels")))
+        return made[-1][0]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(group_plots, "blocks_bands_figure", watched)
+    try:
+        assert analyse_stepavg.main(["--root", str(root), "--topk", "2", "--dpi", "30"]) == 0
+    finally:
+        mp.undo()
+    assert made, "the group's per-block figure was drawn"
+    for fig, levels in made:
+        assert levels is not None and list(levels) == LEVELS
+        for ax in fig.axes:
+            assert not [c for c in ax.collections if isinstance(c, PolyCollection)]  # no band
+            assert all(ln.get_linestyle() == "None" for ln in ax.get_lines())  # markers, no line
+        assert any(isinstance(c, LineCollection) for ax in fig.axes for c in ax.collections)  # error bars
+        assert "\u03c3" in fig._supxlabel.get_text()
+
+
 def test_aggregate_curves_show_whole_bands_in_line_colours_with_labelled_steps():
     from matplotlib.collections import PolyCollection
     from matplotlib.colors import to_rgb

@@ -31,6 +31,7 @@ class RunSummary:
     timesteps: Optional[np.ndarray]  # (S,)
     model: str = ""
     random_weights: bool = False
+    levels: Optional[tuple[float, ...]] = None  # a given image's noise levels σ (the S axis); None for a generation
 
 
 @dataclass
@@ -55,6 +56,7 @@ class GroupResult:
     stepavg_std: np.ndarray
     map_mean: np.ndarray  # (H, W, n)
     map_std: np.ndarray  # (H, W, n)
+    levels: Optional[np.ndarray] = None  # (S,) the noise levels σ of given-image runs; None for generations
 
     @property
     def n_runs(self) -> int:
@@ -62,9 +64,10 @@ class GroupResult:
 
 
 def group_key(summary: RunSummary) -> tuple:
-    """Runs are comparable when they share the prompt, the words, the blocks and the shapes."""
+    """Runs are comparable when they share the prompt, the words, the blocks, the shapes and (given
+    images) the noise levels: a generation's steps and a given image's levels are never averaged."""
     return (summary.encoder, summary.prompt, tuple(w.index for w in summary.words), summary.block_ids,
-            summary.curves.shape, summary.shares.shape)
+            summary.curves.shape, summary.shares.shape, summary.levels)
 
 
 def aggregate(members: Sequence[RunSummary]) -> GroupResult:
@@ -73,7 +76,7 @@ def aggregate(members: Sequence[RunSummary]) -> GroupResult:
         raise ValueError("aggregate() needs at least one run")
     keys = {group_key(m) for m in members}
     if len(keys) != 1:
-        raise ValueError("aggregate(): the runs differ in prompt, words, blocks or shapes")
+        raise ValueError("aggregate(): the runs differ in prompt, words, blocks, shapes or noise levels")
     ddof = 1 if len(members) > 1 else 0
     mass = np.stack([m.mass for m in members])
     curves = np.stack([m.curves for m in members])
@@ -90,6 +93,7 @@ def aggregate(members: Sequence[RunSummary]) -> GroupResult:
         auc_mean=aucs.mean(axis=0), auc_std=aucs.std(axis=0, ddof=ddof),
         stepavg_mean=means.mean(axis=0), stepavg_std=means.std(axis=0, ddof=ddof),
         map_mean=shares.mean(axis=0), map_std=shares.std(axis=0, ddof=ddof),
+        levels=None if first.levels is None else np.asarray(first.levels, dtype=np.float64),
     )
 
 

@@ -20,9 +20,11 @@ BLOCK_COLUMNS = 6  # panels per row of the per-block figure
 def blocks_bands_figure(
     curves_mean: np.ndarray, curves_std: np.ndarray, labels: Sequence[str], block_ids: Sequence[int],
     timesteps: Optional[np.ndarray], title: str, *, facts: Optional[FigureFacts] = None, colours: Optional[Sequence[str]] = None,
+    levels: Optional[np.ndarray] = None,
 ) -> Figure:
     """One panel per block: (Bk, S, m) mean curves with their +- std bands (m <= :data:`MAX_LINES`),
-    one y scale for every block (stated), one legend. ``colours``: one per word (default :data:`LINE_COLOURS`)."""
+    one y scale for every block (stated), one legend. ``colours``: one per word (default :data:`LINE_COLOURS`).
+    ``levels``: (S,) a given image's noise levels σ: a marker per level, no line joining them, σ ticks."""
     Bk, S, m = curves_mean.shape
     if m > MAX_LINES:
         raise ValueError(f"at most {MAX_LINES} lines per panel, got {m}")
@@ -40,7 +42,7 @@ def blocks_bands_figure(
     ymax = top * 1.05 if top > 0 else 1.0
     x = np.arange(S)
     ticks = step_ticks(S, 4)
-    names = [str(t) for t in ticks]
+    names = [str(t) for t in ticks] if levels is None else [f"{levels[t]:.2f}" for t in ticks]
     colours = line_colours(m, colours)
     styles = line_styles(colours)
     lines = []
@@ -50,9 +52,16 @@ def blocks_bands_figure(
             continue
         lines = []
         for j in range(m):
-            (line,) = ax.plot(x, curves_mean[k, :, j], styles[j], color=colours[j], lw=1.6, marker="o" if S < 3 else None, ms=3)
+            if levels is not None:  # independent levels: markers only
+                (line,) = ax.plot(x, curves_mean[k, :, j], linestyle="None", color=colours[j], marker="o", ms=4)
+            else:
+                (line,) = ax.plot(x, curves_mean[k, :, j], styles[j], color=colours[j], lw=1.6, marker="o" if S < 3 else None, ms=3)
             lines.append(line)
-        draw_bands(ax, x, curves_mean[k] - curves_std[k], curves_mean[k] + curves_std[k], colours)
+        if levels is not None:  # independent levels: error bars, no band joining two levels
+            for j in range(m):
+                ax.errorbar(x, curves_mean[k, :, j], yerr=curves_std[k, :, j], fmt="none", ecolor=colours[j], elinewidth=0.8, capsize=2)
+        else:
+            draw_bands(ax, x, curves_mean[k] - curves_std[k], curves_mean[k] + curves_std[k], colours)
         ax.set_title(f"block {block_ids[k]}", fontsize=8)
         ax.set_xlim(-0.5, S - 0.5)
         ax.set_ylim(0.0, ymax)
@@ -66,7 +75,8 @@ def blocks_bands_figure(
         if k % cols:  # not in the first column
             ax.set_yticklabels([])
     fig.supylabel(CURVE_LABEL, fontsize=8)
-    fig.supxlabel("denoising step (0 = first, noisiest)", fontsize=8, y=(footer_band(facts) + 0.05) / fig.get_size_inches()[1],
+    fig.supxlabel("noise level \u03c3 (independent levels of the given image)" if levels is not None
+                  else "denoising step (0 = first, noisiest)", fontsize=8, y=(footer_band(facts) + 0.05) / fig.get_size_inches()[1],
                   va="bottom")
     if lines:
         W, H = fig.get_size_inches()

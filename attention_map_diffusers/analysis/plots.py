@@ -315,7 +315,11 @@ def draw_curves(ax, curves: np.ndarray, labels: Sequence[str], timesteps: Option
         lines.append(line)
     ax.set_ylabel(CURVE_LABEL, fontsize=8)
     if spread is not None:
-        draw_bands(ax, x, curves - spread, curves + spread, colours)
+        if levels is not None:  # independent levels: error bars at the markers, no band joining two levels
+            for j in range(curves.shape[1]):
+                ax.errorbar(x, curves[:, j], yerr=spread[:, j], fmt="none", ecolor=colours[j], elinewidth=1.0, capsize=3)
+        else:
+            draw_bands(ax, x, curves - spread, curves + spread, colours)
         top = float(np.nanmax(curves + spread, initial=0.0))  # the band's top, not the mean's: no band is clipped
         ax.set_ylim(0.0, top * 1.05 if top > 0 else 1.0)
     else:
@@ -652,7 +656,8 @@ def token_groups_figure(
     shares: np.ndarray, names: Sequence[str], group_labels: Sequence[str], timesteps: Optional[np.ndarray], title: str,
     facts: Optional[FigureFacts] = None, levels: Optional[np.ndarray] = None,
 ) -> Figure:
-    """Stacked areas over the steps, one axis per block group.
+    """Stacked areas over the steps, one axis per block group; with ``levels`` (a given image's
+    independent noise levels σ) stacked bars, one per level, so that nothing joins two levels.
 
     Args:
         shares: (Gb, G, S) per block group, each token group's share of the text attention per step.
@@ -672,11 +677,19 @@ def token_groups_figure(
     fixed_layout(fig, top=top, bottom=bottom, left=left, right=0.15 + legend + EDGE, wspace=gap / panel_w)
     x = np.arange(S)
     for ax, s, label in zip(axes, shares, group_labels):
-        if S == 1:
-            x2, s2 = np.array([-0.5, 0.5]), np.repeat(s, 2, axis=1)
+        colours = [GROUP_COLOURS.get(n, "#333333") for n in names]
+        if levels is not None:  # independent measurements: a bar per level, nothing drawn between them
+            bottom = np.zeros(S)
+            for g, (name, colour) in enumerate(zip(names, colours)):
+                ax.bar(x, s[g], width=0.6, bottom=bottom, color=colour, label=name)
+                bottom = bottom + s[g]
+            ax.set_xlim(-0.6, S - 0.4)
         else:
-            x2, s2 = x, s
-        ax.stackplot(x2, s2, colors=[GROUP_COLOURS.get(n, "#333333") for n in names], labels=list(names))
+            if S == 1:
+                x2, s2 = np.array([-0.5, 0.5]), np.repeat(s, 2, axis=1)
+            else:
+                x2, s2 = x, s
+            ax.stackplot(x2, s2, colors=colours, labels=list(names))
         step_axis(ax, timesteps, max_ticks=5, label="step (0 = noisiest)", S=S, levels=levels)
         ax.set_title(label, fontsize=9)
         ax.set_ylim(0, max(1.0, float(s.sum(axis=0).max(initial=0))))

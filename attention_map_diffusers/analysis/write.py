@@ -427,7 +427,8 @@ def write_run(dest: str, run: RunPlan, options: AnalysisOptions, tick: Callable[
                 pages.append(write_encoder(os.path.join(dest, rel), rel, res, ctx, options, tick))
             summaries.append(RunSummary(run.folder or "", i, facts.seed, res.encoder, dump.prompts[i], tuple(res.words),
                                         tuple(res.block_ids), res.mass, res.curves, res.shares.astype(np.float32),
-                                        _timesteps(res.timesteps), facts.model, facts.random_weights))
+                                        _timesteps(res.timesteps), facts.model, facts.random_weights,
+                                        levels=None if given is None or given.levels is None else tuple(float(v) for v in given.levels)))
         del frame_maps
         concepts = None
         if dump.concepts is not None:
@@ -567,11 +568,12 @@ def _group_figures(paths: Sequence[str], res, facts: FigureFacts, options: Analy
     colour_of = colours.colours([labels[j] for j in top8])
     fig = plots.curves_figure(res.curves_mean.mean(axis=0)[:, top8], [labels[j] for j in top8], ts,
                               f"{title}: top words, averaged over blocks, mean \u00b1 std over {res.n_runs} runs, {TEXT_SHARE}",
-                              spread=res.blockavg_std[:, top8], facts=facts, colours=colour_of)
+                              spread=res.blockavg_std[:, top8], facts=facts, colours=colour_of, levels=res.levels)
     save_figure(fig, curves_path, fmt, sensible_dpi(options.dpi), facts)
     fig = group_plots.blocks_bands_figure(
         res.curves_mean[:, :, top8], res.curves_std[:, :, top8], [labels[j] for j in top8], res.block_ids, ts,
-        f"{title}: top words per block, mean over {res.n_runs} runs, {TEXT_SHARE}", facts=facts, colours=colour_of)
+        f"{title}: top words per block, mean over {res.n_runs} runs, {TEXT_SHARE}", facts=facts, colours=colour_of,
+        levels=res.levels)
     save_figure(fig, blocks_path, fmt, sensible_dpi(options.dpi), facts)
     mean, std = np.moveaxis(res.map_mean[..., top8], -1, 0), np.moveaxis(res.map_std[..., top8], -1, 0)
     vmaxes = (float(mean.max(initial=0)) or 1.0, float(std.max(initial=0)) or 1.0)  # one scale over the pieces
