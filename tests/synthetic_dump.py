@@ -327,3 +327,19 @@ def write_runs(root: str | os.PathLike, runs: Sequence[dict]) -> None:
     with open(os.path.join(os.fspath(root), "runs.jsonl"), "w", encoding="utf-8") as fh:
         for r in runs:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_csv(path: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a CSV table the analysis wrote."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    return rows[0], rows[1:]
+
+
+def run_analysis(*argv) -> int:
+    """``analyse_stepavg.main`` in-process, every argument as a string."""
+    import analyse_stepavg
+
+    return analyse_stepavg.main([str(a) for a in argv])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -18,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import analyse_stepavg  # noqa: E402
-from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  # noqa: E402
+from synthetic_dump import make_layout, random_arrays, read_csv, run_analysis, write_dump, write_runs  # noqa: E402
 
 from attention_map_diffusers.analysis.outdir import MANIFEST  # noqa: E402
 from attention_map_diffusers.contract import slugify  # noqa: E402
@@ -28,14 +27,7 @@ BICYCLE = "A rusty bicycle in front of a barn"
 WORDS = ["A", "rusty", "bicycle", "in", "front", "of", "a", "barn"]
 
 
-def run(*argv):
-    return analyse_stepavg.main([str(a) for a in argv])
-
-
-def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    return rows[0], rows[1:]
+run = run_analysis
 
 
 def word_positions(layout, enc, item=0, words=WORDS):

@@ -7,7 +7,6 @@ computed here with plain loops from the stored arrays and those hand-made token 
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 
@@ -17,10 +16,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import analyse_stepavg  # noqa: E402
 from conftest import CLIP_BPE  # noqa: E402
 from original_dump import write_original_dump  # noqa: E402
-from synthetic_dump import make_layout, random_arrays, write_dump  # noqa: E402
+from synthetic_dump import make_layout, random_arrays, read_csv, run_analysis, write_dump  # noqa: E402
 
 from attention_map_diffusers.analysis.original_words import original_phrase, original_words  # noqa: E402
 from attention_map_diffusers.analysis.words import Word  # noqa: E402
@@ -43,14 +41,7 @@ def t5_tok():
     return build_t5_tokenizer()
 
 
-def run(*argv):
-    return analyse_stepavg.main([str(a) for a in argv])
-
-
-def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    return rows[0], rows[1:]
+run = run_analysis
 
 
 def stored(folder):

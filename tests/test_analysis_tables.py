@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 
@@ -11,22 +10,14 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import analyse_stepavg  # noqa: E402
-from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  # noqa: E402
+from synthetic_dump import make_layout, random_arrays, read_csv, run_analysis, write_dump, write_runs  # noqa: E402
 
 PROMPT = "A cat and a dog, a CAT"
 WORDS = ["A", "cat", "and", "a", "dog", "a", "CAT"]
 LABELS = ["A #0", "cat #1", "and", "a #3", "dog", "a #5", "CAT #6"]  # repeated in any case: numbered
 
 
-def run(*argv):
-    return analyse_stepavg.main([str(a) for a in argv])
-
-
-def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    return rows[0], rows[1:]
+run = run_analysis
 
 
 def values(rows):
