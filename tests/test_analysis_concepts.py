@@ -184,8 +184,8 @@ def test_argmax_picture_and_report_section(tmp_path):
     ref = _torch_bilinear(arrays["concept_sum_map"].astype(np.float16).astype(np.float64)[0] / float(arrays["concept_N"]), 36, 48)
     rgb = np.asarray(Image.open(out / "segmentation_map.png").convert("RGB"))
     assert rgb.shape == (36, 48, 3)
-    np.testing.assert_array_equal(rgb, colours(3)[ref.argmax(axis=0)])  # each pixel in its winning concept's colour
-    assert (rgb[:15] == colours(3)[1]).all() and (rgb[21:, :21] == colours(3)[0]).all()
+    np.testing.assert_array_equal(rgb, colours(CONCEPTS)[ref.argmax(axis=0)])  # each pixel in its winning concept's colour
+    assert (rgb[:15] == colours(CONCEPTS)[1]).all() and (rgb[21:, :21] == colours(CONCEPTS)[0]).all()
     assert sorted(os.listdir(out / "heatmaps")) == [f"{k:03d}-{n}.png" for k, n in enumerate(CONCEPTS)]
     page = _Sections()
     page.feed((root / "index.html").read_text(encoding="utf-8"))
@@ -218,3 +218,47 @@ def test_blocks_restrict_concept_maps_with_per_block_maps(tmp_path):
     ref = _torch_bilinear(pbm / pbm.sum(axis=-1, keepdims=True), 48, 64)
     with np.load(tmp_path / "run" / "analysis" / "concepts" / "concept_maps.npz") as z:
         np.testing.assert_allclose(z["maps"], ref, rtol=0, atol=1e-6)
+
+
+def test_colour_concepts_are_drawn_in_their_colour():
+    """Concepts that name colours are drawn in them (the words' rule, issue 22 item 1): "red" reddish,
+    "blue" bluish, the others far from both; the same concept keeps its colour in another order."""
+    import colorsys
+
+    from attention_map_diffusers.analysis.concepts import colours
+
+    names = ["red", "blue", "circle", "square", "background"]
+    rgb = colours(names).astype(float) / 255
+
+    def hue(c):
+        return colorsys.rgb_to_hsv(*c)[0] * 360
+
+    def apart(a, b):
+        d = abs(a - b) % 360
+        return min(d, 360 - d)
+
+    assert apart(hue(rgb[0]), 0) < 20 and apart(hue(rgb[1]), 225) < 25
+    for c in rgb[2:]:
+        assert apart(hue(c), hue(rgb[0])) >= 30 and apart(hue(c), hue(rgb[1])) >= 30
+    assert len({tuple(c) for c in colours(names)}) == len(names)
+    again = colours(names[::-1])[::-1]
+    np.testing.assert_array_equal(again, colours(names))
+
+
+def test_concept_segmentation_overlay_shows_the_image_in_grey():
+    """Over the image, the concepts' colours sit on a grey copy of it: a pure red image with an
+    empty picture (all white) comes out grey, not red."""
+    from attention_map_diffusers.analysis import concept_plots as cp
+
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[..., 0] = 255  # pure red
+    picture = np.full((4, 4, 3), 255, np.uint8)
+    fig = cp.concept_segmentation_figure(picture, image, ["cat"], np.array([[255, 0, 0]], np.uint8), [], "t")
+    ax = fig.axes[1]
+    fig.canvas.draw()
+    buf = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    x0, y0, x1, y1 = (np.asarray(ax.get_window_extent().extents)).astype(int)
+    H = buf.shape[0]
+    inner = buf[H - y1 + 5:H - y0 - 5, x0 + 5:x1 - 5]
+    assert inner.size and np.abs(inner[..., 0] - inner[..., 1]).max() <= 2 and np.abs(inner[..., 1] - inner[..., 2]).max() <= 2
+

@@ -124,9 +124,9 @@ def write_concepts(folder: str, rel: str, dump: Dump, item: int, image, facts: F
     page.heatmaps = [(f"{n} (mean share {m:.1%})", f"{rel}/{f}") for n, m, f in zip(names, mass, files)]
     seg, seg_map, curves_name, blocks_name = files[C:]
     labels = cm.winners(up)
-    picture = cm.label_picture(labels, C)
+    colours = cm.colours(names)
+    picture = cm.label_picture(labels, colours)
     own = cm.owners(labels, C)
-    colours = cm.colours(C)
     save(cp.concept_segmentation_figure(picture, disp, names, colours, own,
                                         "the concept with the largest share at each pixel (argmax over the concepts)", facts=facts),
          seg)

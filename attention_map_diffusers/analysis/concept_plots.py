@@ -15,6 +15,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .figure import new_figure, write_figure
 from .plots import draw_heatmap, draw_overlay, rasters, step_axis
+from .raster import greyscale
 from .views import FigureFacts
 
 SHARE_LABEL = "share of the concepts (softmax over concepts)"
@@ -84,7 +85,8 @@ def concept_segmentation_figure(
     if image is not None:
         h, w = picture.shape[:2]
         extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-        axes[1].imshow(image, interpolation="antialiased", extent=extent)
+        # the image in grey: the colours on it are the concepts' (a red object must not read as "red")
+        axes[1].imshow(greyscale(np.asarray(image)), interpolation="antialiased", extent=extent)
         axes[1].imshow(picture, alpha=0.55, interpolation="nearest", extent=extent)
         axes[1].set_title("over the image", fontsize=9)
     for ax in axes:

@@ -249,19 +249,20 @@ def curves(step_mean: np.ndarray, positions: Sequence[int]) -> tuple[list[int], 
     return keep, np.asarray(step_mean[keep], dtype=np.float64).reshape(len(keep), *step_mean.shape[1:])
 
 
-def colours(C: int) -> np.ndarray:
-    """(C, 3) uint8: the concepts' colours in the segmentation view (distinct for up to 20 concepts,
-    then repeating): tab10 without its grey and olive, then the light halves of tab20."""
-    base = ["1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd", "8c564b", "e377c2", "17becf",
-            "aec7e8", "ffbb78", "98df8a", "ff9896", "c5b0d5", "c49c94", "f7b6d2", "9edae5",
-            "393b79", "637939", "8c6d31", "843c39"]
-    rgb = [tuple(int(h[i:i + 2], 16) for i in (0, 2, 4)) for h in base]
-    return np.asarray([rgb[k % len(rgb)] for k in range(C)], dtype=np.uint8)
+def colours(names: Sequence[str]) -> np.ndarray:
+    """(C, 3) uint8: the concepts' colours, by the analysis' word-colour rule (:mod:`.colours`): a
+    concept that names a colour ("red") is drawn in it, no other concept gets a hue near it, and the
+    concepts of a run are told apart (a list's colours do not depend on the concepts' order)."""
+    from .colours import WordColours
+
+    hexes = WordColours.build([list(names)]).colours(list(names))
+    return np.asarray([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in hexes], dtype=np.uint8)
 
 
-def label_picture(labels: np.ndarray, C: int) -> np.ndarray:
-    """(H, W) concept positions -> (H, W, 3) uint8, each pixel in its concept's :func:`colours`."""
-    return colours(C)[labels]
+def label_picture(labels: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """(H, W) concept positions -> (H, W, 3) uint8, each pixel in its concept's colour (``rgb``:
+    (C, 3) uint8, :func:`colours`)."""
+    return rgb[labels]
 
 
 def owners(labels: np.ndarray, C: int) -> list[int]:
