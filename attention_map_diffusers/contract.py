@@ -96,6 +96,15 @@ def settings_fingerprint(settings: dict) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, hex, read in 1 MiB blocks (source images, analysis manifests)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def slugify(text: str, max_len: int = 40) -> str:
     """A short name part safe on every OS: letters (Unicode ones too, case kept), digits, ``_`` and
     ``-`` only; ``"x"`` when nothing is left."""

@@ -15,7 +15,6 @@ Two analyses writing into the same ``OUT`` at the same time are not supported.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import tempfile
 from typing import Collection, Optional
 
 from ..atomic import current_umask, write_json
-from ..contract import UserError
+from ..contract import UserError, file_sha256
 from .report import GENERATOR
 
 MANIFEST = ".analysis-manifest.json"
@@ -60,14 +59,6 @@ def manifest_files(folder: str) -> Optional[dict[str, Optional[tuple[int, str]]]
     return listed
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def changed_files(folder: str, files: dict[str, Optional[tuple[int, str]]]) -> list[str]:
     """The listed files of ``folder`` whose size or sha256 is no longer what the manifest recorded
     (edited, truncated or deleted since), sorted; files listed by name only are not checked."""
@@ -77,7 +68,7 @@ def changed_files(folder: str, files: dict[str, Optional[tuple[int, str]]]) -> l
             continue
         path = os.path.join(folder, *rel.split("/"))
         try:
-            same = os.path.getsize(path) == recorded[0] and _sha256(path) == recorded[1]
+            same = os.path.getsize(path) == recorded[0] and file_sha256(path) == recorded[1]
         except OSError:
             same = False
         if not same:
@@ -220,7 +211,7 @@ def commit(tmp: str, out: str, overwrite: bool = False) -> int:
     listed = []
     for f in files:
         path = os.path.join(tmp, *f.split("/"))
-        listed.append({"path": f, "size": os.path.getsize(path), "sha256": _sha256(path)})
+        listed.append({"path": f, "size": os.path.getsize(path), "sha256": file_sha256(path)})
     write_json(os.path.join(tmp, MANIFEST), {"generator": GENERATOR, "files": listed})
     check_out(out, overwrite)  # again: something may have been put there while the analysis ran
     old = None

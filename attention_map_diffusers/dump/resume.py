@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..contract import FINGERPRINT_KEY, METADATA_NAME, NPZ_NAME, RUNS_NAME, SETTINGS_KEY, UserError, npz_problem
+from ..contract import FINGERPRINT_KEY, METADATA_NAME, NPZ_NAME, RUNS_NAME, SETTINGS_KEY, UserError, file_sha256, npz_problem
 from .runs import Run
 from .settings import RunSettings
 
@@ -43,8 +43,6 @@ def image_hash(run: Run) -> Optional[str]:
     image checks report that)."""
     if run.image is None:
         return None
-    from .source_images import file_sha256
-
     try:
         return file_sha256(run.image)
     except OSError:

@@ -11,13 +11,12 @@ drawn on the upright image can be cut and resized the same way (the segmentation
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..contract import UserError
+from ..contract import UserError, file_sha256
 from ..imagefile import TooManyPixels, open_upright
 
 MIN_SIDE = 32  # px: smaller images hold too little to be worth a map
@@ -67,14 +66,6 @@ class SourceImage:
             "resample": RESAMPLE,
             "exif_orientation": int(self.orientation),
         }
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cover_crop_box(src_w: int, src_h: int, width: int, height: int) -> tuple[float, float, float, float]:
