@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,46 @@ def load_flux_pipeline(path, dtype=None):
 @pytest.fixture(scope="session")
 def flux_pipe(flux_dir):
     return load_flux_pipeline(flux_dir)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _browser_missing() -> str:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium)"
+    if not CHROMIUM or not CHROMEDRIVER:
+        return "Chromium or chromedriver is absent (apt-get install -y chromium chromium-driver; .ci/run does it)"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through selenium (skipped when it is missing, unless AMD_REQUIRE_BROWSER=1),
+    with the flags this closed network needs (no background connections)."""
+    why = _browser_missing()
+    if why:
+        if os.environ.get("AMD_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"AMD_REQUIRE_BROWSER=1 but {why}")
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--allow-file-access-from-files"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+

@@ -9,9 +9,7 @@ selenium is missing, except where ``AMD_REQUIRE_BROWSER=1`` (set by ``.ci/run``,
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,46 +23,7 @@ from synthetic_dump import make_layout, random_arrays, write_dump, write_runs  #
 
 pytestmark = pytest.mark.slow  # a browser and two analyses with figures: ~15 s of CPU
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-DRIVER = shutil.which("chromedriver")
-REQUIRED = os.environ.get("AMD_REQUIRE_BROWSER") == "1"
 PROMPT = "A rusty bicycle in front of a barn"
-
-
-def _missing() -> str:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install selenium)"
-    if not CHROMIUM or not DRIVER:
-        return "Chromium or chromedriver is absent (apt-get install -y chromium chromium-driver; .ci/run does it)"
-    return ""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    why = _missing()
-    if why:
-        if REQUIRED:
-            pytest.fail(f"AMD_REQUIRE_BROWSER=1 but {why}")
-        pytest.skip(why)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--allow-file-access-from-files"):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def _dump(folder, seed, *, maps=True, prompt=PROMPT):

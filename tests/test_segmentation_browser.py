@@ -4,46 +4,12 @@ box. Skipped when Chromium, its driver or selenium is missing (unless AMD_REQUIR
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 
 import pytest
 
 from test_segmentation_pictures import _evaluation
 
 pytestmark = pytest.mark.slow  # a browser and an evaluation with figures
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-DRIVER = shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        why = "selenium is not installed"
-    else:
-        why = "" if CHROMIUM and DRIVER else "Chromium or chromedriver is absent"
-    if why:
-        if os.environ.get("AMD_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"AMD_REQUIRE_BROWSER=1 but {why}")
-        pytest.skip(why)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--allow-file-access-from-files"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
 
 @pytest.mark.parametrize("width", [1400, 420])
 def test_report_fits_the_screen_and_tables_scroll_in_their_box(browser, tmp_path, capsys, width):
