@@ -229,6 +229,18 @@ class PeakMemory:
 # -- the benchmark ------------------------------------------------------------------------------------
 
 
+def time_and_peaks(methods: dict, repeats: int, device: str) -> tuple[dict[str, list[float]], dict]:
+    """The methods timed side by side (:func:`timing.interleaved`, one warm-up), then each run once
+    more under :class:`PeakMemory`: (seconds per method, peak bytes above the start per method)."""
+    times = interleaved(methods, repeats, warmup=1)
+    peaks = {}
+    for name, fn in methods.items():
+        with PeakMemory(device) as pm:
+            fn()
+        peaks[name] = pm.peak
+    return times, peaks
+
+
 def build(preset: Preset):
     # random init straight on the device: an SD3.5-large-sized transformer takes minutes on a CPU
     with torch.device(preset.device):
@@ -447,12 +459,7 @@ def main(argv=None) -> int:
         methods = make_methods(pipe, preset, info, paths, timed_names)
         if args.skip_fullmatrix or preset.flux:  # the baseline is SD3's joint processor
             methods.pop("fullmatrix")
-        times = interleaved(methods, preset.repeats, warmup=1)
-        peaks = {}
-        for name, fn in methods.items():
-            with PeakMemory(preset.device) as pm:
-                fn()
-            peaks[name] = pm.peak
+        times, peaks = time_and_peaks(methods, preset.repeats, preset.device)
 
     cfg = pipe.transformer.config
     B, H, N, T, D = shape

@@ -35,8 +35,8 @@ import torch  # noqa: E402
 from attention_map_diffusers import StepAverageRecorder  # noqa: E402
 from attention_map_diffusers.capture.concepts import ConceptOptions  # noqa: E402
 from attention_map_diffusers.capture.paths import KernelPaths  # noqa: E402
-from bench_capture import PRESETS, PeakMemory, build, pipeline_call  # noqa: E402
-from timing import interleaved, median  # noqa: E402
+from bench_capture import PRESETS, build, pipeline_call, time_and_peaks  # noqa: E402
+from timing import median  # noqa: E402
 
 WORDS = ("cat", "table", "sky", "background", "barn", "bicycle", "tree", "road", "dog", "house", "grass", "water",
          "car", "person", "cloud", "field")
@@ -103,12 +103,7 @@ def main(argv=None) -> int:
     methods = {"stock": timed(stock), "capture": timed(recorder("capture", None)),
                "concepts": timed(recorder("concepts", options))}
     with torch.no_grad():
-        times = interleaved(methods, preset.repeats, warmup=1)
-        peaks = {}
-        for name, fn in methods.items():
-            with PeakMemory(preset.device) as pm:
-                fn()
-            peaks[name] = pm.peak
+        times, peaks = time_and_peaks(methods, preset.repeats, preset.device)
 
     m = {k: median(v) for k, v in times.items()}
     same = {n: bool(torch.equal(info["latents_stock"], info[f"latents_{n}"])) for n in ("capture", "concepts")}
