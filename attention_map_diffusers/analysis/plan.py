@@ -103,15 +103,14 @@ def restrict_blocks(dump: Dump, block_ranges: Optional[tuple[tuple[int, int], ..
 def _load_image(path: Optional[str], where: str):
     if path is None:
         return None
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
+    from ..imagefile import TooManyPixels, open_upright
     from .plots import display_image
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            return path, display_image(img)
-    except Image.DecompressionBombError as exc:
+        return path, display_image(open_upright(path).image)
+    except TooManyPixels as exc:
         raise UserError(
             f"{where}: the image {path} listed by the dump is too large to open safely ({exc}); replace it, or "
             "pass --no-overlay to analyse without it"
@@ -121,7 +120,7 @@ def _load_image(path: Optional[str], where: str):
             f"{where}: the image {path} listed by the dump is too large for this machine's memory; replace it, or "
             "pass --no-overlay to analyse without it"
         ) from None
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise UserError(
             f"{where}: the image {path} listed by the dump is missing or unreadable ({type(exc).__name__}); "
             "restore it, or pass --no-overlay to analyse without it"
