@@ -178,13 +178,14 @@ def _manifest(folder, files):
 
 
 def test_leftovers_are_removed_only_when_every_file_is_on_their_manifest(tmp_path, capsys):
+    from attention_map_diffusers.atomic import TEMP_MARK
     from attention_map_diffusers.segmentation.write import new_folder, write_all
 
     args = _one_run(tmp_path)
     # a kill while writing: the files written so far are listed, one rename was under way
     killed = new_folder(str(tmp_path / "o"))
     write_all(killed, {"summary.csv": "x\n", "per_image/r.csv": "y\n"})
-    (tmp_path / killed / "per_image" / ".r.k2j4h5l1.tmp.csv").write_text("half")
+    (tmp_path / killed / "per_image" / f".r.{TEMP_MARK}k2j4h5l1.tmp.csv").write_text("half")  # atomic_path's name
     # an earlier evaluation being replaced when the kill came, and the user's notes put in it since
     old = tmp_path / ".o.old-abc123"
     (old / "per_image").mkdir(parents=True)

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from typing import Optional
 
-from ..atomic import current_umask, write_json, write_text
+from ..atomic import current_umask, temp_target, write_json, write_text
 from ..contract import UserError
 
 GENERATOR = "evaluate_segmentation.py (attention_map_diffusers)"
@@ -52,13 +52,9 @@ def manifest_files(folder: str) -> Optional[set[str]]:
 
 
 def _temp_of(name: str, listed: set[str]) -> bool:
-    """Whether ``name`` (in one folder) is the temporary name :func:`atomic_path` gives one of ``listed``
-    (names in the same folder): ``.{stem}.{8 random}.tmp{suffix}``."""
-    for other in listed:
-        stem, suffix = os.path.splitext(other)
-        if re.fullmatch(rf"\.{re.escape(stem)}\.[a-z0-9_]{{8}}\.tmp{re.escape(suffix)}", name):
-            return True
-    return False
+    """Whether ``name`` (in one folder) is the temporary name :func:`~attention_map_diffusers.atomic.atomic_path`
+    gives one of ``listed`` (names in the same folder)."""
+    return temp_target(name) in listed
 
 
 def foreign_entries(folder: str, files: set[str]) -> list[str]:
