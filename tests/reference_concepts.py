@@ -9,6 +9,12 @@ zeros (sinusoidal timestep projection, the two MLPs), adaLN-Zero / adaLN-continu
 projections and RMS qk-norm, FLUX.1's rotary embedding, the image tokens' joint attention output,
 the concepts' attention (the rule), the map (dot product, softmax over concepts), and the concepts'
 residual update (output projection, gate, LayerNorm, tanh-GELU MLP).
+
+``image_side="model"`` takes the image tokens' side instead as the model computed it in its own dtype
+(the keys out of ``attn.norm_k`` with FLUX.1's rotary embedding applied as diffusers applies it,
+float32 then rounded to the model's dtype; the values out of ``attn.to_v``; the attention outputs
+going into ``attn.to_out[0]``): for a bfloat16 model, what the concepts must match is the float64
+concept stream over the image tokens the generation produced, not a float64 re-run of the generation.
 """
 
 from __future__ import annotations
@@ -99,8 +105,14 @@ class BlockInputs:
 
     def __enter__(self):
         self.handles.append(self.tr.register_forward_pre_hook(self._call, with_kwargs=True))
+        self.handles.append(self.tr.time_text_embed.register_forward_pre_hook(self._times))
         for i, blk in enumerate(self.tr.transformer_blocks):
             self.handles.append(blk.register_forward_pre_hook(self._block(i), with_kwargs=True))
+            attn = blk.attn
+            norm_k = attn.norm_k if attn.norm_k is not None else attn.to_k  # SD3 without qk-norm: to_k
+            self.handles.append(norm_k.register_forward_hook(self._out(i, "k_img")))
+            self.handles.append(attn.to_v.register_forward_hook(self._out(i, "v_img")))
+            self.handles.append(attn.to_out[0].register_forward_pre_hook(self._in(i, "o_img")))
         if hasattr(self.tr, "pos_embed") and hasattr(self.tr, "single_transformer_blocks"):
             self.handles.append(self.tr.pos_embed.register_forward_hook(self._rope))
         return self
@@ -110,15 +122,25 @@ class BlockInputs:
             h.remove()
 
     def _call(self, module, args, kwargs):
-        t = kwargs["timestep"]
-        g = kwargs.get("guidance")
-        flux = hasattr(module, "single_transformer_blocks")
-        scale = 1000.0 if flux else 1.0
-        self.calls.append({
-            "timestep": (t.float() * scale).reshape(-1)[:1].double(),
-            "guidance": None if g is None else (g.float() * scale).reshape(-1)[:1].double(),
-            "blocks": {},
-        })
+        self.calls.append({"blocks": {}, "model": {}})
+
+    def _times(self, module, args):
+        # the timestep (and FLUX.1's guidance) as time_text_embed receives them (FLUX.1: x 1000 in the
+        # model's dtype); the first call of each transformer call only (the capture calls it again)
+        call = self.calls[-1]
+        if "timestep" not in call:
+            call["timestep"] = args[0].reshape(-1)[:1].double()
+            call["guidance"] = args[1].reshape(-1)[:1].double() if len(args) == 3 else None
+
+    def _out(self, i, name):
+        def hook(module, args, output):
+            self.calls[-1]["model"].setdefault(i, {})[name] = output.detach()
+        return hook
+
+    def _in(self, i, name):
+        def hook(module, args):
+            self.calls[-1]["model"].setdefault(i, {})[name] = args[0].detach()
+        return hook
 
     def _rope(self, module, inputs, output):
         cos, sin = output
@@ -143,13 +165,38 @@ def _rope(x, cos, sin):  # x (B, H, L, D); diffusers' apply_rotary_emb, use_real
     return x * cos + rot * sin
 
 
+def _rope_as_diffusers(x, cos, sin):
+    """x (B, L, H, D) in the model's dtype: diffusers' apply_rotary_emb(sequence_dim=1), computed in
+    float32 and rounded to the model's dtype as it does (the rounding the generation's keys carry)."""
+    c, s = cos.float()[None, :, None], sin.float()[None, :, None]
+    re, im = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rot = torch.stack([-im, re], dim=-1).flatten(3)
+    return (x.float() * c + rot.float() * s).to(x.dtype)
+
+
+def _model_image_side(call, i, D, T, flux, items):
+    """(k, v, o) of block i's image tokens as the model computed them, (B, H, N, D) float64."""
+    got = call["model"][i]
+    k, v, o = got["k_img"], got["v_img"], got["o_img"]
+    if items is not None:
+        k, v, o = k[items], v[items], o[items]
+    if k.dim() == 3:  # to_k's output (B, N, H*D)
+        k = k.unflatten(-1, (-1, D))
+    elif not flux:  # SD3's norm_k works on (B, H, N, D); FLUX.1's on (B, N, H, D)
+        k = k.transpose(1, 2)
+    if flux:  # the rotary embedding of the image positions
+        cos, sin = call["rope"]
+        k = _rope_as_diffusers(k, cos[T:], sin[T:])
+    return k.transpose(1, 2).double(), _heads(v.double(), D), _heads(o.double(), D)
+
+
 def _attend(q, k, v, scale):
     w = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
     return w @ v
 
 
 def reference_concept_maps(pipe, inputs: BlockInputs, concepts, *, max_length, rule="concept", items=None,
-                           blocks=None, steps=None):
+                           blocks=None, steps=None, image_side="recompute"):
     """The ConceptAttention maps of a recorded pipeline call, in float64.
 
     Args:
@@ -157,6 +204,8 @@ def reference_concept_maps(pipe, inputs: BlockInputs, concepts, *, max_length, r
         items: the batch items to compute (default: the conditional half when the batch is even and
             CFG was on: pass ``slice`` explicitly).
         blocks / steps: averaged (default all joint blocks / all calls).
+        image_side: "recompute" (the image tokens' keys, values and attention outputs in float64 from
+            the block inputs) or "model" (as the model computed them, in its dtype).
     Returns:
         dict: ``mean_map`` (B, h, w, C), ``per_block_step_mean`` (B, Bk_joint, S, C).
     """
@@ -209,6 +258,8 @@ def reference_concept_maps(pipe, inputs: BlockInputs, concepts, *, max_length, r
                 kt = _rope(kt, cos[:T], sin[:T])
             sc = 1.0 / math.sqrt(D)
             o_img = _attend(qi, torch.cat([ki, kt], 2), torch.cat([vi, vt], 2), sc)
+            if image_side == "model":
+                ki, vi, o_img = _model_image_side(call, i, D, T, flux, items)
             # the concepts
             ct = concept_temb(tr, call["timestep"], call["guidance"]).expand(B, -1)
             nc, gates = ctx_norm(c, ct)

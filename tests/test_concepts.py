@@ -32,7 +32,7 @@ def record(pipe, prompt, args, **options):
     return rec.result(), tap, latents
 
 
-def check(pipe, prompt, args, *, cfg, tol=1e-5, **options):
+def check(pipe, prompt, args, *, cfg, tol=1e-5, image_side="recompute", **options):
     plain = generate(pipe, prompt, args)
     res, tap, latents = record(pipe, prompt, args, **options)
     assert torch.equal(plain, latents), "the generated latents changed"
@@ -40,7 +40,7 @@ def check(pipe, prompt, args, *, cfg, tol=1e-5, **options):
     items = slice(B, 2 * B) if cfg else None
     con = res.concepts
     ref = reference_concept_maps(pipe, tap, CONCEPTS, max_length=SEQ, rule=con.rule, items=items,
-                                 blocks=con.blocks, steps=con.steps)
+                                 blocks=con.blocks, steps=con.steps, image_side=image_side)
     h, w = res.canonical_size
     got = con.mean_map
     assert got.shape == (B, h, w, len(CONCEPTS))
@@ -257,14 +257,47 @@ def test_bench_concepts_toy(tmp_path):
     assert data["state_bytes"]["concepts"] > data["state_bytes"]["capture"]
 
 
-def test_bfloat16_images_unchanged(flux_dir):
-    """bf16: the latents stay bit-identical. The concept stream runs in bf16 through the model's own
-    modules (as upstream), so the maps follow the float64 reference only to bf16 precision (measured
-    max abs 4e-2 for this tiny FLUX.1, 1.7e-2 for the tiny SD3.5): checked at 0.1 here."""
+@pytest.mark.parametrize("family", ["sd35m", "flux"])
+def test_bfloat16_matches_reference(family, sd35m_dir, flux_dir):
+    """bf16: the latents stay bit-identical, and the concept stream (run in float32 whatever the
+    model's dtype) matches the float64 reference over the image tokens' keys, values and attention
+    outputs the bf16 model produced."""
+    from conftest import load_flux_pipeline, load_pipeline
+
+    if family == "flux":
+        pipe = load_flux_pipeline(flux_dir, dtype=torch.bfloat16)
+        _, err = check(pipe, "a cat on a table", FLUX_ARGS, cfg=False, tol=1e-4, image_side="model")
+    else:
+        pipe = load_pipeline(sd35m_dir, dtype=torch.bfloat16)
+        _, err = check(pipe, ["a cat on a table", "the sky"], SD3_ARGS, cfg=True, tol=1e-4, image_side="model")
+    print(f"{family} bf16: max abs {err:.2e}")
+
+
+def test_a_bfloat16_concept_stream_would_fail(flux_dir, monkeypatch):
+    """The 1e-4 above tells a float32 concept stream from one that computes in the model's bf16
+    (upstream's way): with the block's modules called in bf16 the maps land > 1e-3 away."""
+    from attention_map_diffusers.capture import concepts
     from conftest import load_flux_pipeline
 
+    def in_model_dtype(module, *args, **kwargs):
+        params = list(module.parameters())
+        if not params:
+            return module(*args, **kwargs)
+        cast = lambda x: x.to(params[0].dtype) if torch.is_tensor(x) and x.is_floating_point() else x  # noqa: E731
+        out = module(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+    monkeypatch.setattr(concepts, "float32_call", in_model_dtype)
     pipe = load_flux_pipeline(flux_dir, dtype=torch.bfloat16)
-    check(pipe, "a cat on a table", dict(FLUX_ARGS, num_inference_steps=1), cfg=False, tol=0.1)
+    _, err = check(pipe, "a cat on a table", FLUX_ARGS, cfg=False, tol=1.0, image_side="model")
+    assert err > 1e-3, err
+
+
+def test_reference_model_image_side_agrees_in_float32(flux_pipe):
+    """The reference's two ways to the image tokens' side (float64 from the block inputs; the
+    model's own tensors) agree in float32, so its hooks read the right tensors."""
+    res, err = check(flux_pipe, "a cat on a table", FLUX_ARGS, cfg=False, image_side="model")
+    assert err < 1e-5
 
 
 def test_finite_check_allows_only_whole_nan_block_rows():

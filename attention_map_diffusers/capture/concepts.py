@@ -12,6 +12,12 @@ their residual stream -- with their own attention: concept queries over [concept
 tokens never see the concepts, so the generated image is bit-identical to a run without them.
 FLUX.1's concepts sit at position 0 of its RoPE, which is the identity, so none is applied.
 
+The concept stream computes in float32 whatever the model's dtype (:func:`float32_call`: the block's
+own modules called with float32 copies of their weights, one module at a time): in bfloat16 or float16
+the map is then exact given the image tokens' keys, values and attention outputs the model produced,
+instead of compounding half-precision rounding over the blocks. Only the image tokens' side is the
+model's, in its dtype, bit for bit.
+
 The map of a block at a step: the dot product of each image token's attention output and each
 concept's attention output, both **before the output projection** (summed over heads), then a
 softmax over the concepts per image token. Averaged over the chosen blocks and steps (defaults:
@@ -145,7 +151,7 @@ def empty_concepts(tokenizer, concepts: Sequence[str]) -> list[str]:
 
 def encode_concepts(pipe, concepts: Sequence[str], max_sequence_length: Optional[int] = None) -> torch.Tensor:
     """(C, D_t5) the first T5 token of each concept, encoded separately as the pipeline encodes a
-    prompt (padded to ``max_sequence_length``), in the transformer's dtype on its device.
+    prompt (padded to ``max_sequence_length``), as float32 on the encoder's device.
 
     Raises:
         ValueError: the pipeline has no T5 encoder, or a concept tokenises to nothing.
@@ -163,7 +169,30 @@ def encode_concepts(pipe, concepts: Sequence[str], max_sequence_length: Optional
     with torch.no_grad():
         embeds = pipe._get_t5_prompt_embeds(prompt=list(concepts), num_images_per_prompt=1,
                                             max_sequence_length=length, device=pipe._execution_device)
-    return embeds[:, 0].to(dtype=pipe.transformer.dtype)
+    return embeds[:, 0].float()
+
+
+def float32_call(module, *args, **kwargs):
+    """``module(*args, **kwargs)`` computed in float32: a float32 module is called as it is; a half
+    precision one through ``torch.func.functional_call`` with float32 copies of its parameters (made
+    for this call only) and its floating inputs upcast. Its own forward runs, nothing is re-implemented.
+    A module whose weights an offloading hook brings in (parameters on the meta device) is called in
+    its own dtype, its output upcast."""
+    params = dict(module.named_parameters())
+    if all(p.dtype == torch.float32 for p in params.values()):
+        return module(*args, **kwargs)
+
+    def up(x):
+        return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+
+    if any(p.device.type == "meta" for p in params.values()):
+        dtype = next(iter(params.values())).dtype
+        down = [a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        out = module(*down, **{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                               for k, v in kwargs.items()})
+        return tuple(up(o) for o in out) if isinstance(out, tuple) else up(out)
+    return torch.func.functional_call(module, {n: p.float() for n, p in params.items()},
+                                      tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()})
 
 
 class ConceptStream:
@@ -231,15 +260,16 @@ class ConceptStream:
         # The concepts' conditioning: the same call with the pooled projection (its last argument) zeroed.
         if self._in_hook or not self._recording():
             return None
+        # float32 zeros: the time projection is cast to the pooled vector's dtype, so it stays float32
         args, kwargs = list(args), dict(kwargs)
         if "pooled_projection" in kwargs:
-            kwargs["pooled_projection"] = torch.zeros_like(kwargs["pooled_projection"])
+            kwargs["pooled_projection"] = torch.zeros_like(kwargs["pooled_projection"], dtype=torch.float32)
         else:
-            args[-1] = torch.zeros_like(args[-1])
+            args[-1] = torch.zeros_like(args[-1], dtype=torch.float32)
         self._in_hook = True
         try:
             with torch.no_grad():
-                self._temb = module(*args, **kwargs)
+                self._temb = float32_call(module, *args, **kwargs)
         finally:
             self._in_hook = False
         return None
@@ -268,26 +298,26 @@ class ConceptStream:
             raise RuntimeError("the attention tap gave no values / outputs: concept maps need them")
         temb = self._temb[-R:] if self._temb.shape[0] != R else self._temb
         if self._hidden is None:  # first joint block of the step: the projected concept embeddings
-            x = self.transformer.context_embedder(self.embeds.to(att.query.device))
+            x = float32_call(self.transformer.context_embedder, self.embeds.to(att.query.device))
             self._hidden = x.unsqueeze(0).expand(R, *x.shape).contiguous()
         c = self._hidden
         pre_only = bool(getattr(block, "context_pre_only", False))
         if pre_only:
-            norm_c, gates = block.norm1_context(c, temb), None
+            norm_c, gates = float32_call(block.norm1_context, c, temb), None
         else:
-            norm_c, *gates = block.norm1_context(c, emb=temb)
+            norm_c, *gates = float32_call(block.norm1_context, c, emb=temb)
         D = att.query.shape[-1]
 
         def heads(x):  # (R, C, H*D) -> (R, H, C, D)
             return x.unflatten(-1, (-1, D)).transpose(1, 2)
 
-        q, k, v = heads(attn.add_q_proj(norm_c)), heads(attn.add_k_proj(norm_c)), heads(attn.add_v_proj(norm_c))
+        q, k, v = (heads(float32_call(p, norm_c)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
         if getattr(attn, "norm_added_q", None) is not None:
-            q = attn.norm_added_q(q)
+            q = float32_call(attn.norm_added_q, q)
         if getattr(attn, "norm_added_k", None) is not None:
-            k = attn.norm_added_k(k)
+            k = float32_call(attn.norm_added_k, k)
         img = lay.image
-        k_img, v_img = att.key[:, :, img], att.value[:, :, img]
+        k_img, v_img = att.key[:, :, img].float(), att.value[:, :, img].float()
         rule = self.options.rule
         if rule == "concept":
             out = F.scaled_dot_product_attention(q, torch.cat([k, k_img], 2), torch.cat([v, v_img], 2),
@@ -298,20 +328,17 @@ class ConceptStream:
             out = F.scaled_dot_product_attention(q, k, v, scale=att.scale)
         else:  # "none"
             out = v
-        o_img = att.output[:, :, img]  # (R, H, N, D): the image tokens' attention outputs, before to_out
+        o_img = att.output[:, :, img].float()  # (R, H, N, D): the image tokens' attention outputs, before to_out
         # sum over heads of (N, D) x (D, C) per head: the dot product over the flattened (H, D) features
-        scores = torch.matmul(o_img.float(), out.float().transpose(-1, -2)).sum(dim=1)  # (R, N, C)
+        scores = torch.matmul(o_img, out.transpose(-1, -2)).sum(dim=1)  # (R, N, C)
         probs = scores.softmax(dim=-1)
         self._add(position, probs.view(R, grid[0], grid[1], -1))
 
         if position != self._last_joint and not pre_only:  # the concepts' residual update
             g_msa, shift_mlp, scale_mlp, g_mlp = gates
-            c = c + g_msa.unsqueeze(1) * attn.to_add_out(out.transpose(1, 2).flatten(2))
-            n2 = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-            c = c + g_mlp.unsqueeze(1) * block.ff_context(n2)
-            if c.dtype == torch.float16:
-                c = c.clip(-65504, 65504)
-            self._hidden = c
+            c = c + g_msa.unsqueeze(1) * float32_call(attn.to_add_out, out.transpose(1, 2).flatten(2))
+            n2 = float32_call(block.norm2_context, c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            self._hidden = c + g_mlp.unsqueeze(1) * float32_call(block.ff_context, n2)
 
     def _add(self, position: int, probs: torch.Tensor) -> None:
         """probs: (R, h, w, C) float32 softmax over concepts of one block at the current step."""
