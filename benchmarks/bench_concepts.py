@@ -14,6 +14,8 @@ stock's bit for bit.
     python benchmarks/bench_concepts.py --preset cpu-small            # SD3 shapes, 2 CPU cores: ~2 min
     python benchmarks/bench_concepts.py --preset flux-small           # FLUX.1 shapes scaled down
     python benchmarks/bench_concepts.py --preset flux-dev --concepts 16   # on a GPU
+    python benchmarks/bench_concepts.py --preset cpu-small --dtype bfloat16   # the float32 concept
+                                                       # stream of a half-precision model, on the CPU
 """
 
 from __future__ import annotations
@@ -52,13 +54,17 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed seconds; cpu: this process's CPU seconds (steadier than the wall clock on a "
                    "shared machine; use with --threads 1, where CPU time is the work done)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="the pipeline's dtype (default: the preset's: float32 on the CPU presets, bfloat16 on the GPU "
+                   "ones); the concept stream computes in float32 whatever it is")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON to PATH")
     args = p.parse_args(argv)
     if not 1 <= args.concepts <= len(WORDS):
         p.error(f"--concepts must lie in 1..{len(WORDS)}, got {args.concepts}")
     preset = PRESETS[args.preset]
-    preset = replace(preset, steps=args.steps or preset.steps, repeats=args.repeats or preset.repeats)
+    preset = replace(preset, steps=args.steps or preset.steps, repeats=args.repeats or preset.repeats,
+                     dtype=getattr(torch, args.dtype) if args.dtype else preset.dtype)
     if preset.device == "cuda" and not torch.cuda.is_available():
         p.error(f"--preset {args.preset} needs a CUDA GPU")
 
@@ -122,6 +128,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"preset": args.preset, "concepts": args.concepts, "clock": args.clock,
+                       "dtype": str(preset.dtype).replace("torch.", ""),
                        "threads": torch.get_num_threads(), "steps": preset.steps,
                        "repeats": preset.repeats, "times_s": times, "median_s": m,
                        "ratio_to_stock": {k: v / m["stock"] for k, v in m.items()},
