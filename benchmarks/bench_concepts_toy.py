@@ -22,6 +22,11 @@ all scenes, block maps kept), then:
   dump), softmax over the caption's words. It tells whether the output space of this model locates
   the words at all, apart from the concept stream. SD3's last block (``context_pre_only``) has no
   text output: the control has no row for it, and its "all blocks" is the mean over the others.
+- the concepts' inputs against the caption's (part of the control): per colour / shape word, the
+  cosine between the concept's embedding (its T5 first token encoded alone, after ``context_embedder``:
+  what the concept stream starts from) and the same word's T5 token in each caption that names it
+  (after ``context_embedder``: what the trained text stream starts from). Near 1 says the concept
+  stream starts where the text stream does, so a gap between the two comes from the output space.
 
     python benchmarks/bench_concepts_toy.py --n 64 --out conc_toy --json assets/toy_shapes/concepts.json
     python benchmarks/bench_concepts_toy.py --n 4 --out /tmp/c      # a quick look
@@ -176,6 +181,33 @@ def output_space_control(masks: dict) -> tuple[list[dict], list[int]]:
     return records, with_text
 
 
+def concept_input_cosines(masks: dict) -> dict:
+    """word -> {"mean", "min", "n"}: cosine of the concept's input embedding and the word's caption
+    token's, both after ``context_embedder``, over every caption of ``masks`` that names the word."""
+    import torch
+
+    from attention_map_diffusers.capture.concepts import encode_concepts
+    from attention_map_diffusers.contract import prompt_tokens
+    from eval_toy_shapes import load
+
+    with redirect_stderr(io.StringIO()):
+        pipe, msl = load("toy-shapes")
+    embed = pipe.transformer.context_embedder
+    words = [c for c in CONCEPTS if c != "background"]
+    with torch.no_grad():
+        alone = embed(encode_concepts(pipe, words, msl).to(embed.weight.dtype)).double()
+        cos: dict = {w: [] for w in words}
+        for caption, obj_masks in masks.values():
+            ctx = embed(pipe._get_t5_prompt_embeds(prompt=[caption], num_images_per_prompt=1, max_sequence_length=msl,
+                                                   device=pipe._execution_device))[0].double()
+            offsets = prompt_tokens(pipe.tokenizer_3, caption, msl).offsets
+            for t in _word_targets(caption, obj_masks):
+                for i in word_token_indices(offsets, t["span"])[:1]:  # the word's first token, as the concept's
+                    cos[t["word"]].append(float(torch.cosine_similarity(alone[words.index(t["word"])], ctx[i], dim=0)))
+    return {w: {"mean": round(float(np.mean(v)), 4), "min": round(float(np.min(v)), 4), "n": len(v)}
+            for w, v in cos.items() if v}
+
+
 def summarise_pointing(records: list[dict], blocks: list, control_blocks: Sequence[int] = ()) -> dict:
     """selection ("all blocks", "block k") -> source -> kind -> {"rate", "n"}; plus "chance" per kind."""
     out: dict = {}
@@ -223,6 +255,9 @@ def print_tables(res: dict) -> None:
         print(f"  {sel:<11} {f(v['concept', 'color']):>15} {f(v['t5', 'color']):>6} {f(v['clip', 'color']):>6} "
               f"{f(v[CONTROL, 'color']):>6}   {f(v['concept', 'shape']):>14} {f(v['t5', 'shape']):>6} "
               f"{f(v['clip', 'shape']):>6} {f(v[CONTROL, 'shape']):>6}")
+    if "concept_input_cosine" in res:
+        print("\ncosine, concept input vs the caption's token (context_embedder), mean (min) over the captions: "
+              + ", ".join(f"{w} {v['mean']:.3f} ({v['min']:.3f})" for w, v in res["concept_input_cosine"].items()))
     print("\nsegmentation mIoU in % (colour / shape words split for concept, concept-argmax, daam T5)")
     print(f"  {'selection':<11} {'concept':>16} {'concept-argmax':>16} {'daam T5':>16} {'argmax T5':>9} {'daam CLIP':>9} "
           f"{'whole':>6} {'centre':>6} {'random':>6}")
@@ -263,6 +298,7 @@ def main(argv=None) -> int:
     if not args.no_control:
         control, control_blocks = output_space_control(masks)
         records += control
+        res["concept_input_cosine"] = concept_input_cosines(masks)
     res["control_blocks"] = control_blocks
     res["pointing"] = summarise_pointing(records, blocks, control_blocks)
     res["segmentation"] = {"all blocks": evaluate(dumps, masks_dir, os.path.join(args.out, "eval", "all"), ["--methods", METHODS])}
