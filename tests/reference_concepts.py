@@ -207,7 +207,8 @@ def reference_concept_maps(pipe, inputs: BlockInputs, concepts, *, max_length, r
         image_side: "recompute" (the image tokens' keys, values and attention outputs in float64 from
             the block inputs) or "model" (as the model computed them, in its dtype).
     Returns:
-        dict: ``mean_map`` (B, h, w, C), ``per_block_step_mean`` (B, Bk_joint, S, C).
+        dict: ``mean_map`` (B, N, C), ``per_block_step_mean`` (B, Bk_joint, S, C), ``per_step_sum``
+        (B, S, N, C): per step, the sum over ``blocks`` of the maps.
     """
     tr = pipe.transformer
     flux = hasattr(tr, "single_transformer_blocks")
@@ -215,10 +216,10 @@ def reference_concept_maps(pipe, inputs: BlockInputs, concepts, *, max_length, r
     n_joint = len(tr.transformer_blocks)
     blocks = list(range(n_joint)) if blocks is None else list(blocks)
     steps = list(range(len(inputs.calls))) if steps is None else list(steps)
-    sums, n, means = None, 0, []
+    sums, n, means, step_sums = None, 0, [], []
     for s, call in enumerate(inputs.calls):
         c = None
-        step_means = []
+        step_means, step_sum = [], 0.0
         for i in range(n_joint):
             blk = tr.transformer_blocks[i]
             attn = blk.attn
@@ -277,6 +278,8 @@ def reference_concept_maps(pipe, inputs: BlockInputs, concepts, *, max_length, r
             scores = torch.einsum("bhnd,bhcd->bnc", o_img, oc)
             p = torch.softmax(scores, dim=-1)  # (B, N, C)
             step_means.append(p.mean(1))
+            if i in blocks:
+                step_sum = step_sum + p
             if s in steps and i in blocks:
                 sums = p if sums is None else sums + p
                 n += 1
@@ -286,5 +289,7 @@ def reference_concept_maps(pipe, inputs: BlockInputs, concepts, *, max_length, r
                 h = _ln(c, blk.norm2_context) * (1 + sc2[:, None]) + sh2[:, None]
                 c = c + g2[:, None] * _ff(blk.ff_context, h)
         means.append(torch.stack(step_means, 1))  # (B, Bk, C)
+        step_sums.append(step_sum)
     return {"mean_map": (sums / n).numpy(), "N": n,
-            "per_block_step_mean": torch.stack(means, 2).numpy()}  # (B, Bk, S, C)
+            "per_block_step_mean": torch.stack(means, 2).numpy(),  # (B, Bk, S, C)
+            "per_step_sum": torch.stack(step_sums, 1).numpy()}

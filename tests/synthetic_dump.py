@@ -147,28 +147,33 @@ def random_arrays(layout: Layout, num_blocks: int = 4, num_steps: int = 6, grid:
 
 def concept_arrays(
     B: int, concepts: Sequence[str], num_blocks: int = 4, num_steps: int = 6, grid: tuple[int, int] = (8, 8), seed: int = 0,
-    *, nan_blocks: Sequence[int] = (), block_maps: bool = False, logits: Optional[np.ndarray] = None,
+    *, nan_blocks: Sequence[int] = (), block_maps: bool = False, step_maps: bool = False,
+    logits: Optional[np.ndarray] = None,
 ) -> tuple[dict, dict]:
     """The optional concept arrays and metadata of a dump made with ``--concepts`` (issue #23), as
     (npz arrays, metadata keys): add them to :func:`random_arrays`' and pass the keys as ``meta``.
 
     Every (step, block) update is a softmax over the concepts at each grid cell (random logits, or
     ``logits`` (B, Hc, Wc, C) plus noise to plant an answer); ``nan_blocks`` have no concept stream
-    (their curves and maps are NaN and they are not in ``concept_blocks``).
+    (their curves and maps are NaN and they are not in ``concept_blocks``). ``step_maps``: also
+    ``concept_per_step_map``, with a step's own planted logits ``logits[..., s]`` when ``logits`` has a
+    step axis (B, Hc, Wc, C, S).
     """
     rng = np.random.default_rng(seed)
     C = len(concepts)
     stream = [k for k in range(num_blocks) if k not in set(nan_blocks)]
     base = np.zeros((B, grid[0], grid[1], C)) if logits is None else np.asarray(logits, dtype=np.float64)
     per_block = np.full((B, num_blocks, grid[0], grid[1], C), np.nan)
+    per_step = np.zeros((B, num_steps, grid[0], grid[1], C))
     step_mean = np.full((B, num_blocks, num_steps, C), np.nan)
     for k in stream:
         per_block[:, k] = 0.0
         for s in range(num_steps):
-            z = base + rng.normal(size=base.shape)
+            z = (base[..., s] if base.ndim == 5 else base) + rng.normal(size=(B, grid[0], grid[1], C))
             p = np.exp(z - z.max(axis=-1, keepdims=True))
             p /= p.sum(axis=-1, keepdims=True)
             per_block[:, k] += p
+            per_step[:, s] += p
             step_mean[:, k, s] = p.mean(axis=(1, 2))
     arrays = {
         "concept_sum_map": per_block[:, stream].sum(axis=1).astype(np.float32),
@@ -177,6 +182,8 @@ def concept_arrays(
     }
     if block_maps:
         arrays["concept_per_block_map"] = per_block.astype(np.float32)
+    if step_maps:
+        arrays["concept_per_step_map"] = per_step.astype(np.float32)
     meta = {"concepts": list(concepts), "concept_blocks": stream, "concept_steps": list(range(num_steps)),
             "concept_rule": "flux-default"}
     return arrays, meta

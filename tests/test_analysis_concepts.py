@@ -21,12 +21,12 @@ CONCEPTS = ["cat", "sky", "background"]
 
 
 def concept_run(folder, *, B=1, blocks=4, steps=3, grid=(4, 5), nan_blocks=(1,), block_maps=False, store_dtype="float16",
-                arrays_edit=None, meta_edit=None, logits=None, image_size=(64, 48), seed=0):
+                arrays_edit=None, meta_edit=None, logits=None, image_size=(64, 48), seed=0, step_maps=False):
     """A synthetic run with concept maps; returns (layout, arrays as written, metadata)."""
     layout = make_layout([PROMPT] * B, t5_len=16)
     arrays = random_arrays(layout, num_blocks=blocks, num_steps=steps, grid=grid, seed=seed)
     extra, keys = concept_arrays(B, CONCEPTS, blocks, steps, grid, seed=seed, nan_blocks=nan_blocks, block_maps=block_maps,
-                                 logits=logits)
+                                 step_maps=step_maps, logits=logits)
     arrays.update(extra)
     for k, v in (arrays_edit or {}).items():
         if v is None:
@@ -42,6 +42,12 @@ def concept_run(folder, *, B=1, blocks=4, steps=3, grid=(4, 5), nan_blocks=(1,),
 # reading
 
 
+def _bad_sums(shape):
+    a = np.full(shape, 1.0 / 3, np.float32)
+    a[..., 0] += 0.05  # sums to 1.05 at every pixel
+    return a
+
+
 def test_dump_with_concepts_loads_them(tmp_path):
     _, arrays, _ = concept_run(tmp_path, block_maps=True, store_dtype="float32")
     d = load_dump(str(tmp_path), block_maps=True)
@@ -55,6 +61,34 @@ def test_dump_with_concepts_loads_them(tmp_path):
     assert load_dump(str(tmp_path)).concepts.block_maps is None  # read only when asked
 
 
+def test_per_step_concept_maps_are_read_when_asked(tmp_path):
+    from attention_map_diffusers.analysis import concepts as cm
+
+    _, arrays, _ = concept_run(tmp_path, step_maps=True, store_dtype="float32")
+    assert load_dump(str(tmp_path)).concepts.step_maps is None  # read only when asked
+    c = load_dump(str(tmp_path), step_maps=True).concepts
+    ps = arrays["concept_per_step_map"].astype(np.float64)
+    assert c.step_maps.shape == (1, 3, 4, 5, 3)
+    np.testing.assert_allclose(c.step_maps.sum(axis=-1), 3.0, rtol=1e-5)  # three blocks with a stream
+    np.testing.assert_allclose(c.step_maps.sum(axis=1), c.sum_map, rtol=1e-5)  # all steps chosen
+    want = np.moveaxis(ps[0, 1] / ps[0, 1].sum(-1, keepdims=True), -1, 0)
+    np.testing.assert_allclose(cm.item_maps(c, 0, step_positions=[1]), want, rtol=1e-6)
+    np.testing.assert_array_equal(c.flipped_steps().step_maps[0, 0], c.step_maps[0, 2])
+    with pytest.raises(UserError, match="per block and per step"):
+        cm.item_maps(c, 0, block_positions=[0], step_positions=[1])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (np.full((1, 2, 4, 5, 3), 1.0, np.float32), r"concept_per_step_map has shape \(1, 2, 4, 5, 3\), expected"),
+    (_bad_sums((1, 3, 4, 5, 3)) * 3, r"concept_per_step_map / 3 blocks does not sum to 1"),
+    (np.full((1, 3, 4, 5, 3), np.nan, np.float32), "concept_per_step_map holds NaN or inf"),
+])
+def test_bad_per_step_concept_maps_are_refused(tmp_path, edit, message):
+    concept_run(tmp_path, arrays_edit={"concept_per_step_map": edit}, store_dtype="float32")
+    with pytest.raises(UserError, match=message):
+        load_dump(str(tmp_path), step_maps=True)
+
+
 def test_dump_without_concepts_is_read_as_before(tmp_path):
     layout = make_layout([PROMPT], t5_len=16)
     arrays = random_arrays(layout, 3, 2, (4, 4))
@@ -63,12 +97,6 @@ def test_dump_without_concepts_is_read_as_before(tmp_path):
     assert d.concepts is None and d.sum_token_map.shape == (1, 4, 4, 93)
     assert analyse_stepavg.main(["--root", str(tmp_path), "--tables-only"]) == 0
     assert not (tmp_path / "analysis" / "concepts").exists()
-
-
-def _bad_sums(shape):
-    a = np.full(shape, 1.0 / 3, np.float32)
-    a[..., 0] += 0.05  # sums to 1.05 at every pixel
-    return a
 
 
 @pytest.mark.parametrize("case, arrays_edit, meta_edit, message", [

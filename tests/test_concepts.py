@@ -52,13 +52,20 @@ def check(pipe, prompt, args, *, cfg, tol=1e-5, image_side="recompute", **option
     err_mean = np.abs(mean[:, :n_joint] - ref["per_block_step_mean"]).max()
     assert np.isnan(mean[:, n_joint:]).all()  # FLUX.1's single blocks: no concept stream
     assert err < tol and err_mean < tol, (err, err_mean)
+    if options.get("keep_step_maps"):  # per step (chosen or not), the sum over the chosen blocks
+        steps = con.per_step_map
+        assert steps.shape == (B, res.num_steps, h, w, len(CONCEPTS))
+        assert np.abs(steps - ref["per_step_sum"].reshape(steps.shape)).max() < tol * len(con.blocks)
+        np.testing.assert_allclose(steps[:, con.steps].sum(1), con.sum_map, rtol=1e-5, atol=1e-6)
+    else:
+        assert con.per_step_map is None
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)  # a softmax over concepts per pixel
     return res, err
 
 
 def test_sd35_dual_attention_matches_reference(sd35m_pipe):
     """MMDiT-X (attn2 in blocks 0, 1), RMS qk-norm, the last block context_pre_only, CFG, two prompts."""
-    res, err = check(sd35m_pipe, ["a cat on a table", "the sky above a field"], SD3_ARGS, cfg=True)
+    res, err = check(sd35m_pipe, ["a cat on a table", "the sky above a field"], SD3_ARGS, cfg=True, keep_step_maps=True)
     assert res.concepts.blocks == [0, 1, 2] and res.concepts.steps == [0, 1] and res.concepts.rule == "concept"
 
 
@@ -78,7 +85,7 @@ def test_rules_match_reference(sd35m_pipe, rule):
 
 def test_chosen_blocks_and_steps(flux_pipe):
     res, _ = check(flux_pipe, "a cat on a table", dict(FLUX_ARGS, num_inference_steps=3), cfg=False,
-                   blocks=(1,), steps=(0, 2), keep_block_maps=True)
+                   blocks=(1,), steps=(0, 2), keep_block_maps=True, keep_step_maps=True)
     con = res.concepts
     assert con.N == 2 and con.blocks == [1] and con.steps == [0, 2]
     # the per-block sums over the chosen steps: the chosen block's equals the map's sum; single blocks NaN
@@ -203,6 +210,11 @@ def test_flux_and_image_mode_dumps(flux_dir, sd3_dir, tmp_path, capsys):
     assert code == 0, cap.err
     z = np.load(out2 / "stepavg_token_maps_v1.npz")
     assert int(z["concept_N"]) == 2 and z["concept_sum_map"].shape[-1] == 2  # 2 blocks at the chosen level
+    # image mode keeps a map per level (what the evaluator's --steps picks): the chosen level's is the sum
+    per_step = z["concept_per_step_map"]
+    assert per_step.shape == (1, 2) + z["concept_sum_map"].shape[1:]
+    np.testing.assert_allclose(per_step[:, 1], z["concept_sum_map"], rtol=1e-6)
+    np.testing.assert_allclose(per_step.sum(-1), 2.0, rtol=1e-5)  # two blocks' softmaxes per level
     # the analysis still reads such dumps
     assert analyse_stepavg.main(["--root", str(out2), "--out", str(tmp_path / "an"), "--tables-only"]) == 0
 

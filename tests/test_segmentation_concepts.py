@@ -230,15 +230,48 @@ def test_concept_methods_alone_blocks_and_steps(tmp_path, capsys):
     gt = np.zeros((SIDE, SIDE), bool)
     gt[:16, :16] = True
     assert got == pytest.approx(_ap_brute(heat, gt), abs=1e-6)
-    # --steps: no per-step concept maps exist; the image is listed as skipped for the concept methods
+    # --steps without per-step concept maps: the image is listed as skipped for the concept methods
     assert main(base[:-1] + ["concept,daam", "--out", str(tmp_path / "o3"), "--steps", "0"]) == 0
     assert {r["method"] for r in read_csv(tmp_path / "o3" / "summary.csv")} == {"daam"}
     assert [r["reason"] for r in read_csv(tmp_path / "o3" / "skipped.csv")] == [
-        "concept, concept-argmax not scored: dumps keep no per-step concept maps (--steps)"]
+        "concept, concept-argmax not scored: the dump kept no per-step concept maps (concept_per_step_map; "
+        "dump with --save-step-maps) for --steps"]
     # --blocks without per-block concept maps: skipped likewise
     arrays.pop("concept_per_block_map")
     write_dump(tmp_path / "r", layout, arrays, image_size=(SIDE, SIDE), store_dtype="float32",
                meta={"concepts": ["cat", "sofa", "background"]})
     assert main(base[:-1] + ["concept,daam", "--out", str(tmp_path / "o4"), "--blocks", "1"]) == 0
     assert "kept no per-block concept maps" in read_csv(tmp_path / "o4" / "skipped.csv")[0]["reason"]
+    capsys.readouterr()
+
+
+def test_concept_steps_score_the_chosen_steps_maps(tmp_path, capsys):
+    """--steps with concept_per_step_map: the chosen step's concept map alone (here cat top-left at
+    step 0, bottom-right at step 1), renormalised over the concepts, against a brute-force AP."""
+    layout = make_layout(["a cat on a sofa"], clip_len=77, t5_len=16)
+    arrays = random_arrays(layout, num_blocks=3, num_steps=2, grid=GRID)
+    arrays["per_step_token_map"] = np.repeat(arrays["sum_token_map"][:, None] / 2, 2, axis=1)
+    logits = np.zeros((1, 4, 4, 3, 2))
+    logits[0, :2, :2, 0, 0] = 5.0
+    logits[0, 2:, 2:, 0, 1] = 5.0
+    extra, keys = concept_arrays(1, ["cat", "sofa", "background"], 3, 2, GRID, nan_blocks=(2,), logits=logits,
+                                 step_maps=True)
+    arrays.update(extra)
+    write_dump(tmp_path / "r", layout, arrays, image_size=(SIDE, SIDE), meta=keys, store_dtype="float32")
+    gt = box_mask(str(tmp_path / "m" / "r" / "cat.png"), slice(0, 16), slice(0, 16))
+    base = ["--dumps", str(tmp_path / "r"), "--masks", str(tmp_path / "m"), "--no-progress", "--methods", "concept"]
+    aps = {}
+    for step in (0, 1):
+        out = tmp_path / f"s{step}"
+        assert main(base + ["--out", str(out), "--steps", str(step)]) == 0, capsys.readouterr().err
+        aps[step] = float(read_csv(out / "per_image" / "r.csv")[0]["ap"])
+        ps = arrays["concept_per_step_map"][0, step].astype(np.float64)
+        heat = _torch_bilinear(np.moveaxis(ps / ps.sum(axis=-1, keepdims=True), -1, 0), SIDE, SIDE)[0]
+        assert aps[step] == pytest.approx(_ap_brute(heat, gt), abs=1e-6)
+    assert aps[0] > 0.9 > 0.5 > aps[1]  # the planted step finds the cat, the other does not
+    # both steps: their maps summed, as the average over all steps and chosen blocks
+    assert main(base + ["--out", str(tmp_path / "both"), "--steps", "0-1"]) == 0
+    mean = arrays["concept_sum_map"][0].astype(np.float64) / float(arrays["concept_N"])
+    heat = _torch_bilinear(np.moveaxis(mean, -1, 0), SIDE, SIDE)[0]
+    assert float(read_csv(tmp_path / "both" / "per_image" / "r.csv")[0]["ap"]) == pytest.approx(_ap_brute(heat, gt), abs=1e-6)
     capsys.readouterr()

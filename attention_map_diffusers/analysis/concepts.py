@@ -11,6 +11,7 @@ metadata keys (docs/FORMAT.md); dumps without them are read exactly as before.
   concepts averaged over the image tokens; NaN for blocks without a concept stream (FLUX.1's
   single-stream blocks);
 - ``concept_per_block_map`` (B, Bk, Hc, Wc, C), optional: the map kept per block (NaN likewise);
+- ``concept_per_step_map`` (B, S, Hc, Wc, C), optional: per step, the sum over the chosen blocks;
 - metadata ``concepts`` (C names), ``concept_blocks`` / ``concept_steps`` (positions on the Bk / S
   axes that the map averages), ``concept_rule``.
 
@@ -31,8 +32,9 @@ SUM_KEY = "concept_sum_map"
 N_KEY = "concept_N"
 STEP_MEAN_KEY = "concept_per_block_step_mean"
 BLOCK_MAP_KEY = "concept_per_block_map"
-#: The npz arrays of a dump with concepts (the last one optional).
-NPZ_KEYS = (SUM_KEY, N_KEY, STEP_MEAN_KEY, BLOCK_MAP_KEY)
+STEP_MAP_KEY = "concept_per_step_map"
+#: The npz arrays of a dump with concepts (the last two optional).
+NPZ_KEYS = (SUM_KEY, N_KEY, STEP_MEAN_KEY, BLOCK_MAP_KEY, STEP_MAP_KEY)
 NPZ_REQUIRED = (SUM_KEY, N_KEY, STEP_MEAN_KEY)
 #: How far the concept shares of a pixel (and of a block and step) may sum away from 1.
 SUM_TOLERANCE = 1e-2
@@ -53,6 +55,7 @@ class ConceptData:
     steps: tuple[int, ...]  # positions on the S axis the map averages (all steps when not recorded)
     rule: str  # concept_rule ("" when not recorded)
     block_maps: Optional[np.ndarray] = None  # (B, Bk, Hc, Wc, C) concept_per_block_map, when read
+    step_maps: Optional[np.ndarray] = None  # (B, S, Hc, Wc, C) concept_per_step_map, when read
 
     @property
     def C(self) -> int:
@@ -69,8 +72,9 @@ class ConceptData:
     def flipped_steps(self) -> "ConceptData":
         """The same data with the step axis reversed (for dumps stored by ascending timestep)."""
         S = self.step_mean.shape[2]
+        step_maps = None if self.step_maps is None else np.ascontiguousarray(self.step_maps[:, ::-1])
         return dataclasses.replace(self, step_mean=np.ascontiguousarray(self.step_mean[:, :, ::-1]),
-                                   steps=tuple(sorted(S - 1 - s for s in self.steps)))
+                                   steps=tuple(sorted(S - 1 - s for s in self.steps)), step_maps=step_maps)
 
 
 def split_arrays(arrays: dict) -> dict:
@@ -171,21 +175,38 @@ def read_concepts(arrays: dict, meta: dict, B: int, Hc: int, Wc: int, Bk: int, S
                             "or inf values; re-run the dump")
         if any(pbm[:, k].min() < 0 for k in stream):
             raise UserError(f"{where}: {BLOCK_MAP_KEY} holds negative values; the file is damaged, re-run the dump")
-    return ConceptData(tuple(names), smap.astype(np.float32), N, mean, blocks, steps, rule, pbm)
+    psm = arrays.get(STEP_MAP_KEY)
+    if psm is not None:
+        if psm.shape != (B, S, Hc, Wc, C):
+            raise UserError(f"{where}: {STEP_MAP_KEY} has shape {psm.shape}, expected (B, S, Hc, Wc, C) = "
+                            f"{(B, S, Hc, Wc, C)}; re-run the dump")
+        psm = psm.astype(np.float32)
+        if not np.isfinite(psm).all():
+            raise UserError(f"{where}: {STEP_MAP_KEY} holds NaN or inf values; re-run the dump (e.g. --store-dtype float32)")
+        # each step's map is the sum over the chosen blocks of a softmax over the concepts
+        _check_shares(psm.astype(np.float64) / len(blocks), f"{STEP_MAP_KEY} / {len(blocks)} blocks", where)
+    return ConceptData(tuple(names), smap.astype(np.float32), N, mean, blocks, steps, rule, pbm, psm)
 
 
 # ---------------------------------------------------------------------------------------------
 # The numbers
 
 
-def item_maps(data: ConceptData, item: int, block_positions: Optional[Sequence[int]] = None) -> np.ndarray:
+def item_maps(data: ConceptData, item: int, block_positions: Optional[Sequence[int]] = None,
+              step_positions: Optional[Sequence[int]] = None) -> np.ndarray:
     """(C, Hc, Wc) float64: the concepts' maps of one item, each pixel's softmax over the concepts
     averaged over the dump's chosen updates.
 
     With ``block_positions`` (and per-block maps in the dump), only those blocks that have a concept
-    stream: their per-block maps summed and renormalised over the concepts at each pixel.
+    stream: their per-block maps summed and renormalised over the concepts at each pixel. With
+    ``step_positions`` (denoising order; and per-step maps in the dump), only those steps, likewise.
     """
-    if block_positions is None or data.block_maps is None:
+    if step_positions is not None and data.step_maps is not None:
+        if block_positions is not None:
+            raise UserError("concept maps are kept per block and per step, not per block and step: choose one")
+        total = data.step_maps[item, list(step_positions)].astype(np.float64).sum(axis=0)
+        grid = total / np.maximum(total.sum(axis=-1, keepdims=True), 1e-30)
+    elif block_positions is None or data.block_maps is None:
         grid = data.mean_map(item)
     else:
         keep = [p for p in block_positions if p in set(data.stream_blocks())]

@@ -380,7 +380,8 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, block_maps: bool = False) -> Dump:
+def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, block_maps: bool = False,
+              step_maps: bool = False) -> Dump:
     """Read, validate and normalise the run in ``folder``.
 
     Args:
@@ -388,6 +389,8 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
         t5_tokenizer: a function returning a Hugging Face tokenizer, called only when the dump has
             no T5 tokens (original tool) to tokenise its prompts; see :func:`load_t5_tokenizer`.
         block_maps: also read ``per_block_token_map`` when the dump kept it (``Dump.block_maps``).
+        step_maps: also read ``concept_per_step_map`` when the dump kept it (``Dump.concepts.step_maps``;
+            the word maps' per-step frames are read when needed, :func:`read_frames`).
 
     Raises:
         UserError: anything missing, unreadable, inconsistent or not finite.
@@ -400,7 +403,8 @@ def load_dump(folder: str, *, t5_tokenizer: Optional[Callable[[], Any]] = None, 
     version = format_version(meta, where)
     required = NPZ_REQUIRED_ARRAYS if version >= 2 else NPZ_CORE_ARRAYS
     optional = (("per_block_token_map",) if block_maps else ()) + concept_io.NPZ_REQUIRED
-    arrays = _read_arrays(folder, required, optional=optional + ((concept_io.BLOCK_MAP_KEY,) if block_maps else ()), meta=meta)
+    optional += ((concept_io.BLOCK_MAP_KEY,) if block_maps else ()) + ((concept_io.STEP_MAP_KEY,) if step_maps else ())
+    arrays = _read_arrays(folder, required, optional=optional, meta=meta)
     concept_arrays = concept_io.split_arrays(arrays)  # checked by read_concepts (NaN marks blocks without a stream)
     shape = check_arrays(arrays, where)
     check_metadata(meta, shape, version, where)

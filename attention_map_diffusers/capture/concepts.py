@@ -57,6 +57,7 @@ class ConceptOptions:
         steps: denoising step indices (0 = first, noisiest) averaged into the map; None: all.
         rule: one of :data:`~.concept_names.CONCEPT_RULES`.
         keep_block_maps: also keep the per-block map sums (``per_block_map``).
+        keep_step_maps: also keep the per-step map sums (``per_step_map``).
         max_sequence_length: the T5 length the concepts are encoded with (padding included, as the
             pipeline encodes prompts); None: the pipeline's default (SD3 256, FLUX.1 512).
     """
@@ -66,6 +67,7 @@ class ConceptOptions:
     steps: Optional[tuple[int, ...]] = None
     rule: str = DEFAULT_RULE
     keep_block_maps: bool = False
+    keep_step_maps: bool = False
     max_sequence_length: Optional[int] = None
 
     def __post_init__(self):
@@ -91,6 +93,8 @@ class ConceptArrays:
       tokens; NaN for blocks without a concept stream (FLUX.1's single blocks).
     - ``per_block_map`` (B, Bk, Hc, Wc, C) or None: per block, the sum over the chosen steps; NaN
       for blocks without a concept stream.
+    - ``per_step_map`` (B, S, Hc, Wc, C) or None: per step (every step, chosen or not), the sum over
+      the chosen blocks; the sum over the chosen steps is ``sum_map``.
     """
 
     sum_map: np.ndarray
@@ -101,6 +105,7 @@ class ConceptArrays:
     blocks: list[int]  # indices into the recorder's blocks, averaged
     steps: list[int]  # step indices, averaged
     rule: str
+    per_step_map: Optional[np.ndarray] = None
 
     @property
     def mean_map(self) -> np.ndarray:
@@ -116,6 +121,8 @@ class ConceptArrays:
         }
         if self.per_block_map is not None:
             out["concept_per_block_map"] = self.per_block_map
+        if self.per_step_map is not None:
+            out["concept_per_step_map"] = self.per_step_map
         return out
 
     def metadata(self) -> dict:
@@ -239,6 +246,7 @@ class ConceptStream:
         self.canonical_size: Optional[tuple[int, int]] = None
         self.sum_map: Optional[torch.Tensor] = None
         self.block_maps: Optional[torch.Tensor] = None
+        self.step_maps: list[Optional[torch.Tensor]] = []  # per step: the sum over the chosen blocks
         self.means: list[torch.Tensor] = []
         self.n_updates = 0
         self.steps_used: list[int] = []
@@ -280,6 +288,8 @@ class ConceptStream:
         self._step += 1
         self._hidden = None
         self.means.append(None)
+        if self.options.keep_step_maps:
+            self.step_maps.append(None)
 
     def on_attention(self, position: int, att: JointAttention, grid: tuple[int, int]) -> None:
         block = self._module.get(position)
@@ -347,9 +357,15 @@ class ConceptStream:
             self.means[-1] = torch.full((self.num_blocks, R, C), float("nan"), device=probs.device)
         self.means[-1][position] = probs.mean(dim=(1, 2))
         chosen_step = self.options.steps is None or self._step in self.options.steps
-        if not chosen_step:
+        chosen_block = position in self.chosen_blocks
+        keep_step = self.options.keep_step_maps and chosen_block
+        if not chosen_step and not keep_step:
             return
         resized = _resize(probs, self.canonical_size)
+        if keep_step:
+            self.step_maps[-1] = resized.clone() if self.step_maps[-1] is None else self.step_maps[-1] + resized
+        if not chosen_step:
+            return
         if self.sum_map is None:
             Hc, Wc = self.canonical_size
             self.sum_map = torch.zeros(R, Hc, Wc, C, device=probs.device)
@@ -357,14 +373,14 @@ class ConceptStream:
                 self.block_maps = torch.zeros(R, self.num_blocks, Hc, Wc, C, device=probs.device)
         if self.block_maps is not None:
             self.block_maps[:, position] += resized
-        if position in self.chosen_blocks:
+        if chosen_block:
             self.sum_map += resized
             self.n_updates += 1
             if not self.steps_used or self.steps_used[-1] != self._step:
                 self.steps_used.append(self._step)
 
     def state_bytes(self) -> int:
-        tensors = [self.sum_map, self.block_maps, *self.means]
+        tensors = [self.sum_map, self.block_maps, *self.means, *self.step_maps]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def result(self) -> ConceptArrays:
@@ -378,6 +394,10 @@ class ConceptStream:
         R, C = self.sum_map.shape[0], self.sum_map.shape[-1]
         nan = torch.full((self.num_blocks, R, C), float("nan"), device=self.sum_map.device)
         means = torch.stack([nan if m is None else m for m in self.means])  # (S, Bk, R, C)
+        step_maps = None
+        if self.options.keep_step_maps:
+            zero = torch.zeros_like(self.sum_map)  # a step that ran no chosen block (never, in a whole call)
+            step_maps = torch.stack([zero if m is None else m for m in self.step_maps], 1).cpu().numpy()
         block_maps = None
         if self.block_maps is not None:
             block_maps = self.block_maps.cpu().numpy()
@@ -388,7 +408,7 @@ class ConceptStream:
             sum_map=self.sum_map.cpu().numpy(), N=int(self.n_updates),
             per_block_step_mean=means.permute(2, 1, 0, 3).cpu().numpy(), per_block_map=block_maps,
             concepts=list(self.names), blocks=list(self.chosen_blocks), steps=list(self.steps_used),
-            rule=self.options.rule,
+            rule=self.options.rule, per_step_map=step_maps,
         )
 
 

@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--store-dtype", choices=("float16", "float32"), default="float16",
                    help="dtype of the stored maps (accumulation is always float32)")
     c.add_argument("--save-block-maps", action="store_true",
-                   help="also store per_block_token_map (B, blocks, Hc, Wc, T)")
+                   help="also store per_block_token_map (B, blocks, Hc, Wc, T) (with --concepts also "
+                   "concept_per_block_map (B, blocks, Hc, Wc, C))")
     c.add_argument("--save-step-maps", action="store_true",
-                   help="also store per_step_token_map (B, steps, Hc, Wc, T)")
+                   help="also store per_step_token_map (B, steps, Hc, Wc, T) (with --concepts also "
+                   "concept_per_step_map (B, steps, Hc, Wc, C)); always on in --image mode with noise levels")
     c.add_argument("--no-image", action="store_true", help="do not decode or save images")
     c.add_argument("--image-format", choices=("png", "jpg"), default="png", help="image file format")
     c.add_argument("--no-embed-metadata", action="store_true",

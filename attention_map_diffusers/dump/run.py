@@ -63,7 +63,8 @@ def concept_options(settings: RunSettings):
     from ..capture.concepts import ConceptOptions
 
     return ConceptOptions(settings.concepts, settings.concept_blocks, settings.concept_steps, settings.concept_rule,
-                          keep_block_maps=settings.save_block_maps, max_sequence_length=settings.max_sequence_length)
+                          keep_block_maps=settings.save_block_maps, keep_step_maps=settings.save_step_maps,
+                          max_sequence_length=settings.max_sequence_length)
 
 
 def run_one(pipe, run: Run, settings: RunSettings, placement: Placement, out_dir: str, paths=None) -> str:

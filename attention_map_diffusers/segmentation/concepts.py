@@ -107,20 +107,23 @@ def score(key: str, names: Sequence[str], maps: np.ndarray, classes: Sequence, g
     return out, skips, image_acc
 
 
-def image_scores(dump, key: str, item: int, truth, options, keep: Optional[dict] = None) -> tuple[list, list, Optional[float]]:
-    """The concept methods' scores of one batch item of ``dump`` against ``truth`` (a GroundTruth).
+def image_scores(dump, key: str, item: int, truth, options, keep: Optional[dict] = None,
+                 steps: Optional[list[int]] = None) -> tuple[list, list, Optional[float]]:
+    """The concept methods' scores of one batch item of ``dump`` against ``truth`` (a GroundTruth);
+    ``steps``: the step indices ``--steps`` chose (denoising order), as ``check_selection`` gives them.
 
-    A dump without concept maps gives one skip (:data:`NO_CONCEPTS`); ``--steps`` (no per-step
-    concept maps exist) and ``--blocks`` without ``concept_per_block_map`` skip the image too.
+    A dump without concept maps gives one skip (:data:`NO_CONCEPTS`); ``--steps`` without
+    ``concept_per_step_map`` and ``--blocks`` without ``concept_per_block_map`` skip the image too.
     """
     from .evaluate import Skip
 
     data = dump.concepts
     if data is None:
         return [], [Skip(key, "", NO_CONCEPTS)], None
-    if options.step_ranges is not None:
-        return [], [Skip(key, "", "concept, concept-argmax not scored: dumps keep no per-step concept maps (--steps)")], None
     positions = None
+    if steps is not None and data.step_maps is None:
+        return [], [Skip(key, "", "concept, concept-argmax not scored: the dump kept no per-step concept maps "
+                                  "(concept_per_step_map; dump with --save-step-maps) for --steps")], None
     if options.block_ranges is not None:
         if data.block_maps is None:
             return [], [Skip(key, "", "concept, concept-argmax not scored: the dump kept no per-block concept maps "
@@ -129,7 +132,7 @@ def image_scores(dump, key: str, item: int, truth, options, keep: Optional[dict]
     if not truth.concepts:
         return [], [], None
     H, W = truth.concepts[0].gt.shape
-    maps = cm.upsample(cm.item_maps(data, item, positions), H, W)
+    maps = cm.upsample(cm.item_maps(data, item, positions, steps), H, W)
     gts = np.stack([c.gt for c in truth.concepts])
     return score(key, data.names, maps, truth.concepts, gts, truth.valid, options.methods, keep)
 

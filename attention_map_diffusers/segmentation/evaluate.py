@@ -390,7 +390,7 @@ def evaluate_run(folder: str, options: SegmentationOptions, classes, *, keys: Op
                  keep: bool = False) -> RunResult:
     """The images of one run folder (raises :class:`UserError` and :data:`RUN_ERRORS` for a run that
     cannot be scored)."""
-    dump = load_dump(folder, block_maps=options.block_ranges is not None)
+    dump = load_dump(folder, block_maps=options.block_ranges is not None, step_maps=options.step_ranges is not None)
     steps = check_selection(dump, folder, options)
     encoders = encoders_of(dump, folder, options)
     size_hw, crop_box, source_hw = image_geometry(dump.metadata, folder)
@@ -428,7 +428,7 @@ def evaluate_run(folder: str, options: SegmentationOptions, classes, *, keys: Op
             if acc is not None:
                 argmax_acc[encoder] = acc
         if any(m in concept_scores.METHODS for m in options.methods):  # the dump's concept maps
-            got, why, acc = concept_scores.image_scores(dump, key, item, truth, options, kept)
+            got, why, acc = concept_scores.image_scores(dump, key, item, truth, options, kept, steps)
             scores += got
             skips += why
             if acc is not None:
