@@ -223,6 +223,31 @@ def test_argmax_picture_and_report_section(tmp_path):
               "curves_blocks.png", "tables/concepts_mass.csv"):
         assert "concepts/" + f in page.links, f
     assert all((root / link).is_file() for link in page.links if link.startswith("concepts/"))
+    assert not (out / "segmentation_steps.png").exists()  # the dump kept no per-step concept maps
+
+
+def test_per_step_segmentation_figure(tmp_path):
+    """With concept_per_step_map: each step's winners from that step's map alone ("cat" owns the top
+    half at step 0, "sky" at step 2: planted), drawn as segmentation_steps.png and shown in the report."""
+    from attention_map_diffusers.analysis import concepts as cm
+
+    logits = np.zeros((1, 6, 6, 3, 3))
+    logits[0, :3, :, 0, 0] = 6.0
+    logits[0, :3, :, 1, 2] = 6.0
+    _, arrays, _ = concept_run(tmp_path / "run", grid=(6, 6), image_size=(48, 36), logits=logits, step_maps=True,
+                               store_dtype="float32")
+    data = load_dump(str(tmp_path / "run"), step_maps=True).concepts
+    got = cm.step_winners(data, 0, [0, 2], (36, 48))
+    for j, s_ in enumerate((0, 2)):
+        ps = arrays["concept_per_step_map"][0, s_].astype(np.float64)
+        want = _torch_bilinear(ps / ps.sum(axis=-1, keepdims=True), 36, 48).argmax(axis=0)
+        np.testing.assert_array_equal(got[j], want)
+    assert (got[0, :15] == 0).all() and (got[1, :15] == 1).all()
+    assert analyse_stepavg.main(["--root", str(tmp_path / "run"), "--dpi", "30", "--encoders", "t5", "--topk", "1"]) == 0
+    root = tmp_path / "run" / "analysis"
+    page = _Sections()
+    page.feed((root / "index.html").read_text(encoding="utf-8"))
+    assert "concepts/segmentation_steps.png" in page.links and (root / "concepts" / "segmentation_steps.png").is_file()
 
 
 def test_several_items_get_their_own_concepts_folder(tmp_path):

@@ -9,6 +9,8 @@ What is written, relative to the item's folder (docs/analysis.md, "Concept maps"
     concepts/segmentation_map.png        the same picture alone, at the image size, in the exact colours
     concepts/curves.png                  per block and per step (blocks with a concept stream)
     concepts/curves_blocks.png           one panel per block: per step
+    concepts/segmentation_steps.png      the winning concept per pixel at up to 6 steps (noise levels), each
+                                         step's map alone; when the dump kept concept_per_step_map
 
 With ``--tables-only``, the npz and the CSV only.
 """
@@ -27,7 +29,8 @@ from . import concepts as cm
 from .dumpfile import Dump, format_ranges
 from .options import AnalysisOptions
 from .tables import csv_text, fmt
-from .views import FigureFacts, robust_vmax
+from .given import given_image
+from .views import FRAMES, FigureFacts, pick_frames, robust_vmax
 
 MAPS_NAME = "concept_maps.npz"
 MASS_TABLE = "tables/concepts_mass.csv"
@@ -49,23 +52,27 @@ class ConceptPage:
     owners: list[str] = field(default_factory=list)
     curves: Optional[str] = None
     block_curves: Optional[str] = None
+    step_segmentation: Optional[str] = None
+    step_caption: str = ""
     notes: list[str] = field(default_factory=list)
 
 
-def figure_names(names: Sequence[str], options: AnalysisOptions) -> list[str]:
-    """The figures written for concepts ``names`` (none with --tables-only), relative to ``concepts/``."""
+def figure_names(names: Sequence[str], options: AnalysisOptions, steps: bool = False) -> list[str]:
+    """The figures written for concepts ``names`` (none with --tables-only), relative to ``concepts/``;
+    ``steps``: the dump kept per-step concept maps."""
     if options.tables_only:
         return []
     f = options.fmt
     heat = [f"heatmaps/{k:03d}-{slugify(n, 60)}.{f}" for k, n in enumerate(names)]
-    return heat + [f"segmentation.{f}", "segmentation_map.png", f"curves.{f}", f"curves_blocks.{f}"]
+    return heat + [f"segmentation.{f}", "segmentation_map.png", f"curves.{f}", f"curves_blocks.{f}"] + (
+        [f"segmentation_steps.{f}"] if steps else [])
 
 
 def count_files(dump: Dump, options: AnalysisOptions) -> int:
     """Progress-bar units of the concepts of a run: per item, the npz, the table and the figures."""
     if dump.concepts is None:
         return 0
-    return dump.batch_size * (2 + len(figure_names(dump.concepts.names, options)))
+    return dump.batch_size * (2 + len(figure_names(dump.concepts.names, options, dump.concepts.step_maps is not None)))
 
 
 def _selection(dump: Dump, positions: Optional[Sequence[int]]) -> str:
@@ -103,7 +110,7 @@ def write_concepts(folder: str, rel: str, dump: Dump, item: int, image, facts: F
     tick()
     write_text(os.path.join(folder, MASS_TABLE), csv_text(["concept", "mean_share"], [[n, fmt(m)] for n, m in zip(names, mass)]))
     tick()
-    files = figure_names(names, options)
+    files = figure_names(names, options, data.step_maps is not None)
     if not files:
         return page
 
@@ -122,7 +129,7 @@ def write_concepts(folder: str, rel: str, dump: Dump, item: int, image, facts: F
                              [os.path.join(folder, f) for f in files[:C]], disp, vmax=vmax, fmt=options.fmt, dpi=options.dpi,
                              facts=facts, on_saved=tick)
     page.heatmaps = [(f"{n} (mean share {m:.1%})", f"{rel}/{f}") for n, m, f in zip(names, mass, files)]
-    seg, seg_map, curves_name, blocks_name = files[C:]
+    seg, seg_map, curves_name, blocks_name = files[C:C + 4]
     labels = cm.winners(up)
     colours = cm.colours(names)
     picture = cm.label_picture(labels, colours)
@@ -149,7 +156,38 @@ def write_concepts(folder: str, rel: str, dump: Dump, item: int, image, facts: F
         page.notes.append("None of the analysed blocks has a concept stream: no concept curves.")
         tick()
         tick()
+    if data.step_maps is not None:
+        _step_segmentation(files[C + 4], rel, dump, item, (H, W), colours, disp, page, save, facts)
     return page
+
+
+def _step_segmentation(name: str, rel: str, dump: Dump, item: int, size: tuple[int, int], colours: np.ndarray,
+                       image: Optional[np.ndarray], page: ConceptPage, save: Callable, facts: FigureFacts) -> None:
+    """The winning concept per pixel at up to :data:`~.views.FRAMES` steps (or noise levels), each step's map alone."""
+    from . import concept_plots as cp
+
+    data = dump.concepts
+    S = data.step_maps.shape[1]
+    steps = pick_frames(S, FRAMES)
+    labels = cm.step_winners(data, item, steps, size)
+    given = given_image(dump.metadata, S)
+    levels = given.levels if given is not None else None
+    ts = dump.timesteps if dump.timesteps is not None and np.ndim(dump.timesteps) == 1 else None
+    if levels is not None:
+        titles = [f"noise level \u03c3 = {levels[s]:.2f}" for s in steps]
+        what = "noise level"
+    else:
+        titles = [f"step {s}" + (f" (t = {ts[s]:.0f})" if ts is not None else "") for s in steps]
+        what = "denoising step"
+    own = sorted(set().union(*(cm.owners(lab, data.C) for lab in labels)))
+    blocks = format_ranges([dump.block_ids[p] for p in data.blocks])
+    save(cp.concept_steps_figure(cm.label_picture(labels, colours), titles, data.names, colours, own,
+                                 f"the winning concept per pixel at each {what}, its map alone (blocks {blocks})",
+                                 image=image, facts=facts), name)
+    page.step_segmentation = f"{rel}/{name}"
+    shown = "every" if len(steps) == S else f"{len(steps)} of the {S}"
+    page.step_caption = (f"the winning concept per pixel at {shown} {what}s, each from that {what}'s map alone "
+                         f"(summed over blocks {blocks}): where the concepts settle as the noise goes down")
 
 
 def concept_section(page: ConceptPage, fmt_: str, prefix: str) -> tuple[str, tuple[str, str]]:
@@ -176,6 +214,8 @@ def concept_section(page: ConceptPage, fmt_: str, prefix: str) -> tuple[str, tup
                                         "(averaged over the blocks); dotted: 1/C", fmt_))
     if page.block_curves:
         out.append(_figure(page.block_curves, "per block with a concept stream: each concept's mean share per step", fmt_))
+    if page.step_segmentation:
+        out.append(_figure(page.step_segmentation, page.step_caption, fmt_))
     links = [(MAPS_NAME, page.maps), ("concepts_mass.csv", page.table)]
     if page.segmentation_map:
         links.append(("segmentation_map.png", page.segmentation_map))

@@ -98,6 +98,39 @@ def concept_segmentation_figure(
     return fig
 
 
+def concept_steps_figure(
+    pictures: np.ndarray, labels: Sequence[str], names: Sequence[str], colours: np.ndarray, owners: Sequence[int],
+    title: str, image: Optional[np.ndarray] = None, facts: Optional[FigureFacts] = None,
+) -> Figure:
+    """The winning concept per pixel at K steps: ``pictures`` (K, H, W, 3) uint8 in the concepts'
+    colours, one panel each (``labels``: its step or noise level), after the image when one is given,
+    three to a row; the legend lists the concepts that own pixels in any of them."""
+    from matplotlib.patches import Patch
+
+    panels = ([("the image", np.asarray(image), "antialiased")] if image is not None else []) + [
+        (label, picture, "nearest") for label, picture in zip(labels, pictures)]
+    K = len(panels)
+    cols = min(3, K)
+    rows = -(-K // cols)
+    fig = new_figure(2.6 * cols + 2.0, 2.6 * rows + 0.7, facts=facts)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for j in range(rows * cols):
+        ax = axes[j // cols, j % cols]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if j >= K:
+            ax.set_visible(False)
+            continue
+        label, picture, interpolation = panels[j]
+        h, w = pictures[0].shape[:2]
+        ax.imshow(picture, interpolation=interpolation, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        ax.set_title(label, fontsize=9)
+    handles = [Patch(color=_hex(colours[k]), label=names[k]) for k in owners]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False, title="concept")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def concept_curves_figure(
     block_ids: Sequence[int], curves: np.ndarray, names: Sequence[str], colours: np.ndarray,
     timesteps: Optional[np.ndarray], title: str, facts: Optional[FigureFacts] = None,

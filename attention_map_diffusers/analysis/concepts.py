@@ -239,6 +239,14 @@ def winners(maps: np.ndarray) -> np.ndarray:
     return np.asarray(maps).argmax(axis=0).astype(np.int64)
 
 
+def step_winners(data: ConceptData, item: int, steps: Sequence[int], size: tuple[int, int]) -> np.ndarray:
+    """(K, H, W) int64: at each of ``steps`` (denoising order), each pixel's winning concept of that
+    step's map alone (``concept_per_step_map``, upsampled to ``size`` = (H, W))."""
+    if data.step_maps is None:
+        raise ValueError("the dump kept no per-step concept maps (concept_per_step_map)")
+    return np.stack([winners(upsample(item_maps(data, item, step_positions=[s]), *size)) for s in steps])
+
+
 def mass(maps: np.ndarray) -> np.ndarray:
     """(C, Hc, Wc) -> (C,): each concept's mean share over the pixels (they sum to 1)."""
     return np.asarray(maps, dtype=np.float64).mean(axis=(1, 2))

@@ -133,6 +133,7 @@ def plan_run(folder: Optional[str], run_dir: str, options: AnalysisOptions, t5_l
         run_dir,
         t5_tokenizer=t5_loader if "t5" in options.encoders else None,
         block_maps=options.block_ranges is not None,
+        step_maps=not options.tables_only,  # concept_per_step_map, for the concepts' per-step segmentation
     )
     positions = dump.select_blocks(options.block_ranges)
     sel_ids = [dump.block_ids[p] for p in positions]
