@@ -27,9 +27,13 @@ all scenes, block maps kept), then:
   what the concept stream starts from) and the same word's T5 token in each caption that names it
   (after ``context_embedder``: what the trained text stream starts from). Near 1 says the concept
   stream starts where the text stream does, so a gap between the two comes from the output space.
+- ``--level-sweep L [L ...]`` (optional): the same scenes dumped once more at those noise levels, and
+  the pointing game per level, for the concepts and the caption's T5 words, from each level's map
+  alone (``concept_per_step_map``, ``per_step_token_map``): whether 0.5 is just a poor level.
 
     python benchmarks/bench_concepts_toy.py --n 64 --out conc_toy --json assets/toy_shapes/concepts.json
     python benchmarks/bench_concepts_toy.py --n 4 --out /tmp/c      # a quick look
+    python benchmarks/bench_concepts_toy.py --n 128 --out /tmp/c --level-sweep 0.9 0.7 0.5 0.3 0.1
 """
 
 from __future__ import annotations
@@ -208,6 +212,33 @@ def concept_input_cosines(masks: dict) -> dict:
             for w, v in cos.items() if v}
 
 
+def level_sweep(out: str, n: int, levels: Sequence[float], masks: dict) -> dict:
+    """level -> source ("concept", "t5") -> kind -> {"rate", "n"}: the pointing game on each level's map
+    alone, from dumps of the same scenes at ``levels`` (in ``out``)."""
+    dumps, _, _ = prepare_rendered(out, n, levels=tuple(levels), extra=["--concepts", *CONCEPTS, "--store-dtype", "float32"])
+    hits: dict = {}
+    for folder in _dump_folders(dumps):
+        with open(os.path.join(folder, "metadata.json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+        caption, obj_masks = masks[os.path.splitext(meta["source_image"]["name"])[0]]
+        with np.load(os.path.join(folder, "stepavg_token_maps_v1.npz")) as z:
+            concept = z["concept_per_step_map"][0].astype(np.float64)  # (S, Hc, Wc, C), S = the levels in order
+            words = z["per_step_token_map"][0].astype(np.float64)  # (S, Hc, Wc, T)
+        lo, _ = meta["text_spans"]["t5"]
+        names = [c.lower() for c in meta["concepts"]]
+        for t in _word_targets(caption, obj_masks):
+            idx = [lo + i for i in word_token_indices(meta["token_offsets_t5"][0], t["span"])]
+            for s, level in enumerate(levels):
+                hits.setdefault((level, "concept", t["kind"]), []).append(
+                    pointing_hit(concept[s, ..., names.index(t["word"])], t["target"]))
+                if idx:
+                    hits.setdefault((level, "t5", t["kind"]), []).append(pointing_hit(words[s][..., idx].mean(-1), t["target"]))
+    out_: dict = {}
+    for (level, source, kind), v in hits.items():
+        out_.setdefault(f"{level:g}", {}).setdefault(source, {})[kind] = {"rate": round(float(np.mean(v)), 4), "n": len(v)}
+    return out_
+
+
 def summarise_pointing(records: list[dict], blocks: list, control_blocks: Sequence[int] = ()) -> dict:
     """selection ("all blocks", "block k") -> source -> kind -> {"rate", "n"}; plus "chance" per kind."""
     out: dict = {}
@@ -255,6 +286,11 @@ def print_tables(res: dict) -> None:
         print(f"  {sel:<11} {f(v['concept', 'color']):>15} {f(v['t5', 'color']):>6} {f(v['clip', 'color']):>6} "
               f"{f(v[CONTROL, 'color']):>6}   {f(v['concept', 'shape']):>14} {f(v['t5', 'shape']):>6} "
               f"{f(v['clip', 'shape']):>6} {f(v[CONTROL, 'shape']):>6}")
+    if "level_sweep" in res:
+        print("\npointing per noise level, each level's map alone, hit rate in % (concept / caption's T5 word)")
+        for level, v in res["level_sweep"].items():
+            print(f"  sigma {level:<5} colour {100 * v['concept']['color']['rate']:5.1f} / {100 * v['t5']['color']['rate']:5.1f}"
+                  f"   shape {100 * v['concept']['shape']['rate']:5.1f} / {100 * v['t5']['shape']['rate']:5.1f}")
     if "concept_input_cosine" in res:
         print("\ncosine, concept input vs the caption's token (context_embedder), mean (min) over the captions: "
               + ", ".join(f"{w} {v['mean']:.3f} ({v['min']:.3f})" for w, v in res["concept_input_cosine"].items()))
@@ -276,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="results file (default: OUT/concepts.json)")
     p.add_argument("--no-control", action="store_true",
                    help="skip the control (the caption's own words in the output space, read with hooks; about 1 s per scene)")
+    p.add_argument("--level-sweep", type=float, nargs="+", default=None, metavar="SIGMA",
+                   help="also dump the scenes at these noise levels (into OUT/levels) and play the pointing game per level")
     return p
 
 
@@ -283,6 +321,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.n < 1:
         print(f"error: --n must be at least 1, got {args.n}", file=sys.stderr)
+        return 2
+    bad = [v for v in args.level_sweep or () if not 0.0 < v <= 1.0]
+    if bad:
+        print(f"error: --level-sweep levels lie in (0, 1], got {bad[0]:g}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     dumps, masks_dir, _ = prepare_rendered(args.out, args.n, levels=(LEVEL,),
@@ -301,6 +343,8 @@ def main(argv=None) -> int:
         res["concept_input_cosine"] = concept_input_cosines(masks)
     res["control_blocks"] = control_blocks
     res["pointing"] = summarise_pointing(records, blocks, control_blocks)
+    if args.level_sweep:
+        res["level_sweep"] = level_sweep(os.path.join(args.out, "levels"), args.n, args.level_sweep, masks)
     res["segmentation"] = {"all blocks": evaluate(dumps, masks_dir, os.path.join(args.out, "eval", "all"), ["--methods", METHODS])}
     for k in range(len(blocks)):
         res["segmentation"][f"block {k}"] = evaluate(dumps, masks_dir, os.path.join(args.out, "eval", f"block{k}"),
