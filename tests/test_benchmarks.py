@@ -227,7 +227,7 @@ def test_bench_concepts_toy_small(tmp_path, capsys):
     import bench_concepts_toy as bench
 
     out = tmp_path / "c.json"
-    assert bench.main(["--n", "2", "--out", str(tmp_path / "run"), "--json", str(out)]) == 0
+    assert bench.main(["--n", "2", "--out", str(tmp_path / "run"), "--json", str(out), "--level-sweep", "0.5", "0.2"]) == 0
     res = json.loads(out.read_text())
     assert res["n"] == 2 and res["level"] == 0.5 and len(res["blocks"]) == 4
     assert set(res["segmentation"]) == {"all blocks", *(f"block {k}" for k in range(4))}
@@ -263,4 +263,11 @@ def test_bench_concepts_toy_small(tmp_path, capsys):
     assert res["control_blocks"] == [0, 1, 2]
     assert set(p["all blocks"]) == {"concept", "t5", "clip", "t5-output-space"} and "t5-output-space" not in p["block 3"]
     assert p["block 2"]["t5-output-space"]["shape"]["n"] == len(hits_all)
+    # the level sweep dumps the scenes again: its 0.5 level, from that level's map alone, is the table's
+    sweep = res["level_sweep"]
+    assert set(sweep) == {"0.5", "0.2"} and sweep["0.5"]["concept"]["color"] == p["all blocks"]["concept"]["color"]
+    assert sweep["0.5"]["t5"]["color"] == p["all blocks"]["t5"]["color"]
+    # the concepts' inputs against the captions' tokens: one cosine per caption word
+    cos = res["concept_input_cosine"]
+    assert cos and all(-1 <= v["min"] <= v["mean"] <= 1 and v["n"] >= 1 for v in cos.values())
     assert "pointing game" in capsys.readouterr().out
