@@ -141,6 +141,24 @@ def test_notebook_call(sd35m_pipe):
         concept_maps(sd35m_pipe, ["a", "b"], list(CONCEPTS))
 
 
+def test_given_image_call_from_docs(sd35m_pipe):
+    """docs/concepts.md's given-image call: the maps per level sum to the averaged map."""
+    from PIL import Image
+
+    from attention_map_diffusers import ConceptOptions as Exported
+    from attention_map_diffusers.capture.on_image import record_on_image
+
+    image = Image.fromarray((np.random.default_rng(1).random((64, 96, 3)) * 255).astype(np.uint8))
+    res = record_on_image(sd35m_pipe, image, "a cat on a sofa", [0.7, 0.5, 0.3], max_sequence_length=SEQ,
+                          recorder={"concepts": Exported(["cat", "sofa", "background"], keep_step_maps=True,
+                                                         max_sequence_length=SEQ)})
+    con = res.concepts
+    h, w = res.canonical_size
+    assert con.mean_map.shape == (1, h, w, 3) and con.per_step_map.shape == (1, 3, h, w, 3)
+    np.testing.assert_allclose(con.per_step_map.sum(1) / con.N, con.mean_map, rtol=1e-5)
+    np.testing.assert_allclose(con.per_step_map.sum(-1), len(con.blocks), rtol=1e-5)
+
+
 # -- the dump command ------------------------------------------------------------------------------
 
 DUMP_SMALL = ["--steps", "2", "--height", "64", "--width", "96", "--max-sequence-length", str(SEQ), "--device", "cpu",
