@@ -172,7 +172,10 @@ BAD_IMAGES = {
                                "runs no denoising step"),
     "prompt count": (["--image", "{tmp}/ok.png", "{tmp}/ok.png", "--prompt", "a", "--prompt", "b", "--prompt", "c"],
                      "2 --image with 3 --prompt"),
-    "flux": (["--image", "{tmp}/ok.png", "--prompt", "a", "--model", "tiny-random-flux"], "not FLUX.1"),
+    "flux img2img": (["--image", "{tmp}/ok.png", "--prompt", "a", "--model", "tiny-random-flux", "--strength", "0.5"],
+                     "--strength (img2img) supports SD3 / SD3.5 for now, not FLUX.1: use --noise-levels"),
+    "true cfg": (["--image", "{tmp}/ok.png", "--prompt", "a", "--model", "tiny-random-flux", "--true-cfg-scale", "2"],
+                 "--true-cfg-scale applies to generation"),
     "images per prompt": (["--image", "{tmp}/ok.png", "--prompt", "a", "--num-images-per-prompt", "2"],
                           "each run is one image"),
 }
@@ -210,6 +213,43 @@ def test_image_mode_on_the_loaded_pipeline_is_the_library_call(sd3_dir, tmp_path
     for key, value in res.arrays().items():
         np.testing.assert_allclose(z[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
     assert torch.is_tensor(torch.as_tensor(z["per_step_token_map"]))
+
+
+def test_flux_image_mode_with_concepts_is_the_library_call(flux_dir, tmp_path, capsys):
+    """FLUX.1 in image mode: the dump's npz (word maps and concept maps, per level) equals
+    record_on_image on the same fitted image; the metadata says image mode and T5 only; the analysis
+    reads it and draws the concepts per level."""
+    from attention_map_diffusers.capture.concepts import ConceptOptions
+    from attention_map_diffusers.capture.on_image import record_on_image
+    from conftest import load_flux_pipeline
+
+    path = _write_picture(tmp_path / "p.png", (64, 128))
+    out = tmp_path / "o"
+    code = dump.main(["--model", flux_dir, "--image", path, "--prompt", "a blue square", "--seed", "11",
+                      "--guidance-scale", "3.5", "--concepts", "square", "background", "--store-dtype", "float32",
+                      "--out", str(out), *SMALL])
+    assert code == 0, capsys.readouterr().err
+    pipe = load_flux_pipeline(flux_dir)
+    res = record_on_image(pipe, read_source(path, 64, 64).fitted, "a blue square", (0.7, 0.5, 0.3), seed=11,
+                          guidance_scale=3.5, max_sequence_length=16,
+                          recorder=dict(keep_step_maps=True, concepts=ConceptOptions(
+                              ("square", "background"), max_sequence_length=16, keep_step_maps=True)))
+    z = np.load(out / "stepavg_token_maps_v1.npz")
+    arrays = res.arrays()
+    assert "concept_per_step_map" in arrays and set(arrays) == set(z.files)
+    for key, value in arrays.items():
+        np.testing.assert_allclose(z[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["mode"] == "image" and meta["model_family"] == "flux" and meta["text_spans"] == {"t5": [0, 16]}
+    assert meta["noise_levels"] == [0.7, 0.5, 0.3]
+    assert analyse_stepavg.main(["--root", str(out), "--out", str(tmp_path / "an"), "--dpi", "30"]) == 0
+    assert (tmp_path / "an" / "concepts" / "segmentation_steps.png").is_file()
+    assert "mode <b>image</b>" in (tmp_path / "an" / "index.html").read_text(encoding="utf-8")
+    # the built-in random FLUX.1 model: the report's warning names FLUX.1 too
+    assert dump.main(["--model", "tiny-random-flux", "--image", path, "--prompt", "a", "--out", str(tmp_path / "r"),
+                      "--no-image", *SMALL]) == 0
+    assert analyse_stepavg.main(["--root", str(tmp_path / "r"), "--out", str(tmp_path / "ra"), "--tables-only"]) == 0
+    assert "say nothing about SD3.5 or FLUX.1" in (tmp_path / "ra" / "index.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("orientation", [6, 8, 3])

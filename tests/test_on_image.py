@@ -83,6 +83,80 @@ def test_guidance_does_not_change_the_prompt_half(sd35m_pipe):
     assert np.abs(a.sum_token_map - c.sum_token_map).max() > 1e-4
 
 
-def test_flux_is_refused(flux_pipe):
-    with pytest.raises(ValueError, match="StableDiffusion3Pipeline"):
-        record_on_image(flux_pipe, _picture(), "a red disc", LEVELS)
+def test_other_pipelines_are_refused():
+    with pytest.raises(ValueError, match="StableDiffusion3Pipeline .* and FluxPipeline"):
+        record_on_image(object(), _picture(), "a red disc", LEVELS)
+
+
+class _FluxInputs:
+    """Records every FLUX.1 transformer call's keyword arguments."""
+
+    def __init__(self, transformer):
+        self.transformer, self.calls = transformer, []
+
+    def __enter__(self):
+        def pre(module, args, kwargs):
+            self.calls.append({k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)})
+
+        self.handle = self.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _packed(x: torch.Tensor) -> np.ndarray:
+    """(1, C, h, w) -> (h/2 * w/2, 4C): FLUX.1's 2x2 packing written out, patch (i, j) in row-major
+    order, feature c * 4 + dy * 2 + dx = x[c, 2i + dy, 2j + dx]."""
+    _, C, h, w = x.shape
+    x = x[0].numpy()
+    out = np.empty(((h // 2) * (w // 2), 4 * C))
+    for i in range(h // 2):
+        for j in range(w // 2):
+            for c in range(C):
+                for dy in range(2):
+                    for dx in range(2):
+                        out[i * (w // 2) + j, c * 4 + dy * 2 + dx] = x[c, 2 * i + dy, 2 * j + dx]
+    return out
+
+
+def test_flux_maps_match_the_float64_reference_and_inputs_are_the_noised_image(flux_pipe):
+    """FLUX.1 on a given image: the maps against the float64 reference (RoPE, joint and single
+    blocks), the transformer's inputs against the packing, ids, timestep and guidance written out."""
+    from reference_flux import FluxReferenceTap, flux_reference_aggregate
+    from test_capture import assert_matches
+
+    pipe, image = flux_pipe, _picture().resize((96, 64))
+    with _FluxInputs(pipe.transformer) as inputs, FluxReferenceTap(pipe.transformer) as tap:
+        res = record_on_image(pipe, image, "a red disc and a blue square", LEVELS, seed=3, guidance_scale=3.5,
+                              max_sequence_length=16)
+    assert res.model_family == "flux" and not res.cfg and res.num_steps == len(LEVELS)
+    assert res.sum_token_map.shape == (1, 4, 6, 16)
+    assert_matches(res, flux_reference_aggregate(tap, true_cfg=False))
+    np.testing.assert_allclose(res.timesteps, [1000 * s for s in LEVELS], rtol=1e-6)
+    assert len(inputs.calls) == len(LEVELS)
+    ids = np.array([[0, i, j] for i in range(4) for j in range(6)], np.float64)
+    for call, sigma in zip(inputs.calls, LEVELS):
+        expected = _packed(_expected_latent(pipe, image, 3, sigma))
+        np.testing.assert_allclose(call["hidden_states"][0].double().numpy(), expected, atol=1e-4)
+        np.testing.assert_allclose(call["timestep"].numpy(), [sigma], rtol=1e-6)
+        np.testing.assert_allclose(call["guidance"].numpy(), [3.5])
+        np.testing.assert_array_equal(call["img_ids"].numpy(), ids)
+        assert call["encoder_hidden_states"].shape[:2] == (1, 16) and call["pooled_projections"].shape[0] == 1
+
+
+def test_flux_concept_maps_on_a_given_image(flux_pipe):
+    """--concepts on a given FLUX.1 image: the concept maps against the float64 concept reference."""
+    from attention_map_diffusers.capture.concepts import ConceptOptions
+    from reference_concepts import BlockInputs, reference_concept_maps
+
+    concepts = ("disc", "square", "background")
+    with BlockInputs(flux_pipe.transformer) as tap:
+        res = record_on_image(flux_pipe, _picture().resize((96, 64)), "a red disc and a blue square", LEVELS, seed=3,
+                              max_sequence_length=16,
+                              recorder={"concepts": ConceptOptions(concepts, max_sequence_length=16, keep_step_maps=True)})
+    con = res.concepts
+    ref = reference_concept_maps(flux_pipe, tap, concepts, max_length=16, blocks=con.blocks, steps=con.steps)
+    assert con.N == ref["N"] == len(LEVELS) * len(con.blocks)
+    np.testing.assert_allclose(con.mean_map, ref["mean_map"].reshape(con.mean_map.shape), atol=1e-5)
+    np.testing.assert_allclose(con.per_step_map, ref["per_step_sum"].reshape(con.per_step_map.shape), atol=1e-5)

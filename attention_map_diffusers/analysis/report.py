@@ -342,8 +342,8 @@ def _facts_line(facts) -> str:
     return f"<p>{' &middot; '.join(parts)}</p>" if parts else ""
 
 
-_WARNING = ("Random weights (--model tiny-random): the image is noise and these maps say nothing about SD3.5; "
-            "they show the layout of the analysis only.")
+_WARNING = ("Random weights (--model tiny-random / tiny-random-flux): the image is noise and these maps say nothing "
+            "about SD3.5 or FLUX.1; they show the layout of the analysis only.")
 
 
 def _toc(entries: Sequence[tuple[str, str, int]]) -> str:

@@ -16,7 +16,7 @@ from .stats import renormalise, word_maps
 DEFAULT_VMAX_PERCENTILE = 99.0
 FRAMES = 6  # steps (or blocks) shown in a strip and offered by the report's slider
 MAX_LINES = 8  # lines (or coloured words) per axis; more go to further axes
-RANDOM_WARNING = "RANDOM WEIGHTS: these maps say nothing about SD3.5"
+RANDOM_WARNING = "RANDOM WEIGHTS: these maps say nothing about SD3.5 or FLUX.1"
 # The two units of the figures, named in every title and colour bar: heatmaps (renormalised per
 # pixel over the prompt's words) against curves and grids (shares of all T text positions)
 WORD_SHARE = "share of the words' attention"

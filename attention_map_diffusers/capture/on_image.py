@@ -9,12 +9,14 @@ real images).
                           "a cat on a sofa", noise_levels=(0.7, 0.5, 0.3))
     res.mean_token_map          # (1, Hc, Wc, T), averaged over the levels and blocks
 
-Flow matching (SD3): ``x_t = (1 - sigma) x_0 + sigma eps`` at timestep ``1000 sigma``, with ``x_0``
-the VAE latent's mean (``latent_dist.mode()``, shifted and scaled as the pipeline does) and one
-noise ``eps`` per image drawn from ``seed``, shared by the levels. With classifier-free guidance
-the batch is ``[negative, prompt]`` as in the pipeline and the prompt half is recorded; an image's
-attention in the prompt half does not depend on it (the items of a batch do not interact), so
-guidance only costs time here.
+Flow matching (SD3, FLUX.1): ``x_t = (1 - sigma) x_0 + sigma eps`` at timestep ``1000 sigma``, with
+``x_0`` the VAE latent's mean (``latent_dist.mode()``, shifted and scaled as the pipeline does) and
+one noise ``eps`` per image drawn from ``seed``, shared by the levels. SD3: with classifier-free
+guidance the batch is ``[negative, prompt]`` as in the pipeline and the prompt half is recorded; an
+image's attention in the prompt half does not depend on it (the items of a batch do not interact),
+so guidance only costs time here. FLUX.1: the latent is packed in 2 x 2 patches with its position
+ids, the timestep passed as ``sigma`` (``FluxPipeline`` passes ``t / 1000``), and ``guidance_scale``
+is the distilled guidance embedding's value (FLUX.1-dev; ignored by schnell), as in generation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from .aggregate import CaptureResult
-from .family import SD3, family_of
+from .family import FLUX, SD3, family_of
 from .recorder import StepAverageRecorder
 
 
@@ -60,16 +62,20 @@ def record_on_image(
     """Record the attention of ``prompt`` on ``image`` at each noise level (noisiest first).
 
     Args:
-        pipe: a StableDiffusion3Pipeline (any SD3 / SD3.5 checkpoint).
-        image: PIL RGB image, its sides multiples of ``vae_scale_factor x patch_size`` (16 for SD3).
+        pipe: a StableDiffusion3Pipeline (any SD3 / SD3.5 checkpoint) or a FluxPipeline (FLUX.1).
+        image: PIL RGB image, its sides multiples of ``vae_scale_factor x patch_size`` (16 for both).
         noise_levels: sigmas in [0, 1]; the steps of the result, in the order given.
         seed: seeds the one noise tensor shared by the levels (a torch.Generator on the pipeline's
             device, as the dump's generation does).
-        guidance_scale: > 1 runs the pipeline's CFG batch (negative + prompt).
+        guidance_scale: SD3: > 1 runs the pipeline's CFG batch (negative + prompt); FLUX.1: the
+            guidance embedding's value (``negative_prompt`` does not apply).
         recorder: keyword arguments of :class:`StepAverageRecorder` (canonical_size, keep_step_maps, ...).
     """
-    if getattr(pipe, "transformer", None) is None or family_of(pipe) is not SD3:
-        raise ValueError("record_on_image supports StableDiffusion3Pipeline (SD3 / SD3.5) pipelines")
+    family = family_of(pipe) if getattr(pipe, "transformer", None) is not None else None
+    if family is FLUX:
+        return _record_flux(pipe, image, prompt, noise_levels, seed, guidance_scale, max_sequence_length, recorder)
+    if family is not SD3:
+        raise ValueError("record_on_image supports StableDiffusion3Pipeline (SD3 / SD3.5) and FluxPipeline (FLUX.1) pipelines")
     device = pipe._execution_device
     cfg = guidance_scale > 1.0
     latent = encode_image(pipe, image).to(pipe.transformer.dtype)
@@ -92,4 +98,30 @@ def record_on_image(
                 t = torch.full((x.shape[0],), 1000.0 * float(sigma), device=device, dtype=torch.float32)
                 pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds,
                                  pooled_projections=pooled, return_dict=False)
+    return rec.result()
+
+
+def _record_flux(pipe, image, prompt: str, noise_levels: Sequence[float], seed: int, guidance_scale: float,
+                 max_sequence_length: int, recorder: Optional[dict]) -> CaptureResult:
+    """:func:`record_on_image` for a FluxPipeline: the transformer called as ``FluxPipeline.__call__``
+    calls it, on the packed noised latent."""
+    device = pipe._execution_device
+    dtype = pipe.transformer.dtype
+    latent = encode_image(pipe, image).to(dtype)
+    _, channels, h, w = latent.shape
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    noise = torch.randn(latent.shape, generator=generator, device=device, dtype=torch.float32)
+    guidance = None
+    if pipe.transformer.config.guidance_embeds:
+        guidance = torch.full([1], float(guidance_scale), device=device, dtype=torch.float32)
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=device,
+                                                      max_sequence_length=max_sequence_length)
+        img_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, embeds.dtype)
+        with StepAverageRecorder(pipe, **(recorder or {})) as rec:
+            for sigma in noise_levels:
+                x = pipe._pack_latents(noised(latent, noise, float(sigma)), 1, channels, h, w)
+                t = torch.full((1,), 1000.0 * float(sigma), device=device, dtype=torch.float32).to(x.dtype)
+                pipe.transformer(hidden_states=x, timestep=t / 1000, guidance=guidance, pooled_projections=pooled,
+                                 encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids, return_dict=False)
     return rec.result()

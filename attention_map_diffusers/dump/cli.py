@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: skip complete runs, i.e. resume, and refuse folders made with other settings)")
 
     i = p.add_argument_group(
-        "attention on given images (SD3 / SD3.5; instead of generating)",
+        "attention on given images (SD3 / SD3.5 and FLUX.1; instead of generating)",
         "Each image is resized to cover --height x --width (default: the model's native size; bicubic, aspect "
         "ratio kept) and its centre is cropped to it (metadata 'source_image' records the crop box); the run's "
         "steps are the noise levels, noisiest first, and the analysis reads the folder like any other.")
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--timesteps", type=float, nargs="+", default=None, metavar="T",
                    help="the same levels as timesteps in [0, 1000] (timestep = 1000 x sigma)")
     i.add_argument("--strength", type=float, default=None, metavar="S",
-                   help="instead of noise levels: img2img (StableDiffusion3Img2ImgPipeline) from level S in (0, 1], "
+                   help="instead of noise levels: img2img (StableDiffusion3Img2ImgPipeline; SD3 / SD3.5 only) from "
+                   "level S in (0, 1], "
                    "int(--steps x S) denoising steps recorded like generation; the run's image is the output")
 
     k = p.add_argument_group(
@@ -319,8 +320,11 @@ def _validate_images(args) -> Optional[list]:
         return None
     if args.image is not None and args.images_csv is not None:
         raise UserError("give --image or --images-csv, not both")
-    if guess_family(args.model) == "flux":
-        raise UserError("--image supports SD3 / SD3.5 models for now, not FLUX.1")
+    if guess_family(args.model) == "flux" and args.strength is not None:
+        raise UserError("--strength (img2img) supports SD3 / SD3.5 for now, not FLUX.1: use --noise-levels")
+    if args.true_cfg_scale != 1.0:
+        raise UserError(f"--true-cfg-scale applies to generation; with --image FLUX.1 takes its guidance embedding from "
+                        f"--guidance-scale (got --true-cfg-scale {args.true_cfg_scale:g})")
     for flag, value in (("--batch-size", args.batch_size), ("--num-images-per-prompt", args.num_images_per_prompt)):
         if value != 1:
             raise UserError(f"{flag} applies to generation; with --image each run is one image (got {value})")
@@ -418,8 +422,8 @@ def _check_model_limits(pipe, settings: RunSettings) -> None:
     """The checks that need the loaded model (a hub id whose configs were not in the cache)."""
     family = pipeline_family(pipe)
     check_family_flags(family, settings.skip_guidance_layers, settings.true_cfg_scale)
-    if settings.image_mode and family == "flux":
-        raise UserError("--image supports SD3 / SD3.5 models for now, not FLUX.1")
+    if settings.image_mode and family == "flux" and settings.strength is not None:
+        raise UserError("--strength (img2img) supports SD3 / SD3.5 for now, not FLUX.1: use --noise-levels")
     patch = 2 if family == "flux" else int(pipe.transformer.config.patch_size)  # FLUX.1 packs 2x2 latents
     multiple = int(pipe.vae_scale_factor) * patch
     max_patches = getattr(pipe.transformer.config, "pos_embed_max_size", None)

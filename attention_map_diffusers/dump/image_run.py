@@ -15,7 +15,7 @@ import os
 import time
 
 from ..contract import IMAGES_DIR
-from .loading import Placement
+from .loading import Placement, pipeline_family
 from .run import concept_options, prompt_token_lists, quiet_nan_cast, versions
 from .runs import Run
 from .settings import RunSettings
@@ -41,7 +41,7 @@ def run_image(pipe, run: Run, settings: RunSettings, placement: Placement, out_d
 
     source = read_source(run.image, settings.height, settings.width)
     prompt = run.prompts[0]
-    clip_len, clip, t5 = prompt_token_lists(pipe, [prompt], settings, "sd3")
+    clip_len, clip, t5 = prompt_token_lists(pipe, [prompt], settings, pipeline_family(pipe))
     recorder = dict(
         canonical_size=settings.canonical_size,
         keep_block_maps=settings.save_block_maps,
