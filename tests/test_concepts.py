@@ -309,7 +309,7 @@ def test_a_bfloat16_concept_stream_would_fail(flux_dir, monkeypatch):
     from attention_map_diffusers.capture import concepts
     from conftest import load_flux_pipeline
 
-    def in_model_dtype(module, *args, **kwargs):
+    def in_model_dtype(module, *args, fallback_dtype=None, **kwargs):
         params = list(module.parameters())
         if not params:
             return module(*args, **kwargs)
@@ -321,6 +321,38 @@ def test_a_bfloat16_concept_stream_would_fail(flux_dir, monkeypatch):
     pipe = load_flux_pipeline(flux_dir, dtype=torch.bfloat16)
     _, err = check(pipe, "a cat on a table", FLUX_ARGS, cfg=False, tol=1.0, image_side="model")
     assert err > 1e-3, err
+
+
+def test_float32_call():
+    """A bf16 module computes in float32 through float32_call (its own forward, float32 weight copies);
+    a quantized one (integer weights) is called in the model's dtype instead; float32 is left alone."""
+    from attention_map_diffusers.capture.concepts import float32_call
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=g)
+    exact = x.double() @ lin.weight.double().T + lin.bias.double()
+    got = float32_call(lin, x, fallback_dtype=torch.bfloat16)
+    assert got.dtype == torch.float32 and (got.double() - exact).abs().max() < 1e-5
+    assert (lin(x.bfloat16()).double() - exact).abs().max() > 1e-3  # what the model's own bf16 call gives
+    assert lin.weight.dtype == torch.bfloat16  # the module keeps its weights
+
+    class Quantized(torch.nn.Module):  # int8 weights dequantized in forward, as bitsandbytes / GGUF layers do
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Parameter(torch.randint(-8, 8, (32, 64), dtype=torch.int8, generator=g), requires_grad=False)
+            self.seen = None
+
+        def forward(self, x):
+            self.seen = x.dtype
+            return x @ (self.q.to(x.dtype) * 0.1).T
+
+    qm = Quantized()
+    out = float32_call(qm, x, fallback_dtype=torch.bfloat16)
+    assert qm.seen == torch.bfloat16 and out.dtype == torch.float32
+    assert torch.equal(out, qm(x.bfloat16()).float())
+    f32 = torch.nn.Linear(64, 32)
+    assert torch.equal(float32_call(f32, x), f32(x))
 
 
 def test_reference_model_image_side_agrees_in_float32(flux_pipe):

@@ -179,12 +179,16 @@ def encode_concepts(pipe, concepts: Sequence[str], max_sequence_length: Optional
     return embeds[:, 0].float()
 
 
-def float32_call(module, *args, **kwargs):
+def float32_call(module, *args, fallback_dtype: Optional[torch.dtype] = None, **kwargs):
     """``module(*args, **kwargs)`` computed in float32: a float32 module is called as it is; a half
     precision one through ``torch.func.functional_call`` with float32 copies of its parameters (made
     for this call only) and its floating inputs upcast. Its own forward runs, nothing is re-implemented.
-    A module whose weights an offloading hook brings in (parameters on the meta device) is called in
-    its own dtype, its output upcast."""
+
+    A module that cannot be copied to float32 -- quantized weights (bitsandbytes, GGUF: parameters
+    that are not floating point) or weights an offloading hook brings in (parameters on the meta
+    device) -- is called as the model calls it, its floating inputs cast to ``fallback_dtype`` (the
+    model's dtype; None: left as they are), and its output upcast: such a module computes in the
+    model's precision."""
     params = dict(module.named_parameters())
     if all(p.dtype == torch.float32 for p in params.values()):
         return module(*args, **kwargs)
@@ -192,11 +196,12 @@ def float32_call(module, *args, **kwargs):
     def up(x):
         return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
 
-    if any(p.device.type == "meta" for p in params.values()):
-        dtype = next(iter(params.values())).dtype
-        down = [a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-        out = module(*down, **{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-                               for k, v in kwargs.items()})
+    if any(p.device.type == "meta" or not p.is_floating_point() for p in params.values()):
+        def down(x):
+            ok = fallback_dtype is not None and torch.is_tensor(x) and x.is_floating_point()
+            return x.to(fallback_dtype) if ok else x
+
+        out = module(*map(down, args), **{k: down(v) for k, v in kwargs.items()})
         return tuple(up(o) for o in out) if isinstance(out, tuple) else up(out)
     return torch.func.functional_call(module, {n: p.float() for n, p in params.items()},
                                       tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()})
@@ -236,6 +241,7 @@ class ConceptStream:
         self._last_joint = joint[-1]
         self._recording = recording
         self._first_item = first_item
+        self._dtype = getattr(transformer, "dtype", None)  # what quantized / offloaded modules compute in
         self._handle = None
         self._in_hook = False
         # per step
@@ -250,6 +256,9 @@ class ConceptStream:
         self.means: list[torch.Tensor] = []
         self.n_updates = 0
         self.steps_used: list[int] = []
+
+    def _f32(self, module, *args, **kwargs):
+        return float32_call(module, *args, fallback_dtype=self._dtype, **kwargs)
 
     # -- hooks -------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -277,7 +286,7 @@ class ConceptStream:
         self._in_hook = True
         try:
             with torch.no_grad():
-                self._temb = float32_call(module, *args, **kwargs)
+                self._temb = self._f32(module, *args, **kwargs)
         finally:
             self._in_hook = False
         return None
@@ -308,24 +317,24 @@ class ConceptStream:
             raise RuntimeError("the attention tap gave no values / outputs: concept maps need them")
         temb = self._temb[-R:] if self._temb.shape[0] != R else self._temb
         if self._hidden is None:  # first joint block of the step: the projected concept embeddings
-            x = float32_call(self.transformer.context_embedder, self.embeds.to(att.query.device))
+            x = self._f32(self.transformer.context_embedder, self.embeds.to(att.query.device))
             self._hidden = x.unsqueeze(0).expand(R, *x.shape).contiguous()
         c = self._hidden
         pre_only = bool(getattr(block, "context_pre_only", False))
         if pre_only:
-            norm_c, gates = float32_call(block.norm1_context, c, temb), None
+            norm_c, gates = self._f32(block.norm1_context, c, temb), None
         else:
-            norm_c, *gates = float32_call(block.norm1_context, c, emb=temb)
+            norm_c, *gates = self._f32(block.norm1_context, c, emb=temb)
         D = att.query.shape[-1]
 
         def heads(x):  # (R, C, H*D) -> (R, H, C, D)
             return x.unflatten(-1, (-1, D)).transpose(1, 2)
 
-        q, k, v = (heads(float32_call(p, norm_c)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        q, k, v = (heads(self._f32(p, norm_c)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
         if getattr(attn, "norm_added_q", None) is not None:
-            q = float32_call(attn.norm_added_q, q)
+            q = self._f32(attn.norm_added_q, q)
         if getattr(attn, "norm_added_k", None) is not None:
-            k = float32_call(attn.norm_added_k, k)
+            k = self._f32(attn.norm_added_k, k)
         img = lay.image
         k_img, v_img = att.key[:, :, img].float(), att.value[:, :, img].float()
         rule = self.options.rule
@@ -346,9 +355,9 @@ class ConceptStream:
 
         if position != self._last_joint and not pre_only:  # the concepts' residual update
             g_msa, shift_mlp, scale_mlp, g_mlp = gates
-            c = c + g_msa.unsqueeze(1) * float32_call(attn.to_add_out, out.transpose(1, 2).flatten(2))
-            n2 = float32_call(block.norm2_context, c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-            self._hidden = c + g_mlp.unsqueeze(1) * float32_call(block.ff_context, n2)
+            c = c + g_msa.unsqueeze(1) * self._f32(attn.to_add_out, out.transpose(1, 2).flatten(2))
+            n2 = self._f32(block.norm2_context, c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            self._hidden = c + g_mlp.unsqueeze(1) * self._f32(block.ff_context, n2)
 
     def _add(self, position: int, probs: torch.Tensor) -> None:
         """probs: (R, h, w, C) float32 softmax over concepts of one block at the current step."""
