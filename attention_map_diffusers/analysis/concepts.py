@@ -108,6 +108,11 @@ def _check_shares(values: np.ndarray, key: str, where: str) -> None:
         )
 
 
+def _check_shape(arr: np.ndarray, key: str, axes: str, expected: tuple, where: str) -> None:
+    if arr.shape != expected:
+        raise UserError(f"{where}: {key} has shape {arr.shape}, expected {axes} = {expected}; re-run the dump")
+
+
 def read_concepts(arrays: dict, meta: dict, B: int, Hc: int, Wc: int, Bk: int, S: int, where: str) -> Optional[ConceptData]:
     """Check the concept arrays (:func:`split_arrays`) against each other, the metadata and the word maps'
     dimensions; None when the dump has no concepts. Raises :class:`UserError` with one line."""
@@ -137,9 +142,7 @@ def read_concepts(arrays: dict, meta: dict, B: int, Hc: int, Wc: int, Bk: int, S
         raise UserError(f"{where}: {N_KEY} must be one positive integer (the number of updates), got "
                         f"{n_arr.reshape(-1)[:3].tolist()}; re-run the dump")
     N = int(first)
-    if mean.shape != (B, Bk, S, C):
-        raise UserError(f"{where}: {STEP_MEAN_KEY} has shape {mean.shape}, expected (B, Bk, S, C) = {(B, Bk, S, C)}; "
-                        "re-run the dump")
+    _check_shape(mean, STEP_MEAN_KEY, "(B, Bk, S, C)", (B, Bk, S, C), where)
     if not np.isfinite(smap).all():
         bad = int(smap.size - np.isfinite(smap).sum())
         raise UserError(f"{where}: {SUM_KEY} holds {bad} NaN or inf values; re-run the dump (e.g. --store-dtype float32)")
@@ -165,9 +168,7 @@ def read_concepts(arrays: dict, meta: dict, B: int, Hc: int, Wc: int, Bk: int, S
         raise UserError(f"{where}: metadata concept_rule={rule!r} must be a string; re-run the dump")
     pbm = arrays.get(BLOCK_MAP_KEY)
     if pbm is not None:
-        if pbm.shape != (B, Bk, Hc, Wc, C):
-            raise UserError(f"{where}: {BLOCK_MAP_KEY} has shape {pbm.shape}, expected (B, Bk, Hc, Wc, C) = "
-                            f"{(B, Bk, Hc, Wc, C)}; re-run the dump")
+        _check_shape(pbm, BLOCK_MAP_KEY, "(B, Bk, Hc, Wc, C)", (B, Bk, Hc, Wc, C), where)
         pbm = pbm.astype(np.float32)
         bad = [k for k in stream if not np.isfinite(pbm[:, k]).all()]
         if bad:
@@ -177,9 +178,7 @@ def read_concepts(arrays: dict, meta: dict, B: int, Hc: int, Wc: int, Bk: int, S
             raise UserError(f"{where}: {BLOCK_MAP_KEY} holds negative values; the file is damaged, re-run the dump")
     psm = arrays.get(STEP_MAP_KEY)
     if psm is not None:
-        if psm.shape != (B, S, Hc, Wc, C):
-            raise UserError(f"{where}: {STEP_MAP_KEY} has shape {psm.shape}, expected (B, S, Hc, Wc, C) = "
-                            f"{(B, S, Hc, Wc, C)}; re-run the dump")
+        _check_shape(psm, STEP_MAP_KEY, "(B, S, Hc, Wc, C)", (B, S, Hc, Wc, C), where)
         psm = psm.astype(np.float32)
         if not np.isfinite(psm).all():
             raise UserError(f"{where}: {STEP_MAP_KEY} holds NaN or inf values; re-run the dump (e.g. --store-dtype float32)")
