@@ -11,9 +11,13 @@
 #      TORCH_CUDNN_SDPA_DEPRIORITIZED=1: per backend and dtype what SDPA picks, the path the capture
 #      takes and its self-check verdicts; then the time of stock and of each path (kernel-lse,
 #      side-lse, chunked), interleaved, with the ratio to stock;
-#   4. a summary of the ratios per path for both settings.
+#   4. a summary of the ratios per path for both settings;
+#   5. only with GPU_CHECK_CONCEPTS=1 (raise GPU_CHECK_BUDGET_S by about 300 for it): bench_concepts.py
+#      at sd35-medium and flux-dev shapes (capture + 8 concepts against stock, the concept stream in
+#      float32 over the bf16 model).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR      (writes *.txt logs and *.json figures there;
 #        PYTHON=/path/to/python picks the interpreter, default python3)
+#        GPU_CHECK_CONCEPTS=1 GPU_CHECK_BUDGET_S=580 bash benchmarks/gpu_check.sh OUT_DIR   (with step 5)
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -92,5 +96,11 @@ for key in ("kernel", "side", "chunked", "capture"):
 print(row % ("identical to stock", *(str(r["capture_output_identical_to_stock"]) for r in runs.values())))
 '
 step summary 20 "$py" -c "$summary" "$out"
+if [[ ${GPU_CHECK_CONCEPTS:-0} == 1 ]]; then
+    for preset in sd35-medium flux-dev; do
+        step "concepts-$preset" 150 "$py" benchmarks/bench_concepts.py --preset "$preset" --steps 6 --repeats 3 \
+            --json "$out/concepts-$preset.json"
+    done
+fi
 echo "=== done in ${SECONDS}s, status $status ==="
 exit $status
