@@ -191,6 +191,13 @@ def read_concepts(arrays: dict, meta: dict, B: int, Hc: int, Wc: int, Bk: int, S
 # The numbers
 
 
+def _renormalised(parts: np.ndarray) -> np.ndarray:
+    """(k, Hc, Wc, C) maps of k blocks or steps -> (Hc, Wc, C) float64: summed, then renormalised over
+    the concepts at each pixel."""
+    total = parts.astype(np.float64).sum(axis=0)
+    return total / np.maximum(total.sum(axis=-1, keepdims=True), 1e-30)
+
+
 def item_maps(data: ConceptData, item: int, block_positions: Optional[Sequence[int]] = None,
               step_positions: Optional[Sequence[int]] = None) -> np.ndarray:
     """(C, Hc, Wc) float64: the concepts' maps of one item, each pixel's softmax over the concepts
@@ -203,16 +210,14 @@ def item_maps(data: ConceptData, item: int, block_positions: Optional[Sequence[i
     if step_positions is not None and data.step_maps is not None:
         if block_positions is not None:
             raise UserError("concept maps are kept per block and per step, not per block and step: choose one")
-        total = data.step_maps[item, list(step_positions)].astype(np.float64).sum(axis=0)
-        grid = total / np.maximum(total.sum(axis=-1, keepdims=True), 1e-30)
+        grid = _renormalised(data.step_maps[item, list(step_positions)])
     elif block_positions is None or data.block_maps is None:
         grid = data.mean_map(item)
     else:
         keep = [p for p in block_positions if p in set(data.stream_blocks())]
         if not keep:
             raise UserError("--blocks: none of the chosen blocks has a concept stream (their concept maps are NaN)")
-        total = data.block_maps[item, keep].astype(np.float64).sum(axis=0)
-        grid = total / np.maximum(total.sum(axis=-1, keepdims=True), 1e-30)
+        grid = _renormalised(data.block_maps[item, keep])
     return np.ascontiguousarray(np.moveaxis(grid, -1, 0))
 
 

@@ -42,6 +42,15 @@ def encode_image(pipe, image) -> torch.Tensor:
     return (latent - shift) * vae.config.scaling_factor
 
 
+def latent_and_noise(pipe, image, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0 in the transformer's dtype, one float32 noise eps of its shape drawn from
+    ``torch.Generator(seed)`` on the pipeline's device), shared by every noise level."""
+    device = pipe._execution_device
+    latent = encode_image(pipe, image).to(pipe.transformer.dtype)
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return latent, torch.randn(latent.shape, generator=generator, device=device, dtype=torch.float32)
+
+
 def noised(latent: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
     """The flow-matching interpolation at noise level ``sigma`` (computed in float32)."""
     return ((1.0 - sigma) * latent.float() + sigma * noise.float()).to(latent.dtype)
@@ -78,9 +87,7 @@ def record_on_image(
         raise ValueError("record_on_image supports StableDiffusion3Pipeline (SD3 / SD3.5) and FluxPipeline (FLUX.1) pipelines")
     device = pipe._execution_device
     cfg = guidance_scale > 1.0
-    latent = encode_image(pipe, image).to(pipe.transformer.dtype)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    noise = torch.randn(latent.shape, generator=generator, device=device, dtype=torch.float32)
+    latent, noise = latent_and_noise(pipe, image, seed)
     with torch.no_grad():
         embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
             prompt=[prompt], prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=cfg,
@@ -106,11 +113,8 @@ def _record_flux(pipe, image, prompt: str, noise_levels: Sequence[float], seed: 
     """:func:`record_on_image` for a FluxPipeline: the transformer called as ``FluxPipeline.__call__``
     calls it, on the packed noised latent."""
     device = pipe._execution_device
-    dtype = pipe.transformer.dtype
-    latent = encode_image(pipe, image).to(dtype)
+    latent, noise = latent_and_noise(pipe, image, seed)
     _, channels, h, w = latent.shape
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    noise = torch.randn(latent.shape, generator=generator, device=device, dtype=torch.float32)
     guidance = None
     if pipe.transformer.config.guidance_embeds:
         guidance = torch.full([1], float(guidance_scale), device=device, dtype=torch.float32)
