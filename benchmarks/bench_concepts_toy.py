@@ -92,19 +92,26 @@ def _word_targets(caption: str, masks: np.ndarray) -> list[dict]:
     return out
 
 
-def pointing_of_dump(folder: str, masks: dict) -> list[dict]:
-    """One record per (object, kind, source) of one dump folder: the hit over all blocks, per block, and
-    the chance rate. Maps: the concept map (softmax shares; per block: ``concept_per_block_map``) and the
-    mean over the word's tokens of the cross-attention map (per block: ``per_block_token_map``)."""
+#: The npz arrays of the word and concept maps kept per block or per step (noise level).
+PARTS = {"block": ("per_block_token_map", "concept_per_block_map"),
+         "step": ("per_step_token_map", "concept_per_step_map")}
+
+
+def pointing_of_dump(folder: str, masks: dict, per: str = "block") -> list[dict]:
+    """One record per (object, kind, source) of one dump folder: the hit over all blocks and steps, the
+    hits per block (``per="block"``) or per step (``"step"``) in ``part_hits``, and the chance rate.
+    Maps: the concept map (softmax shares; per part: ``concept_per_block_map`` / ``concept_per_step_map``)
+    and the mean over the word's tokens of the cross-attention map (``per_block_token_map`` /
+    ``per_step_token_map``)."""
     with open(os.path.join(folder, "metadata.json"), encoding="utf-8") as fh:
         meta = json.load(fh)
     key = os.path.splitext(meta["source_image"]["name"])[0]  # the masks' key, as evaluate_segmentation.py reads it
     caption, obj_masks = masks[key]
     with np.load(os.path.join(folder, "stepavg_token_maps_v1.npz")) as z:
         words_all = z["sum_token_map"][0].astype(np.float64)  # (Hc, Wc, T); argmax needs no division by N
-        words_block = z["per_block_token_map"][0].astype(np.float64)  # (Bk, Hc, Wc, T)
+        words_part = z[PARTS[per][0]][0].astype(np.float64)  # (Bk or S, Hc, Wc, T)
         conc_all = z["concept_sum_map"][0].astype(np.float64)  # (Hc, Wc, C)
-        conc_block = z["concept_per_block_map"][0].astype(np.float64)  # (Bk, Hc, Wc, C)
+        conc_part = z[PARTS[per][1]][0].astype(np.float64)  # (Bk or S, Hc, Wc, C)
     names = [c.lower() for c in meta["concepts"]]
     grid = words_all.shape[:2]
     records = []
@@ -113,17 +120,17 @@ def pointing_of_dump(folder: str, masks: dict) -> list[dict]:
         for source in SOURCES:
             if source == "concept":
                 c = names.index(t["word"])
-                full, per_block = conc_all[..., c], conc_block[..., c]
+                full, parts = conc_all[..., c], conc_part[..., c]
             else:
                 lo, _ = meta["text_spans"][source]
                 idx = [lo + i for i in word_token_indices(meta[f"token_offsets_{source}"][0], t["span"])]
                 if not idx:
                     continue
-                full, per_block = words_all[..., idx].mean(axis=-1), words_block[..., idx].mean(axis=-1)
+                full, parts = words_all[..., idx].mean(axis=-1), words_part[..., idx].mean(axis=-1)
             records.append({
                 "scene": key, "object": t["object"], "kind": t["kind"], "source": source, "chance": chance,
                 "hit": pointing_hit(full, t["target"]),
-                "block_hits": [pointing_hit(m, t["target"]) for m in per_block],
+                "part_hits": [pointing_hit(m, t["target"]) for m in parts],
             })
     return records
 
@@ -177,7 +184,7 @@ def output_space_control(masks: dict) -> tuple[list[dict], list[int]]:
                 records.append({
                     "scene": key, "object": t["object"], "kind": t["kind"], "source": CONTROL,
                     "chance": chance_rate(t["target"], grid), "hit": pointing_hit(np.mean(per_block, axis=0), t["target"]),
-                    "block_hits": [pointing_hit(m, t["target"]) for m in per_block],
+                    "part_hits": [pointing_hit(m, t["target"]) for m in per_block],
                 })
     finally:
         for hd in handles:
@@ -218,21 +225,10 @@ def level_sweep(out: str, n: int, levels: Sequence[float], masks: dict) -> dict:
     dumps, _, _ = prepare_rendered(out, n, levels=tuple(levels), extra=["--concepts", *CONCEPTS, "--store-dtype", "float32"])
     hits: dict = {}
     for folder in _dump_folders(dumps):
-        with open(os.path.join(folder, "metadata.json"), encoding="utf-8") as fh:
-            meta = json.load(fh)
-        caption, obj_masks = masks[os.path.splitext(meta["source_image"]["name"])[0]]
-        with np.load(os.path.join(folder, "stepavg_token_maps_v1.npz")) as z:
-            concept = z["concept_per_step_map"][0].astype(np.float64)  # (S, Hc, Wc, C), S = the levels in order
-            words = z["per_step_token_map"][0].astype(np.float64)  # (S, Hc, Wc, T)
-        lo, _ = meta["text_spans"]["t5"]
-        names = [c.lower() for c in meta["concepts"]]
-        for t in _word_targets(caption, obj_masks):
-            idx = [lo + i for i in word_token_indices(meta["token_offsets_t5"][0], t["span"])]
-            for s, level in enumerate(levels):
-                hits.setdefault((level, "concept", t["kind"]), []).append(
-                    pointing_hit(concept[s, ..., names.index(t["word"])], t["target"]))
-                if idx:
-                    hits.setdefault((level, "t5", t["kind"]), []).append(pointing_hit(words[s][..., idx].mean(-1), t["target"]))
+        for r in pointing_of_dump(folder, masks, per="step"):  # the steps are the levels, in order
+            if r["source"] in ("concept", "t5"):
+                for level, hit in zip(levels, r["part_hits"]):
+                    hits.setdefault((level, r["source"], r["kind"]), []).append(hit)
     out_: dict = {}
     for (level, source, kind), v in hits.items():
         out_.setdefault(f"{level:g}", {}).setdefault(source, {})[kind] = {"rate": round(float(np.mean(v)), 4), "n": len(v)}
@@ -252,7 +248,7 @@ def summarise_pointing(records: list[dict], blocks: list, control_blocks: Sequen
             for kind in KINDS:
                 sel = [r for r in records if r["source"] == source and r["kind"] == kind]
                 at = None if k is None else (list(control_blocks).index(k) if source == CONTROL else k)
-                hits = [r["hit"] if at is None else r["block_hits"][at] for r in sel]
+                hits = [r["hit"] if at is None else r["part_hits"][at] for r in sel]
                 out[name][source][kind] = {"rate": round(float(np.mean(hits)), 4) if hits else None, "n": len(hits)}
     out["chance"] = {kind: round(float(np.mean([r["chance"] for r in records if r["kind"] == kind and r["source"] == "concept"])), 4)
                      for kind in KINDS}
